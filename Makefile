@@ -1,0 +1,68 @@
+# steplog: the only entry points a newcomer needs.
+#   make run     bring up the local stack (PostgreSQL+TimescaleDB, SeaweedFS S3) and the service, run the example
+#   make test    install what is missing, lint, and run the whole suite against the real stack
+#   make bench   benchmarks (bench/README.md)
+#   make protos  regenerate sdk/steplog/v1 from protos/
+#   make lint    ruff, mypy (strict), buf lint
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STATE   ?= .steplog
+TOOLS   := $(STATE)/tools
+BUF_VERSION := 1.61.0
+BUF     := $(TOOLS)/node_modules/.bin/buf
+STAMP   := $(VENV)/.steplog-installed
+
+.PHONY: help setup system venv buf run test lint protos protos-check bench stop clean
+
+help:
+	@echo "make run | make test | make bench | make protos | make lint | make stop | make clean"
+
+## setup: everything the project needs, installed only when missing (idempotent, fast the second time)
+setup: system venv buf
+
+system:
+	@bash deploy/local/setup-system.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+buf: $(BUF)
+
+$(BUF):
+	@mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+## run: the embedded stack + the service in the foreground; Ctrl-C stops everything
+run: setup
+	$(PY) -m ingest dev --root $(STATE) --example
+
+stop:
+	-$(PY) -m ingest.devstack stop --root $(STATE)
+
+## protos: regenerate the Python protocol code
+protos: venv
+	$(PY) protos/generate.py sdk
+
+lint: setup
+	$(VENV)/bin/ruff check ingest sdk tests bench
+	$(VENV)/bin/ruff format --check ingest sdk tests bench
+	$(VENV)/bin/mypy
+	$(BUF) lint protos
+
+test: setup lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean: stop
+	rm -rf $(STATE) $(VENV)

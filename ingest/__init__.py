@@ -1,0 +1,1 @@
+"""steplog ingest service."""

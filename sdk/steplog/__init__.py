@@ -1,0 +1,1 @@
+"""steplog: log training metrics without ever blocking the training loop."""

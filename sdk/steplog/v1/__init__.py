@@ -1,0 +1,1 @@
+"""Generated protocol code for steplog.v1 (make protos). Do not edit."""
