@@ -1,0 +1,185 @@
+"""Service configuration: parsed once into a frozen dataclass.
+
+Precedence: command-line flag, then environment variable, then default. A bad
+value raises ConfigError naming the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service reads from its environment."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/steplog"
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_bucket: str = "steplog"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    listen: str = "127.0.0.1:50051"
+    metrics_port: int = 9464
+    # Writers: one database connection each; a writer's batches always go to one.
+    pipeline_workers: int = 2
+    # Batches waiting for a commit, across workers; a full queue stops stream reads.
+    queue_batches: int = 256
+    # Points gathered into one transaction at most.
+    group_commit_points: int = 200_000
+    max_message_bytes: int = 64 * 1024 * 1024
+    db_pool_size: int = 8
+    heartbeat_timeout_s: float = 300.0
+    shutdown_grace_s: float = 10.0
+    # Limits on client input.
+    max_series_per_run: int = 100_000
+    max_text_value_chars: int = 4096
+    max_labels: int = 16
+    # Running without authentication is only allowed on loopback addresses.
+    auth: str = "none"
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0..65535; 0 disables)")
+    return value
+
+
+def _listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("must be HOST:PORT")
+    return text
+
+
+def _auth(text: str) -> str:
+    if text not in ("none",):
+        raise ValueError("must be 'none' (token authentication is not implemented yet)")
+    return text
+
+
+_HELP = {
+    "database_url": "PostgreSQL/TimescaleDB URL",
+    "s3_endpoint": "S3-compatible endpoint URL",
+    "s3_bucket": "bucket for images and files",
+    "s3_access_key": "S3 access key",
+    "s3_secret_key": "S3 secret key",
+    "s3_region": "S3 region",
+    "listen": "gRPC listen address HOST:PORT",
+    "metrics_port": "Prometheus /metrics HTTP port (0 disables)",
+    "pipeline_workers": "write pipeline workers (one DB connection each)",
+    "queue_batches": "batches queued for commit before streams stop being read",
+    "group_commit_points": "most points in one transaction",
+    "max_message_bytes": "largest gRPC message accepted",
+    "db_pool_size": "database connections for metadata and queries",
+    "heartbeat_timeout_s": "seconds of silence before a Running run reads as NotResponding",
+    "shutdown_grace_s": "seconds in-flight RPCs get on SIGTERM",
+    "max_series_per_run": "most series in one run",
+    "max_text_value_chars": "longest string metric value",
+    "max_labels": "most labels on a series",
+    "auth": "authentication mode",
+}
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "listen": _listen,
+    "metrics_port": _port,
+    "auth": _auth,
+}
+
+
+def _options() -> list[_Option]:
+    out = []
+    for f in fields(Config):
+        default = f.default
+        parse: Callable[[str], Any]
+        if f.name in _PARSERS:
+            parse = _PARSERS[f.name]
+        elif isinstance(default, int):
+            parse = _positive_int
+        elif isinstance(default, float):
+            parse = _positive_float
+        else:
+            parse = str
+        out.append(_Option(f.name, "STEPLOG_" + f.name.upper(), parse, _HELP[f.name]))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per setting; defaults stay None so the environment can fill in."""
+    for opt in _options():
+        parser.add_argument(
+            "--" + opt.name.replace("_", "-"),
+            dest=opt.name,
+            default=None,
+            help=f"{opt.help} (env {opt.env}, default {getattr(Config, opt.name)!r})",
+        )
+
+
+def from_sources(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
+    """Flag, then environment, then default; keyword overrides win over all."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for opt in _options():
+        raw: str | None = None
+        source = opt.env
+        flag = getattr(args, opt.name, None) if args is not None else None
+        if flag is not None:
+            raw, source = str(flag), "--" + opt.name.replace("_", "-")
+        elif opt.env in env and env[opt.env] != "":
+            raw = env[opt.env]
+        if raw is not None:
+            try:
+                values[opt.name] = opt.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{source}={raw!r}: {exc}") from None
+    values.update(overrides)
+    return Config(**values)
+
+
+def describe(config: Config, secret: Sequence[str] = ("s3_secret_key",)) -> str:
+    parts = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in secret and value:
+            value = "***"
+        if f.name == "database_url" and "@" in str(value) and ":" in str(value).split("@")[0][13:]:
+            value = "postgresql://***@" + str(value).split("@", 1)[1]
+        parts.append(f"{f.name}={value}")
+    return " ".join(parts)

@@ -1,0 +1,188 @@
+"""Builds and runs the gRPC server: the only module that does.
+
+Start: connect the pool, apply migrations, start the pipeline, serve with
+health checking and reflection. Stop (SIGTERM): health NOT_SERVING, stop
+accepting with a grace period, drain the pipeline, close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prometheus_client import start_http_server
+
+from ingest import timescale
+from ingest.config import Config, describe
+from ingest.metrics import Metrics
+from ingest.pipeline import Pipeline
+from ingest.servicers.ingest import IngestServicer
+from ingest.servicers.metadata import ExperimentServicer, RunServicer
+from ingest.servicers.query import QueryServicer
+from ingest.validate import Limits
+from steplog.v1 import (
+    artifact_service_pb2,
+    experiment_service_pb2,
+    experiment_service_pb2_grpc,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    experiment_service_pb2.DESCRIPTOR.services_by_name["ExperimentService"].full_name,
+    run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+)
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+@dataclass
+class Service:
+    """One service process: gRPC server, database pool, write pipeline."""
+
+    config: Config
+    server: grpc.aio.Server | None = None
+    pool: asyncpg.Pool | None = None
+    health: health.aio.HealthServicer | None = None
+    port: int = 0
+    metrics_port: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
+    pipeline: Pipeline | None = None
+    points: timescale.PointStore | None = None
+    queries: QueryServicer | None = None
+    _metrics_server: Any = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _closers: list[Any] = field(default_factory=list)
+
+    async def start(self) -> int:
+        cfg = self.config
+        if cfg.auth == "none" and not _is_loopback(cfg.listen):
+            raise SystemExit(
+                f"refusing to listen on {cfg.listen} without authentication: "
+                "running without authentication is only allowed on a loopback address"
+            )
+        log.info("starting: %s", describe(cfg))
+        self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
+        applied = await timescale.migrate(self.pool)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        metadata = timescale.MetadataStore(self.pool, cfg.heartbeat_timeout_s)
+        self.points = timescale.PointStore(cfg.max_series_per_run)
+        self.pipeline = Pipeline(
+            cfg.database_url,
+            self.points,
+            self.metrics,
+            workers=cfg.pipeline_workers,
+            queue_batches=cfg.queue_batches,
+            group_points=cfg.group_commit_points,
+        )
+        limits = Limits(max_labels=cfg.max_labels, max_text_value_chars=cfg.max_text_value_chars)
+        self.queries = QueryServicer(timescale.QueryStore(self.pool))
+
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(options=options)
+        experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
+            ExperimentServicer(metadata), server
+        )
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(metadata), server)
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(self.pipeline, limits, self.metrics), server
+        )
+        query_service_pb2_grpc.add_QueryServiceServicer_to_server(self.queries, server)
+        for extra in _extensions:
+            closer = await extra(self, server)
+            if closer is not None:
+                self._closers.append(closer)
+
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise SystemExit(f"could not listen on {cfg.listen}")
+        await self.pipeline.start()
+        await server.start()
+        self.server = server
+        if cfg.metrics_port:
+            host = cfg.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+            started = start_http_server(cfg.metrics_port, addr=host, registry=self.metrics.registry)
+            self._metrics_server = started[0] if isinstance(started, tuple) else started
+            self.metrics_port = self._metrics_server.server_port if self._metrics_server else 0
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s (port %d)", cfg.listen, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.pipeline is not None:
+            await self.pipeline.close(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        for closer in reversed(self._closers):
+            await closer()
+        if self.pool is not None:
+            await self.pool.close()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+# Later capabilities register here: async fn(service, server) -> optional async closer.
+_extensions: list[Any] = []
+
+
+def extension(fn: Any) -> Any:
+    _extensions.append(fn)
+    return fn
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    service = Service(config)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received; shutting down")
+    await service.stop()

@@ -1,0 +1,1 @@
+"""gRPC servicers: proto in, store calls, proto out. Errors become statuses here."""

@@ -1,0 +1,1011 @@
+"""The TimescaleDB store: migrations, experiments and runs, series state,
+group commits of points, and queries. The only module that talks to the
+database (asyncpg)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from ingest import order
+from ingest.batch import (
+    INVALID_VALUE,
+    KIND_SCALAR,
+    LIMIT_EXCEEDED,
+    RUN_NOT_ACTIVE,
+    RUN_NOT_FOUND,
+    Chunk,
+    DecodedBatch,
+)
+from ingest.errors import ApiError, StoreUnavailable, invalid, not_found, precondition
+from ingest.model import RunStatus, check_transition, merge_properties
+from ingest.order import Accepted, SeriesState
+
+log = logging.getLogger(__name__)
+
+Row = Mapping[str, Any]
+
+# Errors that mean "the database is not there right now": retryable.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
+
+_RUN_COLUMNS = """
+    r.run_id, r.workspace, e.name AS experiment_name, r.number, r.display_name,
+    r.description, r.run_type, r.parent_run_id, r.root_run_id, r.status, r.created_at,
+    r.start_time, r.end_time, r.error_message, r.error_code, r.tags, r.properties,
+    r.last_seen
+"""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect_pool(url: str, size: int) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=size, init=_init_connection, command_timeout=60
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply the versioned SQL migrations in ingest/migrations not yet applied.
+
+    An advisory lock makes concurrent service processes take turns."""
+    applied: list[str] = []
+    files = sorted(
+        (f for f in resources.files("ingest.migrations").iterdir() if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )
+    async with pool.acquire() as conn:
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            log.warning("TimescaleDB is not available (%s); using plain tables", exc)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7324118)")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for f in files:
+                version = f.name.removesuffix(".sql")
+                if version in done:
+                    continue
+                await conn.execute(f.read_text())
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+    return applied
+
+
+class MetadataStore:
+    """Experiments and runs."""
+
+    def __init__(self, pool: asyncpg.Pool, heartbeat_timeout_s: float) -> None:
+        self.pool = pool
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+    # -- experiments ---------------------------------------------------------
+
+    async def get_or_create_experiment(
+        self, workspace: str, name: str, tags: Mapping[str, str | None]
+    ) -> tuple[Row, bool]:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO experiments (workspace, name, tags) VALUES ($1, $2, $3)"
+                " ON CONFLICT (workspace, name) DO NOTHING RETURNING *",
+                workspace,
+                name,
+                dict(tags),
+            )
+            if row is not None:
+                return row, True
+            row = await conn.fetchrow(
+                "SELECT * FROM experiments WHERE workspace = $1 AND name = $2", workspace, name
+            )
+            assert row is not None
+            return row, False
+
+    async def get_experiment(self, workspace: str, name: str, conn: Any = None) -> Row:
+        query = "SELECT * FROM experiments WHERE workspace = $1 AND name = $2"
+        if conn is None:
+            async with self._tx() as c:
+                row = await c.fetchrow(query, workspace, name)
+        else:
+            row = await conn.fetchrow(query, workspace, name)
+        if row is None:
+            raise not_found("name", f"experiment {name!r} does not exist in workspace {workspace!r}")
+        return row
+
+    async def list_experiments(
+        self,
+        workspace: str,
+        tags: Mapping[str, str | None],
+        archived: bool | None,
+        name_prefix: str,
+    ) -> list[Row]:
+        where = ["workspace = $1"]
+        args: list[Any] = [workspace]
+        if archived is not None:
+            args.append(archived)
+            where.append(f"archived = ${len(args)}")
+        if name_prefix:
+            args.append(name_prefix)
+            where.append(f"starts_with(name, ${len(args)})")
+        _tag_filter(where, args, "tags", tags)
+        async with self._tx() as conn:
+            return list(
+                await conn.fetch(
+                    f"SELECT * FROM experiments WHERE {' AND '.join(where)} ORDER BY name", *args
+                )
+            )
+
+    async def update_experiment_tags(
+        self, workspace: str, name: str, set_tags: Mapping[str, str | None], remove: Sequence[str]
+    ) -> Row:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "UPDATE experiments SET tags = (tags - $3::text[]) || $4::jsonb"
+                " WHERE workspace = $1 AND name = $2 RETURNING *",
+                workspace,
+                name,
+                list(remove),
+                dict(set_tags),
+            )
+            if row is None:
+                raise not_found("name", f"experiment {name!r} does not exist")
+            return row
+
+    async def set_experiment_archived(
+        self, workspace: str, name: str, archived: bool, new_name: str = ""
+    ) -> Row:
+        async with self._tx() as conn:
+            try:
+                row = await conn.fetchrow(
+                    "UPDATE experiments SET archived = $3, name = COALESCE(NULLIF($4, ''), name)"
+                    " WHERE workspace = $1 AND name = $2 RETURNING *",
+                    workspace,
+                    name,
+                    archived,
+                    new_name,
+                )
+            except asyncpg.UniqueViolationError:
+                raise ApiError(
+                    "ALREADY_EXISTS", f"an experiment named {new_name!r} exists", "new_name"
+                ) from None
+            if row is None:
+                raise not_found("name", f"experiment {name!r} does not exist")
+            return row
+
+    # -- runs ----------------------------------------------------------------
+
+    async def create_run(
+        self,
+        workspace: str,
+        experiment: str,
+        run_id: str,
+        display_name: str,
+        description: str,
+        run_type: str,
+        parent_run_id: str,
+        tags: Mapping[str, str | None],
+        properties: Mapping[str, str],
+        status: RunStatus,
+    ) -> tuple[Row, bool]:
+        async with self._tx() as conn:
+            existing = await self._fetch_run(conn, workspace, run_id, missing_ok=True)
+            if existing is not None:
+                if existing["experiment_name"] != experiment:
+                    raise ApiError(
+                        "ALREADY_EXISTS",
+                        f"run {run_id!r} exists in experiment {existing['experiment_name']!r}",
+                        "run_id",
+                    )
+                return existing, False
+            owner = await conn.fetchval("SELECT workspace FROM runs WHERE run_id = $1", run_id)
+            if owner is not None:
+                raise ApiError("ALREADY_EXISTS", f"run id {run_id!r} is taken", "run_id")
+            root = run_id
+            if parent_run_id:
+                parent = await self._fetch_run(conn, workspace, parent_run_id, field="parent_run_id")
+                if parent["experiment_name"] != experiment:
+                    raise invalid(
+                        "parent_run_id",
+                        f"parent run {parent_run_id!r} belongs to experiment "
+                        f"{parent['experiment_name']!r}, not {experiment!r}",
+                    )
+                if RunStatus(parent["status"]).terminal:
+                    raise precondition(
+                        "parent_run_id",
+                        f"parent run {parent_run_id!r} is {parent['status']}; "
+                        "a finished run cannot get children",
+                    )
+                root = parent["root_run_id"]
+            await conn.execute(
+                "INSERT INTO experiments (workspace, name) VALUES ($1, $2)"
+                " ON CONFLICT (workspace, name) DO NOTHING",
+                workspace,
+                experiment,
+            )
+            exp = await conn.fetchrow(
+                "UPDATE experiments SET run_count = run_count + 1"
+                " WHERE workspace = $1 AND name = $2 RETURNING experiment_id, run_count, archived",
+                workspace,
+                experiment,
+            )
+            assert exp is not None
+            if exp["archived"]:
+                raise precondition(
+                    "experiment_name", f"experiment {experiment!r} is archived; reactivate it first"
+                )
+            await conn.execute(
+                "INSERT INTO runs (run_id, workspace, experiment_id, number, display_name,"
+                " description, run_type, parent_run_id, root_run_id, status, tags, properties,"
+                " start_time)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, NULLIF($8, ''), $9, $10, $11, $12,"
+                " CASE WHEN $10 = 'Running' THEN now() END)",
+                run_id,
+                workspace,
+                exp["experiment_id"],
+                exp["run_count"],
+                display_name,
+                description,
+                run_type,
+                parent_run_id,
+                root,
+                status.value,
+                dict(tags),
+                dict(properties),
+            )
+            row = await self._fetch_run(conn, workspace, run_id)
+            return row, True
+
+    async def get_run(self, workspace: str, run_id: str) -> Row:
+        async with self._tx() as conn:
+            return await self._fetch_run(conn, workspace, run_id)
+
+    async def _fetch_run(
+        self,
+        conn: asyncpg.Connection,
+        workspace: str,
+        run_id: str,
+        *,
+        missing_ok: bool = False,
+        field: str = "run_id",
+        lock: bool = False,
+    ) -> Any:
+        row = await conn.fetchrow(
+            f"SELECT {_RUN_COLUMNS}, {self._status_sql()} AS effective_status"
+            " FROM runs r JOIN experiments e USING (experiment_id)"
+            " WHERE r.run_id = $1 AND r.workspace = $2" + (" FOR UPDATE OF r" if lock else ""),
+            run_id,
+            workspace,
+        )
+        if row is None and not missing_ok:
+            raise not_found(field, f"run {run_id!r} does not exist in workspace {workspace!r}")
+        return row
+
+    def _status_sql(self) -> str:
+        timeout = float(self.heartbeat_timeout_s)
+        return (
+            "CASE WHEN r.status = 'Running' AND r.last_seen < now() - "
+            f"make_interval(secs => {timeout}) THEN 'NotResponding' ELSE r.status END"
+        )
+
+    async def list_runs(
+        self,
+        workspace: str,
+        experiment: str,
+        parent_run_id: str,
+        recursive: bool,
+        tags: Mapping[str, str | None],
+        properties: Mapping[str, str],
+        run_type: str,
+        status: RunStatus | None,
+        limit: int,
+    ) -> list[Row]:
+        where = ["r.workspace = $1"]
+        args: list[Any] = [workspace]
+        if parent_run_id:
+            args.append(parent_run_id)
+            if recursive:
+                where.append(
+                    f"r.run_id IN (WITH RECURSIVE d AS (SELECT run_id FROM runs WHERE "
+                    f"parent_run_id = ${len(args)} UNION ALL SELECT c.run_id FROM runs c JOIN d "
+                    "ON c.parent_run_id = d.run_id) SELECT run_id FROM d)"
+                )
+            else:
+                where.append(f"r.parent_run_id = ${len(args)}")
+        if experiment:
+            args.append(experiment)
+            where.append(f"e.name = ${len(args)}")
+            if not parent_run_id and not recursive:
+                where.append("r.parent_run_id IS NULL")
+        _tag_filter(where, args, "r.tags", tags)
+        if properties:
+            args.append(dict(properties))
+            where.append(f"r.properties @> ${len(args)}::jsonb")
+        if run_type:
+            args.append(run_type)
+            where.append(f"r.run_type = ${len(args)}")
+        if status is not None:
+            args.append(status.value)
+            where.append(f"{self._status_sql()} = ${len(args)}")
+        args.append(limit)
+        async with self._tx() as conn:
+            if experiment:
+                await self.get_experiment(workspace, experiment, conn)
+            elif parent_run_id:
+                await self._fetch_run(conn, workspace, parent_run_id, field="parent_run_id")
+            return list(
+                await conn.fetch(
+                    f"SELECT {_RUN_COLUMNS}, {self._status_sql()} AS effective_status"
+                    " FROM runs r JOIN experiments e USING (experiment_id)"
+                    f" WHERE {' AND '.join(where)}"
+                    f" ORDER BY r.created_at DESC, r.number DESC LIMIT ${len(args)}",
+                    *args,
+                )
+            )
+
+    async def update_run_tags(
+        self, workspace: str, run_id: str, set_tags: Mapping[str, str | None], remove: Sequence[str]
+    ) -> Row:
+        async with self._tx() as conn:
+            n = await conn.execute(
+                "UPDATE runs SET tags = (tags - $3::text[]) || $4::jsonb"
+                " WHERE run_id = $1 AND workspace = $2",
+                run_id,
+                workspace,
+                list(remove),
+                dict(set_tags),
+            )
+            if n == "UPDATE 0":
+                raise not_found("run_id", f"run {run_id!r} does not exist in workspace {workspace!r}")
+            return await self._fetch_run(conn, workspace, run_id)
+
+    async def add_run_properties(
+        self, workspace: str, run_id: str, props: Mapping[str, str]
+    ) -> Row:
+        async with self._tx() as conn:
+            run = await self._fetch_run(conn, workspace, run_id, lock=True)
+            merged = merge_properties(run["properties"], props)
+            await conn.execute("UPDATE runs SET properties = $2 WHERE run_id = $1", run_id, merged)
+            return await self._fetch_run(conn, workspace, run_id)
+
+    async def update_run_status(
+        self,
+        workspace: str,
+        run_id: str,
+        target: RunStatus,
+        error_message: str,
+        error_code: str,
+    ) -> Row:
+        async with self._tx() as conn:
+            run = await self._fetch_run(conn, workspace, run_id, lock=True)
+            current = RunStatus(run["status"])
+            check_transition(current, target)
+            await conn.execute(
+                "UPDATE runs SET status = $2, last_seen = now(),"
+                " start_time = CASE WHEN $2 = 'Running' THEN COALESCE(start_time, now())"
+                "                   ELSE start_time END,"
+                " end_time = CASE WHEN $3 THEN now() ELSE end_time END,"
+                " error_message = COALESCE(NULLIF($4, ''), error_message),"
+                " error_code = COALESCE(NULLIF($5, ''), error_code)"
+                " WHERE run_id = $1",
+                run_id,
+                target.value,
+                target.terminal,
+                error_message,
+                error_code,
+            )
+            return await self._fetch_run(conn, workspace, run_id)
+
+    async def heartbeat(self, workspace: str, run_ids: Sequence[str]) -> list[str]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "UPDATE runs SET last_seen = now() WHERE workspace = $1 AND run_id = ANY($2::text[])"
+                " RETURNING run_id, status",
+                workspace,
+                list(run_ids),
+            )
+        found = {r["run_id"]: r["status"] for r in rows}
+        missing = [r for r in run_ids if r not in found]
+        if missing:
+            raise not_found("run_ids", f"run {missing[0]!r} does not exist in workspace {workspace!r}")
+        return [found[r] for r in run_ids]
+
+    async def rewind_run(
+        self, workspace: str, run_id: str, step: int, names: Sequence[str]
+    ) -> tuple[int, int]:
+        """Hide points after `step` in the run's stepped series, and move each
+        series' last step back so logging can continue from the checkpoint."""
+        async with self._tx() as conn:
+            run = await self._fetch_run(conn, workspace, run_id, lock=True)
+            if RunStatus(run["status"]).terminal:
+                raise precondition("run_id", f"run {run_id!r} is {run['status']}; it cannot rewind")
+            series = await conn.fetch(
+                "SELECT series_id, value_type FROM series WHERE run_id = $1 AND stepped"
+                " AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
+                " ORDER BY series_id FOR UPDATE",
+                run_id,
+                list(names),
+            )
+            hidden = 0
+            for s in series:
+                table = "text_points" if s["value_type"] == 1 else "scalar_points"
+                status = await conn.execute(
+                    f"UPDATE {table} SET hidden = true"
+                    " WHERE series_id = $1 AND step > $2 AND NOT hidden",
+                    s["series_id"],
+                    step,
+                )
+                hidden += int(status.split()[-1])
+                last = await conn.fetchrow(
+                    f"SELECT step, {'NULL::float8' if s['value_type'] == 1 else 'value'} AS value,"
+                    f" {'value' if s['value_type'] == 1 else 'NULL::text'} AS text"
+                    f" FROM {table} WHERE series_id = $1 AND NOT hidden"
+                    " ORDER BY step DESC LIMIT 1",
+                    s["series_id"],
+                )
+                await conn.execute(
+                    "UPDATE series SET last_step = $2, last_value = $3, last_text = $4,"
+                    " point_count = (SELECT count(*) FROM "
+                    f"{table} WHERE series_id = $1 AND NOT hidden) WHERE series_id = $1",
+                    s["series_id"],
+                    last["step"] if last else None,
+                    last["value"] if last else None,
+                    last["text"] if last else None,
+                )
+            return hidden, len(series)
+
+
+def _tag_filter(
+    where: list[str], args: list[Any], column: str, tags: Mapping[str, str | None]
+) -> None:
+    """Tags to match: a key alone matches on presence; a key with a value on both."""
+    for key, value in tags.items():
+        if value is None:
+            args.append(key)
+            where.append(f"{column} ? ${len(args)}")
+        else:
+            args.append({key: value})
+            where.append(f"{column} @> ${len(args)}::jsonb")
+
+
+def tags_of(value: Iterable[tuple[str, str | None]]) -> dict[str, str | None]:
+    return dict(value)
+
+
+# -- points -----------------------------------------------------------------------
+
+PG_EPOCH = 946684800.0  # 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+
+# One scalar_points row in PostgreSQL's binary COPY format: field count, then
+# (length, big-endian value) per column: time, series_id, step, value, hidden.
+_SCALAR_ROW = np.dtype(
+    [
+        ("nfields", ">i2"),
+        ("l_time", ">i4"),
+        ("time", ">i8"),
+        ("l_sid", ">i4"),
+        ("sid", ">i8"),
+        ("l_step", ">i4"),
+        ("step", ">i8"),
+        ("l_value", ">i4"),
+        ("value", ">f8"),
+        ("l_hidden", ">i4"),
+        ("hidden", "u1"),
+    ]
+)
+SCALAR_COLUMNS = ["time", "series_id", "step", "value", "hidden"]
+
+
+def encode_scalar_copy(
+    times: np.ndarray[Any, Any],
+    series_ids: np.ndarray[Any, Any],
+    steps: np.ndarray[Any, Any],
+    values: np.ndarray[Any, Any],
+) -> bytes:
+    """Build a binary COPY payload for scalar_points from arrays, vectorized:
+    no per-row Python objects on the hot path."""
+    rows = np.empty(times.shape[0], dtype=_SCALAR_ROW)
+    rows["nfields"] = 5
+    rows["l_time"] = 8
+    rows["time"] = np.rint((times - PG_EPOCH) * 1e6).astype(np.int64)
+    rows["l_sid"] = 8
+    rows["sid"] = series_ids
+    rows["l_step"] = 8
+    rows["step"] = steps
+    rows["l_value"] = 8
+    rows["value"] = values
+    rows["l_hidden"] = 1
+    rows["hidden"] = 0
+    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
+
+
+class SequenceGap(Exception):
+    """A writer skipped a sequence number: the client must resend from `expected`."""
+
+    def __init__(self, writer_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            f"writer {writer_id!r}: expected batch sequence {expected}, got {got}; "
+            f"resend from {expected}"
+        )
+        self.expected = expected
+
+
+@dataclass
+class CommitResult:
+    duplicate_batch: bool = False
+    gap: SequenceGap | None = None
+
+
+@dataclass
+class GroupStats:
+    rows: int = 0
+    batches: int = 0
+    new_series: int = 0
+
+
+_SERIES_COLUMNS = (
+    "series_id, run_id, name, labels_key, kind, value_type, stepped, out_of_order,"
+    " last_step, last_value, last_text, point_count"
+)
+
+
+def _state(row: Mapping[str, Any], new: bool = False) -> SeriesState:
+    return SeriesState(
+        series_id=row["series_id"],
+        kind=row["kind"],
+        value_type=row["value_type"],
+        stepped=row["stepped"],
+        out_of_order=row["out_of_order"],
+        last_step=row["last_step"],
+        last_value=row["last_value"],
+        last_text=row["last_text"],
+        point_count=row["point_count"],
+        new=new,
+    )
+
+
+class PointStore:
+    """Group commits of decoded batches: writer high-water marks, series
+    state, and points, in one transaction."""
+
+    def __init__(self, max_series_per_run: int) -> None:
+        self.max_series_per_run = max_series_per_run
+        # Non-scalar kinds register a writer: async fn(conn, accepted) -> rows.
+        self.kind_writers: dict[int, Any] = {}
+
+    async def commit_group(
+        self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
+    ) -> tuple[list[CommitResult], GroupStats]:
+        stats = GroupStats(batches=len(batches))
+        async with conn.transaction():
+            results, live = await self._sequence(conn, batches)
+            chunks = [c for b in live for c in b.chunks if c.alive.any()]
+            if chunks:
+                await self._check_runs(conn, live)
+                states = await self._lock_series(conn, live, stats)
+                accepted: list[Accepted] = []
+                for batch in live:
+                    for chunk in batch.chunks:
+                        if not chunk.alive.any():
+                            continue
+                        state = states.get(chunk.key)
+                        if state is None:
+                            continue
+                        acc = order.apply(chunk, state, batch.outcome)
+                        if acc is not None and acc.index.size:
+                            accepted.append(acc)
+                stats.rows = await self._write_points(conn, accepted)
+                await self._save_states(conn, states)
+                await conn.execute(
+                    "UPDATE runs SET last_seen = now() WHERE run_id = ANY($1::text[])"
+                    " AND last_seen < now() - interval '2 seconds'",
+                    sorted({c.run_id for c in chunks}),
+                )
+            if live:
+                hwm: dict[str, tuple[str, int]] = {}
+                for b in live:
+                    hwm[b.writer_id] = (b.workspace, b.sequence)
+                await conn.execute(
+                    "INSERT INTO writers (writer_id, workspace, last_sequence)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+                    " ON CONFLICT (writer_id) DO UPDATE"
+                    " SET last_sequence = EXCLUDED.last_sequence, updated_at = now()",
+                    list(hwm),
+                    [v[0] for v in hwm.values()],
+                    [v[1] for v in hwm.values()],
+                )
+        return results, stats
+
+    async def _sequence(
+        self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
+    ) -> tuple[list[CommitResult], list[DecodedBatch]]:
+        """Exactly-once: lock each writer's high-water mark; a batch at or
+        below it is a duplicate, one right above it is live, a gap is an error."""
+        writers = sorted({b.writer_id for b in batches})
+        rows = await conn.fetch(
+            "SELECT writer_id, last_sequence FROM writers WHERE writer_id = ANY($1::text[])"
+            " ORDER BY writer_id FOR UPDATE",
+            writers,
+        )
+        hwm = {r["writer_id"]: r["last_sequence"] for r in rows}
+        results: list[CommitResult] = []
+        live: list[DecodedBatch] = []
+        for b in batches:
+            last = hwm.get(b.writer_id, 0)
+            if b.sequence <= last:
+                results.append(CommitResult(duplicate_batch=True))
+            elif b.sequence == last + 1:
+                hwm[b.writer_id] = b.sequence
+                results.append(CommitResult())
+                live.append(b)
+            else:
+                results.append(CommitResult(gap=SequenceGap(b.writer_id, last + 1, b.sequence)))
+        return results, live
+
+    async def _check_runs(self, conn: asyncpg.Connection, live: Sequence[DecodedBatch]) -> None:
+        run_ids = sorted({c.run_id for b in live for c in b.chunks if c.alive.any()})
+        rows = await conn.fetch(
+            "SELECT run_id, workspace, status FROM runs WHERE run_id = ANY($1::text[])", run_ids
+        )
+        runs = {r["run_id"]: (r["workspace"], r["status"]) for r in rows}
+        for b in live:
+            for c in b.chunks:
+                if not c.alive.any():
+                    continue
+                found = runs.get(c.run_id)
+                if found is None or found[0] != b.workspace:
+                    b.outcome.reject(
+                        c, None, RUN_NOT_FOUND,
+                        f"run {c.run_id[:130]!r} does not exist in workspace {b.workspace!r}",
+                        steps=False,
+                    )
+                elif RunStatus(found[1]).terminal:
+                    b.outcome.reject(
+                        c, None, RUN_NOT_ACTIVE,
+                        f"run {c.run_id!r} is {found[1]}; a finished run takes no more points",
+                        steps=False,
+                    )
+                elif c.kind != KIND_SCALAR and c.kind not in self.kind_writers:
+                    b.outcome.reject(
+                        c, None, INVALID_VALUE,
+                        "this service does not store this kind of point yet",
+                        steps=False,
+                    )
+
+    async def _lock_series(
+        self, conn: asyncpg.Connection, live: Sequence[DecodedBatch], stats: GroupStats
+    ) -> dict[tuple[str, str, str], SeriesState]:
+        """Fetch and lock the state of every series in the group, creating the
+        new ones from their first chunk."""
+        first: dict[tuple[str, str, str], Chunk] = {}
+        for b in live:
+            for c in b.chunks:
+                if c.alive.any() and c.key not in first:
+                    first[c.key] = c
+        keys = sorted(first)
+        states: dict[tuple[str, str, str], SeriesState] = {}
+        rows = await conn.fetch(
+            f"SELECT {_SERIES_COLUMNS} FROM series"
+            " WHERE (run_id, name, labels_key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+            " ORDER BY series_id FOR UPDATE",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        for r in rows:
+            states[(r["run_id"], r["name"], r["labels_key"])] = _state(r)
+        missing = [k for k in keys if k not in states]
+        if missing:
+            missing = await self._enforce_series_limit(conn, missing, first, live)
+        if missing:
+            chunks = [first[k] for k in missing]
+            created = await conn.fetch(
+                "INSERT INTO series (run_id, name, labels, labels_key, kind, value_type, stepped,"
+                " out_of_order, description)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[],"
+                " $5::int2[], $6::int2[], $7::bool[], $8::bool[], $9::text[])"
+                " ON CONFLICT (run_id, name, labels_key) DO NOTHING"
+                f" RETURNING {_SERIES_COLUMNS}",
+                [c.run_id for c in chunks],
+                [c.name for c in chunks],
+                [c.labels for c in chunks],
+                [c.labels_key for c in chunks],
+                [c.kind for c in chunks],
+                [c.value_type for c in chunks],
+                [c.stepped for c in chunks],
+                [bool(c.out_of_order) for c in chunks],
+                [c.description[:5000] for c in chunks],
+            )
+            stats.new_series += len(created)
+            for r in created:
+                states[(r["run_id"], r["name"], r["labels_key"])] = _state(r, new=True)
+            raced = [k for k in missing if k not in states]
+            if raced:
+                # Another service process created them a moment ago: lock theirs.
+                rows = await conn.fetch(
+                    f"SELECT {_SERIES_COLUMNS} FROM series"
+                    " WHERE (run_id, name, labels_key) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+                    " ORDER BY series_id FOR UPDATE",
+                    [k[0] for k in raced],
+                    [k[1] for k in raced],
+                    [k[2] for k in raced],
+                )
+                for r in rows:
+                    states[(r["run_id"], r["name"], r["labels_key"])] = _state(r)
+        return states
+
+    async def _enforce_series_limit(
+        self,
+        conn: asyncpg.Connection,
+        missing: list[tuple[str, str, str]],
+        first: Mapping[tuple[str, str, str], Chunk],
+        live: Sequence[DecodedBatch],
+    ) -> list[tuple[str, str, str]]:
+        runs = sorted({k[0] for k in missing})
+        rows = await conn.fetch(
+            "SELECT run_id, count(*) AS n FROM series WHERE run_id = ANY($1::text[])"
+            " GROUP BY run_id",
+            runs,
+        )
+        have = {r["run_id"]: r["n"] for r in rows}
+        allowed: list[tuple[str, str, str]] = []
+        refused: set[tuple[str, str, str]] = set()
+        for k in missing:
+            if have.get(k[0], 0) < self.max_series_per_run:
+                have[k[0]] = have.get(k[0], 0) + 1
+                allowed.append(k)
+            else:
+                refused.add(k)
+        if refused:
+            for b in live:
+                for c in b.chunks:
+                    if c.key in refused:
+                        b.outcome.reject(
+                            c, None, LIMIT_EXCEEDED,
+                            f"run {c.run_id!r} has {self.max_series_per_run} series, the limit",
+                            steps=False,
+                        )
+        return allowed
+
+    async def _write_points(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
+        numeric = [a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.values is not None]
+        text = [a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.texts is not None]
+        other = [a for a in accepted if a.chunk.kind != KIND_SCALAR]
+        rows = 0
+        for acc_list, table in ((numeric, "scalar_points"), (text, "text_points")):
+            for a in acc_list:
+                if a.supersede is not None and a.supersede.size:
+                    await conn.execute(
+                        f"UPDATE {table} SET hidden = true WHERE series_id = $1"
+                        " AND step = ANY($2::bigint[]) AND NOT hidden",
+                        a.series_id,
+                        a.supersede.tolist(),
+                    )
+        if numeric:
+            payload = encode_scalar_copy(
+                np.concatenate([a.chunk.times[a.index] for a in numeric]),
+                np.concatenate(
+                    [np.full(a.index.size, a.series_id, dtype=np.int64) for a in numeric]
+                ),
+                np.concatenate([a.chunk.steps[a.index] for a in numeric]),
+                np.concatenate([a.chunk.values[a.index] for a in numeric if a.chunk.values is not None]),
+            )
+            await conn.copy_to_table(
+                "scalar_points", source=io.BytesIO(payload), columns=SCALAR_COLUMNS, format="binary"
+            )
+            rows += sum(int(a.index.size) for a in numeric)
+        if text:
+            records = []
+            for a in text:
+                texts = a.chunk.texts
+                assert texts is not None
+                for i in a.index.tolist():
+                    records.append(
+                        (
+                            datetime.fromtimestamp(float(a.chunk.times[i]), UTC),
+                            a.series_id,
+                            int(a.chunk.steps[i]),
+                            texts[i],
+                            False,
+                        )
+                    )
+            await conn.copy_records_to_table(
+                "text_points", records=records, columns=["time", "series_id", "step", "value", "hidden"]
+            )
+            rows += len(records)
+        by_kind: dict[int, list[Accepted]] = {}
+        for a in other:
+            by_kind.setdefault(a.chunk.kind, []).append(a)
+        for kind, accs in by_kind.items():
+            rows += await self.kind_writers[kind](conn, accs)
+        return rows
+
+    async def _save_states(
+        self, conn: asyncpg.Connection, states: Mapping[tuple[str, str, str], SeriesState]
+    ) -> None:
+        changed = [s for s in states.values() if s.changed]
+        if not changed:
+            return
+        await conn.execute(
+            "UPDATE series s SET last_step = u.last_step, last_value = u.last_value,"
+            " last_text = u.last_text, point_count = u.point_count, last_time = now()"
+            " FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::bigint[])"
+            " AS u(series_id, last_step, last_value, last_text, point_count)"
+            " WHERE s.series_id = u.series_id",
+            [s.series_id for s in changed],
+            [s.last_step for s in changed],
+            [s.last_value for s in changed],
+            [s.last_text for s in changed],
+            [s.point_count for s in changed],
+        )
+
+
+class QueryStore:
+    """Reads: series of runs and their visible (not hidden) points."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+    async def run_ids(self, workspace: str, run_id: str, recursive: bool) -> list[str]:
+        async with self._conn() as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM runs WHERE run_id = $1 AND workspace = $2", run_id, workspace
+            )
+            if found is None:
+                raise not_found("run_id", f"run {run_id!r} does not exist in workspace {workspace!r}")
+            if not recursive:
+                return [run_id]
+            rows = await conn.fetch(
+                "WITH RECURSIVE d AS (SELECT run_id, 0 AS depth, created_at FROM runs"
+                " WHERE run_id = $1"
+                " UNION ALL SELECT c.run_id, d.depth + 1, c.created_at FROM runs c"
+                " JOIN d ON c.parent_run_id = d.run_id)"
+                " SELECT run_id FROM d ORDER BY depth, created_at",
+                run_id,
+            )
+            return [r["run_id"] for r in rows]
+
+    async def series(
+        self, run_ids: Sequence[str], names: Sequence[str]
+    ) -> list[Row]:
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT series_id, run_id, name, labels, kind, value_type, stepped,"
+                    " point_count, last_step, description FROM series"
+                    " WHERE run_id = ANY($1::text[])"
+                    " AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
+                    " ORDER BY run_id, name, labels_key",
+                    list(run_ids),
+                    list(names),
+                )
+            )
+
+    async def find_series(
+        self, workspace: str, run_id: str, name: str, labels: Mapping[str, str]
+    ) -> Row:
+        from ingest.decode import labels_key
+
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT s.series_id, s.run_id, s.name, s.labels, s.kind, s.value_type, s.stepped,"
+                " s.point_count, s.last_step, s.description FROM series s JOIN runs r USING (run_id)"
+                " WHERE s.run_id = $1 AND r.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
+                run_id,
+                workspace,
+                name,
+                labels_key(dict(labels)),
+            )
+        if row is None:
+            raise not_found("name", f"run {run_id!r} has no series {name!r} with labels {dict(labels)}")
+        return row
+
+    async def scalar_points(
+        self,
+        series_ids: Sequence[int],
+        text: bool = False,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[Row]:
+        table = "text_points" if text else "scalar_points"
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value"
+                    f" FROM {table} WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
+                    " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
+                    " ORDER BY series_id, step",
+                    list(series_ids),
+                    start,
+                    end,
+                )
+            )
+
+    async def count_points(
+        self, series_id: int, text: bool, start: int | None, end: int | None
+    ) -> int:
+        table = "text_points" if text else "scalar_points"
+        async with self._conn() as conn:
+            n = await conn.fetchval(
+                f"SELECT count(*) FROM {table} WHERE series_id = $1 AND NOT hidden"
+                " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)",
+                series_id,
+                start,
+                end,
+            )
+        return int(n)
+
+    async def downsampled(
+        self, series_id: int, buckets: int, start: int | None, end: int | None
+    ) -> list[Row]:
+        """Split the range into equal-count buckets; keep each bucket's first,
+        min and max point, so spikes and NaNs survive (NaN sorts above all)."""
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    "WITH p AS (SELECT step, time, value,"
+                    "   ntile($2) OVER (ORDER BY step) AS b FROM scalar_points"
+                    "   WHERE series_id = $1 AND NOT hidden"
+                    "   AND ($3::bigint IS NULL OR step >= $3) AND ($4::bigint IS NULL OR step <= $4)),"
+                    " r AS (SELECT *,"
+                    "   row_number() OVER (PARTITION BY b ORDER BY step) AS first_rank,"
+                    "   row_number() OVER (PARTITION BY b ORDER BY value, step) AS min_rank,"
+                    "   row_number() OVER (PARTITION BY b ORDER BY value DESC, step) AS max_rank"
+                    "   FROM p)"
+                    " SELECT $1::bigint AS series_id, step, extract(epoch FROM time)::float8 AS t,"
+                    " value FROM r WHERE first_rank = 1 OR min_rank = 1 OR max_rank = 1"
+                    " ORDER BY step",
+                    series_id,
+                    buckets,
+                    start,
+                    end,
+                )
+            )

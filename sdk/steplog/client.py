@@ -1,0 +1,164 @@
+"""The connection to a steplog service: one channel and one background writer
+per (address, workspace) in a process, shared by every Experiment and Run."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from steplog.errors import InvalidArgumentError, from_rpc_error
+from steplog.v1 import (
+    experiment_service_pb2_grpc,
+    ingest_service_pb2_grpc,
+    query_service_pb2_grpc,
+    run_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+DEFAULT_WORKSPACE = "default"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),
+]
+
+
+def resolve_url(url: str | None) -> str:
+    value = url or os.environ.get("STEPLOG_URL", "")
+    if not value:
+        raise InvalidArgumentError(
+            "no service address: pass url=... or set STEPLOG_URL (for example 127.0.0.1:50051)",
+            field="url",
+        )
+    for prefix in ("grpc://", "http://"):
+        if value.startswith(prefix):
+            value = value[len(prefix) :]
+    return value.rstrip("/")
+
+
+def resolve_workspace(workspace: str | None) -> str:
+    return workspace or os.environ.get("STEPLOG_WORKSPACE") or DEFAULT_WORKSPACE
+
+
+class Client:
+    """Stubs for every service, a call helper that raises typed errors, and
+    the process's background writer for this address and workspace."""
+
+    def __init__(self, url: str, workspace: str) -> None:
+        self.url = url
+        self.workspace = workspace
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._open_channel()
+        self._writer: Any = None
+        self.heartbeat = Heartbeat(self)
+
+    def _open_channel(self) -> None:
+        self.channel = grpc.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+        self.experiments = experiment_service_pb2_grpc.ExperimentServiceStub(self.channel)
+        self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
+        self.ingest = ingest_service_pb2_grpc.IngestServiceStub(self.channel)
+        self.queries = query_service_pb2_grpc.QueryServiceStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any, timeout: float = 30.0) -> T:
+        """A unary call; errors become steplog exceptions (with code and field)."""
+        self._check_fork()
+        try:
+            return method(request, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _check_fork(self) -> None:
+        # A gRPC channel must not be used across fork(): a child opens its own.
+        if os.getpid() != self._pid:
+            with self._lock:
+                if os.getpid() != self._pid:
+                    self._pid = os.getpid()
+                    self._open_channel()
+
+    @property
+    def writer(self) -> Any:
+        """The background BatchWriter, started on first use."""
+        if self._writer is None:
+            with self._lock:
+                if self._writer is None:
+                    from steplog._writer import BatchWriter, GrpcTransport, WriterSettings
+
+                    settings = WriterSettings.from_env() if hasattr(
+                        WriterSettings, "from_env"
+                    ) else WriterSettings()
+                    self._writer = BatchWriter(
+                        GrpcTransport(self.channel), self.workspace, settings
+                    )
+        return self._writer
+
+    def flush(self, timeout: float | None = None) -> bool:
+        if self._writer is None:
+            return True
+        return bool(self._writer.flush(timeout))
+
+
+class Heartbeat:
+    """Tells the service, every `interval` seconds, that this process's
+    Running runs are alive, so a silent run reads as NotResponding and a
+    crashed process's run stands out. One daemon thread, started lazily."""
+
+    def __init__(self, client: Client, interval: float | None = None) -> None:
+        self._client = client
+        self.interval = interval or float(os.environ.get("STEPLOG_HEARTBEAT_INTERVAL", "30"))
+        self._runs: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.add(run_id)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="steplog-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.discard(run_id)
+
+    def _loop(self) -> None:
+        from steplog.v1 import run_service_pb2
+
+        while not self._wake.wait(self.interval):
+            with self._lock:
+                runs = sorted(self._runs)
+            if not runs:
+                continue
+            try:
+                self._client.runs.Heartbeat(
+                    run_service_pb2.HeartbeatRequest(
+                        workspace=self._client.workspace, run_ids=runs
+                    ),
+                    timeout=10,
+                )
+            except grpc.RpcError:
+                pass  # the next beat tries again; data also counts as a beat
+
+
+_clients: dict[tuple[str, str], Client] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(url: str | None = None, workspace: str | None = None) -> Client:
+    key = (resolve_url(url), resolve_workspace(workspace))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = Client(*key)
+        return client

@@ -1,0 +1,52 @@
+"""Reading metrics back, in Azure ML's shapes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from steplog.v1 import data_pb2, query_service_pb2 as qs
+
+if TYPE_CHECKING:
+    from steplog.client import Client
+
+
+def series_key(data: data_pb2.SeriesData) -> str:
+    """The metric's name, with its labels when it has any: loss{rank=3}."""
+    if not data.labels:
+        return data.name
+    inner = ",".join(f"{k}={v}" for k, v in sorted(data.labels.items()))
+    return f"{data.name}{{{inner}}}"
+
+
+def series_value(data: data_pb2.SeriesData) -> Any:
+    """A value logged once is a value; logged several times, a list."""
+    which = data.WhichOneof("points")
+    if which == "scalars":
+        sc = data.scalars
+        values: list[Any] = list(sc.text_values) if len(sc.text_values) else list(sc.values)
+        return values[0] if len(values) == 1 else values
+    from steplog import _decoders
+
+    return _decoders.decode(data)
+
+
+def metrics_of(run: qs.RunMetrics) -> dict[str, Any]:
+    return {series_key(s): series_value(s) for s in run.series}
+
+
+def get_metrics(
+    client: Client, run_id: str, name: str | None = None, recursive: bool = False
+) -> dict[str, Any]:
+    reply = client.call(
+        client.queries.GetMetrics,
+        qs.GetMetricsRequest(
+            workspace=client.workspace,
+            run_id=run_id,
+            names=[name] if name else [],
+            recursive=recursive,
+        ),
+        timeout=120,
+    )
+    if recursive:
+        return {r.run_id: metrics_of(r) for r in reply.runs}
+    return metrics_of(reply.runs[0]) if reply.runs else {}

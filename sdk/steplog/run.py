@@ -1,0 +1,622 @@
+"""Run: one execution of a training script, after Azure ML's `Run`.
+
+Logging calls (`log`, `log_list`, ...) only append to in-memory column
+buffers; a background thread sends them (see steplog._writer). Everything
+else is a unary call that raises a typed steplog error on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from steplog.client import Client, get_client
+from steplog.errors import FailedPreconditionError, InvalidArgumentError
+from steplog.experiment import Experiment, tags_from_proto, tags_to_proto
+from steplog.v1 import common_pb2, run_service_pb2 as rs
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+STATUS_NAMES: dict[int, str] = {
+    common_pb2.RUN_STATUS_NOT_STARTED: "NotStarted",
+    common_pb2.RUN_STATUS_QUEUED: "Queued",
+    common_pb2.RUN_STATUS_RUNNING: "Running",
+    common_pb2.RUN_STATUS_FINALIZING: "Finalizing",
+    common_pb2.RUN_STATUS_CANCEL_REQUESTED: "CancelRequested",
+    common_pb2.RUN_STATUS_COMPLETED: "Completed",
+    common_pb2.RUN_STATUS_FAILED: "Failed",
+    common_pb2.RUN_STATUS_CANCELED: "Canceled",
+    common_pb2.RUN_STATUS_NOT_RESPONDING: "NotResponding",
+}
+STATUS_VALUES = {v: k for k, v in STATUS_NAMES.items()}
+TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _status_value(status: str) -> int:
+    try:
+        return STATUS_VALUES[status]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unknown status {status!r}; one of {sorted(STATUS_VALUES)}", field="status"
+        ) from None
+
+
+def _iso(ts: Timestamp) -> str | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def distributed_labels() -> dict[str, str]:
+    """Under a distributed launcher (RANK and WORLD_SIZE set, world > 1) every
+    series gets a rank label, so ranks logging "loss" do not collide."""
+    rank = os.environ.get("RANK")
+    world = os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None and world.isdigit() and int(world) > 1:
+        return {"rank": rank}
+    return {}
+
+
+def _freeze(labels: Mapping[str, str] | None) -> Labels:
+    if not labels:
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+class Run:
+    """A run of an experiment. Create one with `Experiment.start_logging()`,
+    attach to one with `Run.get_context()` or `Run.get(run_id)`."""
+
+    def __init__(
+        self,
+        experiment: Experiment | None = None,
+        run_id: str | None = None,
+        *,
+        _proto: common_pb2.Run | None = None,
+        _client: Client | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        if _proto is None:
+            if run_id is None:
+                raise InvalidArgumentError("run_id is required", field="run_id")
+            client = _client or (experiment._client if experiment else get_client())
+            _proto = client.call(
+                client.runs.GetRun, rs.GetRunRequest(workspace=client.workspace, run_id=run_id)
+            ).run
+            _client = client
+        assert _client is not None
+        self._client = _client
+        self._proto = _proto
+        self._experiment = experiment
+        merged = distributed_labels()
+        merged.update(labels or {})
+        self._labels: Labels = _freeze(merged)
+        self._label_cache: dict[Labels, Labels] = {}
+
+    @classmethod
+    def _create(
+        cls,
+        client: Client,
+        experiment: str,
+        *,
+        display_name: str = "",
+        description: str = "",
+        run_type: str = "",
+        run_id: str | None = None,
+        parent_run_id: str = "",
+        tags: Mapping[str, str | None] | None = None,
+        properties: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        status: int = common_pb2.RUN_STATUS_RUNNING,
+    ) -> Run:
+        reply = client.call(
+            client.runs.CreateRun,
+            rs.CreateRunRequest(
+                workspace=client.workspace,
+                experiment_name=experiment,
+                run_id=run_id or "",
+                display_name=display_name,
+                description=description,
+                run_type=run_type,
+                parent_run_id=parent_run_id,
+                tags=tags_to_proto(tags),
+                properties=dict(properties or {}),
+                status=status,  # type: ignore[arg-type]
+            ),
+        )
+        run = cls(_proto=reply.run, _client=client, labels=labels)
+        if run.status == "Running":
+            client.heartbeat.add(run.id)
+        return run
+
+    # -- identity --------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._proto.run_id
+
+    @property
+    def number(self) -> int:
+        return self._proto.number
+
+    @property
+    def display_name(self) -> str:
+        return self._proto.display_name
+
+    @property
+    def name(self) -> str:
+        return self._proto.display_name
+
+    @property
+    def description(self) -> str:
+        return self._proto.description
+
+    @property
+    def type(self) -> str:
+        return self._proto.run_type
+
+    @property
+    def status(self) -> str:
+        return STATUS_NAMES.get(self._proto.status, "Unknown")
+
+    @property
+    def tags(self) -> dict[str, str | None]:
+        return tags_from_proto(self._proto.tags)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._proto.properties)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self._labels)
+
+    @property
+    def experiment(self) -> Experiment:
+        if self._experiment is None:
+            self._experiment = Experiment(self._proto.experiment_name, _client=self._client)
+        return self._experiment
+
+    @property
+    def parent(self) -> Run | None:
+        if not self._proto.parent_run_id:
+            return None
+        return Run(run_id=self._proto.parent_run_id, _client=self._client)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run(experiment={self._proto.experiment_name!r}, id={self.id!r}, "
+            f"number={self.number}, status={self.status!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _set(self, proto: common_pb2.Run) -> None:
+        self._proto = proto
+
+    def refresh(self) -> None:
+        self._set(
+            self._client.call(
+                self._client.runs.GetRun,
+                rs.GetRunRequest(workspace=self._client.workspace, run_id=self.id),
+            ).run
+        )
+
+    # -- metrics (the hot path: no I/O) ----------------------------------------------
+
+    def _series_labels(self, labels: Mapping[str, str] | None) -> Labels:
+        if not labels:
+            return self._labels
+        key = _freeze(labels)
+        cached = self._label_cache.get(key)
+        if cached is None:
+            merged = dict(self._labels)
+            merged.update(key)
+            cached = self._label_cache[key] = _freeze(merged)
+        return cached
+
+    def log(
+        self,
+        name: str,
+        value: float | int | str | bool,
+        description: str = "",
+        step: int | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a scalar (or string) metric value; with `step`, at that step.
+
+        Returns at once: the value is sent in the background."""
+        if not isinstance(value, (float, str)):
+            if isinstance(value, (int, bool)):
+                value = float(value)
+            else:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise InvalidArgumentError(
+                        f"metric {name!r}: value must be a number or a string, not "
+                        f"{type(value).__name__}",
+                        field="value",
+                    ) from None
+        self._client.writer.log_scalar(
+            self.id,
+            name,
+            self._series_labels(labels),
+            value,
+            step,
+            time.time(),
+            description,
+        )
+
+    def log_list(
+        self,
+        name: str,
+        value: Sequence[float | int],
+        description: str = "",
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a list of values as an unstepped series (Azure's `log_list`)."""
+        values = [float(v) for v in value]
+        now = time.time()
+        self._client.writer.log_scalars(
+            self.id,
+            name,
+            self._series_labels(labels),
+            values,
+            None,
+            [now] * len(values),
+            description=description,
+        )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything logged so far is acknowledged; False on timeout."""
+        return self._client.flush(timeout)
+
+    def rewind(self, step: int, names: Iterable[str] | None = None) -> int:
+        """Resume from a checkpoint at `step`: points after it are hidden from
+        queries (kept for audit) and logging may continue from it. Returns how
+        many points were hidden."""
+        self.flush()
+        reply = self._client.call(
+            self._client.runs.RewindRun,
+            rs.RewindRunRequest(
+                workspace=self._client.workspace,
+                run_id=self.id,
+                step=step,
+                names=list(names or []),
+            ),
+        )
+        return int(reply.hidden_points)
+
+    def get_metrics(
+        self, name: str | None = None, recursive: bool = False
+    ) -> dict[str, Any]:
+        """Azure's shape: {name: value} for a metric logged once, {name: [values]}
+        for one logged several times; with recursive, {run_id: {...}} over this
+        run and all its descendants. Waits for this process's logged points."""
+        from steplog.query import get_metrics
+
+        self.flush()
+        return get_metrics(self._client, self.id, name, recursive)
+
+    # -- tags and properties --------------------------------------------------------
+
+    def tag(self, key: str, value: str | None = None) -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, str | None]) -> None:
+        self._update_tags(tags, [])
+
+    def remove_tags(self, tags: Iterable[str] | str) -> None:
+        self._update_tags({}, [tags] if isinstance(tags, str) else list(tags))
+
+    def _update_tags(self, set_tags: Mapping[str, str | None], remove: list[str]) -> None:
+        self._set(
+            self._client.call(
+                self._client.runs.UpdateRunTags,
+                rs.UpdateRunTagsRequest(
+                    workspace=self._client.workspace,
+                    run_id=self.id,
+                    set_tags=tags_to_proto(set_tags),
+                    remove_keys=remove,
+                ),
+            ).run
+        )
+
+    def get_tags(self) -> dict[str, str | None]:
+        self.refresh()
+        return self.tags
+
+    def add_properties(self, properties: Mapping[str, str]) -> None:
+        """Add properties. They are add-only: re-adding a key with another value
+        raises FailedPreconditionError and changes nothing."""
+        self._set(
+            self._client.call(
+                self._client.runs.AddRunProperties,
+                rs.AddRunPropertiesRequest(
+                    workspace=self._client.workspace,
+                    run_id=self.id,
+                    properties={str(k): str(v) for k, v in properties.items()},
+                ),
+            ).run
+        )
+
+    def get_properties(self) -> dict[str, str]:
+        self.refresh()
+        return self.properties
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _move(self, status: str, message: str = "", code: str = "") -> None:
+        error = common_pb2.RunError(message=message, code=code) if (message or code) else None
+        self._set(
+            self._client.call(
+                self._client.runs.UpdateRunStatus,
+                rs.UpdateRunStatusRequest(
+                    workspace=self._client.workspace,
+                    run_id=self.id,
+                    status=_status_value(status),  # type: ignore[arg-type]
+                    error=error,
+                ),
+            ).run
+        )
+        if status in TERMINAL_STATUSES:
+            self._client.heartbeat.remove(self.id)
+        elif status == "Running":
+            self._client.heartbeat.add(self.id)
+
+    def start(self) -> None:
+        self._move("Running")
+
+    def complete(self, _set_status: bool = True, *, flush_timeout: float | None = None) -> None:
+        """Flush what was logged, then mark the run Completed."""
+        self.flush(flush_timeout)
+        if _set_status:
+            self._move("Completed")
+
+    def fail(
+        self,
+        error_details: BaseException | str | None = None,
+        error_code: str | None = None,
+        _set_status: bool = True,
+    ) -> None:
+        """Flush, then mark the run Failed with an error message and code."""
+        self.flush()
+        if isinstance(error_details, BaseException):
+            message = "".join(traceback.format_exception_only(error_details)).strip()
+            code = error_code or type(error_details).__name__
+        else:
+            message = error_details or ""
+            code = error_code or ""
+        if _set_status:
+            self._move("Failed", message, code)
+
+    def cancel(self) -> None:
+        self.flush()
+        self._move("Canceled")
+
+    def get_status(self) -> str:
+        self.refresh()
+        return self.status
+
+    def get_details(self) -> dict[str, Any]:
+        """The fields of Azure ML's get_details()."""
+        self.refresh()
+        p = self._proto
+        details: dict[str, Any] = {
+            "runId": p.run_id,
+            "runNumber": p.number,
+            "displayName": p.display_name,
+            "description": p.description,
+            "experimentName": p.experiment_name,
+            "runType": p.run_type,
+            "target": "local",
+            "status": self.status,
+            "parentRunId": p.parent_run_id or None,
+            "startTimeUtc": _iso(p.start_time),
+            "endTimeUtc": _iso(p.end_time),
+            "createdTimeUtc": _iso(p.created_time),
+            "properties": dict(p.properties),
+            "tags": tags_from_proto(p.tags),
+            "inputDatasets": [],
+            "outputDatasets": [],
+            "logFiles": {},
+        }
+        if p.HasField("error"):
+            details["error"] = {"error": {"code": p.error.code, "message": p.error.message}}
+        return details
+
+    def wait_for_completion(
+        self,
+        show_output: bool = False,
+        wait_post_processing: bool = False,
+        raise_on_error: bool = True,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+    ) -> dict[str, Any]:
+        """Wait until the run reaches a terminal status; return get_details().
+        With raise_on_error, a Failed run raises FailedPreconditionError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.1, poll_interval)
+        last = ""
+        while True:
+            status = self.get_status()
+            if show_output and status != last:
+                print(f"RunId: {self.id} Status: {status}", file=sys.stdout)
+                last = status
+            if status in TERMINAL_STATUSES:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.id} is still {status} after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, poll_interval)
+        details = self.get_details()
+        if raise_on_error and self.status == "Failed":
+            err = details.get("error", {}).get("error", {})
+            raise FailedPreconditionError(
+                f"run {self.id} failed: {err.get('message', '')}", field="status"
+            )
+        return details
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status in TERMINAL_STATUSES:
+            self.flush()
+            return
+        if exc is None:
+            self.complete()
+        elif isinstance(exc, KeyboardInterrupt):
+            self.fail(exc, "KeyboardInterrupt")
+        else:
+            self.fail(exc)
+
+    # -- children ---------------------------------------------------------------------
+
+    def child_run(
+        self,
+        name: str | None = None,
+        run_id: str | None = None,
+        outputs: str | None = None,
+        *,
+        description: str = "",
+        run_type: str | None = None,
+        tags: Mapping[str, str | None] | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> Run:
+        """A Running child run; also a context manager."""
+        child = Run._create(
+            self._client,
+            self._proto.experiment_name,
+            display_name=name or "",
+            description=description,
+            run_type=run_type if run_type is not None else self.type,
+            run_id=run_id,
+            parent_run_id=self.id,
+            tags=tags,
+            properties=properties,
+            labels=dict(self._labels),
+        )
+        child._experiment = self._experiment
+        return child
+
+    def create_children(
+        self,
+        count: int | None = None,
+        tag_key: str | None = None,
+        tag_values: Sequence[str] | None = None,
+    ) -> list[Run]:
+        """Azure's create_children: `count` children, or one per tag value
+        (tagged tag_key=value)."""
+        if tag_values is not None:
+            if tag_key is None:
+                raise InvalidArgumentError("tag_key is required with tag_values", field="tag_key")
+            if count is not None and count != len(tag_values):
+                raise InvalidArgumentError(
+                    "count must equal len(tag_values) when both are given", field="count"
+                )
+            return [self.child_run(tags={tag_key: v}) for v in tag_values]
+        if count is None or count < 0:
+            raise InvalidArgumentError("count must be >= 0", field="count")
+        return [self.child_run() for _ in range(count)]
+
+    def get_children(
+        self,
+        recursive: bool = False,
+        tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
+        properties: Mapping[str, str] | None = None,
+        type: str | None = None,
+        status: str | None = None,
+        _rehydrate_runs: bool = True,
+    ) -> Iterable[Run]:
+        reply = self._client.call(
+            self._client.runs.ListRuns,
+            rs.ListRunsRequest(
+                workspace=self._client.workspace,
+                parent_run_id=self.id,
+                recursive=recursive,
+                tags=tags_to_proto(tags),  # type: ignore[arg-type]
+                properties=dict(properties or {}),
+                run_type=type or "",
+                status=_status_value(status) if status else 0,  # type: ignore[arg-type]
+            ),
+        )
+        return [Run(_proto=r, _client=self._client, labels=dict(self._labels)) for r in reply.runs]
+
+    # -- class-level ----------------------------------------------------------------
+
+    @staticmethod
+    def list(
+        experiment: Experiment,
+        type: str | None = None,
+        tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
+        properties: Mapping[str, str] | None = None,
+        status: str | None = None,
+        include_children: bool = False,
+        _rehydrate_runs: bool = True,
+    ) -> list[Run]:
+        """Runs of an experiment, newest first."""
+        client = experiment._client
+        reply = client.call(
+            client.runs.ListRuns,
+            rs.ListRunsRequest(
+                workspace=client.workspace,
+                experiment_name=experiment.name,
+                recursive=include_children,
+                tags=tags_to_proto(tags),  # type: ignore[arg-type]
+                properties=dict(properties or {}),
+                run_type=type or "",
+                status=_status_value(status) if status else 0,  # type: ignore[arg-type]
+            ),
+        )
+        return [Run(experiment, _proto=r, _client=client) for r in reply.runs]
+
+    @staticmethod
+    def get(
+        run_id: str, *, url: str | None = None, workspace: str | None = None
+    ) -> Run:
+        """The run with this id (NotFoundError if there is none)."""
+        return Run(run_id=run_id, _client=get_client(url, workspace))
+
+    @staticmethod
+    def get_context(allow_offline: bool = True) -> Run:
+        """The run this process belongs to: STEPLOG_RUN_ID (with STEPLOG_URL)
+        names it, so every rank of a distributed job attaches to one run.
+        Without it, an offline run that prints what it would log."""
+        run_id = os.environ.get("STEPLOG_RUN_ID")
+        if run_id:
+            run = Run.get(run_id)
+            if run.status in TERMINAL_STATUSES:
+                raise FailedPreconditionError(
+                    f"STEPLOG_RUN_ID names run {run_id!r}, which is {run.status}", field="run_id"
+                )
+            return run
+        if not allow_offline:
+            raise InvalidArgumentError(
+                "STEPLOG_RUN_ID is not set and allow_offline is False", field="run_id"
+            )
+        from steplog.offline import OfflineRun
+
+        return OfflineRun()  # type: ignore[return-value]
+

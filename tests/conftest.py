@@ -1,0 +1,67 @@
+"""Session fixtures: the real local stack (TimescaleDB + SeaweedFS S3), a
+fresh database for this session, and the service as a real gRPC server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.devstack import LocalStack, StackInfo
+from tests.support import ROOT, ServiceProcess
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    root = Path(os.environ.get("STEPLOG_TEST_STACK", ROOT / ".steplog" / "test-stack"))
+    s = LocalStack(root)
+    s.start()
+    yield s
+    # Locally the stack stays up between sessions (fast reruns; `make stop`
+    # ends it). CI leaves nothing running.
+    if os.environ.get("CI"):
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_info(stack: LocalStack) -> StackInfo:
+    return stack.info()
+
+
+@pytest.fixture(scope="session")
+def database_url(stack: LocalStack) -> Iterator[str]:
+    """A fresh database (with TimescaleDB) for this test session."""
+    name = f"steplog_test_{uuid.uuid4().hex[:10]}"
+    yield stack.create_database(name)
+    try:
+        stack.drop_database(name)
+    except Exception:  # the stack may be down after a fault test; it is fresh next time
+        pass
+
+
+@pytest.fixture(scope="session")
+def service_env(stack_info: StackInfo, database_url: str) -> dict[str, str]:
+    env = stack_info.env()
+    env["STEPLOG_DATABASE_URL"] = database_url
+    return env
+
+
+@pytest.fixture(scope="session")
+def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    proc = ServiceProcess(service_env, log_path=log).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def url(service: ServiceProcess) -> str:
+    return service.address
+
+
+@pytest.fixture
+def experiment_name() -> str:
+    return f"exp-{uuid.uuid4().hex[:12]}"
