@@ -190,21 +190,30 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_port(taken: set[int]) -> int:
-    """A free port below the kernel's ephemeral range, so no outgoing connection takes it later."""
+def _free_port(taken: set[int], offset: int = 0) -> int:
+    """A free port below the kernel's ephemeral range, so no outgoing connection takes it later.
+
+    With `offset`, port + offset must be free too.
+    """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    for _ in range(500 if low > 12000 else 0):
-        port = random.randint(10000, low - 1)
-        if port not in taken and _bindable(port):
+
+    def free(port: int) -> bool:
+        return port + offset < 65536 and all(
+            p not in taken and _bindable(p) for p in {port, port + offset}
+        )
+
+    for _ in range(500 if low - offset > 12000 else 0):
+        port = random.randint(10000, low - 1 - offset)
+        if free(port):
             return port
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in taken:
+        if free(port):
             return port
 
 
@@ -291,6 +300,11 @@ class LocalStack:
         """Fill in missing ports; re-pick automatic ones that someone else took meanwhile."""
         ports: dict[str, int] = self._state["ports"]
         for name in names:
+            # weed mini's maintenance worker dials admin.port + 10000, ignoring -admin.port.grpc
+            if name == "admin.port.grpc":
+                ports[name] = ports["admin.port"] + 10000
+                continue
+            offset = 10000 if name == "admin.port" else 0
             want = self._explicit.get(name)
             if running and want and ports.get(name) != want:
                 raise StackError(
@@ -298,8 +312,13 @@ class LocalStack:
                 )
             if want:
                 ports[name] = want
-            elif name not in ports or (not running and not _bindable(ports[name])):
-                ports[name] = _free_port({int(v) for k, v in ports.items() if k != name})
+            elif (
+                name not in ports
+                or ports[name] + offset > 65535
+                or (not running and not all(map(_bindable, {ports[name], ports[name] + offset})))
+            ):
+                taken = {int(v) for k, v in ports.items() if k != name}
+                ports[name] = _free_port(taken, offset)
         self._write_private(self.root / "stack.json", json.dumps(self._state, indent=2))
 
     @property
