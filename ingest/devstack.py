@@ -156,6 +156,14 @@ def _pid_alive(pid: int, marker: str = "") -> bool:
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
+    if not Path("/proc/self").exists():  # not Linux: no zombie or identity check
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -358,6 +366,8 @@ class LocalStack:
         return self.info()
 
     def stop(self, timeout: float = 30.0) -> None:
+        if not self.root.exists():
+            return
         with self._lock():
             self.stop_s3(timeout)
             self.stop_postgres(timeout)
