@@ -27,7 +27,9 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_healthy(address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _wait_healthy(
+    address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--exit-after-example", action="store_true", help=argparse.SUPPRESS)
     dev.add_argument("--keep-stack", action="store_true", help="leave the stack running on exit")
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("--") and "dev" not in args and "serve" not in args:
+    if not args or (args[0].startswith("--") and "dev" not in args and "serve" not in args):
         args = ["serve", *args]
     ns = parser.parse_args(args)
     logging.basicConfig(

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import numpy as np
+from steplog.v1 import data_pb2, ingest_service_pb2
 
 from ingest.batch import (
     INVALID_VALUE,
@@ -25,7 +26,6 @@ from ingest.batch import (
 )
 from ingest.errors import invalid
 from ingest.validate import Limits, validate_chunk
-from steplog.v1 import data_pb2, ingest_service_pb2
 
 _WRITER_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 
@@ -126,8 +126,13 @@ def _decode_series(
         sc = series.scalars
         n_num, n_text = len(sc.values), len(sc.text_values)
         if n_num and n_text:
-            return _malformed(common, max(n_num, n_text), outcome,
-                              "values and text_values are both set; a series holds one type")
+            _malformed(
+                common,
+                max(n_num, n_text),
+                outcome,
+                "values and text_values are both set; a series holds one type",
+            )
+            return None
         n = n_num or n_text
         if n == 0:
             return None
@@ -135,8 +140,13 @@ def _decode_series(
         stepped = steps.size > 0
         times = _times(sc.times, n, received)
         if (stepped and steps.size != n) or times is None:
-            return _malformed(common, n, outcome,
-                              f"{n} values but {len(sc.steps)} steps and {len(sc.times)} times")
+            _malformed(
+                common,
+                n,
+                outcome,
+                f"{n} values but {len(sc.steps)} steps and {len(sc.times)} times",
+            )
+            return None
         return Chunk(
             kind=KIND_SCALAR,
             value_type=VALUE_TEXT if n_text else VALUE_NUMERIC,
@@ -166,9 +176,13 @@ def _decode_series(
         stepped = steps.size > 0
         times = _times(payload_msg.times, n, received)
         if (stepped and steps.size != n) or times is None:
-            return _malformed(common, n, outcome,
-                              f"{n} points but {len(payload_msg.steps)} steps and "
-                              f"{len(payload_msg.times)} times")
+            _malformed(
+                common,
+                n,
+                outcome,
+                f"{n} points but {len(payload_msg.steps)} steps and {len(payload_msg.times)} times",
+            )
+            return None
         chunk = Chunk(
             kind=kind,
             value_type=VALUE_NUMERIC,
@@ -185,6 +199,7 @@ def _decode_series(
 
 
 def _malformed(common: dict[str, Any], n: int, outcome: Outcome, message: str) -> None:
+    """Reject every point of a series whose columns do not fit together."""
     chunk = Chunk(
         kind=KIND_SCALAR,
         value_type=VALUE_NUMERIC,

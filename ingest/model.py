@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from enum import Enum
+from enum import StrEnum
 
 from ingest.errors import invalid, precondition
 
@@ -27,7 +27,7 @@ MAX_TAGS = 1000
 MAX_PROPERTIES = 1000
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """Azure ML's run statuses; the value is the name clients see."""
 
     NOT_STARTED = "NotStarted"
@@ -164,7 +164,9 @@ def tag_key(key: str, field: str = "tags") -> str:
     if not key:
         raise invalid(field, "tag key must not be empty")
     if len(key) > MAX_TAG_KEY or _CONTROL.search(key):
-        raise invalid(field, f"invalid tag key {_show(key)}: 1..255 characters, no control characters")
+        raise invalid(
+            field, f"invalid tag key {_show(key)}: 1..255 characters, no control characters"
+        )
     return key
 
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ingest.batch import (
+    I64,
     KIND_MISMATCH,
     STEP_CONFLICT,
     STEP_MODE_MISMATCH,
     STEP_NOT_INCREASING,
     VALUE_TEXT,
     Chunk,
-    I64,
     Outcome,
 )
 
@@ -136,9 +136,7 @@ def _out_of_order(chunk: Chunk, state: SeriesState, outcome: Outcome, alive: I64
     state.changed = True
     # Points superseded inside the chunk were accepted, then overwritten.
     outcome.accepted += int(alive.size)
-    return Accepted(
-        chunk, index, supersede=rev_unique.astype(np.int64), series_id=state.series_id
-    )
+    return Accepted(chunk, index, supersede=rev_unique.astype(np.int64), series_id=state.series_id)
 
 
 def _strict(chunk: Chunk, state: SeriesState, outcome: Outcome, alive: I64) -> Accepted | None:

@@ -10,6 +10,7 @@ slows down in its background thread. Memory stays bounded under overload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -25,11 +26,13 @@ from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult, PointStore, _init
 
 log = logging.getLogger(__name__)
 
-_RETRY_TX = (
+_RETRY_TX: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.UniqueViolationError,
 )
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, TimeoutError)
 
 KIND_LABELS = {1: "scalar", 2: "table", 3: "image", 4: "evaluation"}
 
@@ -84,10 +87,10 @@ class Pipeline:
         self.metrics.queue_batches.inc()
         return fut
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, grace: float = 10.0) -> None:
         """Drain what is queued (up to timeout), then stop the workers."""
         self._closing = True
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + grace
         while any(not w.queue.empty() or w.pending for w in self._workers):
             if time.monotonic() > deadline:
                 break
@@ -97,10 +100,8 @@ class Pipeline:
                 w.task.cancel()
         for w in self._workers:
             if w.task is not None:
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await w.task
-                except asyncio.CancelledError:
-                    pass
             self._fail(w, list(w.pending) + self._drain(w.queue), StoreUnavailable("shutting down"))
             if w.conn is not None:
                 await w.conn.close(timeout=2)
@@ -111,10 +112,12 @@ class Pipeline:
                 w.conn = await asyncpg.connect(self.dsn, timeout=5)
                 await _init_connection(w.conn)
                 w.backoff = 0.05
-            except (*UNAVAILABLE_ERRORS, asyncio.TimeoutError) as exc:
+            except _UNAVAILABLE as exc:
                 w.conn = None
                 # Batches waiting meanwhile fail fast: their clients resend later.
-                self._fail(w, self._drain(w.queue), StoreUnavailable(f"database unavailable: {exc}"))
+                self._fail(
+                    w, self._drain(w.queue), StoreUnavailable(f"database unavailable: {exc}")
+                )
                 self.metrics.db_errors.labels("connect", "unavailable").inc()
                 await asyncio.sleep(w.backoff * (0.5 + random.random()))
                 w.backoff = min(w.backoff * 2, 2.0)
@@ -143,14 +146,14 @@ class Pipeline:
             conn = await self._connect(w)
             started = time.perf_counter()
             try:
-                results, stats = await self.store.commit_group(conn, batches)
+                results, _stats = await self.store.commit_group(conn, batches)
             except _RETRY_TX as exc:
                 self.metrics.db_errors.labels("commit", "retry").inc()
                 log.info("group commit conflict (%s); retrying", type(exc).__name__)
                 _reset_outcomes(batches)
                 await asyncio.sleep(0.01 * (attempt + 1) * random.random())
                 continue
-            except (*UNAVAILABLE_ERRORS, asyncio.TimeoutError) as exc:
+            except _UNAVAILABLE as exc:
                 self.metrics.db_errors.labels("commit", "unavailable").inc()
                 if w.conn is not None and not w.conn.is_closed():
                     w.conn.terminate()
@@ -204,7 +207,6 @@ class Pipeline:
             if not item.future.done():
                 item.future.set_exception(exc)
                 self.metrics.batches.labels("error").inc()
-
 
     def _drain(self, queue: asyncio.Queue[_Item]) -> list[_Item]:
         items = []

@@ -17,17 +17,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from prometheus_client import start_http_server
-
-from ingest import timescale
-from ingest.config import Config, describe
-from ingest.metrics import Metrics
-from ingest.pipeline import Pipeline
-from ingest.servicers.ingest import IngestServicer
-from ingest.servicers.metadata import ExperimentServicer, RunServicer
-from ingest.servicers.query import QueryServicer
-from ingest.validate import Limits
 from steplog.v1 import (
     artifact_service_pb2,
     experiment_service_pb2,
@@ -39,6 +29,15 @@ from steplog.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+
+from ingest import timescale
+from ingest.config import Config, describe
+from ingest.metrics import Metrics
+from ingest.pipeline import Pipeline
+from ingest.servicers.ingest import IngestServicer
+from ingest.servicers.metadata import ExperimentServicer, RunServicer
+from ingest.servicers.query import QueryServicer
+from ingest.validate import Limits
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ingest.order import Accepted, SeriesState
 
 log = logging.getLogger(__name__)
 
-Row = Mapping[str, Any]
+Row = Any  # an asyncpg.Record
 
 # Errors that mean "the database is not there right now": retryable.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -145,7 +145,9 @@ class MetadataStore:
         else:
             row = await conn.fetchrow(query, workspace, name)
         if row is None:
-            raise not_found("name", f"experiment {name!r} does not exist in workspace {workspace!r}")
+            raise not_found(
+                "name", f"experiment {name!r} does not exist in workspace {workspace!r}"
+            )
         return row
 
     async def list_experiments(
@@ -238,7 +240,9 @@ class MetadataStore:
                 raise ApiError("ALREADY_EXISTS", f"run id {run_id!r} is taken", "run_id")
             root = run_id
             if parent_run_id:
-                parent = await self._fetch_run(conn, workspace, parent_run_id, field="parent_run_id")
+                parent = await self._fetch_run(
+                    conn, workspace, parent_run_id, field="parent_run_id"
+                )
                 if parent["experiment_name"] != experiment:
                     raise invalid(
                         "parent_run_id",
@@ -391,7 +395,9 @@ class MetadataStore:
                 dict(set_tags),
             )
             if n == "UPDATE 0":
-                raise not_found("run_id", f"run {run_id!r} does not exist in workspace {workspace!r}")
+                raise not_found(
+                    "run_id", f"run {run_id!r} does not exist in workspace {workspace!r}"
+                )
             return await self._fetch_run(conn, workspace, run_id)
 
     async def add_run_properties(
@@ -434,15 +440,17 @@ class MetadataStore:
     async def heartbeat(self, workspace: str, run_ids: Sequence[str]) -> list[str]:
         async with self._tx() as conn:
             rows = await conn.fetch(
-                "UPDATE runs SET last_seen = now() WHERE workspace = $1 AND run_id = ANY($2::text[])"
-                " RETURNING run_id, status",
+                "UPDATE runs SET last_seen = now()"
+                " WHERE workspace = $1 AND run_id = ANY($2::text[]) RETURNING run_id, status",
                 workspace,
                 list(run_ids),
             )
         found = {r["run_id"]: r["status"] for r in rows}
         missing = [r for r in run_ids if r not in found]
         if missing:
-            raise not_found("run_ids", f"run {missing[0]!r} does not exist in workspace {workspace!r}")
+            raise not_found(
+                "run_ids", f"run {missing[0]!r} does not exist in workspace {workspace!r}"
+            )
         return [found[r] for r in run_ids]
 
     async def rewind_run(
@@ -693,19 +701,25 @@ class PointStore:
                 found = runs.get(c.run_id)
                 if found is None or found[0] != b.workspace:
                     b.outcome.reject(
-                        c, None, RUN_NOT_FOUND,
+                        c,
+                        None,
+                        RUN_NOT_FOUND,
                         f"run {c.run_id[:130]!r} does not exist in workspace {b.workspace!r}",
                         steps=False,
                     )
                 elif RunStatus(found[1]).terminal:
                     b.outcome.reject(
-                        c, None, RUN_NOT_ACTIVE,
+                        c,
+                        None,
+                        RUN_NOT_ACTIVE,
                         f"run {c.run_id!r} is {found[1]}; a finished run takes no more points",
                         steps=False,
                     )
                 elif c.kind != KIND_SCALAR and c.kind not in self.kind_writers:
                     b.outcome.reject(
-                        c, None, INVALID_VALUE,
+                        c,
+                        None,
+                        INVALID_VALUE,
                         "this service does not store this kind of point yet",
                         steps=False,
                     )
@@ -801,14 +815,18 @@ class PointStore:
                 for c in b.chunks:
                     if c.key in refused:
                         b.outcome.reject(
-                            c, None, LIMIT_EXCEEDED,
+                            c,
+                            None,
+                            LIMIT_EXCEEDED,
                             f"run {c.run_id!r} has {self.max_series_per_run} series, the limit",
                             steps=False,
                         )
         return allowed
 
     async def _write_points(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
-        numeric = [a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.values is not None]
+        numeric = [
+            a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.values is not None
+        ]
         text = [a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.texts is not None]
         other = [a for a in accepted if a.chunk.kind != KIND_SCALAR]
         rows = 0
@@ -828,7 +846,9 @@ class PointStore:
                     [np.full(a.index.size, a.series_id, dtype=np.int64) for a in numeric]
                 ),
                 np.concatenate([a.chunk.steps[a.index] for a in numeric]),
-                np.concatenate([a.chunk.values[a.index] for a in numeric if a.chunk.values is not None]),
+                np.concatenate(
+                    [a.chunk.values[a.index] for a in numeric if a.chunk.values is not None]
+                ),
             )
             await conn.copy_to_table(
                 "scalar_points", source=io.BytesIO(payload), columns=SCALAR_COLUMNS, format="binary"
@@ -850,7 +870,9 @@ class PointStore:
                         )
                     )
             await conn.copy_records_to_table(
-                "text_points", records=records, columns=["time", "series_id", "step", "value", "hidden"]
+                "text_points",
+                records=records,
+                columns=["time", "series_id", "step", "value", "hidden"],
             )
             rows += len(records)
         by_kind: dict[int, list[Accepted]] = {}
@@ -900,7 +922,9 @@ class QueryStore:
                 "SELECT 1 FROM runs WHERE run_id = $1 AND workspace = $2", run_id, workspace
             )
             if found is None:
-                raise not_found("run_id", f"run {run_id!r} does not exist in workspace {workspace!r}")
+                raise not_found(
+                    "run_id", f"run {run_id!r} does not exist in workspace {workspace!r}"
+                )
             if not recursive:
                 return [run_id]
             rows = await conn.fetch(
@@ -913,9 +937,7 @@ class QueryStore:
             )
             return [r["run_id"] for r in rows]
 
-    async def series(
-        self, run_ids: Sequence[str], names: Sequence[str]
-    ) -> list[Row]:
+    async def series(self, run_ids: Sequence[str], names: Sequence[str]) -> list[Row]:
         async with self._conn() as conn:
             return list(
                 await conn.fetch(
@@ -937,7 +959,8 @@ class QueryStore:
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 "SELECT s.series_id, s.run_id, s.name, s.labels, s.kind, s.value_type, s.stepped,"
-                " s.point_count, s.last_step, s.description FROM series s JOIN runs r USING (run_id)"
+                " s.point_count, s.last_step, s.description"
+                " FROM series s JOIN runs r USING (run_id)"
                 " WHERE s.run_id = $1 AND r.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
                 run_id,
                 workspace,
@@ -945,7 +968,9 @@ class QueryStore:
                 labels_key(dict(labels)),
             )
         if row is None:
-            raise not_found("name", f"run {run_id!r} has no series {name!r} with labels {dict(labels)}")
+            raise not_found(
+                "name", f"run {run_id!r} has no series {name!r} with labels {dict(labels)}"
+            )
         return row
 
     async def scalar_points(
@@ -994,7 +1019,8 @@ class QueryStore:
                     "WITH p AS (SELECT step, time, value,"
                     "   ntile($2) OVER (ORDER BY step) AS b FROM scalar_points"
                     "   WHERE series_id = $1 AND NOT hidden"
-                    "   AND ($3::bigint IS NULL OR step >= $3) AND ($4::bigint IS NULL OR step <= $4)),"
+                    "   AND ($3::bigint IS NULL OR step >= $3)"
+                    "   AND ($4::bigint IS NULL OR step <= $4)),"
                     " r AS (SELECT *,"
                     "   row_number() OVER (PARTITION BY b ORDER BY step) AS first_rank,"
                     "   row_number() OVER (PARTITION BY b ORDER BY value, step) AS min_rank,"

@@ -3,6 +3,7 @@ fresh database for this session, and the service as a real gRPC server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -36,10 +37,9 @@ def database_url(stack: LocalStack) -> Iterator[str]:
     """A fresh database (with TimescaleDB) for this test session."""
     name = f"steplog_test_{uuid.uuid4().hex[:10]}"
     yield stack.create_database(name)
-    try:
+    # The stack may be down after a fault test; the database goes next time.
+    with contextlib.suppress(Exception):
         stack.drop_database(name)
-    except Exception:  # the stack may be down after a fault test; it is fresh next time
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,9 @@ def service_env(stack_info: StackInfo, database_url: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def service(
+    service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("service") / "service.log"
     proc = ServiceProcess(service_env, log_path=log).start()
     yield proc

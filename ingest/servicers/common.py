@@ -6,22 +6,19 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from steplog.v1 import common_pb2
 
 from ingest import model
 from ingest.errors import ApiError, StoreUnavailable
-from steplog.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-R = TypeVar("R")
-S = TypeVar("S")
 
 STATUS_TO_PROTO: dict[model.RunStatus, int] = {
     model.RunStatus.NOT_STARTED: common_pb2.RUN_STATUS_NOT_STARTED,
@@ -73,22 +70,21 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     raise exc
 
 
-def handle_errors(
-    fn: Callable[Concatenate[S, Any, grpc.aio.ServicerContext[Any, Any], P], Awaitable[R]],
-) -> Callable[Concatenate[S, Any, grpc.aio.ServicerContext[Any, Any], P], Awaitable[R]]:
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handle_errors(fn: F) -> F:
     """Turn ApiError into its status (with the field) and StoreUnavailable into UNAVAILABLE."""
 
     @functools.wraps(fn)
-    async def wrapper(
-        self: S, request: Any, context: grpc.aio.ServicerContext[Any, Any], *a: P.args, **k: P.kwargs
-    ) -> R:
+    async def wrapper(self: Any, request: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(self, request, context, *a, **k)
+            return await fn(self, request, context, *args, **kwargs)
         except (ApiError, StoreUnavailable) as exc:
             await abort_with(context, exc)
             raise  # unreachable: abort raises
 
-    return wrapper
+    return cast(F, wrapper)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -126,7 +122,9 @@ def run_to_proto(row: Mapping[str, Any]) -> common_pb2.Run:
     status = model.RunStatus(row["effective_status"])
     error = None
     if row["error_message"] or row["error_code"]:
-        error = common_pb2.RunError(message=row["error_message"] or "", code=row["error_code"] or "")
+        error = common_pb2.RunError(
+            message=row["error_message"] or "", code=row["error_code"] or ""
+        )
     return common_pb2.Run(
         run_id=row["run_id"],
         workspace=row["workspace"],

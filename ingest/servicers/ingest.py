@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from steplog.v1 import ingest_service_pb2 as pb
+from steplog.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from ingest import model
 from ingest.batch import DecodedBatch, Outcome
@@ -19,7 +21,6 @@ from ingest.pipeline import Pipeline
 from ingest.servicers.common import abort_with, handle_errors
 from ingest.timescale import CommitResult
 from ingest.validate import Limits
-from steplog.v1 import ingest_service_pb2 as pb, ingest_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -99,7 +100,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 await in_flight.put(None)
             except asyncio.CancelledError:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - handed to the ack loop
+            except BaseException as exc:
                 await in_flight.put(exc)
 
         reader = asyncio.create_task(read())

@@ -5,6 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from steplog.v1 import (
+    common_pb2,
+)
+from steplog.v1 import (
+    experiment_service_pb2 as ex,
+)
+from steplog.v1 import (
+    experiment_service_pb2_grpc as ex_grpc,
+)
+from steplog.v1 import (
+    run_service_pb2 as rs,
+)
+from steplog.v1 import (
+    run_service_pb2_grpc as rs_grpc,
+)
 
 from ingest import model
 from ingest.errors import invalid
@@ -16,13 +31,6 @@ from ingest.servicers.common import (
     tags_from_proto,
 )
 from ingest.timescale import MetadataStore
-from steplog.v1 import (
-    common_pb2,
-    experiment_service_pb2 as ex,
-    experiment_service_pb2_grpc as ex_grpc,
-    run_service_pb2 as rs,
-    run_service_pb2_grpc as rs_grpc,
-)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -47,7 +55,9 @@ class ExperimentServicer(ex_grpc.ExperimentServiceServicer):
         row, created = await self.store.get_or_create_experiment(
             workspace, name, tags_from_proto(request.tags)
         )
-        return ex.GetOrCreateExperimentResponse(experiment=experiment_to_proto(row), created=created)
+        return ex.GetOrCreateExperimentResponse(
+            experiment=experiment_to_proto(row), created=created
+        )
 
     @handle_errors
     async def GetExperiment(
@@ -117,9 +127,15 @@ class RunServicer(rs_grpc.RunServiceServicer):
         workspace = model.workspace_name(request.workspace)
         experiment = model.experiment_name(request.experiment_name, "experiment_name")
         run_id = model.run_id(request.run_id) if request.run_id else model.new_run_id(experiment)
-        parent = model.run_id(request.parent_run_id, "parent_run_id") if request.parent_run_id else ""
+        parent = (
+            model.run_id(request.parent_run_id, "parent_run_id") if request.parent_run_id else ""
+        )
         status = status_from_proto(request.status) or model.RunStatus.RUNNING
-        if status not in (model.RunStatus.NOT_STARTED, model.RunStatus.RUNNING, model.RunStatus.QUEUED):
+        if status not in (
+            model.RunStatus.NOT_STARTED,
+            model.RunStatus.RUNNING,
+            model.RunStatus.QUEUED,
+        ):
             raise invalid("status", f"a run cannot be created as {status.value}")
         row, created = await self.store.create_run(
             workspace,
@@ -151,7 +167,9 @@ class RunServicer(rs_grpc.RunServiceServicer):
             if request.experiment_name
             else ""
         )
-        parent = model.run_id(request.parent_run_id, "parent_run_id") if request.parent_run_id else ""
+        parent = (
+            model.run_id(request.parent_run_id, "parent_run_id") if request.parent_run_id else ""
+        )
         if request.limit < 0:
             raise invalid("limit", "must be >= 0")
         rows = await self.store.list_runs(

@@ -7,20 +7,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
+from steplog.v1 import data_pb2
+from steplog.v1 import query_service_pb2 as pb
+from steplog.v1 import query_service_pb2_grpc as pb_grpc
 
 from ingest import model
 from ingest.batch import KIND_SCALAR, VALUE_TEXT
 from ingest.errors import invalid
 from ingest.servicers.common import handle_errors
 from ingest.timescale import QueryStore
-from steplog.v1 import data_pb2, query_service_pb2 as pb, query_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_POINTS_DEFAULT = 1_000_000
 
 
-def _scalars(rows: Sequence[Mapping[str, Any]], text: bool, stepped: bool) -> data_pb2.ScalarColumns:
+def _scalars(
+    rows: Sequence[Mapping[str, Any]], text: bool, stepped: bool
+) -> data_pb2.ScalarColumns:
     cols = data_pb2.ScalarColumns(times=[r["t"] for r in rows])
     if stepped:
         cols.steps.extend(r["step"] for r in rows)
@@ -38,7 +42,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         self.readers = readers if readers is not None else {}
 
     @handle_errors
-    async def GetMetrics(self, request: pb.GetMetricsRequest, context: Ctx) -> pb.GetMetricsResponse:
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: Ctx
+    ) -> pb.GetMetricsResponse:
         workspace = model.workspace_name(request.workspace)
         run_ids = await self.store.run_ids(
             workspace, model.run_id(request.run_id), request.recursive
@@ -75,7 +81,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         )
 
     @handle_errors
-    async def ReadSeries(self, request: pb.ReadSeriesRequest, context: Ctx) -> pb.ReadSeriesResponse:
+    async def ReadSeries(
+        self, request: pb.ReadSeriesRequest, context: Ctx
+    ) -> pb.ReadSeriesResponse:
         workspace = model.workspace_name(request.workspace)
         if request.max_points < 0:
             raise invalid("max_points", "must be >= 0")
@@ -107,7 +115,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         return pb.ReadSeriesResponse(series=data, downsampled=downsampled, total_points=total)
 
     @handle_errors
-    async def ListSeries(self, request: pb.ListSeriesRequest, context: Ctx) -> pb.ListSeriesResponse:
+    async def ListSeries(
+        self, request: pb.ListSeriesRequest, context: Ctx
+    ) -> pb.ListSeriesResponse:
         workspace = model.workspace_name(request.workspace)
         run_ids = await self.store.run_ids(workspace, model.run_id(request.run_id), False)
         rows = await self.store.series(run_ids, [])

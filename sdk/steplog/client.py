@@ -3,6 +3,7 @@ per (address, workspace) in a process, shared by every Experiment and Run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -92,9 +93,11 @@ class Client:
                 if self._writer is None:
                     from steplog._writer import BatchWriter, GrpcTransport, WriterSettings
 
-                    settings = WriterSettings.from_env() if hasattr(
-                        WriterSettings, "from_env"
-                    ) else WriterSettings()
+                    settings = (
+                        WriterSettings.from_env()
+                        if hasattr(WriterSettings, "from_env")
+                        else WriterSettings()
+                    )
                     self._writer = BatchWriter(
                         GrpcTransport(self.channel), self.workspace, settings
                     )
@@ -140,15 +143,14 @@ class Heartbeat:
                 runs = sorted(self._runs)
             if not runs:
                 continue
-            try:
+            # A failed beat is retried by the next one; data also counts as a beat.
+            with contextlib.suppress(grpc.RpcError):
                 self._client.runs.Heartbeat(
                     run_service_pb2.HeartbeatRequest(
                         workspace=self._client.workspace, run_ids=runs
                     ),
                     timeout=10,
                 )
-            except grpc.RpcError:
-                pass  # the next beat tries again; data also counts as a beat
 
 
 _clients: dict[tuple[str, str], Client] = {}

@@ -20,7 +20,9 @@ class ServiceError(SteplogError):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, field: str = "") -> None:
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, field: str = ""
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -89,7 +91,7 @@ def _field_of(err: grpc.RpcError) -> str:
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except Exception:
         return ""
     if status is None:

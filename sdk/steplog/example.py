@@ -1,6 +1,6 @@
 """The example training script `make run` runs against the local stack.
 
-    STEPLOG_URL=127.0.0.1:50051 python -m steplog.example
+STEPLOG_URL=127.0.0.1:50051 python -m steplog.example
 """
 
 from __future__ import annotations

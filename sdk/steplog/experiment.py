@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from steplog.client import Client, get_client
-from steplog.v1 import common_pb2, experiment_service_pb2 as ex
+from steplog.v1 import common_pb2
+from steplog.v1 import experiment_service_pb2 as ex
 
 if TYPE_CHECKING:
     from steplog.run import Run
@@ -113,7 +115,7 @@ class Experiment:
         tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
         *,
         url: str | None = None,
-    ) -> list[Experiment]:
+    ) -> builtins.list[Experiment]:
         """Experiments in the workspace; `view_type` is "active_only",
         "archived_only" or "all"; `tags` a key, keys, or a dict to match."""
         if view_type not in _VIEWS:
@@ -123,8 +125,8 @@ class Experiment:
             client.experiments.ListExperiments,
             ex.ListExperimentsRequest(
                 workspace=client.workspace,
-                tags=tags_to_proto(tags),  # type: ignore[arg-type]
-                view=_VIEWS[view_type],  # type: ignore[arg-type]
+                tags=tags_to_proto(tags),
+                view=_VIEWS[view_type],
             ),
         )
         out = [Experiment(e.name, _proto=e, _client=client) for e in reply.experiments]
@@ -159,7 +161,7 @@ class Experiment:
     def remove_tags(self, tags: Iterable[str]) -> None:
         self._update_tags({}, list(tags))
 
-    def _update_tags(self, set_tags: Mapping[str, str | None], remove: list[str]) -> None:
+    def _update_tags(self, set_tags: Mapping[str, str | None], remove: builtins.list[str]) -> None:
         reply = self._client.call(
             self._client.experiments.UpdateExperimentTags,
             ex.UpdateExperimentTagsRequest(

@@ -19,8 +19,9 @@ class OfflineRun:
         self._tags: dict[str, str | None] = {}
         self._properties: dict[str, str] = {}
 
-    def log(self, name: str, value: Any, description: str = "", step: int | None = None,
-            **kwargs: Any) -> None:
+    def log(
+        self, name: str, value: Any, description: str = "", step: int | None = None, **kwargs: Any
+    ) -> None:
         at = "" if step is None else f" at step {step}"
         print(f"Attempted to log scalar metric {name}:\n{value}{at}")
 

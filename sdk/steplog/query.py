@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from steplog.v1 import data_pb2, query_service_pb2 as qs
+from steplog.v1 import data_pb2
+from steplog.v1 import query_service_pb2 as qs
 
 if TYPE_CHECKING:
     from steplog.client import Client

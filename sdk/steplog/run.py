@@ -7,6 +7,7 @@ else is a unary call that raises a typed steplog error on failure.
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 import time
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from steplog.client import Client, get_client
 from steplog.errors import FailedPreconditionError, InvalidArgumentError
 from steplog.experiment import Experiment, tags_from_proto, tags_to_proto
-from steplog.v1 import common_pb2, run_service_pb2 as rs
+from steplog.v1 import common_pb2
+from steplog.v1 import run_service_pb2 as rs
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -302,9 +304,7 @@ class Run:
         )
         return int(reply.hidden_points)
 
-    def get_metrics(
-        self, name: str | None = None, recursive: bool = False
-    ) -> dict[str, Any]:
+    def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
         """Azure's shape: {name: value} for a metric logged once, {name: [values]}
         for one logged several times; with recursive, {run_id: {...}} over this
         run and all its descendants. Waits for this process's logged points."""
@@ -478,7 +478,7 @@ class Run:
 
     def __exit__(
         self,
-        exc_type: type[BaseException] | None,
+        exc_type: builtins.type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
@@ -556,7 +556,7 @@ class Run:
                 workspace=self._client.workspace,
                 parent_run_id=self.id,
                 recursive=recursive,
-                tags=tags_to_proto(tags),  # type: ignore[arg-type]
+                tags=tags_to_proto(tags),
                 properties=dict(properties or {}),
                 run_type=type or "",
                 status=_status_value(status) if status else 0,  # type: ignore[arg-type]
@@ -584,7 +584,7 @@ class Run:
                 workspace=client.workspace,
                 experiment_name=experiment.name,
                 recursive=include_children,
-                tags=tags_to_proto(tags),  # type: ignore[arg-type]
+                tags=tags_to_proto(tags),
                 properties=dict(properties or {}),
                 run_type=type or "",
                 status=_status_value(status) if status else 0,  # type: ignore[arg-type]
@@ -593,9 +593,7 @@ class Run:
         return [Run(experiment, _proto=r, _client=client) for r in reply.runs]
 
     @staticmethod
-    def get(
-        run_id: str, *, url: str | None = None, workspace: str | None = None
-    ) -> Run:
+    def get(run_id: str, *, url: str | None = None, workspace: str | None = None) -> Run:
         """The run with this id (NotFoundError if there is none)."""
         return Run(run_id=run_id, _client=get_client(url, workspace))
 
@@ -619,4 +617,3 @@ class Run:
         from steplog.offline import OfflineRun
 
         return OfflineRun()  # type: ignore[return-value]
-

@@ -6,7 +6,6 @@ import uuid
 
 import grpc
 import pytest
-
 import steplog
 from steplog import Experiment, Run
 from steplog.errors import (
@@ -47,7 +46,7 @@ def test_experiment_tags_and_list_filters(url: str, experiment_name: str) -> Non
     names = {e.name for e in Experiment.list(url=url, tags={"team": "vision"})}
     assert experiment_name in names and other.name not in names
     names = {e.name for e in Experiment.list(url=url, tags=["flag"])}
-    assert names == {experiment_name} or experiment_name in names and other.name not in names
+    assert names == {experiment_name} or (experiment_name in names and other.name not in names)
 
 
 def test_archive_and_reactivate(url: str, experiment_name: str) -> None:
@@ -230,7 +229,12 @@ def test_heartbeat_not_responding_and_back(
         assert run.get_status() == "Completed"
 
 
-def test_get_context(url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_get_context(
+    url: str,
+    experiment_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.delenv("STEPLOG_RUN_ID", raising=False)
     offline = Run.get_context()
     offline.log("loss", 0.5)

@@ -8,25 +8,43 @@ import uuid
 
 import grpc
 import pytest
-
 from steplog import Experiment, Run
 from steplog.client import Client
-from steplog.v1 import data_pb2, ingest_service_pb2 as pb, query_service_pb2 as qs
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
+from steplog.v1 import query_service_pb2 as qs
+
 from tests.sql import fetchval, stored_points
 from tests.support import ServiceProcess
 
 
-def write(client: Client, run_id: str, writer: str, seq: int, name: str, steps: list[int],
-          values: list[float], workspace: str = "default", **series_kw: object) -> pb.WriteResponse:
+def write(
+    client: Client,
+    run_id: str,
+    writer: str,
+    seq: int,
+    name: str,
+    steps: list[int],
+    values: list[float],
+    workspace: str = "default",
+    **series_kw: object,
+) -> pb.WriteResponse:
     return client.ingest.Write(
         pb.WriteRequest(
             workspace=workspace,
             batch=pb.Batch(
                 writer_id=writer,
                 sequence=seq,
-                series=[pb.RunSeries(run_id=run_id, series=data_pb2.SeriesData(
-                    name=name, scalars=data_pb2.ScalarColumns(steps=steps, values=values),
-                    **series_kw))],  # type: ignore[arg-type]
+                series=[
+                    pb.RunSeries(
+                        run_id=run_id,
+                        series=data_pb2.SeriesData(
+                            name=name,
+                            scalars=data_pb2.ScalarColumns(steps=steps, values=values),
+                            **series_kw,
+                        ),
+                    )
+                ],  # type: ignore[arg-type]
             ),
         ),
         timeout=30,
@@ -55,8 +73,15 @@ def test_log_flush_and_get_metrics(url: str, experiment_name: str, database_url:
     assert metrics["lrs"] == [0.1, 0.01, 0.001]
     assert run.get_metrics(name="final") == {"final": 0.93}
     # What the database holds, independently of the query path.
-    assert fetchval(database_url, "SELECT count(*) FROM scalar_points p JOIN series s"
-                    " USING (series_id) WHERE s.run_id = $1", run.id) == 2000 + 3 + 1 + 3
+    assert (
+        fetchval(
+            database_url,
+            "SELECT count(*) FROM scalar_points p JOIN series s"
+            " USING (series_id) WHERE s.run_id = $1",
+            run.id,
+        )
+        == 2000 + 3 + 1 + 3
+    )
     run.complete()
 
 
@@ -69,7 +94,9 @@ def test_recursive_metrics_keyed_by_run(url: str, experiment_name: str) -> None:
     assert got == {parent.id: {"a": 1.0}, child.id: {"b": 2.0}}
 
 
-def test_labels_and_rank_label(url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_labels_and_rank_label(
+    url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -94,15 +121,30 @@ def test_step_rules_are_reported(url: str, experiment_name: str) -> None:
     assert reasons == {pb.REJECT_REASON_STEP_CONFLICT: 1, pb.REJECT_REASON_STEP_NOT_INCREASING: 1}
     assert {(p.index, p.step) for p in r2.result.rejected_points} == {(1, 2), (2, 1)}
     # Stepped and unstepped do not mix.
-    r3 = client.ingest.Write(pb.WriteRequest(workspace="default", batch=pb.Batch(
-        writer_id=writer, sequence=3, series=[pb.RunSeries(run_id=run.id, series=data_pb2.SeriesData(
-            name="loss", scalars=data_pb2.ScalarColumns(values=[1.0])))])))
+    r3 = client.ingest.Write(
+        pb.WriteRequest(
+            workspace="default",
+            batch=pb.Batch(
+                writer_id=writer,
+                sequence=3,
+                series=[
+                    pb.RunSeries(
+                        run_id=run.id,
+                        series=data_pb2.SeriesData(
+                            name="loss", scalars=data_pb2.ScalarColumns(values=[1.0])
+                        ),
+                    )
+                ],
+            ),
+        )
+    )
     assert r3.result.reject_counts[0].reason == pb.REJECT_REASON_STEP_MODE_MISMATCH
     assert run.get_metrics()["loss"] == [1.0, 2.0, 3.0, 4.0]
 
 
-def test_resent_batch_is_a_duplicate_and_gap_aborts(url: str, experiment_name: str,
-                                                    database_url: str) -> None:
+def test_resent_batch_is_a_duplicate_and_gap_aborts(
+    url: str, experiment_name: str, database_url: str
+) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     client = run._client
     writer = f"t-{uuid.uuid4().hex}"
@@ -126,8 +168,9 @@ def test_out_of_order_series_last_write_wins(url: str, experiment_name: str) -> 
     assert run.get_metrics()["eval"] == [4.0, 3.0, 1.0]  # steps 5, 7, 10
 
 
-def test_rewind_hides_points_and_logging_continues(url: str, experiment_name: str,
-                                                   database_url: str) -> None:
+def test_rewind_hides_points_and_logging_continues(
+    url: str, experiment_name: str, database_url: str
+) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     for step in range(100):
         run.log("loss", float(step), step=step)
@@ -139,8 +182,15 @@ def test_rewind_hides_points_and_logging_continues(url: str, experiment_name: st
     values = run.get_metrics()["loss"]
     assert values == [float(s) for s in range(50)] + [-float(s) for s in range(50, 60)]
     # The hidden points stay for audit.
-    assert fetchval(database_url, "SELECT count(*) FROM scalar_points p JOIN series s"
-                    " USING (series_id) WHERE s.run_id = $1 AND p.hidden", run.id) == 50
+    assert (
+        fetchval(
+            database_url,
+            "SELECT count(*) FROM scalar_points p JOIN series s"
+            " USING (series_id) WHERE s.run_id = $1 AND p.hidden",
+            run.id,
+        )
+        == 50
+    )
     assert not run._client.writer.rejections()
 
 
@@ -161,18 +211,37 @@ def test_points_to_unknown_completed_and_foreign_runs_are_rejected(
 
 def test_mixed_batch_keeps_the_valid_points(url: str, experiment_name: str) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    req = pb.WriteRequest(workspace="default", batch=pb.Batch(
-        writer_id=f"t-{uuid.uuid4().hex}", sequence=1, series=[
-            pb.RunSeries(run_id=run.id, series=data_pb2.SeriesData(
-                name="n" * 10_000, scalars=data_pb2.ScalarColumns(values=[1.0]))),
-            pb.RunSeries(run_id=run.id, series=data_pb2.SeriesData(
-                name="good", scalars=data_pb2.ScalarColumns(steps=[-5, 1, 2], values=[0.0, 1.0, math.nan]))),
-            pb.RunSeries(run_id=run.id, series=data_pb2.SeriesData(name="empty")),
-        ]))
+    req = pb.WriteRequest(
+        workspace="default",
+        batch=pb.Batch(
+            writer_id=f"t-{uuid.uuid4().hex}",
+            sequence=1,
+            series=[
+                pb.RunSeries(
+                    run_id=run.id,
+                    series=data_pb2.SeriesData(
+                        name="n" * 10_000, scalars=data_pb2.ScalarColumns(values=[1.0])
+                    ),
+                ),
+                pb.RunSeries(
+                    run_id=run.id,
+                    series=data_pb2.SeriesData(
+                        name="good",
+                        scalars=data_pb2.ScalarColumns(
+                            steps=[-5, 1, 2], values=[0.0, 1.0, math.nan]
+                        ),
+                    ),
+                ),
+                pb.RunSeries(run_id=run.id, series=data_pb2.SeriesData(name="empty")),
+            ],
+        ),
+    )
     r = run._client.ingest.Write(req)
     assert (r.result.accepted, r.result.rejected) == (2, 2)
     assert {c.reason for c in r.result.reject_counts} == {
-        pb.REJECT_REASON_INVALID_NAME, pb.REJECT_REASON_INVALID_STEP}
+        pb.REJECT_REASON_INVALID_NAME,
+        pb.REJECT_REASON_INVALID_STEP,
+    }
     good = run.get_metrics()["good"]
     assert good[0] == 1.0 and math.isnan(good[1])
 
@@ -180,7 +249,9 @@ def test_mixed_batch_keeps_the_valid_points(url: str, experiment_name: str) -> N
 def test_bad_workspace_and_writer_are_invalid_argument(url: str) -> None:
     client = Client(url, "default")
     with pytest.raises(grpc.RpcError) as err:
-        client.ingest.Write(pb.WriteRequest(workspace="Bad WS", batch=pb.Batch(writer_id="w", sequence=1)))
+        client.ingest.Write(
+            pb.WriteRequest(workspace="Bad WS", batch=pb.Batch(writer_id="w", sequence=1))
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as err:
         client.ingest.Write(pb.WriteRequest(batch=pb.Batch(writer_id="", sequence=1)))
@@ -188,7 +259,9 @@ def test_bad_workspace_and_writer_are_invalid_argument(url: str) -> None:
     assert "writer_id" in (err.value.details() or "")
 
 
-def test_oversize_message_is_resource_exhausted(service_env: dict[str, str], experiment_name: str) -> None:
+def test_oversize_message_is_resource_exhausted(
+    service_env: dict[str, str], experiment_name: str
+) -> None:
     with ServiceProcess(service_env, extra_env={"STEPLOG_MAX_MESSAGE_BYTES": "1048576"}) as svc:
         client = Client(svc.address, "default")
         run = Experiment(experiment_name, url=svc.address).start_logging()
@@ -207,12 +280,16 @@ def test_read_series_range_and_downsampling(url: str, experiment_name: str) -> N
     run.log("loss", 50.0, step=10_000)  # a spike at the end
     assert run.flush(60)
     client = run._client
-    part = client.queries.ReadSeries(qs.ReadSeriesRequest(
-        workspace="default", run_id=run.id, name="loss", start_step=100, end_step=199))
+    part = client.queries.ReadSeries(
+        qs.ReadSeriesRequest(
+            workspace="default", run_id=run.id, name="loss", start_step=100, end_step=199
+        )
+    )
     assert list(part.series.scalars.steps) == list(range(100, 200))
     assert not part.downsampled and part.total_points == 100
-    small = client.queries.ReadSeries(qs.ReadSeriesRequest(
-        workspace="default", run_id=run.id, name="loss", max_points=300))
+    small = client.queries.ReadSeries(
+        qs.ReadSeriesRequest(workspace="default", run_id=run.id, name="loss", max_points=300)
+    )
     assert small.downsampled and small.total_points == 10_001
     values = list(small.series.scalars.values)
     assert len(values) <= 300
@@ -221,8 +298,9 @@ def test_read_series_range_and_downsampling(url: str, experiment_name: str) -> N
     assert steps == sorted(steps) and steps[0] == 0
 
 
-def test_two_service_processes_keep_step_order(service_env: dict[str, str], experiment_name: str,
-                                               database_url: str) -> None:
+def test_two_service_processes_keep_step_order(
+    service_env: dict[str, str], experiment_name: str, database_url: str
+) -> None:
     """Two processes on one database receive interleaved, conflicting writes to
     one series: every step is stored exactly once, and the losers are told."""
     with ServiceProcess(service_env) as a, ServiceProcess(service_env) as b:
@@ -234,10 +312,14 @@ def test_two_service_processes_keep_step_order(service_env: dict[str, str], expe
             writer = f"{key}-{uuid.uuid4().hex}"
             for i in range(100):
                 steps = [i * 5 + k for k in range(5)]
-                results[key].append(write(client, run.id, writer, i + 1, "loss", steps, [value] * 5))
+                results[key].append(
+                    write(client, run.id, writer, i + 1, "loss", steps, [value] * 5)
+                )
 
-        threads = [threading.Thread(target=send, args=(a, "a", 1.0)),
-                   threading.Thread(target=send, args=(b, "b", 2.0))]
+        threads = [
+            threading.Thread(target=send, args=(a, "a", 1.0)),
+            threading.Thread(target=send, args=(b, "b", 2.0)),
+        ]
         for t in threads:
             t.start()
         for t in threads:

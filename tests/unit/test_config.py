@@ -30,10 +30,12 @@ def test_env_then_flag() -> None:
 
 @pytest.mark.parametrize(
     "env,needle",
-    [({"STEPLOG_PIPELINE_WORKERS": "zero"}, "STEPLOG_PIPELINE_WORKERS"),
-     ({"STEPLOG_PIPELINE_WORKERS": "0"}, "must be > 0"),
-     ({"STEPLOG_LISTEN": "nowhere"}, "HOST:PORT"),
-     ({"STEPLOG_METRICS_PORT": "70000"}, "STEPLOG_METRICS_PORT")],
+    [
+        ({"STEPLOG_PIPELINE_WORKERS": "zero"}, "STEPLOG_PIPELINE_WORKERS"),
+        ({"STEPLOG_PIPELINE_WORKERS": "0"}, "must be > 0"),
+        ({"STEPLOG_LISTEN": "nowhere"}, "HOST:PORT"),
+        ({"STEPLOG_METRICS_PORT": "70000"}, "STEPLOG_METRICS_PORT"),
+    ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(config.ConfigError, match=needle):

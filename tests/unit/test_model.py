@@ -11,9 +11,17 @@ from ingest.model import RunStatus as S
 
 @pytest.mark.parametrize(
     "current,target",
-    [(S.NOT_STARTED, S.RUNNING), (S.RUNNING, S.COMPLETED), (S.RUNNING, S.FAILED),
-     (S.RUNNING, S.CANCEL_REQUESTED), (S.CANCEL_REQUESTED, S.CANCELED), (S.QUEUED, S.RUNNING),
-     (S.RUNNING, S.FINALIZING), (S.FINALIZING, S.COMPLETED), (S.RUNNING, S.RUNNING)],
+    [
+        (S.NOT_STARTED, S.RUNNING),
+        (S.RUNNING, S.COMPLETED),
+        (S.RUNNING, S.FAILED),
+        (S.RUNNING, S.CANCEL_REQUESTED),
+        (S.CANCEL_REQUESTED, S.CANCELED),
+        (S.QUEUED, S.RUNNING),
+        (S.RUNNING, S.FINALIZING),
+        (S.FINALIZING, S.COMPLETED),
+        (S.RUNNING, S.RUNNING),
+    ],
 )
 def test_allowed_transitions(current: S, target: S) -> None:
     model.check_transition(current, target)
@@ -21,8 +29,14 @@ def test_allowed_transitions(current: S, target: S) -> None:
 
 @pytest.mark.parametrize(
     "current,target",
-    [(S.COMPLETED, S.RUNNING), (S.FAILED, S.COMPLETED), (S.CANCELED, S.CANCELED),
-     (S.COMPLETED, S.COMPLETED), (S.FINALIZING, S.RUNNING), (S.QUEUED, S.COMPLETED)],
+    [
+        (S.COMPLETED, S.RUNNING),
+        (S.FAILED, S.COMPLETED),
+        (S.CANCELED, S.CANCELED),
+        (S.COMPLETED, S.COMPLETED),
+        (S.FINALIZING, S.RUNNING),
+        (S.QUEUED, S.COMPLETED),
+    ],
 )
 def test_forbidden_transitions(current: S, target: S) -> None:
     with pytest.raises(ApiError) as err:

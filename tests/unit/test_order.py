@@ -11,23 +11,48 @@ from ingest import batch as b
 from ingest.order import SeriesState, apply
 
 
-def chunk(steps: list[int] | None, values: list[float] | None = None, texts: list[str] | None = None,
-          out_of_order: bool | None = None) -> b.Chunk:
+def chunk(
+    steps: list[int] | None,
+    values: list[float] | None = None,
+    texts: list[str] | None = None,
+    out_of_order: bool | None = None,
+) -> b.Chunk:
     n = len(values if values is not None else texts or [])
     return b.Chunk(
-        run_id="r", name="loss", labels={}, labels_key="", kind=b.KIND_SCALAR,
+        run_id="r",
+        name="loss",
+        labels={},
+        labels_key="",
+        kind=b.KIND_SCALAR,
         value_type=b.VALUE_TEXT if texts is not None else b.VALUE_NUMERIC,
-        stepped=steps is not None, out_of_order=out_of_order, description="",
+        stepped=steps is not None,
+        out_of_order=out_of_order,
+        description="",
         steps=np.array(steps if steps is not None else [0] * n, dtype=np.int64),
-        times=np.full(n, 1.7e9), values=None if values is None else np.array(values, dtype=np.float64),
+        times=np.full(n, 1.7e9),
+        values=None if values is None else np.array(values, dtype=np.float64),
         texts=texts,
     )
 
 
-def state(stepped: bool = True, last: int | None = None, value: float | None = None,
-          out_of_order: bool = False, value_type: int = b.VALUE_NUMERIC, text: str | None = None) -> SeriesState:
-    return SeriesState(series_id=7, kind=b.KIND_SCALAR, value_type=value_type, stepped=stepped,
-                       out_of_order=out_of_order, last_step=last, last_value=value, last_text=text)
+def state(
+    stepped: bool = True,
+    last: int | None = None,
+    value: float | None = None,
+    out_of_order: bool = False,
+    value_type: int = b.VALUE_NUMERIC,
+    text: str | None = None,
+) -> SeriesState:
+    return SeriesState(
+        series_id=7,
+        kind=b.KIND_SCALAR,
+        value_type=value_type,
+        stepped=stepped,
+        out_of_order=out_of_order,
+        last_step=last,
+        last_value=value,
+        last_text=text,
+    )
 
 
 def test_increasing_steps_all_accepted() -> None:
@@ -60,7 +85,11 @@ def test_same_step_other_value_is_a_conflict() -> None:
 
 
 def test_regression_is_rejected_and_later_points_kept() -> None:
-    c, s, o = chunk([10, 11, 4, 12, 12, 12], [1, 2, 3, 4, 4, 5]), state(last=9, value=0.0), b.Outcome()
+    c, s, o = (
+        chunk([10, 11, 4, 12, 12, 12], [1, 2, 3, 4, 4, 5]),
+        state(last=9, value=0.0),
+        b.Outcome(),
+    )
     acc = apply(c, s, o)
     assert acc is not None and acc.index.tolist() == [0, 1, 3]
     assert o.accepted == 3 and o.duplicates == 1

@@ -6,25 +6,37 @@ import math
 
 import numpy as np
 import pytest
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
 
 from ingest import batch as b
 from ingest.decode import decode_batch, labels_key
 from ingest.errors import ApiError
 from ingest.validate import Limits
-from steplog.v1 import data_pb2, ingest_service_pb2 as pb
 
 
 def make_batch(*series: pb.RunSeries, seq: int = 1, writer: str = "w-1") -> pb.Batch:
     return pb.Batch(writer_id=writer, sequence=seq, series=list(series))
 
 
-def scalars(name: str = "loss", steps: list[int] | None = None, values: list[float] | None = None,
-            times: list[float] | None = None, labels: dict[str, str] | None = None,
-            texts: list[str] | None = None) -> pb.RunSeries:
-    return pb.RunSeries(run_id="run-1", series=data_pb2.SeriesData(
-        name=name, labels=labels or {},
-        scalars=data_pb2.ScalarColumns(steps=steps or [], values=values or [], times=times or [],
-                                       text_values=texts or [])))
+def scalars(
+    name: str = "loss",
+    steps: list[int] | None = None,
+    values: list[float] | None = None,
+    times: list[float] | None = None,
+    labels: dict[str, str] | None = None,
+    texts: list[str] | None = None,
+) -> pb.RunSeries:
+    return pb.RunSeries(
+        run_id="run-1",
+        series=data_pb2.SeriesData(
+            name=name,
+            labels=labels or {},
+            scalars=data_pb2.ScalarColumns(
+                steps=steps or [], values=values or [], times=times or [], text_values=texts or []
+            ),
+        ),
+    )
 
 
 def decode(*series: pb.RunSeries) -> b.DecodedBatch:
@@ -72,8 +84,12 @@ def test_both_value_types_rejected() -> None:
 
 
 def test_text_values_and_limits() -> None:
-    d = decode_batch("default", make_batch(scalars(texts=["ok", "x" * 50])), 1.7e9,
-                     Limits(max_text_value_chars=10))
+    d = decode_batch(
+        "default",
+        make_batch(scalars(texts=["ok", "x" * 50])),
+        1.7e9,
+        Limits(max_text_value_chars=10),
+    )
     assert d.chunks[0].value_type == b.VALUE_TEXT
     assert d.outcome.by_reason == {b.LIMIT_EXCEEDED: 1}
 
@@ -83,8 +99,10 @@ def test_empty_series_and_empty_batch() -> None:
     assert d.chunks == [] and d.points == 0 and d.outcome.rejected == 0
 
 
-@pytest.mark.parametrize("writer,seq,field", [("", 1, "batch.writer_id"), ("w/1", 1, "batch.writer_id"),
-                                               ("w", 0, "batch.sequence")])
+@pytest.mark.parametrize(
+    "writer,seq,field",
+    [("", 1, "batch.writer_id"), ("w/1", 1, "batch.writer_id"), ("w", 0, "batch.sequence")],
+)
 def test_whole_batch_errors(writer: str, seq: int, field: str) -> None:
     with pytest.raises(ApiError) as err:
         decode_batch("default", make_batch(seq=seq, writer=writer), 1.7e9, Limits())
