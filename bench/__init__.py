@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (not tests): `make bench`."""

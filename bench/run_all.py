@@ -1,0 +1,20 @@
+"""`make bench`: every benchmark, one after the other, on the same machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHES = ["bench.log_overhead", "bench.w1_firehose"]
+
+
+def main() -> None:
+    failed = 0
+    for module in BENCHES + sys.argv[1:]:
+        print(f"== {module}", flush=True)
+        failed += subprocess.call([sys.executable, "-m", module]) != 0
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
