@@ -87,20 +87,24 @@ class Client:
 
     @property
     def writer(self) -> Any:
-        """The background BatchWriter, started on first use."""
+        """The background BatchWriter, started on first use. Its settings come
+        from STEPLOG_* variables (STEPLOG_ON_FULL, STEPLOG_SPOOL_DIR,
+        STEPLOG_OFFLINE, ...); offline, it writes the spool only."""
         if self._writer is None:
             with self._lock:
                 if self._writer is None:
                     from steplog._writer import BatchWriter, GrpcTransport, WriterSettings
 
-                    settings = (
-                        WriterSettings.from_env()
-                        if hasattr(WriterSettings, "from_env")
-                        else WriterSettings()
-                    )
-                    self._writer = BatchWriter(
-                        GrpcTransport(self.channel), self.workspace, settings
-                    )
+                    settings = WriterSettings.from_env()
+                    transport = None
+                    if not settings.offline:
+                        transport = GrpcTransport(
+                            self.channel,
+                            channel_factory=lambda: grpc.insecure_channel(
+                                self.url, options=_CHANNEL_OPTIONS
+                            ),
+                        )
+                    self._writer = BatchWriter(transport, self.workspace, settings)
         return self._writer
 
     def flush(self, timeout: float | None = None) -> bool:

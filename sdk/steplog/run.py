@@ -284,6 +284,105 @@ class Run:
             description=description,
         )
 
+    # -- tables and evaluation results (no I/O either) -------------------------------
+
+    def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
+        """Add a row to table `name` (Azure's `log_row`): each keyword is a
+        column, `None` a missing cell. Rows are buffered and sent many to a
+        message; a column's type is fixed by its first value."""
+        from steplog._tables import row_buffers
+
+        row_buffers(self._client.writer).add(
+            self.id, name, self._labels, description or "", kwargs, time.time()
+        )
+
+    def log_table(
+        self,
+        name: str,
+        value: Mapping[str, Sequence[Any]],
+        description: str = "",
+        *,
+        steps: Sequence[int] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log rows given as columns, {"col": [v0, v1, ...]} (Azure's
+        `log_table`); with `steps`, one step per row."""
+        from steplog._tables import row_buffers, table_series
+
+        writer = self._client.writer
+        rows = row_buffers(writer)
+        series_labels = self._series_labels(labels)
+        rows.drain((self.id, name, series_labels))  # rows logged before keep their place
+        for series in table_series(
+            name, series_labels, value, description, steps, rows.max_message_bytes
+        ):
+            writer.log_series(self.id, series)
+
+    def log_confusion_matrix(
+        self,
+        name: str,
+        value: Mapping[str, Any] | str,
+        description: str = "",
+        *,
+        step: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a confusion matrix document (a dict or JSON string, as in Azure;
+        `steplog.evaluation.confusion_matrix` computes one from labels)."""
+        self._log_evaluation("confusion_matrix", name, value, description, step, labels)
+
+    def log_accuracy_table(
+        self,
+        name: str,
+        value: Mapping[str, Any] | str,
+        description: str = "",
+        *,
+        step: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log an accuracy table document (see `steplog.evaluation.accuracy_table`)."""
+        self._log_evaluation("accuracy_table", name, value, description, step, labels)
+
+    def log_predictions(
+        self,
+        name: str,
+        value: Mapping[str, Any] | str,
+        description: str = "",
+        *,
+        step: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a predictions document (see `steplog.evaluation.predictions`)."""
+        self._log_evaluation("predictions", name, value, description, step, labels)
+
+    def log_residuals(
+        self,
+        name: str,
+        value: Mapping[str, Any] | str,
+        description: str = "",
+        *,
+        step: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a residuals document (see `steplog.evaluation.residuals`)."""
+        self._log_evaluation("residuals", name, value, description, step, labels)
+
+    def _log_evaluation(
+        self,
+        schema: str,
+        name: str,
+        value: Mapping[str, Any] | str,
+        description: str,
+        step: int | None,
+        labels: Mapping[str, str] | None,
+    ) -> None:
+        from steplog._tables import evaluation_series
+
+        self._client.writer.log_series(
+            self.id,
+            evaluation_series(schema, name, self._series_labels(labels), value, description, step),
+        )
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far is acknowledged; False on timeout."""
         return self._client.flush(timeout)
@@ -601,8 +700,16 @@ class Run:
     def get_context(allow_offline: bool = True) -> Run:
         """The run this process belongs to: STEPLOG_RUN_ID (with STEPLOG_URL)
         names it, so every rank of a distributed job attaches to one run.
-        Without it, an offline run that prints what it would log."""
+        With STEPLOG_OFFLINE=true as well, the run logs to the spool only.
+        Without STEPLOG_RUN_ID, an offline run that prints what it would log."""
         run_id = os.environ.get("STEPLOG_RUN_ID")
+        offline = os.environ.get("STEPLOG_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if run_id and offline:
+            # Offline (no network): points go to the spool only, and
+            # `steplog sync` replays them to the run later. No call is made.
+            client = get_client(os.environ.get("STEPLOG_URL") or "offline")
+            proto = common_pb2.Run(run_id=run_id, status=common_pb2.RUN_STATUS_RUNNING)
+            return Run(_proto=proto, _client=client)
         if run_id:
             run = Run.get(run_id)
             if run.status in TERMINAL_STATUSES:
