@@ -45,8 +45,15 @@ class Config:
     max_series_per_run: int = 100_000
     max_text_value_chars: int = 4096
     max_labels: int = 16
+    max_table_columns: int = 1000
+    max_table_rows: int = 100_000
+    max_evaluation_bytes: int = 16 * 1024 * 1024
     # Running without authentication is only allowed on loopback addresses.
     auth: str = "none"
+    # Live progress on /metrics: scalar series names to export (globs), and a
+    # cap on exported series (and runs); 0 turns the progress export off.
+    progress_series: tuple[str, ...] = ("loss*", "*loss", "accuracy*", "lr")
+    progress_max_series: int = 1000
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,25 @@ def _listen(text: str) -> str:
     return text
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _globs(text: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise ValueError("must be comma-separated name patterns, for example 'loss*,lr'")
+    for p in patterns:
+        if len(p) > 255 or any(ord(c) < 32 for c in p):
+            raise ValueError(
+                f"bad pattern {p[:40]!r}: at most 255 characters, no control characters"
+            )
+    return patterns
+
+
 def _auth(text: str) -> str:
     if text not in ("none",):
         raise ValueError("must be 'none' (token authentication is not implemented yet)")
@@ -110,13 +136,20 @@ _HELP = {
     "max_series_per_run": "most series in one run",
     "max_text_value_chars": "longest string metric value",
     "max_labels": "most labels on a series",
+    "max_table_columns": "most columns of a table series (and in one request)",
+    "max_table_rows": "most rows of one table series in one request",
+    "max_evaluation_bytes": "largest evaluation document (JSON bytes)",
     "auth": "authentication mode",
+    "progress_series": "scalar series exported as live progress: comma-separated globs (* and ?)",
+    "progress_max_series": "most series (and runs) in the progress export; 0 turns it off",
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "metrics_port": _port,
     "auth": _auth,
+    "progress_series": _globs,
+    "progress_max_series": _non_negative_int,
 }
 
 

@@ -1,18 +1,57 @@
 """The service's Prometheus metrics, on an injected registry (tests build
-their own). Names: steplog_<subsystem>_<name>_<unit>, counters end in _total."""
+their own). Names: steplog_<subsystem>_<name>_<unit>, counters end in _total.
+
+Several service processes on one host do not share a registry: each process
+exposes its own /metrics port (`steplog-ingest dev --processes N` gives
+process i the port metrics_port + i) and Prometheus scrapes every one and sums
+across `instance`. prometheus-client's multiprocess mode is not used: it needs
+a shared directory that must be wiped between runs, and it cannot carry the
+custom progress collector (ingest/progress.py) or gauges like queue depth in
+a meaningful way.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# RPCs range from a sub-millisecond health check to an ingest stream open for
+# a whole training run; one set of buckets has to cover both.
+_RPC_BUCKETS = (
+    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    *(60, 300, 1800, 3600, 21600),
+)
+
+# Kinds of S3 failure: a small fixed set, so a label never grows with error text.
+S3_ERROR_KINDS = ("timeout", "unavailable", "not_found", "client", "server", "other")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """Every metric the service exports, created on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        if process:
+            # The default registry has these; an injected one must ask for them.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.build = Info("steplog_build", "The running steplog version.", registry=r)
+        self.build.info({"version": _version()})
+
+        # -- ingest --------------------------------------------------------------------
         self.points = Counter(
             "steplog_ingest_points_total",
             "Points received, by kind and outcome (accepted, duplicate, rejected).",
@@ -69,6 +108,8 @@ class Metrics:
             "Distinct writers with an open stream.",
             registry=r,
         )
+
+        # -- stores --------------------------------------------------------------------
         self.db_seconds = Histogram(
             "steplog_db_operation_duration_seconds",
             "Database operation latency, by operation.",
@@ -82,3 +123,108 @@ class Metrics:
             ["operation", "kind"],
             registry=r,
         )
+        self.s3_seconds = Histogram(
+            "steplog_s3_operation_duration_seconds",
+            "S3 call latency, by operation (put_object, upload_part, get_object, ...); "
+            "failed calls included.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.s3_errors = Counter(
+            "steplog_s3_errors_total",
+            "S3 call errors, by operation and kind "
+            "(timeout, unavailable, not_found, client, server, other).",
+            ["operation", "kind"],
+            registry=r,
+        )
+
+        # -- gRPC (ingest/interceptors.py) ----------------------------------------------
+        rpc = ["grpc_type", "grpc_service", "grpc_method"]
+        self.rpc_started = Counter(
+            "steplog_grpc_server_started_total",
+            "RPCs started on the server.",
+            rpc,
+            registry=r,
+        )
+        self.rpc_handled = Counter(
+            "steplog_grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
+            [*rpc, "grpc_code"],
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "steplog_grpc_server_handling_seconds",
+            "Time from the handler's start to its end; a stream's whole lifetime.",
+            rpc,
+            buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+
+        # -- the progress exporter (ingest/progress.py) ----------------------------------
+        self.progress_refresh_seconds = Histogram(
+            "steplog_progress_refresh_duration_seconds",
+            "Time to read live run progress from the database.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.progress_refresh_errors = Counter(
+            "steplog_progress_refresh_errors_total",
+            "Progress reads that failed or outlived the scrape's wait (timeout), "
+            "so a scrape served an older snapshot or none.",
+            ["kind"],
+            registry=r,
+        )
+
+    @contextmanager
+    def s3_call(self, operation: str) -> Iterator[None]:
+        """Time one S3 call and count its failure by kind. Around each call:
+        `with metrics.s3_call("put_object"): await client.put_object(...)`."""
+        started = perf_counter()
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.s3_errors.labels(operation, s3_error_kind(exc)).inc()
+            raise
+        finally:
+            self.s3_seconds.labels(operation).observe(perf_counter() - started)
+
+
+def s3_error_kind(exc: BaseException) -> str:
+    """Map an aiobotocore/botocore exception to one of S3_ERROR_KINDS.
+
+    By duck typing, so this module needs no botocore import: botocore's
+    connection and timeout errors are not builtin OSErrors, but their class
+    names say what they are; a ClientError carries the parsed S3 response."""
+    names = [c.__name__ for c in type(exc).__mro__]
+    if isinstance(exc, TimeoutError) or any("Timeout" in n for n in names):
+        return "timeout"
+    response: Any = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        error = response.get("Error") or {}
+        code = str(error.get("Code", "")) if isinstance(error, Mapping) else ""
+        meta = response.get("ResponseMetadata") or {}
+        status = meta.get("HTTPStatusCode", 0) if isinstance(meta, Mapping) else 0
+        if code in ("NoSuchKey", "NoSuchUpload", "NoSuchBucket", "NotFound", "404"):
+            return "not_found"
+        if (isinstance(status, int) and status >= 500) or code in (
+            "InternalError",
+            "ServiceUnavailable",
+            "SlowDown",
+            "503",
+            "500",
+        ):
+            return "server"
+        return "client"
+    if isinstance(exc, OSError) or any("Connect" in n for n in names):
+        return "unavailable"
+    return "other"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("steplog")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -30,8 +30,9 @@ from steplog.v1 import (
     run_service_pb2_grpc,
 )
 
-from ingest import timescale
+from ingest import progress, tables_store, timescale
 from ingest.config import Config, describe
+from ingest.interceptors import MetricsInterceptor
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
 from ingest.servicers.ingest import IngestServicer
@@ -95,8 +96,15 @@ class Service:
             queue_batches=cfg.queue_batches,
             group_points=cfg.group_commit_points,
         )
-        limits = Limits(max_labels=cfg.max_labels, max_text_value_chars=cfg.max_text_value_chars)
+        limits = Limits(
+            max_labels=cfg.max_labels,
+            max_text_value_chars=cfg.max_text_value_chars,
+            max_table_columns=cfg.max_table_columns,
+            max_table_rows=cfg.max_table_rows,
+            max_evaluation_bytes=cfg.max_evaluation_bytes,
+        )
         self.queries = QueryServicer(timescale.QueryStore(self.pool))
+        tables_store.register(self.points, self.queries, self.pool, limits)
 
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -106,7 +114,7 @@ class Service:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(self.metrics)])
         experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
             ExperimentServicer(metadata), server
         )
@@ -132,6 +140,15 @@ class Service:
         await server.start()
         self.server = server
         if cfg.metrics_port:
+            progress.install(
+                self.metrics.registry,
+                self.pool,
+                asyncio.get_running_loop(),
+                patterns=cfg.progress_series,
+                max_series=cfg.progress_max_series,
+                heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                metrics=self.metrics,
+            )
             host = cfg.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
             started = start_http_server(cfg.metrics_port, addr=host, registry=self.metrics.registry)
             self._metrics_server = started[0] if isinstance(started, tuple) else started
