@@ -15,6 +15,7 @@ TOOLS   := $(STATE)/tools
 BUF_VERSION := 1.61.0
 BUF     := $(TOOLS)/node_modules/.bin/buf
 STAMP   := $(VENV)/.steplog-installed
+PROCESSES ?= 1
 
 .PHONY: help setup system venv buf run test lint protos protos-check bench stop clean
 
@@ -43,7 +44,7 @@ $(BUF):
 
 ## run: the embedded stack + the service in the foreground; Ctrl-C stops everything
 run: setup
-	$(PY) -m ingest dev --root $(STATE) --example
+	$(PY) -m ingest dev --root $(STATE) --processes $(PROCESSES) --example
 
 stop:
 	-$(PY) -m ingest.devstack stop --root $(STATE)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import deque
-from collections.abc import MutableSequence
+from collections.abc import Mapping, MutableSequence, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -257,7 +257,11 @@ class ScalarPiece:
     __slots__ = ("buffer", "steps", "times", "values")
 
     def __init__(
-        self, buffer: ScalarBuffer, values: MutableSequence[Any], times: array[float], steps: array[int]
+        self,
+        buffer: ScalarBuffer,
+        values: MutableSequence[Any],
+        times: array[float],
+        steps: array[int],
     ) -> None:
         self.buffer = buffer
         self.values = values
@@ -347,7 +351,7 @@ class MessageBuffer:
         return dropped
 
     def reject_front(self, max_bytes: int) -> tuple[Rejection, int]:
-        series, n, b = self.items.popleft()
+        _, n, b = self.items.popleft()
         self.points -= n
         message = f"a message of {b} bytes cannot fit in a batch of {max_bytes} bytes"
         return Rejection(self.run_id, self.name, self.labels, "LIMIT_EXCEEDED", message), n
@@ -368,9 +372,9 @@ class MessagePiece:
 
 
 def table_columns(
-    rows: dict[str, list[Any]] | Any,
-    steps: Any = None,
-    times: Any = None,
+    rows: Mapping[str, Sequence[Any]],
+    steps: Sequence[int] | None = None,
+    times: Sequence[float] | None = None,
 ) -> data_pb2.TableColumns:
     """Columnar rows -> TableColumns. A column's type comes from its values:
     all bool -> BOOL, ints -> INT64, any float -> DOUBLE, any str -> STRING;

@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,7 +64,7 @@ def _retry_after(err: grpc.RpcError) -> float | None:
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except Exception:  # no trailers, a mismatched status, grpc_status missing
         return None
     if status is None:
@@ -191,9 +192,16 @@ class GrpcTransport:
             raise TransportError.from_rpc_error(err) from None
 
     def after_fork(self) -> None:
-        if self._factory is not None:
-            self._channel = self._factory()
-            self._stub = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
+        if self._factory is None:
+            warnings.warn(
+                "steplog: a forked child reuses its parent's gRPC channel; pass "
+                "GrpcTransport(channel_factory=...) so the child can open its own",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self._channel = self._factory()
+        self._stub = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
 
 
 class Backoff:
@@ -250,7 +258,7 @@ class Rejection:
 
 
 def reason_name(reason: int) -> str:
-    """"STEP_NOT_INCREASING" for REJECT_REASON_STEP_NOT_INCREASING."""
+    """ "STEP_NOT_INCREASING" for REJECT_REASON_STEP_NOT_INCREASING."""
     try:
         name = pb.RejectReason.Name(reason)  # type: ignore[arg-type]
     except ValueError:

@@ -1,0 +1,879 @@
+"""The background writer against an in-memory fake of the ingest service.
+
+The fake applies the service's delivery rules (a high-water mark per writer,
+duplicate_batch at or below it, ABORTED on a gap, strict step order per series)
+so "nothing lost, nothing doubled" is checked the way the service stores data.
+Tests wait on conditions and events with timeouts, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from steplog._spool import spool_files
+from steplog._transport import (
+    Backoff,
+    DoneCallback,
+    GrpcTransport,
+    ResponseCallback,
+    TransportError,
+)
+from steplog._writer import (
+    BatchWriter,
+    DeliveryWarning,
+    DroppedPointsWarning,
+    PointsRejectedError,
+    RejectedPointsWarning,
+    WriterSettings,
+    replay_spool,
+)
+from steplog.v1 import data_pb2, ingest_service_pb2_grpc
+from steplog.v1 import ingest_service_pb2 as pb
+
+WAIT = 10.0  # generous upper bound for anything the tests wait on
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class FakeService:
+    """Stores batches as the real service does: exactly once per (writer, sequence)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hwm: dict[str, int] = {}
+        self.points: dict[SeriesKey, list[tuple[int | None, Any]]] = defaultdict(list)
+        self.last_step: dict[SeriesKey, int] = {}
+        self.committed: list[tuple[str, int]] = []
+        self.duplicate_batches = 0
+        self.reject_names: set[str] = set()
+
+    def commit(self, batch: pb.Batch) -> tuple[bool, pb.BatchResult]:
+        """(duplicate_batch, result); raises TransportError(ABORTED) on a gap."""
+        with self.lock:
+            hwm = self.hwm.get(batch.writer_id, 0)
+            if batch.sequence <= hwm:
+                self.duplicate_batches += 1
+                return True, pb.BatchResult()
+            if batch.sequence != hwm + 1:
+                raise TransportError(grpc.StatusCode.ABORTED, f"gap: {hwm} -> {batch.sequence}")
+            result = pb.BatchResult()
+            counts: dict[int, int] = defaultdict(int)
+            for rs in batch.series:
+                self._store(rs, result, counts)
+            for reason, n in counts.items():
+                result.reject_counts.add(reason=reason, count=n)
+            self.hwm[batch.writer_id] = batch.sequence
+            self.committed.append((batch.writer_id, batch.sequence))
+            return False, result
+
+    def _store(self, rs: pb.RunSeries, result: pb.BatchResult, counts: dict[int, int]) -> None:
+        s = rs.series
+        key = (rs.run_id, s.name, tuple(sorted(s.labels.items())))
+        kind = s.WhichOneof("points")
+        if kind != "scalars":
+            n = s.table.row_count if kind == "table" else 1
+            self.points[key].extend((None, s) for _ in range(n))
+            result.accepted += n
+            return
+        values: list[Any] = list(s.scalars.values) or list(s.scalars.text_values)
+        steps: list[int | None] = list(s.scalars.steps) or [None] * len(values)
+        for i, (step, value) in enumerate(zip(steps, values, strict=True)):
+            reason = 0
+            if s.name in self.reject_names:
+                reason = pb.REJECT_REASON_INVALID_NAME
+            elif step is not None and step <= self.last_step.get(key, -1):
+                reason = pb.REJECT_REASON_STEP_NOT_INCREASING
+            if reason:
+                result.rejected += 1
+                counts[reason] += 1
+                if len(result.rejected_points) < 20:
+                    p = result.rejected_points.add(
+                        run_id=rs.run_id, name=s.name, index=i, reason=reason, message="no"
+                    )
+                    p.labels.update(s.labels)
+                    if step is not None:
+                        p.step = step
+                continue
+            if step is not None:
+                self.last_step[key] = step
+            self.points[key].append((step, value))
+            result.accepted += 1
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.points.values())
+
+
+class FakeStream:
+    def __init__(
+        self, transport: FakeTransport, on_response: ResponseCallback, on_done: DoneCallback
+    ) -> None:
+        self.t = transport
+        self.on_response = on_response
+        self.on_done = on_done
+        self.dead = False
+        self.held: list[pb.IngestResponse] = []
+
+    def die(self, error: TransportError | None) -> None:
+        if not self.dead:
+            self.dead = True
+            self.on_done(error)
+
+    def send(self, request: pb.IngestRequest) -> None:
+        t = self.t
+        with t.cond:
+            if self.dead:
+                return  # lost on the wire
+            batch = request.batch
+            t.sent.append((t.opened, batch.writer_id, batch.sequence))
+            t.cond.notify_all()
+            failure = None
+            if t.failures:
+                n, code, commit = t.failures[0]
+                if n == 0:
+                    failure = t.failures.pop(0)
+                else:
+                    t.failures[0] = (n - 1, code, commit)
+        if failure is not None:
+            _, code, commit_first = failure
+            if commit_first:  # committed, but the ack is lost with the connection
+                t.service.commit(batch)
+            self.die(TransportError(code, "injected"))
+            return
+        try:
+            duplicate, result = t.service.commit(batch)
+        except TransportError as err:
+            self.die(err)
+            return
+        response = pb.IngestResponse(
+            sequence=batch.sequence, duplicate_batch=duplicate, result=result
+        )
+        with t.cond:
+            if t.hold_acks:
+                self.held.append(response)
+                return
+        self.on_response(response)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for response in held:
+            self.on_response(response)
+
+    def close(self) -> None:
+        self.dead = True
+
+
+class FakeTransport:
+    """Implements the Transport protocol. `failures`: (after n more sends, code,
+    commit before failing) entries, consumed in order."""
+
+    def __init__(self, service: FakeService | None = None) -> None:
+        self.service = service or FakeService()
+        self.cond = threading.Condition()
+        self.down = False
+        self.hold_acks = False
+        self.failures: list[tuple[int, grpc.StatusCode, bool]] = []
+        self.opened = 0
+        self.sent: list[tuple[int, str, int]] = []
+        self.streams: list[FakeStream] = []
+        self.forked = 0
+
+    def open_stream(self, on_response: ResponseCallback, on_done: DoneCallback) -> FakeStream:
+        with self.cond:
+            self.opened += 1
+            stream = FakeStream(self, on_response, on_done)
+            self.streams.append(stream)
+            down = self.down
+            self.cond.notify_all()
+        if down:
+            stream.die(TransportError(UNAVAILABLE, "down"))
+        return stream
+
+    def write(self, request: pb.WriteRequest, timeout: float | None = None) -> pb.WriteResponse:
+        if self.down:
+            raise TransportError(UNAVAILABLE, "down")
+        duplicate, result = self.service.commit(request.batch)
+        return pb.WriteResponse(duplicate_batch=duplicate, result=result)
+
+    def after_fork(self) -> None:
+        self.cond = threading.Condition()
+        self.service = FakeService()
+        self.sent = []
+        self.streams = []
+        self.forked += 1
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def release_acks(self) -> None:
+        with self.cond:
+            self.hold_acks = False
+            streams = list(self.streams)
+        for stream in streams:
+            stream.release()
+
+
+def settings(**kw: Any) -> WriterSettings:
+    base: dict[str, Any] = {"flush_interval": 0.01, "backoff_initial": 0.001, "backoff_max": 0.01}
+    base.update(kw)
+    return WriterSettings(**base)
+
+
+@pytest.fixture
+def fake() -> FakeTransport:
+    return FakeTransport()
+
+
+@pytest.fixture
+def writers() -> Iterator[list[BatchWriter]]:
+    made: list[BatchWriter] = []
+    yield made
+    for w in made:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w.close(timeout=2)
+
+
+def make(writers: list[BatchWriter], transport: Any, **kw: Any) -> BatchWriter:
+    w = BatchWriter(transport, "ws", settings(**kw))
+    writers.append(w)
+    return w
+
+
+def stored(fake: FakeTransport, name: str = "loss", run: str = "r1") -> list[Any]:
+    return [v for _, v in fake.service.points[(run, name, ())]]
+
+
+# ------------------------------------------------------------------ delivery
+
+
+def test_points_of_every_kind_arrive_once_in_order(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake, max_batch_points=100)
+    for i in range(1000):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        w.log_scalar("r1", "lr", (("rank", "3"),), 0.1, None, 1.0)
+    w.log_scalar("r1", "note", (), "hello", None, 1.0)
+    w.log_scalar("r1", "nan", (), float("nan"), 0, 1.0)
+    w.log_scalars("r1", "list", (), np.arange(5.0), None, None)
+    w.log_table_rows("r1", "tbl", (), {"a": [1, 2], "b": ["x", None]})
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(1000)]
+    assert len(fake.service.points[("r1", "lr", (("rank", "3"),))]) == 1000
+    assert stored(fake, "note") == ["hello"]
+    assert np.isnan(stored(fake, "nan")[0])
+    assert stored(fake, "list") == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert len(stored(fake, "tbl")) == 2
+    st = w.stats
+    assert st.points_logged == st.points_acked == 2009
+    assert st.points_buffered == st.points_unacked == 0
+    assert st.batches_acked == st.batches_sent == len(fake.service.committed)
+
+
+def test_batches_respect_point_and_byte_limits(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    sizes: list[tuple[int, int]] = []
+    real_send = FakeStream.send
+
+    def spy(self: FakeStream, request: pb.IngestRequest) -> None:
+        points = sum(
+            len(rs.series.scalars.values) or len(rs.series.scalars.text_values)
+            for rs in request.batch.series
+        )
+        sizes.append((points, request.ByteSize()))
+        real_send(self, request)
+
+    FakeStream.send = spy  # type: ignore[method-assign]
+    try:
+        w = make(writers, fake, max_batch_points=500, max_batch_bytes=8192)
+        for i in range(3000):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+            w.log_scalar("r1", "text", (), "é" * (i % 50), i, 1.0)
+        assert w.flush(WAIT)
+    finally:
+        FakeStream.send = real_send  # type: ignore[method-assign]
+    assert sum(p for p, _ in sizes) == 6000
+    assert all(p <= 500 and b <= 8192 for p, b in sizes)
+    assert stored(fake) == [float(i) for i in range(3000)]
+
+
+def test_a_point_too_large_for_any_batch_is_rejected_on_the_client(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake, max_batch_bytes=4096)
+    w.log_scalar("r1", "big", (), "x" * 10_000, 1, 1.0)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.warns(RejectedPointsWarning, match="LIMIT_EXCEEDED"):
+        assert w.flush(WAIT)
+    assert w.stats.rejected == 1
+    assert w.rejections()[0].reason == "LIMIT_EXCEEDED"
+    assert stored(fake) == [1.0]
+
+
+def test_reconnects_resend_unacked_in_order_nothing_lost_nothing_doubled(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    # Fail with every retryable flavour: acks lost after commit, a refused
+    # batch, ABORTED; each time the stream dies with batches in flight.
+    fake.failures = [
+        (3, UNAVAILABLE, True),
+        (2, grpc.StatusCode.INTERNAL, False),
+        (4, grpc.StatusCode.ABORTED, True),
+        (1, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+        (5, grpc.StatusCode.DEADLINE_EXCEEDED, False),
+    ]
+    fake.hold_acks = False
+    w = make(writers, fake, max_batch_points=10)
+    for i in range(2000):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        w.log_scalar("r1", "other", (), float(i), None, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(2000)]  # each once, in order
+    assert stored(fake, "other") == [float(i) for i in range(2000)]
+    assert w.stats.reconnects >= 5
+    assert fake.service.duplicate_batches >= 1  # resent after a lost ack
+    # After every reconnect the first sends are the oldest unacked, ascending.
+    by_stream: dict[int, list[int]] = defaultdict(list)
+    for stream, _, seq in fake.sent:
+        by_stream[stream].append(seq)
+    for seqs in by_stream.values():
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    committed = [seq for _, seq in fake.service.committed]
+    assert committed == list(range(1, len(committed) + 1))
+    assert w.stats.rejected == 0
+
+
+def test_duplicate_batch_acks_count_as_acked(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    fake.service.hwm[w.writer_id] = 1  # as if batch 1 had been committed before
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(WAIT)
+    assert fake.service.duplicate_batches == 1
+    assert w.stats.points_acked == 1 and w.stats.batches_acked == 1
+
+
+def test_flush_times_out_while_the_service_is_down(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.down = True
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(0.2) is False
+    assert w.stats.points_acked == 0
+    fake.down = False
+    assert w.flush(WAIT)
+    assert stored(fake) == [1.0]
+
+
+def test_flush_waits_for_acks(fake: FakeTransport, writers: list[BatchWriter]) -> None:
+    fake.hold_acks = True
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(0.1) is False  # sent, not acknowledged
+    assert fake.sent
+    fake.release_acks()
+    assert w.flush(WAIT)
+
+
+def test_logging_does_not_block_while_the_service_is_down(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.down = True
+    w = make(writers, fake, max_buffered_points=100_000)
+    done = threading.Event()
+
+    def log() -> None:
+        for i in range(99_999):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        done.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    assert done.wait(WAIT)
+    st = w.stats
+    assert st.points_logged == 99_999
+    assert st.points_unacked <= w._batch_points  # one probe batch at most, resent later
+    assert fake.wait_for(lambda: fake.opened >= 2)  # it kept trying in the background
+    fake.down = False
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(99_999)]
+
+
+# ------------------------------------------------------------- memory bound
+
+
+def test_on_full_wait_blocks_until_the_sender_frees_room(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.down = True
+    w = make(writers, fake, max_buffered_points=100, on_full="wait")
+    logged = threading.Semaphore(0)
+    done = threading.Event()
+
+    def log() -> None:
+        for i in range(150):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+            logged.release()
+        done.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    for _ in range(100):
+        assert logged.acquire(timeout=WAIT)
+    assert not done.wait(0.3)  # held at the bound
+    assert w.stats.points_buffered <= 101
+    fake.down = False
+    assert done.wait(WAIT)
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(150)]
+    assert w.stats.dropped == 0
+
+
+def test_on_full_drop_oldest_drops_and_counts(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.down = True
+    w = make(writers, fake, max_buffered_points=100, on_full="drop_oldest")
+    with pytest.warns(DroppedPointsWarning) as caught:
+        for i in range(150):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    assert len(caught) == 1  # warned once
+    assert w.stats.dropped == 50
+    fake.down = False
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(50, 150)]  # the newest kept
+    st = w.stats
+    assert st.points_logged == 150 and st.points_acked == 100
+
+
+def test_on_full_spool_spills_to_disk_and_sends_back_in_order(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    fake.down = True
+    w = make(writers, fake, max_buffered_points=100, on_full="spool", spool_dir=tmp_path)
+    done = threading.Event()
+
+    def log() -> None:
+        for i in range(2000):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        done.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    assert done.wait(WAIT)  # never held for long: the sender spills
+    assert w.stats.spooled >= 1800
+    assert spool_files(tmp_path)
+    fake.down = False
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(2000)]
+    assert w.close(WAIT)
+    assert spool_files(tmp_path) == []  # acknowledged segments are deleted
+
+
+# ------------------------------------------------------------ flush / close
+
+
+def test_close_twice_and_log_after_close(fake: FakeTransport) -> None:
+    w = BatchWriter(fake, "ws", settings())
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.close(WAIT) is True
+    assert w.close(WAIT) is True
+    assert w.flush(0.1) is True
+    with pytest.warns(DroppedPointsWarning, match="after close"):
+        w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
+    assert stored(fake) == [1.0]
+    assert w.stats.dropped == 1
+
+
+def test_close_without_logging_starts_no_thread(fake: FakeTransport) -> None:
+    w = BatchWriter(fake, "ws", settings())
+    assert w.close(0) is True
+    assert w._thread is None
+
+
+def test_close_timeout_saves_undelivered_data_to_the_spool(
+    fake: FakeTransport, tmp_path: Path
+) -> None:
+    fake.down = True
+    w = BatchWriter(fake, "ws", settings(spool_dir=tmp_path))
+    for i in range(10):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    with pytest.warns(DeliveryWarning, match="steplog sync"):
+        assert w.close(0.2) is False
+    assert w.stats.spooled == 10 and w.stats.dropped == 0
+    fake.down = False
+    report = replay_spool(tmp_path, fake)
+    assert report.ok and report.accepted == 10
+    assert stored(fake) == [float(i) for i in range(10)]
+
+
+def test_close_timeout_without_spool_counts_dropped(fake: FakeTransport) -> None:
+    fake.down = True
+    w = BatchWriter(fake, "ws", settings(strict=True))
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    from steplog._writer import DeliveryError
+
+    with pytest.raises(DeliveryError):
+        w.close(0.1)
+    assert w.stats.dropped == 1
+
+
+# -------------------------------------------------------------- rejections
+
+
+def test_rejections_warn_once_per_series_and_reason(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 5, 1.0)
+    assert w.flush(WAIT)
+    with pytest.warns(RejectedPointsWarning) as caught:
+        w.log_scalar("r1", "loss", (), 1.0, 3, 1.0)  # step goes back
+        assert w.flush(WAIT)
+        w.log_scalar("r1", "loss", (), 1.0, 4, 1.0)  # again: same series, same reason
+        assert w.flush(WAIT)
+        w.log_scalar("r1", "acc", (), 1.0, 1, 1.0)
+        w.log_scalar("r1", "acc", (), 1.0, 1, 1.0)  # same batch, other series
+        assert w.flush(WAIT)
+    messages = [str(c.message) for c in caught]
+    assert len(messages) == 2, messages
+    assert "STEP_NOT_INCREASING" in messages[0] and "loss" in messages[0]
+    assert "acc" in messages[1]
+    assert w.stats.rejected == 3
+    assert w.stats.rejected_by_reason == {"STEP_NOT_INCREASING": 3}
+    assert [(r.name, r.step) for r in w.rejections()] == [("loss", 3), ("loss", 4), ("acc", 1)]
+
+
+def test_strict_mode_raises(fake: FakeTransport, writers: list[BatchWriter]) -> None:
+    fake.service.reject_names.add("bad")
+    w = make(writers, fake, strict=True)
+    w.log_scalar("r1", "bad", (), 1.0, 1, 1.0)
+    with pytest.raises(PointsRejectedError) as info:
+        w.flush(WAIT)
+    assert info.value.count == 1 and info.value.rejections[0].reason == "INVALID_NAME"
+    assert w.flush(WAIT)  # raised once
+    # From the next log call, when the ack arrived in between.
+    w.log_scalar("r1", "bad", (), 2.0, 2, 1.0)
+    assert fake.wait_for(lambda: len(fake.service.committed) >= 2)
+    assert _wait_check_at_zero(w)
+    with pytest.raises(PointsRejectedError):
+        w.log_scalar("r1", "ok", (), 1.0, 1, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake, "ok") == [1.0]  # the point of the raising call was kept
+
+
+def _wait_check_at_zero(w: BatchWriter) -> bool:
+    with w._cond:
+        return w._cond.wait_for(lambda: w._check_at == 0, WAIT)
+
+
+# ---------------------------------------------------------- non-retryable
+
+
+def test_non_retryable_error_drops_in_flight_and_continues_under_new_id(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.failures = [(0, grpc.StatusCode.PERMISSION_DENIED, False)]
+    w = make(writers, fake)
+    first_id = w.writer_id
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.warns(DeliveryWarning, match="PERMISSION_DENIED"):
+        assert w.flush(WAIT) is False
+    assert w.stats.dropped == 1
+    w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
+    assert w.flush(WAIT)
+    assert w.writer_id != first_id
+    assert stored(fake) == [2.0]
+    assert fake.service.committed == [(w.writer_id, 1)]
+    assert "PERMISSION_DENIED" in (w.stats.last_error or "")
+
+
+def test_non_retryable_error_with_spool_saves_the_batches(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    fake.failures = [(0, grpc.StatusCode.UNAUTHENTICATED, False)]
+    w = make(writers, fake, spool_dir=tmp_path)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.warns(DeliveryWarning, match="steplog sync"):
+        assert w.flush(WAIT) is False
+    w.log_scalar("r1", "acc", (), 2.0, 2, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake, "acc") == [2.0]
+    assert replay_spool(tmp_path, fake).ok
+    assert stored(fake) == [1.0]
+
+
+# --------------------------------------------------------- offline / replay
+
+
+def test_offline_spool_replayed_twice_stores_each_point_once(tmp_path: Path) -> None:
+    w = BatchWriter(None, "ws", settings(offline=True, spool_dir=tmp_path, max_batch_points=7))
+    for i in range(100):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    w.log_scalar("r1", "note", (), "text", None, 1.0)
+    assert w.flush(WAIT)
+    assert w.stats.spooled == 101
+    w.log_scalar("r1", "loss", (), 100.0, 100, 1.0)
+    assert w.close(WAIT)
+    files = spool_files(tmp_path)
+    assert files and all(f.name.startswith(w.writer_id) for f in files)
+
+    fake = FakeTransport()
+    first = replay_spool(tmp_path, fake)
+    assert first.ok and first.accepted == 102 and first.duplicate_batches == 0
+    second = replay_spool(tmp_path, fake, remove=True)
+    assert second.ok and second.accepted == 0 and second.duplicate_batches == first.batches
+    assert stored(fake) == [float(i) for i in range(101)]
+    assert stored(fake, "note") == ["text"]
+    assert spool_files(tmp_path) == []
+
+
+def test_replay_tolerates_a_torn_tail(tmp_path: Path) -> None:
+    w = BatchWriter(None, "ws", settings(offline=True, spool_dir=tmp_path, max_batch_points=1))
+    for i in range(3):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    assert w.close(WAIT)
+    (path,) = spool_files(tmp_path)
+    path.write_bytes(path.read_bytes()[:-3])  # a crash mid-record
+    fake = FakeTransport()
+    report = replay_spool(tmp_path, fake)
+    assert report.torn_files == [path]
+    assert stored(fake) == [0.0, 1.0]
+
+
+def test_replay_retries_retryable_errors(tmp_path: Path) -> None:
+    w = BatchWriter(None, "ws", settings(offline=True, spool_dir=tmp_path))
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.close(WAIT)
+    fake = FakeTransport()
+    calls = {"n": 0}
+    real = fake.write
+
+    def flaky(request: pb.WriteRequest, timeout: float | None = None) -> pb.WriteResponse:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise TransportError(UNAVAILABLE, "blip")
+        return real(request, timeout)
+
+    fake.write = flaky  # type: ignore[method-assign]
+    report = replay_spool(tmp_path, fake, backoff=Backoff(0.0, 0.0))
+    assert report.ok and calls["n"] == 3
+    fake.down = True
+    fake.write = real  # type: ignore[method-assign]
+    report = replay_spool(tmp_path, fake, attempts=2, backoff=Backoff(0.0, 0.0))
+    assert not report.ok
+
+
+# --------------------------------------------------------------------- fork
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_child_starts_empty_with_a_new_writer_id(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.hold_acks = True
+    w = make(writers, fake, max_batch_points=5)
+    for i in range(20):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) >= 1)  # some in flight, unacked
+    parent_id = w.writer_id
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return to pytest
+        code = 1
+        try:
+            st = w.stats
+            checks = [
+                st.points_buffered == 0,
+                st.points_unacked == 0,
+                st.points_logged == 0,
+                w.writer_id != parent_id,
+                w._thread is None,
+            ]
+            fake.hold_acks = False
+            w.log_scalar("r1", "loss", (), 100.0, 100, 1.0)
+            checks.append(w.flush(WAIT))
+            checks.append(fake.forked == 1)
+            checks.append(stored(fake) == [100.0])
+            checks.append(fake.service.committed == [(w.writer_id, 1)])
+            code = 0 if all(checks) else 10 + checks.index(False)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    fake.release_acks()
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(20)]
+    assert {wid for wid, _ in fake.service.committed} == {parent_id}
+
+
+# ----------------------------------------------------------------- settings
+
+
+def test_settings_from_env_names_the_bad_variable() -> None:
+    s = WriterSettings.from_env(
+        {"STEPLOG_ON_FULL": "spool", "STEPLOG_MAX_BUFFERED_POINTS": "1_000", "STEPLOG_STRICT": "1"}
+    )
+    assert (s.on_full, s.max_buffered_points, s.strict) == ("spool", 1000, True)
+    assert WriterSettings.from_env({"STEPLOG_STRICT": "1"}, strict=False).strict is False
+    with pytest.raises(ValueError, match="STEPLOG_FLUSH_INTERVAL"):
+        WriterSettings.from_env({"STEPLOG_FLUSH_INTERVAL": "soon"})
+    with pytest.raises(ValueError, match="STEPLOG_ON_FULL"):
+        WriterSettings.from_env({"STEPLOG_ON_FULL": "explode"})
+
+
+def test_bad_value_raises_at_the_call_and_leaves_the_series_intact(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.raises(TypeError):
+        w.log_scalar("r1", "loss", (), None, 2, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        w.log_scalar("r1", "loss", (), 2.0, "two", 1.0)  # type: ignore[arg-type]
+    w.log_scalar("r1", "loss", (), 3.0, 3, 1.0)
+    assert w.flush(WAIT)
+    assert fake.service.points[("r1", "loss", ())] == [(1, 1.0), (3, 3.0)]
+
+
+def test_log_series_carries_prebuilt_messages(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    doc = data_pb2.SeriesData(name="cm", evaluations=data_pb2.EvaluationPoints(documents=["{}"]))
+    w.log_series("r1", doc)
+    assert w.flush(WAIT)
+    assert len(stored(fake, "cm")) == 1
+    huge = data_pb2.SeriesData(
+        name="img", images=data_pb2.ImagePoints(images=[data_pb2.Image(data=b"x" * 5_000_000)])
+    )
+    with pytest.raises(ValueError, match="do not fit"):
+        w.log_series("r1", huge)
+
+
+# ------------------------------------------------------- the real transport
+
+
+class _Servicer(ingest_service_pb2_grpc.IngestServiceServicer):
+    def __init__(self, service: FakeService) -> None:
+        self.service = service
+        self.fail_next_stream = False
+
+    def Ingest(self, request_iterator: Any, context: Any) -> Iterator[pb.IngestResponse]:
+        if self.fail_next_stream:
+            self.fail_next_stream = False
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+        for request in request_iterator:
+            duplicate, result = self.service.commit(request.batch)
+            yield pb.IngestResponse(
+                sequence=request.batch.sequence, duplicate_batch=duplicate, result=result
+            )
+
+    def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        duplicate, result = self.service.commit(request.batch)
+        return pb.WriteResponse(duplicate_batch=duplicate, result=result)
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[tuple[str, _Servicer]]:
+    service = FakeService()
+    servicer = _Servicer(service)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_grpc_transport_streams_and_recovers(
+    grpc_server: tuple[str, _Servicer], writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    address, servicer = grpc_server
+    servicer.fail_next_stream = True
+    channel = grpc.insecure_channel(address)
+    w = make(writers, GrpcTransport(channel), max_batch_points=50)
+    for i in range(500):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    assert w.flush(WAIT)
+    assert w.stats.reconnects >= 1
+    points = servicer.service.points[("r1", "loss", ())]
+    assert [v for _, v in points] == [float(i) for i in range(500)]
+    assert w.close(WAIT)
+
+    # The unary Write, through replay_spool.
+    off = BatchWriter(None, "ws", settings(offline=True, spool_dir=tmp_path))
+    off.log_scalar("r2", "loss", (), 1.0, 1, 1.0)
+    assert off.close(WAIT)
+    assert replay_spool(tmp_path, GrpcTransport(channel)).accepted == 1
+    channel.close()
+
+
+def test_grpc_transport_reports_status_and_retry_info() -> None:
+    from google.protobuf import duration_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    class Aborting(ingest_service_pb2_grpc.IngestServiceServicer):
+        def Write(self, request: Any, context: Any) -> Any:
+            detail = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2))
+            status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="busy")
+            status.details.add().Pack(detail)
+            context.abort_with_status(rpc_status.to_status(status))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(Aborting(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(TransportError) as info,
+        ):
+            GrpcTransport(channel).write(pb.WriteRequest(), timeout=WAIT)
+    finally:
+        server.stop(None)
+    err = info.value
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.retryable
+    assert err.retry_after == 2.0
+    assert Backoff(0.1, 1.0).next_delay(err.retry_after) >= 2.0
+
+
+def test_a_gap_the_service_keeps_reporting_moves_to_a_new_writer_id(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(WAIT)
+    first_id = w.writer_id
+    with fake.service.lock:
+        fake.service.hwm[first_id] = -5  # the service lost track: every resend is a gap
+    w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
+    assert w.flush(WAIT)
+    assert w.writer_id != first_id
+    assert stored(fake) == [1.0, 2.0]
+    assert (w.writer_id, 1) in fake.service.committed
+
+
+def test_bulk_columns_from_numpy(fake: FakeTransport, writers: list[BatchWriter]) -> None:
+    w = make(writers, fake)
+    steps = np.arange(0, 3000, 3, dtype=np.int64)  # multi-byte varints
+    w.log_scalars("r1", "loss", (), np.linspace(0, 1, len(steps)), steps, None)
+    w.log_scalars("r1", "big", (), [1.0, 2.0], [2**40, 2**62], [5.0, 6.0])
+    assert w.flush(WAIT)
+    assert [s for s, _ in fake.service.points[("r1", "loss", ())]] == steps.tolist()
+    assert fake.service.points[("r1", "big", ())] == [(2**40, 1.0), (2**62, 2.0)]
+    with pytest.raises(ValueError):
+        w.log_scalars("r1", "loss", (), [1.0, 2.0], [1], None)
