@@ -387,6 +387,17 @@ class Run:
         """Wait until everything logged so far is acknowledged; False on timeout."""
         return self._client.flush(timeout)
 
+    def rejections(self) -> builtins.list[Any]:
+        """Points of this run the service did not store, with the reason
+        (`Rejection`: name, labels, step, reason, message). Only those this
+        process logged, and only the most recent ones (the list is bounded)."""
+        return [r for r in self._client.writer.rejections() if r.run_id == self.id]
+
+    def writer_stats(self) -> Any:
+        """Counters of this process's background writer (logged, acknowledged,
+        duplicates, rejected, dropped, spooled, reconnects, ...)."""
+        return self._client.writer.stats
+
     def rewind(self, step: int, names: Iterable[str] | None = None) -> int:
         """Resume from a checkpoint at `step`: points after it are hidden from
         queries (kept for audit) and logging may continue from it. Returns how

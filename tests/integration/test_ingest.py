@@ -142,6 +142,22 @@ def test_step_rules_are_reported(url: str, experiment_name: str) -> None:
     assert run.get_metrics()["loss"] == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_rejections_reach_the_user(url: str, experiment_name: str) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    run.log("loss", 1.0, step=10)
+    run.log("loss", 2.0, step=5)  # a regression
+    run.log("loss", 1.0, step=10)  # an exact repeat: not an error
+    with pytest.warns(UserWarning, match="STEP_NOT_INCREASING"):
+        assert run.flush(30)
+        run.log("other", 1.0)  # warnings surface on the next call into the client
+    (rej,) = run.rejections()
+    assert (rej.name, rej.step, rej.reason) == ("loss", 5, "STEP_NOT_INCREASING")
+    assert "smaller than the last logged step" in rej.message
+    stats = run.writer_stats()
+    assert stats.rejected >= 1 and stats.duplicates >= 1
+    assert run.get_metrics()["loss"] == 1.0
+
+
 def test_resent_batch_is_a_duplicate_and_gap_aborts(
     url: str, experiment_name: str, database_url: str
 ) -> None:
