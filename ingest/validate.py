@@ -17,10 +17,14 @@ from ingest.batch import (
     INVALID_NAME,
     INVALID_STEP,
     INVALID_VALUE,
+    KIND_EVALUATION,
+    KIND_TABLE,
     LIMIT_EXCEEDED,
     Chunk,
     Outcome,
 )
+from ingest.evaluations import validate_evaluations
+from ingest.tables import validate_table
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -36,6 +40,11 @@ MAX_TIME = 7258118400.0
 class Limits:
     max_labels: int = 16
     max_text_value_chars: int = 4096
+    # Tables: distinct columns per request and per series, rows per request
+    # (per series); evaluation documents: bytes each.
+    max_table_columns: int = 1000
+    max_table_rows: int = 100_000
+    max_evaluation_bytes: int = 16 * 1024 * 1024
 
 
 def name_problem(name: str) -> str | None:
@@ -78,6 +87,16 @@ def validate_chunk(chunk: Chunk, outcome: Outcome, limits: Limits) -> None:
     bad_time = ~((chunk.times >= MIN_TIME) & (chunk.times <= MAX_TIME))
     if bad_time.any():
         outcome.reject(chunk, bad_time, INVALID_VALUE, "time must be seconds since 1970 (< 2200)")
+    if chunk.kind == KIND_TABLE:
+        validate_table(
+            chunk,
+            outcome,
+            limits.max_table_columns,
+            limits.max_table_rows,
+            limits.max_text_value_chars,
+        )
+    elif chunk.kind == KIND_EVALUATION:
+        validate_evaluations(chunk, outcome, limits.max_evaluation_bytes)
     if chunk.texts is not None:
         limit = limits.max_text_value_chars
         too_long = np.fromiter(

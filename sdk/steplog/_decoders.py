@@ -1,7 +1,9 @@
-"""Turns non-scalar series (tables, evaluations, images) into Python values."""
+"""Turns non-scalar series (tables, evaluations, images) into Python values,
+in the shapes Azure ML's `get_metrics` returned."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from steplog.v1 import data_pb2
@@ -10,8 +12,33 @@ from steplog.v1 import data_pb2
 def decode(data: data_pb2.SeriesData) -> Any:
     which = data.WhichOneof("points")
     if which == "evaluations":
-        import json
-
         docs = [json.loads(d) for d in data.evaluations.documents]
         return docs[0] if len(docs) == 1 else docs
+    if which == "table":
+        return table_columns(data.table)
     return None
+
+
+def table_columns(table: data_pb2.TableColumns) -> dict[str, list[Any]]:
+    """{column: [cells]} in row order; None where a row has no cell (a
+    column added after the row was logged, or a missing value)."""
+    out: dict[str, list[Any]] = {}
+    for col in table.columns:
+        which = _VALUES.get(col.type)
+        values: list[Any] = list(getattr(col, which)) if which else [None] * table.row_count
+        if len(col.present):
+            values = [v if p else None for v, p in zip(values, col.present, strict=True)]
+        have = out.get(col.name)
+        if have is None:
+            out[col.name] = values
+        else:  # the same column in several typed parts: fill the gaps
+            out[col.name] = [v if h is None else h for h, v in zip(have, values, strict=True)]
+    return out
+
+
+_VALUES = {
+    data_pb2.COLUMN_TYPE_DOUBLE: "doubles",
+    data_pb2.COLUMN_TYPE_INT64: "ints",
+    data_pb2.COLUMN_TYPE_STRING: "strings",
+    data_pb2.COLUMN_TYPE_BOOL: "bools",
+}

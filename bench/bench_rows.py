@@ -1,0 +1,186 @@
+"""Rows: `run.log_row` with 10 columns in a plain loop, timed until every row
+is acknowledged, against the same-run ceiling: the same rows, already encoded,
+binary-COPYed by asyncpg into the same table (table_rows) on one connection,
+as the service's one pipeline worker per writer does.
+
+    python -m bench.bench_rows [--rows 200000] [--repeat 3] [--numeric]
+
+Uses a stack of its own (STEPLOG_BENCH_ROWS_STACK, default
+/tmp/steplog-bench-rows) and starts the service as a subprocess. Prints one
+line per repetition and the medians:
+`ROWS rows_per_s=... ceiling_rows_per_s=... ratio=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from ingest.devstack import LocalStack
+from ingest.tables import BOOL, DOUBLE, INT64, STRING
+from ingest.tables_store import TABLE_ROW_COLUMNS, Cells, copy_payload, encode_table_rows
+from tests.support import ServiceProcess
+
+COPY_ROWS = 10_000  # rows per COPY (and commit) in the ceiling
+
+
+def rows_of(n: int, numeric: bool) -> list[dict[str, Any]]:
+    """n rows of 10 columns, as a training loop logs them."""
+    rng = np.random.default_rng(0)
+    loss = rng.random(n).tolist()
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        row: dict[str, Any] = {
+            "epoch": i // 1000,
+            "batch": i % 1000,
+            "loss": loss[i],
+            "acc": 1.0 - loss[i],
+            "lr": 1e-3,
+            "grad_norm": loss[i] * 3.0,
+            "tokens": i * 2048,
+            "throughput": 1234.5,
+        }
+        if numeric:
+            row["mfu"] = 0.41
+            row["scale"] = 65536.0
+        else:
+            row["phase"] = "train"
+            row["finite"] = True
+        out.append(row)
+    return out
+
+
+def cells_of(rows: list[dict[str, Any]]) -> dict[int, Cells]:
+    """The same rows as the service lays them out (slots in column order)."""
+    names = list(rows[0])
+    m = len(rows)
+    kinds: dict[int, list[str]] = {}
+    for name in names:
+        v = rows[0][name]
+        kind = (
+            BOOL
+            if isinstance(v, bool)
+            else INT64
+            if isinstance(v, int)
+            else STRING
+            if isinstance(v, str)
+            else DOUBLE
+        )
+        kinds.setdefault(kind, []).append(name)
+    out: dict[int, Cells] = {}
+    for kind, cols in kinds.items():
+        present = np.ones((m, len(cols)), dtype=np.bool_)
+        if kind == STRING:
+            out[kind] = Cells([[r[c] for r in rows] for c in cols], present)
+        else:
+            dtype = {DOUBLE: np.float64, INT64: np.int64, BOOL: np.bool_}[kind]
+            out[kind] = Cells(np.array([[r[c] for c in cols] for r in rows], dtype=dtype), present)
+    return out
+
+
+def through_log_row(address: str, rows: list[dict[str, Any]]) -> tuple[float, str, int]:
+    """rows/s through log_row until acknowledged; the run id and its series id."""
+    from steplog import Experiment
+
+    run = Experiment(f"bench-rows-{uuid.uuid4().hex[:8]}", url=address).start_logging()
+    log_row = run.log_row
+    start = time.perf_counter()
+    for row in rows:
+        log_row("perf", **row)
+    if not run.flush(600):
+        raise SystemExit("rows were not acknowledged within 600 s")
+    elapsed = time.perf_counter() - start
+    run.complete()
+    return len(rows) / elapsed, run.id, 0
+
+
+async def stored_rows(database_url: str, run_id: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM table_rows JOIN series USING (series_id) WHERE run_id = $1",
+            run_id,
+        )
+        return int(n)
+    finally:
+        await conn.close()
+
+
+async def ceiling(database_url: str, rows: list[dict[str, Any]], series_id: int) -> float:
+    """rows/s of binary COPY of the same rows (encoded beforehand) into
+    table_rows, COPY_ROWS per COPY, each committed, on one connection."""
+    payloads = []
+    for s in range(0, len(rows), COPY_ROWS):
+        part = rows[s : s + COPY_ROWS]
+        m = len(part)
+        body = encode_table_rows(
+            np.full(m, time.time()),
+            series_id,
+            np.arange(s, s + m, dtype=np.int64),
+            cells_of(part),
+        )
+        payloads.append(copy_payload([body]))
+    conn = await asyncpg.connect(database_url)
+    try:
+        start = time.perf_counter()
+        for payload in payloads:
+            await conn.copy_to_table(
+                "table_rows", source=io.BytesIO(payload), columns=TABLE_ROW_COLUMNS, format="binary"
+            )
+        elapsed = time.perf_counter() - start
+        await conn.execute("DELETE FROM table_rows WHERE series_id = $1", series_id)
+    finally:
+        await conn.close()
+    return len(rows) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--numeric", action="store_true", help="10 numeric columns, no string")
+    args = parser.parse_args()
+
+    root = Path(os.environ.get("STEPLOG_BENCH_ROWS_STACK", "/tmp/steplog-bench-rows"))
+    stack = LocalStack(root)
+    info = stack.start()
+    database = f"bench_rows_{uuid.uuid4().hex[:8]}"
+    database_url = stack.create_database(database)
+    env = info.env()
+    env["STEPLOG_DATABASE_URL"] = database_url
+    rows = rows_of(args.rows, args.numeric)
+    rates: list[float] = []
+    ceilings: list[float] = []
+    try:
+        with ServiceProcess(env, log_path=root / "bench-rows-service.log") as svc:
+            for i in range(args.repeat):
+                ceil = asyncio.run(ceiling(database_url, rows, 900_000_000 + i))
+                rate, run_id, _ = through_log_row(svc.address, rows)
+                stored = asyncio.run(stored_rows(database_url, run_id))
+                if stored != len(rows):
+                    raise SystemExit(f"stored {stored} rows of {len(rows)}")
+                rates.append(rate)
+                ceilings.append(ceil)
+                print(
+                    f"  rep {i + 1}: log_row {rate:,.0f} rows/s, ceiling {ceil:,.0f} rows/s, "
+                    f"ratio {rate / ceil:.2f} ({stored} rows stored)",
+                    flush=True,
+                )
+    finally:
+        stack.drop_database(database)
+    rate, ceil = statistics.median(rates), statistics.median(ceilings)
+    print(f"ROWS rows_per_s={rate:.0f} ceiling_rows_per_s={ceil:.0f} ratio={rate / ceil:.2f}")
+
+
+if __name__ == "__main__":
+    main()

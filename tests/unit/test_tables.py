@@ -1,0 +1,465 @@
+"""Tables without I/O: validation and column types (service), the binary COPY
+encoding against a straightforward reference, and the client's row buffers
+and columnar messages."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from steplog import _tables
+from steplog._decoders import table_columns
+from steplog.errors import InvalidArgumentError
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
+
+from ingest import batch as b
+from ingest import tables_store
+from ingest.decode import decode_batch
+from ingest.tables import BOOL, DOUBLE, INT64, STRING, TableBlock, resolve_types
+from ingest.timescale import PG_EPOCH
+from ingest.validate import Limits
+
+NOW = time.time()  # rows logged "now": the linger timer (60 s here) leaves them alone
+D, I, S, B = (
+    data_pb2.COLUMN_TYPE_DOUBLE,
+    data_pb2.COLUMN_TYPE_INT64,
+    data_pb2.COLUMN_TYPE_STRING,
+    data_pb2.COLUMN_TYPE_BOOL,
+)
+
+
+def table_batch(table: data_pb2.TableColumns, limits: Limits | None = None) -> b.DecodedBatch:
+    rs = pb.RunSeries(run_id="run-1", series=data_pb2.SeriesData(name="t", table=table))
+    return decode_batch(
+        "default", pb.Batch(writer_id="w", sequence=1, series=[rs]), 1.7e9, limits or Limits()
+    )
+
+
+def rejected(batch: b.DecodedBatch) -> dict[int, int]:
+    return dict(batch.outcome.by_reason)
+
+
+def messages(batch: b.DecodedBatch) -> list[str]:
+    return [e[6] for e in batch.outcome.examples]
+
+
+# -- validation (service, pure) -----------------------------------------------------
+
+
+def test_valid_table_becomes_a_block() -> None:
+    batch = table_batch(
+        data_pb2.TableColumns(
+            row_count=2,
+            columns=[
+                data_pb2.Column(name="x", type=I, ints=[1, 2]),
+                data_pb2.Column(name="y", type=D, doubles=[0.5, 0.0], present=[True, False]),
+                data_pb2.Column(name="s", type=S, strings=["a", "b"]),
+                data_pb2.Column(name="ok", type=B, bools=[True, False]),
+            ],
+        )
+    )
+    chunk = batch.chunks[0]
+    assert batch.outcome.rejected == 0 and chunk.kind == b.KIND_TABLE and len(chunk) == 2
+    block = chunk.payload[0] if chunk.payload else None
+    assert isinstance(block, TableBlock)
+    assert [(p.name, p.type) for p in block.parts] == [
+        ("x", INT64),
+        ("y", DOUBLE),
+        ("s", STRING),
+        ("ok", BOOL),
+    ]
+    assert block.parts[1].present.tolist() == [True, False]
+    assert block.parts[0].values.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "column,needle",
+    [
+        (data_pb2.Column(name="x", type=I, ints=[1]), "exactly row_count (2)"),
+        (data_pb2.Column(name="x", type=I, ints=[1, 2], doubles=[1.0, 2.0]), "nothing else"),
+        (data_pb2.Column(name="x", ints=[1, 2]), "has no type"),
+        (data_pb2.Column(name="", type=I, ints=[1, 2]), "column name is empty"),
+        (data_pb2.Column(name="a\nb", type=I, ints=[1, 2]), "control character"),
+        (data_pb2.Column(name="x", type=I, ints=[1, 2], present=[True]), "presence flags"),
+    ],
+)
+def test_malformed_column_rejects_the_whole_chunk(column: data_pb2.Column, needle: str) -> None:
+    batch = table_batch(data_pb2.TableColumns(row_count=2, columns=[column]))
+    assert rejected(batch) == {b.INVALID_TABLE: 2}
+    assert needle in messages(batch)[0]
+
+
+def test_row_and_column_limits() -> None:
+    limits = Limits(max_table_rows=3, max_table_columns=2)
+    many_rows = data_pb2.TableColumns(
+        row_count=4, columns=[data_pb2.Column(name="x", type=I, ints=[1, 2, 3, 4])]
+    )
+    batch = table_batch(many_rows, limits)
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 4}
+    assert "limit is 3" in messages(batch)[0]
+    wide = data_pb2.TableColumns(
+        row_count=1, columns=[data_pb2.Column(name=c, type=I, ints=[1]) for c in "abc"]
+    )
+    batch = table_batch(wide, limits)
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 1}
+    assert "3 columns" in messages(batch)[0]
+
+
+def test_default_limits_are_far_above_azure() -> None:
+    limits = Limits()
+    assert limits.max_table_columns >= 1000 and limits.max_table_rows >= 100_000
+
+
+def test_bad_cells_reject_only_their_rows() -> None:
+    batch = table_batch(
+        data_pb2.TableColumns(
+            row_count=3,
+            columns=[
+                data_pb2.Column(name="s", type=S, strings=["ok", "x" * 5000, "nul\x00"]),
+                data_pb2.Column(name="n", type=I, ints=[1, 2, 3]),
+            ],
+        )
+    )
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 2}
+    assert batch.chunks[0].alive.tolist() == [True, False, False]
+    assert "column 's'" in messages(batch)[0]
+
+
+def test_a_cell_given_twice_rejects_its_row() -> None:
+    batch = table_batch(
+        data_pb2.TableColumns(
+            row_count=2,
+            columns=[
+                data_pb2.Column(name="x", type=I, ints=[1, 2]),
+                data_pb2.Column(name="x", type=S, strings=["a", "b"], present=[False, True]),
+            ],
+        )
+    )
+    assert rejected(batch) == {b.INVALID_TABLE: 1}
+    assert batch.chunks[0].alive.tolist() == [True, False]
+    assert "two values in one row" in messages(batch)[0]
+
+
+def block_of(*columns: data_pb2.Column, n: int) -> TableBlock:
+    batch = table_batch(data_pb2.TableColumns(row_count=n, columns=list(columns)))
+    block = batch.chunks[0].payload[0] if batch.chunks[0].payload else None
+    assert isinstance(block, TableBlock)
+    return block
+
+
+def test_new_column_type_is_fixed_by_its_first_value() -> None:
+    # One column sent as two typed parts (mixed types): the first row's wins.
+    block = block_of(
+        data_pb2.Column(name="x", type=S, strings=["a", "", "c"], present=[True, False, True]),
+        data_pb2.Column(name="x", type=I, ints=[0, 2, 0], present=[False, True, False]),
+        n=3,
+    )
+    rejections, new = resolve_types(block, np.ones(3, dtype=np.bool_), {}, 10)
+    assert new == {"x": STRING}
+    assert len(rejections) == 1 and rejections[0].rows.tolist() == [False, True, False]
+    assert "column 'x' holds string values; this row's is int64" in rejections[0].message
+
+
+def test_type_change_against_the_stored_schema_names_the_column() -> None:
+    block = block_of(data_pb2.Column(name="acc", type=S, strings=["high", "low"]), n=2)
+    rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"acc": DOUBLE}, 10)
+    assert new == {}
+    assert rejections[0].reason == b.INVALID_TABLE
+    assert rejections[0].rows.tolist() == [True, True]
+    assert "column 'acc' holds double values; this row's is string" in rejections[0].message
+
+
+def test_int_cells_widen_into_a_double_column_but_not_back() -> None:
+    block = block_of(data_pb2.Column(name="loss", type=I, ints=[0, 1]), n=2)
+    rejections, _ = resolve_types(block, np.ones(2, dtype=np.bool_), {"loss": DOUBLE}, 10)
+    assert rejections == []
+    assert block.parts[0].type == DOUBLE and block.parts[0].values.tolist() == [0.0, 1.0]
+    # Again (a retried transaction): idempotent.
+    assert resolve_types(block, np.ones(2, dtype=np.bool_), {"loss": DOUBLE}, 10)[0] == []
+    block = block_of(data_pb2.Column(name="epoch", type=D, doubles=[1.5]), n=1)
+    rejections, _ = resolve_types(block, np.ones(1, dtype=np.bool_), {"epoch": INT64}, 10)
+    assert "holds int64 values; this row's is double" in rejections[0].message
+
+
+def test_rejected_row_does_not_fix_a_new_column_type() -> None:
+    block = block_of(
+        data_pb2.Column(name="known", type=S, strings=["bad", ""], present=[True, False]),
+        data_pb2.Column(name="new", type=S, strings=["s", ""], present=[True, False]),
+        data_pb2.Column(name="new", type=I, ints=[0, 7], present=[False, True]),
+        n=2,
+    )
+    rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"known": INT64}, 10)
+    assert new == {"new": INT64}
+    assert [r.rows.tolist() for r in rejections] == [[True, False]]
+
+
+def test_column_limit_across_the_series() -> None:
+    block = block_of(
+        data_pb2.Column(name="a", type=I, ints=[1, 2]),
+        data_pb2.Column(name="b", type=I, ints=[0, 2], present=[False, True]),
+        n=2,
+    )
+    rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"z": INT64}, 2)
+    assert new == {"a": INT64}
+    assert rejections[0].reason == b.LIMIT_EXCEEDED and rejections[0].rows.tolist() == [
+        False,
+        True,
+    ]
+    assert "column 'b' would be column 3" in rejections[0].message
+
+
+# -- binary COPY encoding against a reference -------------------------------------------
+
+
+def _ref_array(oid: int, fmt: str, cells: Sequence[Any]) -> bytes:
+    body = struct.pack(">iiiii", 1, int(any(c is None for c in cells)), oid, len(cells), 1)
+    for c in cells:
+        if c is None:
+            body += struct.pack(">i", -1)
+        elif fmt == "text":
+            data = c.encode()
+            body += struct.pack(">i", len(data)) + data
+        else:
+            data = struct.pack(">" + fmt, c)
+            body += struct.pack(">i", len(data)) + data
+    return struct.pack(">i", len(body)) + body
+
+
+def reference_rows(
+    times: Sequence[float], sid: int, steps: Sequence[int], cells: dict[int, tuple[Any, Any]]
+) -> bytes:
+    """One row at a time with struct, the way the COPY format is documented."""
+    out = b""
+    for i, t in enumerate(times):
+        row = struct.pack(">h", 8)
+        row += struct.pack(">iq", 8, round((t - PG_EPOCH) * 1e6))
+        row += struct.pack(">iq", 8, sid) + struct.pack(">iq", 8, steps[i])
+        for ctype, oid, fmt in ((DOUBLE, 701, "d"), (INT64, 20, "q"), (BOOL, 16, "?")):
+            if ctype not in cells:
+                row += struct.pack(">i", -1)
+                continue
+            values, present = cells[ctype]
+            row_cells = [
+                (bool(v) if fmt == "?" else v) if p else None
+                for v, p in zip(values[i], present[i], strict=True)
+            ]
+            row += _ref_array(oid, fmt, row_cells)
+        row += struct.pack(">ib", 1, 0)
+        if STRING in cells:
+            columns, present = cells[STRING]
+            row_cells = [col[i] if present[i][j] else None for j, col in enumerate(columns)]
+            row += _ref_array(25, "text", row_cells)
+        else:
+            row += struct.pack(">i", -1)
+        out += row
+    return out
+
+
+@pytest.mark.parametrize("kinds", [(DOUBLE,), (DOUBLE, INT64, BOOL), (STRING,), (DOUBLE, STRING)])
+@pytest.mark.parametrize("missing", [False, True])
+def test_copy_encoding_matches_reference(kinds: tuple[int, ...], missing: bool) -> None:
+    rng = np.random.default_rng(7)
+    m = 37
+    times = 1.7e9 + rng.random(m) * 1000
+    steps = np.arange(m, dtype=np.int64) * 3
+    cells: dict[int, tables_store.Cells] = {}
+    ref: dict[int, tuple[Any, Any]] = {}
+    for ctype in kinds:
+        k = 3
+        present = rng.random((m, k)) > 0.3 if missing else np.ones((m, k), dtype=np.bool_)
+        if ctype == STRING:
+            words = ["", "a", "héllo wörld", "x" * 50, "日本"]
+            columns = [[words[int(x)] for x in rng.integers(0, 5, m)] for _ in range(k)]
+            cells[ctype] = tables_store.Cells(columns, present)
+            ref[ctype] = (columns, present.tolist())
+            continue
+        values: Any = {
+            DOUBLE: rng.normal(size=(m, k)),
+            INT64: rng.integers(-(2**62), 2**62, size=(m, k)),
+            BOOL: rng.random((m, k)) > 0.5,
+        }[ctype]
+        cells[ctype] = tables_store.Cells(values, present)
+        ref[ctype] = (values.tolist(), present.tolist())
+    got = tables_store.encode_table_rows(times, 42, steps, cells)
+    assert got == reference_rows(times.tolist(), 42, steps.tolist(), ref)
+
+
+def test_copy_encoding_slices_rows_with_long_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tables_store, "_STRING_BUDGET", 1000)
+    m = 20
+    columns = [[("y" * (i * 7)) for i in range(m)]]
+    present = np.ones((m, 1), dtype=np.bool_)
+    times = np.full(m, 1.7e9)
+    steps = np.arange(m, dtype=np.int64)
+    got = tables_store.encode_table_rows(
+        times, 1, steps, {STRING: tables_store.Cells(columns, present)}
+    )
+    assert got == reference_rows(
+        times.tolist(), 1, steps.tolist(), {STRING: (columns, present.tolist())}
+    )
+
+
+def test_layout_places_cells_at_slots_and_adds_columns() -> None:
+    block = block_of(
+        data_pb2.Column(name="b", type=D, doubles=[1.0, 2.0]),
+        data_pb2.Column(name="new", type=D, doubles=[0.0, 3.0], present=[False, True]),
+        n=2,
+    )
+    columns = {"a": tables_store.Column("a", DOUBLE, 0, 0), "b": tables_store.Column("b", DOUBLE, 1, 1)}
+    new: list[tables_store.Column] = []
+    cells = tables_store.layout(block, np.array([0, 1]), columns, new)
+    assert [(c.name, c.slot, c.position) for c in new] == [("new", 2, 2)]
+    assert cells[DOUBLE].present.tolist() == [[False, True, False], [False, True, True]]
+    assert cells[DOUBLE].values[:, 1].tolist() == [1.0, 2.0]
+
+
+# -- the client: columns and messages ----------------------------------------------------
+
+
+def decoded(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    msg = _tables.table_message(columns, [1.7e9] * len(next(iter(columns.values()))))
+    return table_columns(msg)
+
+
+def test_column_kinds() -> None:
+    parts = _tables.column_parts("x", [1, 2.5, None])
+    assert [(p.type, list(p.doubles), list(p.present)) for p in parts] == [
+        (D, [1.0, 2.5, 0.0], [True, True, False])
+    ]
+    assert _tables.column_parts("n", [1, 2])[0].type == I
+    assert _tables.column_parts("b", [True, np.bool_(False)])[0].type == B
+    assert _tables.column_parts("f", [np.float32(1.5), np.int64(2)])[0].type == D
+    assert _tables.column_parts("s", ["a", None])[0].type == S
+    assert _tables.column_parts("huge", [2**70])[0].type == D
+
+
+def test_mixed_types_are_sent_faithfully_as_parts() -> None:
+    parts = _tables.column_parts("x", [1, "a", True, 2.0])
+    assert sorted((p.type, list(p.present)) for p in parts) == [
+        (D, [True, False, False, True]),
+        (S, [False, True, False, False]),
+        (B, [False, False, True, False]),
+    ]
+    assert decoded({"x": [1, "a", True, 2.0]}) == {"x": [1.0, "a", True, 2.0]}
+
+
+def test_roundtrip_of_azure_shape() -> None:
+    cols = {"x": [1, 2, 3], "y": [0.5, None, 1.5], "name": ["a", "b", "c"], "ok": [True] * 3}
+    assert decoded(cols) == cols
+
+
+def test_large_tables_are_split_by_rows() -> None:
+    columns = {"s": ["z" * 100] * 1000}
+    parts = _tables.split_messages(columns, [1.7e9] * 1000, list(range(1000)), 20_000)
+    assert len(parts) > 1 and all(p.ByteSize() <= 20_000 for p in parts)
+    assert sum(p.row_count for p in parts) == 1000
+    assert [s for p in parts for s in p.steps] == list(range(1000))
+
+
+def test_log_table_checks_its_value() -> None:
+    with pytest.raises(InvalidArgumentError, match="different lengths"):
+        _tables.table_series("t", (), {"a": [1], "b": [1, 2]}, "", None, 1 << 20)
+    with pytest.raises(InvalidArgumentError, match="column 'a' value must be"):
+        _tables.table_series("t", (), {"a": [[1]]}, "", None, 1 << 20)
+    with pytest.raises(InvalidArgumentError, match="2 steps for 1 rows"):
+        _tables.table_series("t", (), {"a": [1]}, "", [1, 2], 1 << 20)
+    (series,) = _tables.table_series("t", (), {"a": np.arange(3)}, "d", [5, 6, 7], 1 << 20)
+    assert list(series.table.steps) == [5, 6, 7] and series.description == "d"
+
+
+# -- the client: log_row buffers -------------------------------------------------------
+
+
+class FakeWriter:
+    """What RowBuffers needs of the BatchWriter: log_series (and the hook)."""
+
+    def __init__(self, hook: bool = True, flush_interval: float = 60.0) -> None:
+        self.sent: list[tuple[str, data_pb2.SeriesData]] = []
+        self.arrived = threading.Event()
+        self.hooks: list[Any] = []
+        self.settings = type(
+            "S", (), {"flush_interval": flush_interval, "max_batch_bytes": 4 << 20}
+        )()
+        if hook:
+            self.add_flush_hook = self.hooks.append
+
+    def log_series(self, run_id: str, series: data_pb2.SeriesData) -> None:
+        self.sent.append((run_id, series))
+        self.arrived.set()
+
+    def flush(self) -> None:
+        for hook in self.hooks:
+            hook()
+
+    def rows(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for _, s in self.sent:
+            for k, v in table_columns(s.table).items():
+                out.setdefault(k, []).extend(v)
+        return out
+
+
+def test_rows_are_buffered_until_flush() -> None:
+    writer = FakeWriter()
+    rows = _tables.RowBuffers(writer)
+    assert rows.buffered and writer.hooks == [rows.drain]
+    for i in range(10):
+        rows.add("r", "t", (), "", {"epoch": i, "loss": 1.0 / (i + 1)}, NOW)
+    assert writer.sent == []
+    writer.flush()
+    assert len(writer.sent) == 1
+    assert writer.rows() == {"epoch": list(range(10)), "loss": [1.0 / (i + 1) for i in range(10)]}
+
+
+def test_growing_column_set_reads_missing_before() -> None:
+    writer = FakeWriter()
+    rows = _tables.RowBuffers(writer)
+    rows.add("r", "t", (), "", {"a": 1}, NOW)
+    rows.add("r", "t", (), "", {"a": 2, "b": "x"}, NOW)
+    rows.add("r", "t", (), "", {"b": "y"}, NOW)
+    writer.flush()
+    assert writer.rows() == {"a": [1, 2, None], "b": [None, "x", "y"]}
+
+
+def test_rows_go_out_when_full_or_old() -> None:
+    writer = FakeWriter()
+    rows = _tables.RowBuffers(writer)
+    for i in range(_tables.MAX_ROWS):
+        rows.add("r", "t", (), "", {"i": i}, NOW)
+    assert len(writer.sent) == 1 and writer.sent[0][1].table.row_count == _tables.MAX_ROWS
+    rows.add("r", "t", (), "", {"i": 0}, NOW)
+    rows.add("r", "t", (), "", {"i": 1}, NOW + rows.linger)
+    assert len(writer.sent) == 2 and writer.sent[1][1].table.row_count == 2
+
+
+def test_timer_sends_rows_that_stop_arriving() -> None:
+    writer = FakeWriter(flush_interval=0.01)
+    rows = _tables.RowBuffers(writer)
+    rows.add("r", "t", (), "", {"i": 1}, time.time())
+    assert writer.arrived.wait(10), "the linger timer did not hand the row over"
+    assert writer.rows() == {"i": [1]}
+
+
+def test_without_a_flush_hook_every_row_goes_out_at_once() -> None:
+    writer = FakeWriter(hook=False)
+    rows = _tables.RowBuffers(writer)
+    assert not rows.buffered
+    rows.add("r", "t", (("rank", "0"),), "desc", {"i": 1}, NOW)
+    rows.add("r", "t", (("rank", "0"),), "desc", {"i": 2}, NOW)
+    assert [s.table.row_count for _, s in writer.sent] == [1, 1]
+    assert dict(writer.sent[0][1].labels) == {"rank": "0"}
+    assert writer.sent[0][1].description == "desc"
+
+
+def test_bad_cells_fail_at_the_callers_line() -> None:
+    rows = _tables.RowBuffers(FakeWriter())
+    with pytest.raises(InvalidArgumentError, match="column 'x' value must be"):
+        rows.add("r", "t", (), "", {"x": [1, 2]}, NOW)
+    with pytest.raises(InvalidArgumentError, match="column name"):
+        rows.add("r", "t", (), "", {"": 1}, NOW)
