@@ -94,6 +94,7 @@ def _dev(ns: argparse.Namespace) -> int:
             time.sleep(0.5)
         return 0
     finally:
+        print("steplog: stopping the service" + ("" if ns.keep_stack else " and the stack"))
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -104,6 +105,7 @@ def _dev(ns: argparse.Namespace) -> int:
                 p.kill()
         if not ns.keep_stack:
             stack.stop()
+        print("steplog: stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
