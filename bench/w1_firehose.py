@@ -26,7 +26,9 @@ import asyncpg
 from bench.common import bench_stack, scrape, service, sql
 
 
-def _writer(url: str, experiment: str, names: int, steps: int, ready: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _writer(
+    url: str, experiment: str, names: int, steps: int, ready: mp.Barrier, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
     from steplog import Experiment
 
     run = Experiment(experiment, url=url).start_logging()
@@ -59,9 +61,7 @@ async def _ceiling(url: str, total: int, connections: int = 2) -> float:
         while done < per:
             n = min(chunk, per - done)
             async with conn.transaction():
-                await conn.copy_records_to_table(
-                    "scalar_points", records=records[:n], columns=cols
-                )
+                await conn.copy_records_to_table("scalar_points", records=records[:n], columns=cols)
             done += n
 
     start = time.perf_counter()
@@ -120,7 +120,10 @@ def main() -> None:
         fifth = max(1, len(samples) // 5)
         first = (samples[fifth][1] - samples[0][1]) / (samples[fifth][0] - samples[0][0])
         last = (samples[-1][1] - samples[-1 - fifth][1]) / (samples[-1][0] - samples[-1 - fifth][0])
-        trend = f" first_fifth_per_s={first:.0f} last_fifth_per_s={last:.0f} change={last / first - 1:+.0%}"
+        trend = (
+            f" first_fifth_per_s={first:.0f} last_fifth_per_s={last:.0f}"
+            f" change={last / first - 1:+.0%}"
+        )
     print(
         f"W1 points_per_s={rate:.0f} ceiling_points_per_s={ceiling:.0f} ratio={rate / ceiling:.2f}"
         f" points={total} stored={stored} all_acked={all(r[3] for r in results)}"

@@ -290,11 +290,12 @@ class Run:
         """Add a row to table `name` (Azure's `log_row`): each keyword is a
         column, `None` a missing cell. Rows are buffered and sent many to a
         message; a column's type is fixed by its first value."""
-        from steplog._tables import row_buffers
+        rows = self.__dict__.get("_row_buffers")
+        if rows is None:  # first row of this Run object: no import on later calls
+            from steplog._tables import row_buffers
 
-        row_buffers(self._client.writer).add(
-            self.id, name, self._labels, description or "", kwargs, time.time()
-        )
+            rows = self.__dict__["_row_buffers"] = row_buffers(self._client.writer)
+        rows.add(self._proto.run_id, name, self._labels, description or "", kwargs, time.time())
 
     def log_table(
         self,

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from ingest.devstack import LocalStack
 from steplog import Experiment, Run
 from steplog.client import Client
+
+from ingest.devstack import LocalStack
 from tests.sql import stored_points
 from tests.support import ServiceProcess, free_port
 
@@ -41,8 +41,9 @@ def expected(steps: int) -> list[tuple[str, int, float]]:
     return sorted((n, s, s * 0.5 + len(n)) for n in NAMES for s in range(steps))
 
 
-def test_kill_9_service_mid_stream(service_env: dict[str, str], experiment_name: str,
-                                   database_url: str) -> None:
+def test_kill_9_service_mid_stream(
+    service_env: dict[str, str], experiment_name: str, database_url: str
+) -> None:
     port = free_port()
     svc = ServiceProcess(service_env, port=port).start()
     try:
@@ -63,8 +64,9 @@ def test_kill_9_service_mid_stream(service_env: dict[str, str], experiment_name:
         svc.stop()
 
 
-def test_postgres_restart_mid_stream(stack: LocalStack, url: str, experiment_name: str,
-                                     database_url: str) -> None:
+def test_postgres_restart_mid_stream(
+    stack: LocalStack, url: str, experiment_name: str, database_url: str
+) -> None:
     client = Client(url, "default")
     run = Run._create(client, experiment_name)
     writer = client.writer
@@ -97,15 +99,24 @@ def test_offline_spool_replayed_twice_stores_each_point_once(
     )
     env = dict(os.environ)
     env.pop("STEPLOG_URL", None)
-    env.update({"STEPLOG_RUN_ID": run.id, "STEPLOG_OFFLINE": "true",
-                "STEPLOG_SPOOL_DIR": str(spool), "STEPLOG_MAX_BATCH_POINTS": "1000"})
+    env.update(
+        {
+            "STEPLOG_RUN_ID": run.id,
+            "STEPLOG_OFFLINE": "true",
+            "STEPLOG_SPOOL_DIR": str(spool),
+            "STEPLOG_MAX_BATCH_POINTS": "1000",
+        }
+    )
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     assert any(spool.rglob("*")), "the offline run wrote no spool"
     assert stored_points(database_url, run.id) == []  # nothing sent while offline
     for attempt in range(2):
         out = subprocess.run(
             [sys.executable, "-m", "steplog.cli", "sync", str(spool), "--url", url],
-            check=True, capture_output=True, text=True, timeout=120,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         if attempt == 0:
             assert "6001 accepted" in out, out
