@@ -262,6 +262,20 @@ def test_mixed_batch_keeps_the_valid_points(url: str, experiment_name: str) -> N
     assert good[0] == 1.0 and math.isnan(good[1])
 
 
+def test_empty_batches_are_acknowledged_and_advance_the_sequence(url: str) -> None:
+    client = Client(url, "default")
+    writer = f"t-{uuid.uuid4().hex}"
+    for seq in (1, 2):
+        reply = client.ingest.Write(
+            pb.WriteRequest(workspace="default", batch=pb.Batch(writer_id=writer, sequence=seq))
+        )
+        assert not reply.duplicate_batch and reply.result.accepted == 0
+    again = client.ingest.Write(
+        pb.WriteRequest(workspace="default", batch=pb.Batch(writer_id=writer, sequence=2))
+    )
+    assert again.duplicate_batch
+
+
 def test_bad_workspace_and_writer_are_invalid_argument(url: str) -> None:
     client = Client(url, "default")
     with pytest.raises(grpc.RpcError) as err:
