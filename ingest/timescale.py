@@ -735,18 +735,7 @@ class PointStore:
                 if c.alive.any() and c.key not in first:
                     first[c.key] = c
         keys = sorted(first)
-        states: dict[tuple[str, str, str], SeriesState] = {}
-        rows = await conn.fetch(
-            f"SELECT {_SERIES_COLUMNS} FROM series"
-            " WHERE (run_id, name, labels_key) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
-            " ORDER BY series_id FOR UPDATE",
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-        )
-        for r in rows:
-            states[(r["run_id"], r["name"], r["labels_key"])] = _state(r)
+        states = await self._select_for_update(conn, keys)
         missing = [k for k in keys if k not in states]
         if missing:
             missing = await self._enforce_series_limit(conn, missing, first, live)
@@ -775,18 +764,25 @@ class PointStore:
             raced = [k for k in missing if k not in states]
             if raced:
                 # Another service process created them a moment ago: lock theirs.
-                rows = await conn.fetch(
-                    f"SELECT {_SERIES_COLUMNS} FROM series"
-                    " WHERE (run_id, name, labels_key) IN"
-                    " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
-                    " ORDER BY series_id FOR UPDATE",
-                    [k[0] for k in raced],
-                    [k[1] for k in raced],
-                    [k[2] for k in raced],
-                )
-                for r in rows:
-                    states[(r["run_id"], r["name"], r["labels_key"])] = _state(r)
+                states.update(await self._select_for_update(conn, raced))
         return states
+
+    @staticmethod
+    async def _select_for_update(
+        conn: asyncpg.Connection, keys: Sequence[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], SeriesState]:
+        """Lock existing series rows, in series_id order (a fixed lock order
+        keeps concurrent transactions from deadlocking)."""
+        rows = await conn.fetch(
+            f"SELECT {_SERIES_COLUMNS} FROM series"
+            " WHERE (run_id, name, labels_key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+            " ORDER BY series_id FOR UPDATE",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        return {(r["run_id"], r["name"], r["labels_key"]): _state(r) for r in rows}
 
     async def _enforce_series_limit(
         self,
