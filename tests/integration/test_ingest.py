@@ -207,7 +207,7 @@ def test_rewind_hides_points_and_logging_continues(
         )
         == 50
     )
-    assert not run._client.writer.rejections()
+    assert not run.rejections()
 
 
 def test_points_to_unknown_completed_and_foreign_runs_are_rejected(
