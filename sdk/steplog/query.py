@@ -51,3 +51,38 @@ def get_metrics(
     if recursive:
         return {r.run_id: metrics_of(r) for r in reply.runs}
     return metrics_of(reply.runs[0]) if reply.runs else {}
+
+
+def read_series(
+    client: Client,
+    run_id: str,
+    name: str,
+    labels: dict[str, str] | None = None,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    max_points: int = 0,
+) -> dict[str, Any]:
+    """One scalar series by step range: {"steps", "values", "times",
+    "downsampled", "total_points"}; downsampled to about max_points when the
+    range holds more (each bucket keeps its first, min and max point)."""
+    reply = client.call(
+        client.queries.ReadSeries,
+        qs.ReadSeriesRequest(
+            workspace=client.workspace,
+            run_id=run_id,
+            name=name,
+            labels=labels or {},
+            start_step=start_step,
+            end_step=end_step,
+            max_points=max_points,
+        ),
+        timeout=120,
+    )
+    sc = reply.series.scalars
+    return {
+        "steps": list(sc.steps),
+        "values": list(sc.text_values) if len(sc.text_values) else list(sc.values),
+        "times": list(sc.times),
+        "downsampled": reply.downsampled,
+        "total_points": reply.total_points,
+    }
