@@ -27,34 +27,12 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_healthy(
-    address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise SystemExit(f"the service exited with code {proc.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the service at {address} did not become healthy in {timeout}s")
-            time.sleep(0.2)
-
-
 def _dev(ns: argparse.Namespace) -> int:
     """The embedded default: local PostgreSQL+TimescaleDB and SeaweedFS S3 as
     plain processes under --root, then the service (several processes sharing
     one port when --processes > 1), then optionally the example script."""
     from ingest.devstack import LocalStack
+    from ingest.healthcheck import wait_healthy
 
     root = Path(ns.root).resolve()
     stack = LocalStack(root)
@@ -70,7 +48,10 @@ def _dev(ns: argparse.Namespace) -> int:
             penv = dict(env)
             penv["STEPLOG_METRICS_PORT"] = str(base_metrics + i) if base_metrics else "0"
             procs.append(subprocess.Popen([sys.executable, "-m", "ingest", "serve"], env=penv))
-        _wait_healthy(listen, 60, procs[0])
+        try:
+            wait_healthy(listen, 60, procs[0])
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"steplog: {exc}") from None
         print(f"steplog: serving on {listen} ({ns.processes} process(es)); stack under {root}")
         print(f"steplog: export STEPLOG_URL={listen}")
         if ns.example:

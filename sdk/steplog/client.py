@@ -4,6 +4,7 @@ per (address, workspace) in a process, shared by every Experiment and Run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -29,6 +30,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.enable_retries", 0),
+    # Behind a headless Kubernetes service DNS names every replica: spread
+    # calls over them instead of pinning the process to the first.
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
 ]
 
 
