@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["bench.log_overhead", "bench.w1_firehose"]
+BENCHES = [
+    "bench.log_overhead",
+    "bench.w1_firehose",
+    "bench.bench_rows",
+    "bench.bench_blobs",
+]
 
 
 def main() -> None:

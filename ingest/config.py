@@ -38,6 +38,9 @@ class Config:
     # Points gathered into one transaction at most.
     group_commit_points: int = 200_000
     max_message_bytes: int = 64 * 1024 * 1024
+    # Connections are closed (gracefully) after this long, so clients spread
+    # over replicas added later; they reconnect and resend what is unacknowledged.
+    max_connection_age_s: int = 1800
     db_pool_size: int = 8
     heartbeat_timeout_s: float = 300.0
     shutdown_grace_s: float = 10.0
@@ -48,8 +51,17 @@ class Config:
     max_table_columns: int = 1000
     max_table_rows: int = 100_000
     max_evaluation_bytes: int = 16 * 1024 * 1024
-    # Running without authentication is only allowed on loopback addresses.
+    # Images travel inline in ingest batches; files by the chunked ArtifactService.
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_artifact_bytes: int = 1024**4
+    # S3: multipart part size (>= 5 MiB), and requests in flight for the service.
+    s3_part_bytes: int = 16 * 1024 * 1024
+    s3_concurrency: int = 64
+    # Running without authentication is only allowed on loopback addresses,
+    # unless this explicit opt-in says the network itself keeps strangers out
+    # (a container or pod network behind a firewall or NetworkPolicy).
     auth: str = "none"
+    allow_unauthenticated_non_loopback: bool = False
     # Live progress on /metrics: scalar series names to export (globs), and a
     # cap on exported series (and runs); 0 turns the progress export off.
     progress_series: tuple[str, ...] = ("loss*", "*loss", "accuracy*", "lr")
@@ -92,6 +104,13 @@ def _listen(text: str) -> str:
     return text
 
 
+def _part_bytes(text: str) -> int:
+    value = int(text)
+    if value < 5 * 1024 * 1024:
+        raise ValueError("must be at least 5 MiB (5242880), S3's smallest part")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -109,6 +128,15 @@ def _globs(text: str) -> tuple[str, ...]:
                 f"bad pattern {p[:40]!r}: at most 255 characters, no control characters"
             )
     return patterns
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false (also 1/0, yes/no, on/off)")
 
 
 def _auth(text: str) -> str:
@@ -130,6 +158,7 @@ _HELP = {
     "queue_batches": "batches queued for commit before streams stop being read",
     "group_commit_points": "most points in one transaction",
     "max_message_bytes": "largest gRPC message accepted",
+    "max_connection_age_s": "seconds before a client connection is recycled (spreads load)",
     "db_pool_size": "database connections for metadata and queries",
     "heartbeat_timeout_s": "seconds of silence before a Running run reads as NotResponding",
     "shutdown_grace_s": "seconds in-flight RPCs get on SIGTERM",
@@ -139,7 +168,15 @@ _HELP = {
     "max_table_columns": "most columns of a table series (and in one request)",
     "max_table_rows": "most rows of one table series in one request",
     "max_evaluation_bytes": "largest evaluation document (JSON bytes)",
+    "max_image_bytes": "largest image point (bytes)",
+    "max_artifact_bytes": "largest file a run can upload (bytes)",
+    "s3_part_bytes": "S3 multipart part size for file uploads (at least 5 MiB)",
+    "s3_concurrency": "S3 requests the service keeps in flight at most",
     "auth": "authentication mode",
+    "allow_unauthenticated_non_loopback": (
+        "allow auth=none on a non-loopback address such as 0.0.0.0 (containers);"
+        " only where the network itself restricts who can connect"
+    ),
     "progress_series": "scalar series exported as live progress: comma-separated globs (* and ?)",
     "progress_max_series": "most series (and runs) in the progress export; 0 turns it off",
 }
@@ -148,8 +185,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "metrics_port": _port,
     "auth": _auth,
+    "allow_unauthenticated_non_loopback": _bool,
     "progress_series": _globs,
     "progress_max_series": _non_negative_int,
+    "s3_part_bytes": _part_bytes,
 }
 
 

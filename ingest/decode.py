@@ -163,6 +163,9 @@ def _decode_series(
         items: Any
         if which == "table":
             n = payload_msg.row_count
+            if n < 0:
+                _malformed(common, 0, outcome, f"row_count must be >= 0, not {n}")
+                return None
             items = [payload_msg]
         elif which == "images":
             items = list(payload_msg.images)

@@ -388,20 +388,26 @@ class LocalStack:
                 return pwd.getpwnam(name)
         raise StackError("running as root and no unprivileged user exists to run PostgreSQL")
 
-    def _as_owner(self) -> dict[str, Any]:
-        """subprocess arguments that drop root privileges to the cluster owner."""
+    def _as_owner(self) -> list[str]:
+        """A command prefix that drops root privileges to the cluster owner.
+
+        setpriv rather than subprocess's user=/group=: those force a plain
+        fork() of this process, and fork() of a process with gRPC threads
+        (a test or the service) can crash in gRPC's fork handlers; without
+        them subprocess uses vfork/posix_spawn, which is safe."""
         owner = self._pg_owner()
         if owner is None:
-            return {}
-        return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+            return []
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        return [setpriv, f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--clear-groups"]
 
     def _pg_run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL server tool (initdb, pg_ctl) as the cluster owner."""
         env = _env_without("PG") | {"LC_ALL": "C", "HOME": str(self.pg_dir)}
-        cmd = [str(find_pg_bindir() / args[0]), *args[1:]]
+        cmd = [*self._as_owner(), str(find_pg_bindir() / args[0]), *args[1:]]
         return subprocess.run(
             cmd, cwd=self.pg_dir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=timeout, start_new_session=True, **self._as_owner(),
+            text=True, timeout=timeout, start_new_session=True,
         )  # fmt: skip
 
     def _pg_ctl(self, action: str, timeout: float, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -418,7 +424,7 @@ class LocalStack:
             if top.stat().st_uid != owner.pw_uid:
                 for path in [top, *top.rglob("*")]:
                     os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
-        if subprocess.run(["test", "-w", str(self.pg_dir)], **self._as_owner()).returncode:
+        if subprocess.run([*self._as_owner(), "test", "-w", str(self.pg_dir)]).returncode:
             raise StackError(
                 f"PostgreSQL runs as {owner.pw_name!r} (it refuses root) and cannot reach "
                 f"{self.pg_dir}: put the stack root outside private directories like /root"

@@ -67,9 +67,15 @@ def _same(a: float | None, b: float) -> bool:
     return bool(a == b or (np.isnan(a) and np.isnan(b)))
 
 
+# An evaluation series' value_type is its schema (ingest.evaluations.SCHEMA_CODES).
+_SCHEMAS = {1: "confusion_matrix", 2: "accuracy_table", 3: "predictions", 4: "residuals"}
+
+
 def _kind_label(kind: int, value_type: int) -> str:
     if kind == 1:
         return "text scalar" if value_type == VALUE_TEXT else "numeric scalar"
+    if kind == 4 and value_type in _SCHEMAS:
+        return f"{_SCHEMAS[value_type]} evaluation"
     return KIND_NAMES.get(kind, str(kind))
 
 

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from steplog.v1 import (
     artifact_service_pb2,
+    artifact_service_pb2_grpc,
     experiment_service_pb2,
     experiment_service_pb2_grpc,
     ingest_service_pb2,
@@ -30,11 +31,13 @@ from steplog.v1 import (
     run_service_pb2_grpc,
 )
 
-from ingest import progress, tables_store, timescale
+from ingest import artifacts_store, progress, tables_store, timescale
+from ingest.blobs import BlobSettings, BlobStore
 from ingest.config import Config, describe
 from ingest.interceptors import MetricsInterceptor
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
+from ingest.servicers.artifacts import ArtifactServicer
 from ingest.servicers.ingest import IngestServicer
 from ingest.servicers.metadata import ExperimentServicer, RunServicer
 from ingest.servicers.query import QueryServicer
@@ -69,6 +72,7 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     pipeline: Pipeline | None = None
     points: timescale.PointStore | None = None
+    blobs: BlobStore | None = None
     queries: QueryServicer | None = None
     _metrics_server: Any = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,9 +81,18 @@ class Service:
     async def start(self) -> int:
         cfg = self.config
         if cfg.auth == "none" and not _is_loopback(cfg.listen):
-            raise SystemExit(
-                f"refusing to listen on {cfg.listen} without authentication: "
-                "running without authentication is only allowed on a loopback address"
+            if not cfg.allow_unauthenticated_non_loopback:
+                raise SystemExit(
+                    f"refusing to listen on {cfg.listen} without authentication: "
+                    "running without authentication is only allowed on a loopback address "
+                    "(set STEPLOG_ALLOW_UNAUTHENTICATED_NON_LOOPBACK=true only where the "
+                    "network itself restricts who can connect, as in a container network)"
+                )
+            log.warning(
+                "listening on %s WITHOUT AUTHENTICATION "
+                "(STEPLOG_ALLOW_UNAUTHENTICATED_NON_LOOPBACK=true): whoever can reach this "
+                "address can read and write every workspace",
+                cfg.listen,
             )
         log.info("starting: %s", describe(cfg))
         self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
@@ -88,7 +101,12 @@ class Service:
             log.info("applied migrations: %s", ", ".join(applied))
         metadata = timescale.MetadataStore(self.pool, cfg.heartbeat_timeout_s)
         self.points = timescale.PointStore(cfg.max_series_per_run)
-        self.pipeline = Pipeline(
+        self.blobs = BlobStore(BlobSettings.from_config(cfg), self.metrics)
+        await self.blobs.start()
+        self._closers.append(self.blobs.close)
+        # Stores a batch's image blobs before queueing it (artifacts_store.py).
+        self.pipeline = artifacts_store.BlobFirstPipeline(
+            self.blobs,
             cfg.database_url,
             self.points,
             self.metrics,
@@ -102,9 +120,13 @@ class Service:
             max_table_columns=cfg.max_table_columns,
             max_table_rows=cfg.max_table_rows,
             max_evaluation_bytes=cfg.max_evaluation_bytes,
+            max_image_bytes=cfg.max_image_bytes,
         )
         self.queries = QueryServicer(timescale.QueryStore(self.pool))
         tables_store.register(self.points, self.queries, self.pool, limits)
+        artifacts = artifacts_store.register(
+            self.points, self.queries, self.pool, self.blobs, cfg.max_message_bytes - 2**20
+        )
 
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -113,6 +135,8 @@ class Service:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_connection_age_ms", cfg.max_connection_age_s * 1000),
+            ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
         ]
         server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(self.metrics)])
         experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
@@ -123,6 +147,9 @@ class Service:
             IngestServicer(self.pipeline, limits, self.metrics), server
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(self.queries, server)
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(artifacts, self.blobs, cfg.max_artifact_bytes), server
+        )
         for extra in _extensions:
             closer = await extra(self, server)
             if closer is not None:

@@ -162,6 +162,10 @@ def cell_problems(block: TableBlock, max_text_chars: int) -> list[Rejection]:
             if p.type != STRING:
                 continue
             strings: list[str] = p.values
+            if max(map(len, strings), default=0) <= max_text_chars and "\x00" not in "".join(
+                strings
+            ):
+                continue  # the common case, checked in C
             bad = np.fromiter(
                 (len(s) > max_text_chars or "\x00" in s for s in strings),
                 dtype=np.bool_,

@@ -17,7 +17,6 @@ dropping the bytes they do not use with one boolean mask.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -154,18 +153,20 @@ def _encode_slice(
         c = cells[ctype]
         k = c.slots
         width = np.dtype(_FIXED_DTYPE[ctype]).itemsize
-        n_present = c.present.sum(axis=1)
-        missing = n_present < k
-        rows[f"l_{ctype}"] = 20 + 4 * k + width * n_present
-        rows[f"h_{ctype}"] = np.array([1, 0, oid, k, 1], dtype=np.int32)
-        rows[f"h_{ctype}"][:, 1] = missing
         el = rows[f"e_{ctype}"]
-        el["len"] = np.where(c.present, width, -1)
         el["val"] = c.values
-        if missing.any():
-            mask = np.ones((m, k, 4 + width), dtype=np.bool_)
-            mask[:, :, 4:] = c.present[:, :, None]
-            drop(dtype.fields[f"e_{ctype}"][1], mask.reshape(m, -1))  # type: ignore[index]
+        rows[f"h_{ctype}"] = np.array([1, 0, oid, k, 1], dtype=np.int32)
+        if c.present.all():  # the common case: constants, no mask
+            rows[f"l_{ctype}"] = 20 + (4 + width) * k
+            el["len"] = width
+            continue
+        n_present = c.present.sum(axis=1)
+        rows[f"l_{ctype}"] = 20 + 4 * k + width * n_present
+        rows[f"h_{ctype}"][:, 1] = n_present < k
+        el["len"] = np.where(c.present, width, -1)
+        mask = np.ones((m, k, 4 + width), dtype=np.bool_)
+        mask[:, :, 4:] = c.present[:, :, None]
+        drop(dtype.fields[f"e_{ctype}"][1], mask.reshape(m, -1))  # type: ignore[index]
     if STRING not in cells:
         rows[f"l_{STRING}"] = -1
     else:
@@ -175,13 +176,15 @@ def _encode_slice(
         rows[f"h_{STRING}"] = np.array([1, 0, _TEXT_OID, k, 1], dtype=np.int32)
         rows[f"h_{STRING}"][:, 1] = (~sc.present).any(axis=1)
         for j, (enc, lens, w) in enumerate(zip(encoded, lengths, widths, strict=True)):
-            rows[f"sl_{j}"] = np.where(sc.present[:, j], lens, -1)
+            present = sc.present[:, j]
+            rows[f"sl_{j}"] = np.where(present, lens, -1)
             if w:
                 rows[f"sv_{j}"] = enc
-                drop(
-                    dtype.fields[f"sv_{j}"][1],  # type: ignore[index]
-                    np.arange(w)[None, :] < lens[:, None],
-                )
+                if not (lens == w).all():  # padding to drop (not when all as wide)
+                    drop(
+                        dtype.fields[f"sv_{j}"][1],  # type: ignore[index]
+                        np.arange(w)[None, :] < lens[:, None],
+                    )
     if keep is None:
         return rows.tobytes()
     flat: npt.NDArray[np.uint8] = rows.view(np.uint8).reshape(m, itemsize)
@@ -202,7 +205,7 @@ def encode_table_rows(
     if STRING not in cells or m == 0:
         return _encode_slice(times, series_id, steps, cells)
     sc = cells[STRING]
-    widest = max((max((len(s) for s in column), default=0) for column in sc.values), default=0)
+    widest = max((max(map(len, column), default=0) for column in sc.values), default=0)
     per_row = max(1, 4 * widest * max(1, sc.slots))
     step = max(1, _STRING_BUDGET // per_row)
     if step >= m:
@@ -223,6 +226,14 @@ def encode_table_rows(
 
 def copy_payload(rows: Sequence[bytes]) -> bytes:
     return _COPY_HEADER + b"".join(rows) + _COPY_TRAILER
+
+
+async def _copy_source(rows: Sequence[bytes]) -> AsyncIterator[bytes]:
+    """The COPY stream piece by piece: no copy of a group's rows into one buffer."""
+    yield _COPY_HEADER
+    for part in rows:
+        yield part
+    yield _COPY_TRAILER
 
 
 # -- layout of a request's accepted rows ---------------------------------------------
@@ -388,10 +399,7 @@ class TableStore:
                 [c.slot for _, c in new],
             )
         await conn.copy_to_table(
-            "table_rows",
-            source=io.BytesIO(copy_payload(payload)),
-            columns=TABLE_ROW_COLUMNS,
-            format="binary",
+            "table_rows", source=_copy_source(payload), columns=TABLE_ROW_COLUMNS, format="binary"
         )
         return rows
 

@@ -20,10 +20,13 @@ import numpy as np
 from ingest import order
 from ingest.batch import (
     INVALID_VALUE,
+    KIND_IMAGE,
     KIND_SCALAR,
+    KIND_TABLE,
     LIMIT_EXCEEDED,
     RUN_NOT_ACTIVE,
     RUN_NOT_FOUND,
+    VALUE_TEXT,
     Chunk,
     DecodedBatch,
 )
@@ -463,7 +466,7 @@ class MetadataStore:
             if RunStatus(run["status"]).terminal:
                 raise precondition("run_id", f"run {run_id!r} is {run['status']}; it cannot rewind")
             series = await conn.fetch(
-                "SELECT series_id, value_type FROM series WHERE run_id = $1 AND stepped"
+                "SELECT series_id, kind, value_type FROM series WHERE run_id = $1 AND stepped"
                 " AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
                 " ORDER BY series_id FOR UPDATE",
                 run_id,
@@ -471,7 +474,12 @@ class MetadataStore:
             )
             hidden = 0
             for s in series:
-                table = "text_points" if s["value_type"] == 1 else "scalar_points"
+                table = points_table(s["kind"], s["value_type"])
+                numeric = table == "scalar_points"
+                # The value the step rules compare: text, or an image's hash.
+                text_expr = {"text_points": "value", "image_points": "sha256"}.get(
+                    table, "NULL::text"
+                )
                 status = await conn.execute(
                     f"UPDATE {table} SET hidden = true"
                     " WHERE series_id = $1 AND step > $2 AND NOT hidden",
@@ -480,8 +488,8 @@ class MetadataStore:
                 )
                 hidden += int(status.split()[-1])
                 last = await conn.fetchrow(
-                    f"SELECT step, {'NULL::float8' if s['value_type'] == 1 else 'value'} AS value,"
-                    f" {'value' if s['value_type'] == 1 else 'NULL::text'} AS text"
+                    f"SELECT step, {'value' if numeric else 'NULL::float8'} AS value,"
+                    f" {text_expr} AS text"
                     f" FROM {table} WHERE series_id = $1 AND NOT hidden"
                     " ORDER BY step DESC LIMIT 1",
                     s["series_id"],
@@ -496,6 +504,13 @@ class MetadataStore:
                     last["text"] if last else None,
                 )
             return hidden, len(series)
+
+
+def points_table(kind: int, value_type: int) -> str:
+    """The hypertable that holds a series' points."""
+    if kind == KIND_SCALAR:
+        return "text_points" if value_type == VALUE_TEXT else "scalar_points"
+    return {KIND_TABLE: "table_rows", KIND_IMAGE: "image_points"}.get(kind, "evaluation_points")
 
 
 def _tag_filter(
@@ -618,6 +633,11 @@ class PointStore:
         self.max_series_per_run = max_series_per_run
         # Non-scalar kinds register a writer: async fn(conn, accepted) -> rows.
         self.kind_writers: dict[int, Any] = {}
+        # Kinds whose points are checked against stored series state beyond
+        # steps (a table column's type) register a check, run after the series
+        # are locked and before order.apply, so what it rejects is reported and
+        # never counted as accepted: async fn(conn, [(chunk, state, outcome)]).
+        self.kind_checks: dict[int, Any] = {}
 
     async def commit_group(
         self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
@@ -629,6 +649,15 @@ class PointStore:
             if chunks:
                 await self._check_runs(conn, live)
                 states = await self._lock_series(conn, live, stats)
+                for kind, check in self.kind_checks.items():
+                    items = [
+                        (c, states[c.key], b.outcome)
+                        for b in live
+                        for c in b.chunks
+                        if c.kind == kind and c.key in states and c.alive.any()
+                    ]
+                    if items:
+                        await check(conn, items)
                 accepted: list[Accepted] = []
                 for batch in live:
                     for chunk in batch.chunks:

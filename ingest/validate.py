@@ -18,12 +18,14 @@ from ingest.batch import (
     INVALID_STEP,
     INVALID_VALUE,
     KIND_EVALUATION,
+    KIND_IMAGE,
     KIND_TABLE,
     LIMIT_EXCEEDED,
     Chunk,
     Outcome,
 )
 from ingest.evaluations import validate_evaluations
+from ingest.images import validate_images
 from ingest.tables import validate_table
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -45,6 +47,7 @@ class Limits:
     max_table_columns: int = 1000
     max_table_rows: int = 100_000
     max_evaluation_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
 
 
 def name_problem(name: str) -> str | None:
@@ -97,6 +100,8 @@ def validate_chunk(chunk: Chunk, outcome: Outcome, limits: Limits) -> None:
         )
     elif chunk.kind == KIND_EVALUATION:
         validate_evaluations(chunk, outcome, limits.max_evaluation_bytes)
+    elif chunk.kind == KIND_IMAGE:
+        validate_images(chunk, outcome, limits.max_image_bytes)
     if chunk.texts is not None:
         limit = limits.max_text_value_chars
         too_long = np.fromiter(

@@ -1,14 +1,15 @@
 """Tables and evaluation documents on the client: rows buffered per series,
 columnar `TableColumns`, evaluation `SeriesData`.
 
-`run.log_row` is called in training loops, so a row must cost about a
-microsecond, not a protobuf message: `RowBuffers.add` appends the row's values
-as one tuple to its series' buffer (rows with the same columns share one
-segment), and hands the buffer to the writer (`BatchWriter.log_series`) as one
-columnar message when it holds enough rows, when its oldest row has waited a
-linger period, or when the writer flushes. Column types are decided then, per
-column: floats (and ints among floats) -> double, ints -> int64, bools -> bool,
-strings -> string, None -> a missing cell. A column holding values of several
+`run.log_row` is called in training loops, so a row must cost a couple of
+microseconds, not a protobuf message: `RowBuffers.add` checks the cell types
+and extends its series' buffer with the row's values (rows with the same
+columns share one segment, one flat list), and hands the buffer to the writer
+(`BatchWriter.log_series`) as one columnar message when it holds enough rows,
+when its oldest row has waited a linger period, or when the writer flushes.
+Column types are decided then, per column: floats (and ints among floats) ->
+double, ints -> int64, bools -> bool, strings -> string, None -> a missing
+cell. A column holding values of several
 of those kinds is sent as one part per kind; the service keeps the rows whose
 cell has the column's type (fixed by its first value) and rejects the others,
 naming the column, so nothing is converted behind the user's back.
@@ -38,8 +39,8 @@ Labels = tuple[tuple[str, str], ...]
 SeriesKey = tuple[str, str, Labels]
 
 # A buffer is handed to the writer at this many rows or cells...
-MAX_ROWS = 4096
-MAX_CELLS = 65_536
+MAX_ROWS = 8192
+MAX_CELLS = 131_072
 # ...or once its oldest row has waited this long (seconds), unless the writer
 # says otherwise (its flush_interval).
 DEFAULT_LINGER = 0.2
@@ -129,24 +130,41 @@ def column_parts(name: str, values: Sequence[Any]) -> list[data_pb2.Column]:
 def _column(name: str, kind: int, values: Sequence[Any], missing: bool) -> data_pb2.Column:
     col = data_pb2.Column(name=name, type=kind)  # type: ignore[arg-type]
     if kind == _DOUBLE:
-        col.doubles.extend(
-            np.array([0.0 if v is None else v for v in values] if missing else values, np.float64)
-        )
+        col.doubles.extend([0.0 if v is None else v for v in values] if missing else values)
     elif kind == _INT64:
         cells = [0 if v is None else v for v in values] if missing else values
         try:
             col.ints.extend(cells)
-        except (ValueError, OverflowError):  # beyond int64: keep the magnitude
+        except (ValueError, OverflowError, TypeError):  # beyond int64: keep the magnitude
             col.type = _DOUBLE
             col.ClearField("ints")
             col.doubles.extend(float(v) for v in cells)
     elif kind == _BOOL:
-        col.bools.extend(False if v is None else bool(v) for v in values)
+        col.bools.extend([False if v is None else bool(v) for v in values])
+    elif not missing and all(type(v) is str for v in values):
+        col.strings.extend(values)
     else:
-        col.strings.extend("" if v is None else str(v) for v in values)
+        col.strings.extend(["" if v is None else str(v) for v in values])
     if missing:
-        col.present.extend(v is not None for v in values)
+        col.present.extend([v is not None for v in values])
     return col
+
+
+def fill_table(
+    table: data_pb2.TableColumns,
+    columns: Mapping[str, Sequence[Any]],
+    times: Sequence[float],
+    steps: Sequence[int] | None = None,
+) -> data_pb2.TableColumns:
+    """{column: [cells]} -> TableColumns, built in place (a message built
+    elsewhere would be copied into its SeriesData)."""
+    table.row_count = len(times)
+    table.times.extend(times)
+    if steps is not None:
+        table.steps.extend(steps)
+    for name, values in columns.items():
+        table.columns.extend(column_parts(name, values))
+    return table
 
 
 def table_message(
@@ -155,12 +173,44 @@ def table_message(
     steps: Sequence[int] | None = None,
 ) -> data_pb2.TableColumns:
     """{column: [cells]} -> TableColumns (every column as long as times)."""
-    table = data_pb2.TableColumns(row_count=len(times), times=times)
-    if steps is not None:
-        table.steps.extend(steps)
-    for name, values in columns.items():
-        table.columns.extend(column_parts(name, values))
-    return table
+    return fill_table(data_pb2.TableColumns(), columns, times, steps)
+
+
+def _may_exceed(table: data_pb2.TableColumns, max_bytes: int) -> bool:
+    """Whether the message could be larger than max_bytes, without measuring
+    it (ByteSize encodes it): a number takes at most 11 bytes a cell."""
+    n = table.row_count
+    if any(c.type == _STRING for c in table.columns):
+        return True
+    return 64 + 20 * n + sum(len(c.name) + 16 + 12 * n for c in table.columns) > max_bytes
+
+
+def table_series_messages(
+    series: data_pb2.SeriesData,
+    columns: Mapping[str, Sequence[Any]],
+    times: Sequence[float],
+    steps: Sequence[int] | None,
+    max_bytes: int,
+) -> list[data_pb2.SeriesData]:
+    """SeriesData (a copy of `series` with a table) of at most max_bytes each,
+    split by rows (one row may exceed it)."""
+    out = data_pb2.SeriesData()
+    out.CopyFrom(series)
+    fill_table(out.table, columns, times, steps)
+    n = len(times)
+    if n <= 1 or not _may_exceed(out.table, max_bytes) or out.ByteSize() <= max_bytes:
+        return [out]
+    half = n // 2
+    parts = []
+    for lo, hi in ((0, half), (half, n)):
+        parts += table_series_messages(
+            series,
+            {k: v[lo:hi] for k, v in columns.items()},
+            times[lo:hi],
+            None if steps is None else steps[lo:hi],
+            max_bytes,
+        )
+    return parts
 
 
 def split_messages(
@@ -170,36 +220,28 @@ def split_messages(
     max_bytes: int,
 ) -> list[data_pb2.TableColumns]:
     """TableColumns messages of at most max_bytes each (one row may exceed it)."""
-    table = table_message(columns, times, steps)
-    n = len(times)
-    if n <= 1 or table.ByteSize() <= max_bytes:
-        return [table]
-    half = n // 2
-    out = []
-    for lo, hi in ((0, half), (half, n)):
-        out += split_messages(
-            {k: v[lo:hi] for k, v in columns.items()},
-            times[lo:hi],
-            None if steps is None else steps[lo:hi],
-            max_bytes,
-        )
-    return out
+    return [
+        s.table
+        for s in table_series_messages(data_pb2.SeriesData(), columns, times, steps, max_bytes)
+    ]
 
 
 # -- log_row buffers ----------------------------------------------------------------------
 
 
 class _Rows:
-    """The buffered rows of one table series: segments of rows that share
-    their column names, each row a tuple of values."""
+    """The buffered rows of one table series. Rows with the same column names
+    form a segment whose values sit in one flat list, row after row: `extend`
+    per row creates no object the cyclic GC must track, and the columns come
+    back out as slices."""
 
-    __slots__ = ("cells", "count", "description", "first", "names", "rows", "segments", "times")
+    __slots__ = ("cells", "count", "description", "first", "flat", "names", "segments", "times")
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self.segments: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]] = []
+        self.segments: list[tuple[tuple[str, ...], list[Any]]] = []
         self.names: tuple[str, ...] | None = None
-        self.rows: list[tuple[Any, ...]] = []
+        self.flat: list[Any] = []
         self.times: list[float] = []
         self.count = 0
         self.cells = 0
@@ -209,15 +251,16 @@ class _Rows:
         """{column: cells}, None where a row lacked the column."""
         out: dict[str, list[Any]] = {}
         start = 0
-        for names, rows in self.segments:
-            n = len(rows)
-            for name, cells in zip(names, zip(*rows, strict=True), strict=True):
+        for names, flat in self.segments:
+            k = len(names)
+            n = len(flat) // k if k else 0
+            for j, name in enumerate(names):
                 col = out.get(name)
                 if col is None:
                     col = out[name] = [None] * start
                 elif len(col) < start:
                     col.extend([None] * (start - len(col)))
-                col.extend(cells)
+                col.extend(flat[j::k])
             start += n
         for col in out.values():
             if len(col) < start:
@@ -236,6 +279,8 @@ class RowBuffers:
         self.max_message_bytes = max(4096, int(max_batch) // 2)
         hook: Callable[[Callable[[], None]], None] | None = getattr(writer, "add_flush_hook", None)
         self.buffered = callable(hook)
+        # Without the hook nothing may wait here: every row goes out at once.
+        self.max_rows = MAX_ROWS if self.buffered else 1
         self._reset()
         if hook is not None and self.buffered:
             hook(self.drain)
@@ -258,31 +303,29 @@ class RowBuffers:
         now: float,
     ) -> None:
         """Buffer one row; hand the series' rows over when due."""
-        if not _CELL_TYPES.issuperset(map(type, row.values())):
+        values = row.values()
+        if not _CELL_TYPES.issuperset(map(type, values)):
             _check_cells(name, row)
         key = (run_id, name, labels)
         names = tuple(row)
-        due = False
         with self._lock:
             buf = self._buffers.get(key)
             if buf is None:
                 buf = self._buffers[key] = _Rows(description)
-            if names != buf.names:
-                _check_column_names(name, names)
-                buf.names = names
-                buf.rows = []
-                buf.segments.append((names, buf.rows))
-            buf.rows.append(tuple(row.values()))
-            buf.times.append(now)
-            buf.count += 1
-            buf.cells += len(names)
-            if buf.count == 1:
                 buf.first = now
                 if self.buffered:
                     self._start_timer()
+            if names != buf.names:
+                _check_column_names(name, names)
+                buf.names = names
+                buf.flat = []
+                buf.segments.append((names, buf.flat))
+            buf.flat.extend(values)
+            buf.times.append(now)
+            buf.count += 1
+            buf.cells += len(names)
             due = (
-                not self.buffered
-                or buf.count >= MAX_ROWS
+                buf.count >= self.max_rows
                 or buf.cells >= MAX_CELLS
                 or now - buf.first >= self.linger
             )
@@ -310,13 +353,11 @@ class RowBuffers:
 
     def _send(self, key: SeriesKey, buf: _Rows) -> None:
         run_id, name, labels = key
-        for table in split_messages(buf.columns(), buf.times, None, self.max_message_bytes):
-            self._writer.log_series(
-                run_id,
-                data_pb2.SeriesData(
-                    name=name, labels=dict(labels), description=buf.description, table=table
-                ),
-            )
+        head = data_pb2.SeriesData(name=name, labels=dict(labels), description=buf.description)
+        for series in table_series_messages(
+            head, buf.columns(), buf.times, None, self.max_message_bytes
+        ):
+            self._writer.log_series(run_id, series)
 
     def _start_timer(self) -> None:
         """(lock held) Make sure rows that stop arriving still go out after
@@ -411,11 +452,8 @@ def table_series(
             raise InvalidArgumentError(
                 f"table {name!r}: {len(steps)} steps for {n} rows", field="steps"
             )
-    now = time.time()
-    return [
-        data_pb2.SeriesData(name=name, labels=dict(labels), description=description, table=t)
-        for t in split_messages(columns, [now] * n, steps, max_message_bytes)
-    ]
+    head = data_pb2.SeriesData(name=name, labels=dict(labels), description=description)
+    return table_series_messages(head, columns, [time.time()] * n, steps, max_message_bytes)
 
 
 # -- evaluation documents -------------------------------------------------------------------

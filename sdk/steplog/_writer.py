@@ -367,6 +367,9 @@ class BatchWriter:
         self._window_points = max(self._batch_points, s.max_buffered_points // 2)
         self._spill = s.on_full == "spool" and not s.offline
         self._spill_at = max(1, s.max_buffered_points // 2)
+        # Run on the caller's thread at the start of flush and close, no lock
+        # held: buffers kept outside the writer (log_row's) hand over their rows.
+        self._flush_hooks: list[Callable[[], None]] = []
         self._init_state(writer_id or _new_writer_id())
         _LIVE.add(self)
 
@@ -751,12 +754,22 @@ class BatchWriter:
 
     # ----------------------------------------------------------- flush/close
 
+    def add_flush_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook` at the start of every flush and close (on the caller's
+        thread, no lock held), so it can hand over what it buffers."""
+        self._flush_hooks.append(hook)
+
+    def _run_flush_hooks(self) -> None:
+        for hook in list(self._flush_hooks):
+            hook()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every point logged before this call is acknowledged by
         the service (offline: written to the spool and fsynced). False on
         timeout, or if some of those points could not be delivered. In strict
         mode, raises what the sender recorded (rejections, delivery errors)."""
         deadline = None if timeout is None else monotonic() + timeout
+        self._run_flush_hooks()
         ok = self._flush_until(deadline)
         with self._lock:
             notes = self._take_notes()
@@ -806,6 +819,7 @@ class BatchWriter:
         with self._lock:
             if self._close_result is not None:
                 return self._close_result
+        self._run_flush_hooks()
         ok = self._flush_until(deadline)
         with self._cond:
             self._stop = True

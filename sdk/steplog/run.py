@@ -300,14 +300,14 @@ class Run:
     def log_table(
         self,
         name: str,
-        value: Mapping[str, Sequence[Any]],
+        value: Mapping[str, Any],
         description: str = "",
         *,
         steps: Sequence[int] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> None:
         """Log rows given as columns, {"col": [v0, v1, ...]} (Azure's
-        `log_table`); with `steps`, one step per row."""
+        `log_table`; numpy arrays too); with `steps`, one step per row."""
         from steplog._tables import row_buffers, table_series
 
         writer = self._client.writer
@@ -384,6 +384,201 @@ class Run:
             evaluation_series(schema, name, self._series_labels(labels), value, description, step),
         )
 
+    # -- images and files (steplog._uploads) ------------------------------------------------
+
+    def log_image(
+        self,
+        name: str,
+        path: Any = None,
+        plot: Any = None,
+        description: str = "",
+        step: int | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log an image: `path` is a file path, bytes or a binary stream (PNG,
+        JPEG, GIF or WebP); `plot` a matplotlib figure (or pyplot), rendered
+        to PNG. Returns at once: the image is sent in the background with the
+        metrics, under the same step rules; the service checks the bytes and
+        reports a bad image as a rejected point (INVALID_IMAGE)."""
+        import hashlib
+
+        from steplog._uploads import image_bytes
+        from steplog.v1 import data_pb2
+
+        data = image_bytes(path, plot)
+        points = data_pb2.ImagePoints(
+            times=[time.time()],
+            images=[data_pb2.Image(data=data, sha256=hashlib.sha256(data).hexdigest())],
+        )
+        if step is not None:
+            points.steps.append(step)
+        series = data_pb2.SeriesData(
+            name=name,
+            labels=dict(self._series_labels(labels)),
+            description=description,
+            images=points,
+        )
+        try:
+            self._client.writer.log_series(self.id, series)
+        except ValueError as exc:  # larger than a batch may be
+            raise InvalidArgumentError(f"image {name!r}: {exc}", field="path") from None
+
+    def upload_file(
+        self,
+        name: str,
+        path_or_stream: Any,
+        *,
+        overwrite: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        show_progress: bool | None = None,
+    ) -> Any:
+        """Store a file of this run under `name`, a relative path such as
+        "outputs/model.pt", from a file path, bytes or a binary stream.
+
+        Waits until the file is stored and returns its `Upload` (`.result()`
+        is its FileInfo); with wait=False returns at once and uploads in the
+        background. Retries while the service or its storage is unavailable
+        (up to `timeout`); AlreadyExistsError when `name` holds other
+        content, unless overwrite."""
+        return self._upload([name], [path_or_stream], overwrite, wait, timeout, show_progress)[0]
+
+    def upload_files(
+        self,
+        names: Sequence[str],
+        paths: Sequence[Any],
+        *,
+        overwrite: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        show_progress: bool | None = None,
+    ) -> list[Any]:
+        """Upload several files at once (names[i] from paths[i]), in parallel."""
+        return self._upload(names, paths, overwrite, wait, timeout, show_progress)
+
+    def upload_folder(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        show_progress: bool | None = None,
+    ) -> list[Any]:
+        """Upload every file under directory `path` as name/<relative path>
+        (symbolic links to directories are not followed)."""
+        from pathlib import Path
+
+        root = Path(path)
+        if not root.is_dir():
+            raise NotADirectoryError(f"no directory at {root}")
+        files = sorted(
+            Path(d, f).relative_to(root).as_posix()
+            for d, _, fs in os.walk(root, followlinks=False)
+            for f in fs
+            if Path(d, f).is_file()
+        )
+        prefix = name.strip("/")
+        names = [f"{prefix}/{f}" if prefix else f for f in files]
+        return self._upload(
+            names, [root / f for f in files], overwrite, wait, timeout, show_progress
+        )
+
+    def _upload(
+        self,
+        names: Sequence[str],
+        sources: Sequence[Any],
+        overwrite: bool,
+        wait: bool,
+        timeout: float | None,
+        show_progress: bool | None,
+    ) -> list[Any]:
+        from steplog._uploads import upload_many
+
+        if self._client.writer.settings.offline:
+            raise FailedPreconditionError("files cannot be uploaded offline", field="name")
+        return list(
+            upload_many(
+                self._client,
+                self.id,
+                list(names),
+                list(sources),
+                overwrite=overwrite,
+                wait=wait,
+                timeout=timeout,
+                show_progress=show_progress,
+                desc="upload",
+            )
+        )
+
+    def download_file(
+        self,
+        name: str,
+        output_file_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """Download file `name` to output_file_path (default: its base name in
+        the current directory; into it when it is a directory). The file
+        appears only once complete and checked against its SHA-256.
+        NotFoundError when the run has no such file. Returns the local path."""
+        from pathlib import Path, PurePosixPath
+
+        from steplog._uploads import check_name, download
+
+        base = PurePosixPath(check_name(name)).name
+        target = Path(output_file_path) if output_file_path is not None else Path(base)
+        if target.is_dir():
+            target = target / base
+        download(self._client, self.id, name, target, timeout=timeout)
+        return str(target)
+
+    def download_files(
+        self,
+        prefix: str | None = None,
+        output_directory: str | os.PathLike[str] | None = None,
+        append_prefix: bool = True,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[str]:
+        """Download the files whose names start with `prefix` (all without one)
+        into output_directory (default: the current directory), keeping their
+        relative paths; with append_prefix=False the prefix is cut from them.
+        Returns the local paths."""
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path, PurePosixPath
+
+        from steplog._uploads import WORKERS, Progress, download, inside, list_files
+
+        files = list_files(self._client, self.id, prefix or "")
+        base = Path(output_directory) if output_directory is not None else Path.cwd()
+        targets = []
+        for f in files:
+            relative = f.path
+            if prefix and not append_prefix:
+                relative = relative[len(prefix) :].lstrip("/") or PurePosixPath(f.path).name
+            targets.append(inside(base, relative))
+        progress = Progress(sum(f.size for f in files), len(files), "download", show_progress)
+        try:
+            with ThreadPoolExecutor(WORKERS) as pool:
+                list(
+                    pool.map(
+                        lambda ft: download(self._client, self.id, ft[0].path, ft[1], progress),
+                        zip(files, targets, strict=True),
+                    )
+                )
+        finally:
+            progress.close()
+        return [str(t) for t in targets]
+
+    def get_file_names(self) -> list[str]:
+        """The names of this run's files, sorted."""
+        from steplog._uploads import list_files
+
+        return [f.path for f in list_files(self._client, self.id)]
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far is acknowledged; False on timeout."""
         return self._client.flush(timeout)
@@ -423,6 +618,24 @@ class Run:
 
         self.flush()
         return get_metrics(self._client, self.id, name, recursive)
+
+    def get_series(
+        self,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        max_points: int = 0,
+    ) -> dict[str, Any]:
+        """One scalar series by step range, for charts: {"steps", "values",
+        "times", "downsampled", "total_points"}. With max_points, a long range
+        is downsampled so that spikes and NaNs survive."""
+        from steplog.query import read_series
+
+        self.flush()
+        merged = dict(self._series_labels(labels))
+        return read_series(self._client, self.id, name, merged, start_step, end_step, max_points)
 
     # -- tags and properties --------------------------------------------------------
 

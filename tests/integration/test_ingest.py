@@ -326,6 +326,12 @@ def test_read_series_range_and_downsampling(url: str, experiment_name: str) -> N
     assert 50.0 in values and any(math.isnan(v) for v in values)  # spikes and NaNs survive
     steps = list(small.series.scalars.steps)
     assert steps == sorted(steps) and steps[0] == 0
+    # The same through the client API.
+    got = run.get_series("loss", start_step=9998, end_step=20_000)
+    assert got["steps"] == [9998, 9999, 10_000] and got["values"][-1] == 50.0
+    assert not got["downsampled"] and got["total_points"] == 3
+    chart = run.get_series("loss", max_points=300)
+    assert chart["downsampled"] and len(chart["values"]) <= 300
 
 
 def test_two_service_processes_keep_step_order(

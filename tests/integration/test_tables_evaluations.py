@@ -24,7 +24,7 @@ tables_supported = pytest.mark.skipif(
     "kind_checks" not in vars(PointStore(1)), reason="PointStore has no kind_checks hook"
 )
 
-D, I, S, B = (
+DBL, I64, STR, BLN = (
     data_pb2.COLUMN_TYPE_DOUBLE,
     data_pb2.COLUMN_TYPE_INT64,
     data_pb2.COLUMN_TYPE_STRING,
@@ -69,9 +69,7 @@ class RawWriter:
 
 
 def table(name: str, *columns: data_pb2.Column, **kw: Any) -> data_pb2.SeriesData:
-    n = max(
-        len(c.ints) or len(c.doubles) or len(c.strings) or len(c.bools) for c in columns
-    )
+    n = max(len(c.ints) or len(c.doubles) or len(c.strings) or len(c.bools) for c in columns)
     return data_pb2.SeriesData(
         name=name, table=data_pb2.TableColumns(row_count=n, columns=list(columns), **kw)
     )
@@ -108,7 +106,7 @@ def test_log_row_builds_a_table_whose_columns_grow(url: str, experiment_name: st
 @tables_supported
 def test_log_table_in_azure_shape(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
-    value = {
+    value: dict[str, list[Any]] = {
         "x": [1, 2, 3],
         "y": [0.5, float("nan"), -1e300],
         "name": ["a", "é", ""],
@@ -152,21 +150,35 @@ def test_mixed_types_in_one_column_keep_the_valid_rows(url: str, experiment_name
 
 
 @tables_supported
-def test_a_batch_of_valid_and_invalid_rows_stores_the_valid_ones(url: str, experiment_name: str) -> None:
+def test_a_batch_of_valid_and_invalid_rows_stores_the_valid_ones(
+    url: str, experiment_name: str
+) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
-    first = raw.write(run.id, table("t", data_pb2.Column(name="n", type=I, ints=[1])))
+    first = raw.write(run.id, table("t", data_pb2.Column(name="n", type=I64, ints=[1])))
     assert first.result.accepted == 1
     response = raw.write(
         run.id,
         table(
             "t",
-            data_pb2.Column(name="n", type=I, ints=[2, 0, 4, 5, 0], present=[1, 0, 1, 1, 0]),
-            data_pb2.Column(name="n", type=D, doubles=[0, 3.5, 0, 0, 0], present=[0, 1, 0, 0, 0]),
-            data_pb2.Column(name="s", type=S, strings=["ok", "ok", "x" * 5000, "ok", "ok"]),
-            data_pb2.Column(name="n", type=S, strings=["", "", "", "", "six"], present=[0, 0, 0, 0, 1]),
+            data_pb2.Column(
+                name="n", type=I64, ints=[2, 0, 4, 5, 0], present=[True, False, True, True, False]
+            ),
+            data_pb2.Column(
+                name="n",
+                type=DBL,
+                doubles=[0, 3.5, 0, 0, 0],
+                present=[False, True, False, False, False],
+            ),
+            data_pb2.Column(name="s", type=STR, strings=["ok", "ok", "x" * 5000, "ok", "ok"]),
+            data_pb2.Column(
+                name="n",
+                type=STR,
+                strings=["", "", "", "", "six"],
+                present=[False, False, False, False, True],
+            ),
         ),
-        table("bad", data_pb2.Column(name="a", type=I, ints=[1, 2], doubles=[1.0])),
+        table("bad", data_pb2.Column(name="a", type=I64, ints=[1, 2], doubles=[1.0])),
     )
     assert response.result.accepted == 2 and response.result.rejected == 5
     assert reasons(response) == {
@@ -219,10 +231,10 @@ def test_out_of_order_table_last_write_wins(url: str, experiment_name: str) -> N
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
     policy = data_pb2.STEP_POLICY_OUT_OF_ORDER
-    t1 = table("ooo", data_pb2.Column(name="v", type=I, ints=[1, 2]), steps=[1, 2])
+    t1 = table("ooo", data_pb2.Column(name="v", type=I64, ints=[1, 2]), steps=[1, 2])
     t1.step_policy = policy
     assert raw.write(run.id, t1).result.accepted == 2
-    t2 = table("ooo", data_pb2.Column(name="v", type=I, ints=[10]), steps=[1])
+    t2 = table("ooo", data_pb2.Column(name="v", type=I64, ints=[10]), steps=[1])
     t2.step_policy = policy
     assert raw.write(run.id, t2).result.accepted == 1
     assert run.get_metrics()["ooo"] == {"v": [10, 2]}
@@ -232,7 +244,7 @@ def test_out_of_order_table_last_write_wins(url: str, experiment_name: str) -> N
 def test_a_resent_batch_is_stored_once(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
-    series = table("once", data_pb2.Column(name="v", type=I, ints=[1, 2, 3]))
+    series = table("once", data_pb2.Column(name="v", type=I64, ints=[1, 2, 3]))
     assert raw.write(run.id, series).result.accepted == 3
     assert raw.write(run.id, series, sequence=1).duplicate_batch
     assert run.get_metrics()["once"] == {"v": [1, 2, 3]}
@@ -242,16 +254,18 @@ def test_a_resent_batch_is_stored_once(url: str, experiment_name: str) -> None:
 def test_request_limits(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
-    rows = raw.write(run.id, table("big", data_pb2.Column(name="v", type=I, ints=[1] * 100_001)))
+    rows = raw.write(run.id, table("big", data_pb2.Column(name="v", type=I64, ints=[1] * 100_001)))
     assert reasons(rows) == {"REJECT_REASON_LIMIT_EXCEEDED": 100_001}
     wide = raw.write(
         run.id,
-        table("wide", *[data_pb2.Column(name=f"c{i}", type=I, ints=[i]) for i in range(1001)]),
+        table("wide", *[data_pb2.Column(name=f"c{i}", type=I64, ints=[i]) for i in range(1001)]),
     )
     assert reasons(wide) == {"REJECT_REASON_LIMIT_EXCEEDED": 1}
     ok = raw.write(
         run.id,
-        table("ok", *[data_pb2.Column(name=f"c{i}", type=D, doubles=[i] * 100) for i in range(1000)]),
+        table(
+            "ok", *[data_pb2.Column(name=f"c{i}", type=DBL, doubles=[i] * 100) for i in range(1000)]
+        ),
     )
     assert ok.result.accepted == 100
     got = run.get_metrics("ok")["ok"]
@@ -264,7 +278,7 @@ def test_a_series_keeps_its_kind(url: str, experiment_name: str) -> None:
     raw = RawWriter(url)
     scalar = data_pb2.SeriesData(name="loss", scalars=data_pb2.ScalarColumns(values=[1.0]))
     assert raw.write(run.id, scalar).result.accepted == 1
-    reply = raw.write(run.id, table("loss", data_pb2.Column(name="v", type=I, ints=[1])))
+    reply = raw.write(run.id, table("loss", data_pb2.Column(name="v", type=I64, ints=[1])))
     assert reasons(reply) == {"REJECT_REASON_KIND_MISMATCH": 1}
 
 
@@ -294,9 +308,20 @@ def test_evaluation_documents_come_back_as_logged(url: str, experiment_name: str
     run.log_confusion_matrix(
         "v1",
         '{"schema_type": "confusion_matrix", "schema_version": "v1", "data": {"class_labels": '
-        '["0", "1", "2", "3"], "matrix": [[3, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]]}}',
+        '["0", "1", "2", "3"], "matrix": [[3, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0], '
+        "[0, 0, 0, 1]]}}",
     )
-    run.log_predictions("pred", {"data": {"bin_averages": [0.25, 0.75], "bin_errors": [0.013, 0.042], "bin_counts": [56, 34], "bin_edges": [0.0, 0.5, 1.0]}})
+    run.log_predictions(
+        "pred",
+        {
+            "data": {
+                "bin_averages": [0.25, 0.75],
+                "bin_errors": [0.013, 0.042],
+                "bin_counts": [56, 34],
+                "bin_edges": [0.0, 0.5, 1.0],
+            }
+        },
+    )
     got = run.get_metrics()
     assert got["v1"]["data"]["matrix"][0] == [3, 0, 1, 0]
     assert got["pred"][1]["schema_version"] == "1.0.0" and got["pred"][0] == docs["pred"]
@@ -349,8 +374,16 @@ BROKEN = [
         },
         "shape",
     ),
-    ("predictions", {"bin_averages": [1], "bin_errors": [], "bin_counts": [1], "bin_edges": [0, 1]}, "equal_lengths"),
-    ("predictions", {"bin_averages": [1], "bin_errors": [0], "bin_counts": [1], "bin_edges": [0]}, "edges_one_longer"),
+    (
+        "predictions",
+        {"bin_averages": [1], "bin_errors": [], "bin_counts": [1], "bin_edges": [0, 1]},
+        "equal_lengths",
+    ),
+    (
+        "predictions",
+        {"bin_averages": [1], "bin_errors": [0], "bin_counts": [1], "bin_edges": [0]},
+        "edges_one_longer",
+    ),
     ("residuals", {"bin_counts": [1, 2], "bin_edges": [0, 1]}, "edges_one_longer"),
 ]
 

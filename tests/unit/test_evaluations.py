@@ -197,7 +197,9 @@ def test_chunk_schema_is_fixed_by_its_first_document() -> None:
         run_id="run-1",
         series=data_pb2.SeriesData(name="e", evaluations=data_pb2.EvaluationPoints(documents=docs)),
     )
-    batch = decode_batch("default", pb.Batch(writer_id="w", sequence=1, series=[rs]), 1.7e9, Limits())
+    batch = decode_batch(
+        "default", pb.Batch(writer_id="w", sequence=1, series=[rs]), 1.7e9, Limits()
+    )
     chunk = batch.chunks[0]
     assert chunk.value_type == SCHEMA_CODES["confusion_matrix"]
     assert chunk.alive.tolist() == [True, False, False, True]
@@ -245,7 +247,9 @@ def test_confusion_matrix_matches_reference() -> None:
     pred = rng.choice(["cat", "dog", "eel"], 500)
     doc = evaluation.confusion_matrix(true, pred)
     assert doc["data"]["class_labels"] == ["cat", "dog", "eel"]
-    assert doc["data"]["matrix"] == ref_confusion(true.tolist(), pred.tolist(), ["cat", "dog", "eel"])
+    assert doc["data"]["matrix"] == ref_confusion(
+        true.tolist(), pred.tolist(), ["cat", "dog", "eel"]
+    )
     check(doc)
     # Probabilities: argmax picks the label; labels in a given order.
     proba = rng.random((500, 3))
@@ -253,12 +257,17 @@ def test_confusion_matrix_matches_reference() -> None:
     argmax = [["eel", "cat", "dog"][i] for i in proba.argmax(axis=1)]
     assert doc["data"]["matrix"] == ref_confusion(true.tolist(), argmax, ["eel", "cat", "dog"])
     ints = evaluation.confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2])
-    assert ints["data"] == {"class_labels": ["0", "1", "2"], "matrix": [[1, 0, 0], [0, 1, 1], [0, 0, 1]]}
+    assert ints["data"] == {
+        "class_labels": ["0", "1", "2"],
+        "matrix": [[1, 0, 0], [0, 1, 1], [0, 0, 1]],
+    }
     with pytest.raises(ValueError, match="not among labels"):
         evaluation.confusion_matrix([0, 1], [0, 5], labels=[0, 1])
 
 
-def ref_table(true: list[Any], proba: list[list[float]], labels: list[Any], thresholds: list[float]) -> list[list[list[int]]]:
+def ref_table(
+    true: list[Any], proba: list[list[float]], labels: list[Any], thresholds: list[float]
+) -> list[list[list[int]]]:
     tables = []
     for c, label in enumerate(labels):
         rows = []
@@ -290,7 +299,10 @@ def test_accuracy_table_matches_reference() -> None:
     expected = ref_table(true.tolist(), proba.tolist(), [0, 1, 2], data["probability_thresholds"])
     assert data["probability_tables"] == expected
     flat = sorted(proba.ravel().tolist())
-    assert data["percentile_thresholds"][0] == flat[0] and data["percentile_thresholds"][-1] == flat[-1]
+    assert (
+        data["percentile_thresholds"][0] == flat[0]
+        and data["percentile_thresholds"][-1] == flat[-1]
+    )
     expected = ref_table(true.tolist(), proba.tolist(), [0, 1, 2], data["percentile_thresholds"])
     assert data["percentile_tables"] == expected
     check(doc)
@@ -340,8 +352,12 @@ def test_residuals_match_reference() -> None:
     edges = data["bin_edges"]
     assert len(edges) == 11 and len(data["bin_counts"]) == 10
     bound = 2 * float(np.std(true))
-    assert edges[1] == pytest.approx(-bound, abs=0.01) and edges[-2] == pytest.approx(bound, abs=0.01)
-    assert edges[-1] == max(res) and edges[0] == pytest.approx(min(min(res), edges[1] - (edges[2] - edges[1])))
+    assert edges[1] == pytest.approx(-bound, abs=0.01) and edges[-2] == pytest.approx(
+        bound, abs=0.01
+    )
+    assert edges[-1] == max(res) and edges[0] == pytest.approx(
+        min(min(res), edges[1] - (edges[2] - edges[1]))
+    )
     counts = [0] * 10
     for r in res:  # outlier bins are open at the outside; a bin holds its lower edge
         i = sum(1 for e in edges[1:-1] if e <= r)

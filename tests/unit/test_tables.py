@@ -26,7 +26,7 @@ from ingest.timescale import PG_EPOCH
 from ingest.validate import Limits
 
 NOW = time.time()  # rows logged "now": the linger timer (60 s here) leaves them alone
-D, I, S, B = (
+DBL, I64, STR, BLN = (
     data_pb2.COLUMN_TYPE_DOUBLE,
     data_pb2.COLUMN_TYPE_INT64,
     data_pb2.COLUMN_TYPE_STRING,
@@ -57,10 +57,10 @@ def test_valid_table_becomes_a_block() -> None:
         data_pb2.TableColumns(
             row_count=2,
             columns=[
-                data_pb2.Column(name="x", type=I, ints=[1, 2]),
-                data_pb2.Column(name="y", type=D, doubles=[0.5, 0.0], present=[True, False]),
-                data_pb2.Column(name="s", type=S, strings=["a", "b"]),
-                data_pb2.Column(name="ok", type=B, bools=[True, False]),
+                data_pb2.Column(name="x", type=I64, ints=[1, 2]),
+                data_pb2.Column(name="y", type=DBL, doubles=[0.5, 0.0], present=[True, False]),
+                data_pb2.Column(name="s", type=STR, strings=["a", "b"]),
+                data_pb2.Column(name="ok", type=BLN, bools=[True, False]),
             ],
         )
     )
@@ -81,12 +81,12 @@ def test_valid_table_becomes_a_block() -> None:
 @pytest.mark.parametrize(
     "column,needle",
     [
-        (data_pb2.Column(name="x", type=I, ints=[1]), "exactly row_count (2)"),
-        (data_pb2.Column(name="x", type=I, ints=[1, 2], doubles=[1.0, 2.0]), "nothing else"),
+        (data_pb2.Column(name="x", type=I64, ints=[1]), "exactly row_count (2)"),
+        (data_pb2.Column(name="x", type=I64, ints=[1, 2], doubles=[1.0, 2.0]), "nothing else"),
         (data_pb2.Column(name="x", ints=[1, 2]), "has no type"),
-        (data_pb2.Column(name="", type=I, ints=[1, 2]), "column name is empty"),
-        (data_pb2.Column(name="a\nb", type=I, ints=[1, 2]), "control character"),
-        (data_pb2.Column(name="x", type=I, ints=[1, 2], present=[True]), "presence flags"),
+        (data_pb2.Column(name="", type=I64, ints=[1, 2]), "column name is empty"),
+        (data_pb2.Column(name="a\nb", type=I64, ints=[1, 2]), "control character"),
+        (data_pb2.Column(name="x", type=I64, ints=[1, 2], present=[True]), "presence flags"),
     ],
 )
 def test_malformed_column_rejects_the_whole_chunk(column: data_pb2.Column, needle: str) -> None:
@@ -98,13 +98,13 @@ def test_malformed_column_rejects_the_whole_chunk(column: data_pb2.Column, needl
 def test_row_and_column_limits() -> None:
     limits = Limits(max_table_rows=3, max_table_columns=2)
     many_rows = data_pb2.TableColumns(
-        row_count=4, columns=[data_pb2.Column(name="x", type=I, ints=[1, 2, 3, 4])]
+        row_count=4, columns=[data_pb2.Column(name="x", type=I64, ints=[1, 2, 3, 4])]
     )
     batch = table_batch(many_rows, limits)
     assert rejected(batch) == {b.LIMIT_EXCEEDED: 4}
     assert "limit is 3" in messages(batch)[0]
     wide = data_pb2.TableColumns(
-        row_count=1, columns=[data_pb2.Column(name=c, type=I, ints=[1]) for c in "abc"]
+        row_count=1, columns=[data_pb2.Column(name=c, type=I64, ints=[1]) for c in "abc"]
     )
     batch = table_batch(wide, limits)
     assert rejected(batch) == {b.LIMIT_EXCEEDED: 1}
@@ -121,8 +121,8 @@ def test_bad_cells_reject_only_their_rows() -> None:
         data_pb2.TableColumns(
             row_count=3,
             columns=[
-                data_pb2.Column(name="s", type=S, strings=["ok", "x" * 5000, "nul\x00"]),
-                data_pb2.Column(name="n", type=I, ints=[1, 2, 3]),
+                data_pb2.Column(name="s", type=STR, strings=["ok", "x" * 5000, "nul\x00"]),
+                data_pb2.Column(name="n", type=I64, ints=[1, 2, 3]),
             ],
         )
     )
@@ -136,8 +136,8 @@ def test_a_cell_given_twice_rejects_its_row() -> None:
         data_pb2.TableColumns(
             row_count=2,
             columns=[
-                data_pb2.Column(name="x", type=I, ints=[1, 2]),
-                data_pb2.Column(name="x", type=S, strings=["a", "b"], present=[False, True]),
+                data_pb2.Column(name="x", type=I64, ints=[1, 2]),
+                data_pb2.Column(name="x", type=STR, strings=["a", "b"], present=[False, True]),
             ],
         )
     )
@@ -156,8 +156,8 @@ def block_of(*columns: data_pb2.Column, n: int) -> TableBlock:
 def test_new_column_type_is_fixed_by_its_first_value() -> None:
     # One column sent as two typed parts (mixed types): the first row's wins.
     block = block_of(
-        data_pb2.Column(name="x", type=S, strings=["a", "", "c"], present=[True, False, True]),
-        data_pb2.Column(name="x", type=I, ints=[0, 2, 0], present=[False, True, False]),
+        data_pb2.Column(name="x", type=STR, strings=["a", "", "c"], present=[True, False, True]),
+        data_pb2.Column(name="x", type=I64, ints=[0, 2, 0], present=[False, True, False]),
         n=3,
     )
     rejections, new = resolve_types(block, np.ones(3, dtype=np.bool_), {}, 10)
@@ -167,7 +167,7 @@ def test_new_column_type_is_fixed_by_its_first_value() -> None:
 
 
 def test_type_change_against_the_stored_schema_names_the_column() -> None:
-    block = block_of(data_pb2.Column(name="acc", type=S, strings=["high", "low"]), n=2)
+    block = block_of(data_pb2.Column(name="acc", type=STR, strings=["high", "low"]), n=2)
     rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"acc": DOUBLE}, 10)
     assert new == {}
     assert rejections[0].reason == b.INVALID_TABLE
@@ -176,22 +176,22 @@ def test_type_change_against_the_stored_schema_names_the_column() -> None:
 
 
 def test_int_cells_widen_into_a_double_column_but_not_back() -> None:
-    block = block_of(data_pb2.Column(name="loss", type=I, ints=[0, 1]), n=2)
+    block = block_of(data_pb2.Column(name="loss", type=I64, ints=[0, 1]), n=2)
     rejections, _ = resolve_types(block, np.ones(2, dtype=np.bool_), {"loss": DOUBLE}, 10)
     assert rejections == []
     assert block.parts[0].type == DOUBLE and block.parts[0].values.tolist() == [0.0, 1.0]
     # Again (a retried transaction): idempotent.
     assert resolve_types(block, np.ones(2, dtype=np.bool_), {"loss": DOUBLE}, 10)[0] == []
-    block = block_of(data_pb2.Column(name="epoch", type=D, doubles=[1.5]), n=1)
+    block = block_of(data_pb2.Column(name="epoch", type=DBL, doubles=[1.5]), n=1)
     rejections, _ = resolve_types(block, np.ones(1, dtype=np.bool_), {"epoch": INT64}, 10)
     assert "holds int64 values; this row's is double" in rejections[0].message
 
 
 def test_rejected_row_does_not_fix_a_new_column_type() -> None:
     block = block_of(
-        data_pb2.Column(name="known", type=S, strings=["bad", ""], present=[True, False]),
-        data_pb2.Column(name="new", type=S, strings=["s", ""], present=[True, False]),
-        data_pb2.Column(name="new", type=I, ints=[0, 7], present=[False, True]),
+        data_pb2.Column(name="known", type=STR, strings=["bad", ""], present=[True, False]),
+        data_pb2.Column(name="new", type=STR, strings=["s", ""], present=[True, False]),
+        data_pb2.Column(name="new", type=I64, ints=[0, 7], present=[False, True]),
         n=2,
     )
     rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"known": INT64}, 10)
@@ -201,8 +201,8 @@ def test_rejected_row_does_not_fix_a_new_column_type() -> None:
 
 def test_column_limit_across_the_series() -> None:
     block = block_of(
-        data_pb2.Column(name="a", type=I, ints=[1, 2]),
-        data_pb2.Column(name="b", type=I, ints=[0, 2], present=[False, True]),
+        data_pb2.Column(name="a", type=I64, ints=[1, 2]),
+        data_pb2.Column(name="b", type=I64, ints=[0, 2], present=[False, True]),
         n=2,
     )
     rejections, new = resolve_types(block, np.ones(2, dtype=np.bool_), {"z": INT64}, 2)
@@ -307,11 +307,14 @@ def test_copy_encoding_slices_rows_with_long_strings(monkeypatch: pytest.MonkeyP
 
 def test_layout_places_cells_at_slots_and_adds_columns() -> None:
     block = block_of(
-        data_pb2.Column(name="b", type=D, doubles=[1.0, 2.0]),
-        data_pb2.Column(name="new", type=D, doubles=[0.0, 3.0], present=[False, True]),
+        data_pb2.Column(name="b", type=DBL, doubles=[1.0, 2.0]),
+        data_pb2.Column(name="new", type=DBL, doubles=[0.0, 3.0], present=[False, True]),
         n=2,
     )
-    columns = {"a": tables_store.Column("a", DOUBLE, 0, 0), "b": tables_store.Column("b", DOUBLE, 1, 1)}
+    columns = {
+        "a": tables_store.Column("a", DOUBLE, 0, 0),
+        "b": tables_store.Column("b", DOUBLE, 1, 1),
+    }
     new: list[tables_store.Column] = []
     cells = tables_store.layout(block, np.array([0, 1]), columns, new)
     assert [(c.name, c.slot, c.position) for c in new] == [("new", 2, 2)]
@@ -330,27 +333,32 @@ def decoded(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
 def test_column_kinds() -> None:
     parts = _tables.column_parts("x", [1, 2.5, None])
     assert [(p.type, list(p.doubles), list(p.present)) for p in parts] == [
-        (D, [1.0, 2.5, 0.0], [True, True, False])
+        (DBL, [1.0, 2.5, 0.0], [True, True, False])
     ]
-    assert _tables.column_parts("n", [1, 2])[0].type == I
-    assert _tables.column_parts("b", [True, np.bool_(False)])[0].type == B
-    assert _tables.column_parts("f", [np.float32(1.5), np.int64(2)])[0].type == D
-    assert _tables.column_parts("s", ["a", None])[0].type == S
-    assert _tables.column_parts("huge", [2**70])[0].type == D
+    assert _tables.column_parts("n", [1, 2])[0].type == I64
+    assert _tables.column_parts("b", [True, np.bool_(False)])[0].type == BLN
+    assert _tables.column_parts("f", [np.float32(1.5), np.int64(2)])[0].type == DBL
+    assert _tables.column_parts("s", ["a", None])[0].type == STR
+    assert _tables.column_parts("huge", [2**70])[0].type == DBL
 
 
 def test_mixed_types_are_sent_faithfully_as_parts() -> None:
     parts = _tables.column_parts("x", [1, "a", True, 2.0])
     assert sorted((p.type, list(p.present)) for p in parts) == [
-        (D, [True, False, False, True]),
-        (S, [False, True, False, False]),
-        (B, [False, False, True, False]),
+        (DBL, [True, False, False, True]),
+        (STR, [False, True, False, False]),
+        (BLN, [False, False, True, False]),
     ]
     assert decoded({"x": [1, "a", True, 2.0]}) == {"x": [1.0, "a", True, 2.0]}
 
 
 def test_roundtrip_of_azure_shape() -> None:
-    cols = {"x": [1, 2, 3], "y": [0.5, None, 1.5], "name": ["a", "b", "c"], "ok": [True] * 3}
+    cols: dict[str, list[Any]] = {
+        "x": [1, 2, 3],
+        "y": [0.5, None, 1.5],
+        "name": ["a", "b", "c"],
+        "ok": [True] * 3,
+    }
     assert decoded(cols) == cols
 
 
