@@ -16,7 +16,27 @@ def decode(data: data_pb2.SeriesData) -> Any:
         return docs[0] if len(docs) == 1 else docs
     if which == "table":
         return table_columns(data.table)
+    if which == "images":
+        refs = image_refs(data.images)
+        return refs[0] if len(refs) == 1 else refs
     return None
+
+
+def image_refs(points: data_pb2.ImagePoints) -> list[dict[str, Any]]:
+    """The logged images as references (step, sha256, size, content type,
+    width, height); `run.download_file`-style byte access is by ReadSeries."""
+    steps = list(points.steps)
+    return [
+        {
+            "step": steps[i] if i < len(steps) else None,
+            "sha256": img.sha256,
+            "size": img.size,
+            "content_type": img.content_type,
+            "width": img.width,
+            "height": img.height,
+        }
+        for i, img in enumerate(points.images)
+    ]
 
 
 def table_columns(table: data_pb2.TableColumns) -> dict[str, list[Any]]:

@@ -5,11 +5,41 @@ STEPLOG_URL=127.0.0.1:50051 python -m steplog.example
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import struct
 import time
+import zlib
+
+import numpy as np
 
 from steplog import Experiment
+from steplog.evaluation import confusion_matrix
+
+
+def loss_curve_png(values: list[float], width: int = 200, height: int = 80) -> bytes:
+    """A tiny grayscale PNG of a curve, built with zlib (no plotting library)."""
+    lo, hi = min(values), max(values)
+    pixels = [[255] * width for _ in range(height)]
+    for x in range(width):
+        v = values[int(x * (len(values) - 1) / (width - 1))]
+        y = int((hi - v) / ((hi - lo) or 1.0) * (height - 1))
+        pixels[y][x] = 0
+    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def train(run: object, steps: int, lr: float) -> None:
@@ -17,12 +47,22 @@ def train(run: object, steps: int, lr: float) -> None:
 
     assert isinstance(run, Run)
     loss = 2.5
+    losses = []
     for step in range(steps):
         loss = loss * (1 - lr) + random.uniform(-0.01, 0.01)
+        losses.append(loss)
         run.log("loss", loss, step=step)
         run.log("lr", lr * 0.5 * (1 + math.cos(math.pi * step / steps)), step=step)
         if step % 100 == 0:
             run.log("accuracy", 1 - loss / 2.5, step=step)
+            run.log_row("eval", step=step, loss=loss, accuracy=1 - loss / 2.5)
+    # An evaluation: a confusion matrix computed from labels and predictions.
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 500)
+    y_pred = np.where(rng.random(500) < 0.8, y_true, rng.integers(0, 3, 500))
+    run.log_confusion_matrix("confusion", confusion_matrix(y_true, y_pred, labels=[0, 1, 2]))
+    run.log_image("loss_curve", loss_curve_png(losses), step=steps)
+    run.upload_file("outputs/config.json", json.dumps({"lr": lr, "steps": steps}).encode())
 
 
 def main() -> None:
@@ -48,10 +88,18 @@ def main() -> None:
     print(f"  properties {details['properties']}")
     for child in parent.get_children():
         print(f"  child {child.display_name}: {child.get_status()}, tags {child.get_tags()}")
+        print(f"    files: {child.get_file_names()}")
     for run_id, series in metrics.items():
         print(f"  metrics of {run_id}:")
         for name, value in sorted(series.items()):
-            if isinstance(value, list):
+            if isinstance(value, dict) and "schema_type" in value:
+                print(f"    {name}: {value['schema_type']} {value['data'].get('matrix')}")
+            elif isinstance(value, dict) and "sha256" in value:
+                print(f"    {name}: {value['content_type']} {value['width']}x{value['height']}")
+            elif isinstance(value, dict):
+                rows = len(next(iter(value.values())))
+                print(f"    {name}: table with columns {sorted(value)}, {rows} rows")
+            elif isinstance(value, list):
                 print(f"    {name}: {len(value)} points, last {value[-1]!r}")
             else:
                 print(f"    {name}: {value!r}")

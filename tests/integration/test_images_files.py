@@ -460,3 +460,18 @@ def test_s3_restart_in_the_middle_of_uploads(
         assert Path(run.download_file(name, tmp_path / "dl")).read_bytes() == data
     # Uploads cut by the outage were aborted once S3 was back (the abort is retried).
     wait_until(lambda: multipart_uploads(stack_info) == [], 90, "no upload left half-done")
+
+
+def test_get_metrics_returns_image_references(url: str, experiment_name: str) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    data = imagegen.png(7, 5)
+    run.log_image("sample", data, step=3)
+    got = run.get_metrics()["sample"]
+    assert got == {
+        "step": 3,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "content_type": "image/png",
+        "width": 7,
+        "height": 5,
+    }
