@@ -30,7 +30,6 @@ from typing import Any
 
 import asyncpg
 import numpy as np
-from steplog.v1 import data_pb2
 
 from ingest.batch import KIND_IMAGE, DecodedBatch
 from ingest.blobs import BlobNotFound, BlobStore, StoredBlob
@@ -39,6 +38,7 @@ from ingest.images import ImageInfo
 from ingest.order import Accepted
 from ingest.pipeline import Pipeline
 from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult
+from steplog.v1 import data_pb2
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import numpy as np
-from steplog.v1 import data_pb2, ingest_service_pb2
 
 from ingest.batch import (
     INVALID_VALUE,
@@ -26,6 +25,7 @@ from ingest.batch import (
 )
 from ingest.errors import invalid
 from ingest.validate import Limits, validate_chunk
+from steplog.v1 import data_pb2, ingest_service_pb2
 
 _WRITER_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 

@@ -18,18 +18,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from steplog.v1 import (
-    artifact_service_pb2,
-    artifact_service_pb2_grpc,
-    experiment_service_pb2,
-    experiment_service_pb2_grpc,
-    ingest_service_pb2,
-    ingest_service_pb2_grpc,
-    query_service_pb2,
-    query_service_pb2_grpc,
-    run_service_pb2,
-    run_service_pb2_grpc,
-)
 
 from ingest import artifacts_store, progress, tables_store, timescale
 from ingest.blobs import BlobSettings, BlobStore
@@ -42,6 +30,18 @@ from ingest.servicers.ingest import IngestServicer
 from ingest.servicers.metadata import ExperimentServicer, RunServicer
 from ingest.servicers.query import QueryServicer
 from ingest.validate import Limits
+from steplog.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    experiment_service_pb2,
+    experiment_service_pb2_grpc,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 

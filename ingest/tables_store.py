@@ -27,7 +27,6 @@ from typing import Any
 import asyncpg
 import numpy as np
 import numpy.typing as npt
-from steplog.v1 import data_pb2
 
 from ingest.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
 from ingest.errors import StoreUnavailable
@@ -36,6 +35,7 @@ from ingest.order import Accepted, SeriesState
 from ingest.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
 from ingest.timescale import PG_EPOCH, UNAVAILABLE_ERRORS
 from ingest.validate import Limits
+from steplog.v1 import data_pb2
 
 log = logging.getLogger(__name__)
 

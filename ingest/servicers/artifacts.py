@@ -19,14 +19,14 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
-from steplog.v1 import artifact_service_pb2 as pb
-from steplog.v1 import artifact_service_pb2_grpc as pb_grpc
 
 from ingest import model
 from ingest.artifacts_store import ArtifactStore, conflict
 from ingest.blobs import BlobNotFound, BlobStore
 from ingest.errors import ApiError, StoreUnavailable, invalid, not_found
 from ingest.servicers.common import abort_with, handle_errors, timestamp
+from steplog.v1 import artifact_service_pb2 as pb
+from steplog.v1 import artifact_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

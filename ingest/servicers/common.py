@@ -12,10 +12,10 @@ import grpc
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from steplog.v1 import common_pb2
 
 from ingest import model
 from ingest.errors import ApiError, StoreUnavailable
+from steplog.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from steplog.v1 import ingest_service_pb2 as pb
-from steplog.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from ingest import model
 from ingest.batch import DecodedBatch, Outcome
@@ -21,6 +19,8 @@ from ingest.pipeline import Pipeline
 from ingest.servicers.common import abort_with, handle_errors
 from ingest.timescale import CommitResult
 from ingest.validate import Limits
+from steplog.v1 import ingest_service_pb2 as pb
+from steplog.v1 import ingest_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
+from ingest import model
+from ingest.errors import invalid
+from ingest.servicers.common import (
+    experiment_to_proto,
+    handle_errors,
+    run_to_proto,
+    status_from_proto,
+    tags_from_proto,
+)
+from ingest.timescale import MetadataStore
 from steplog.v1 import (
     common_pb2,
 )
@@ -20,17 +31,6 @@ from steplog.v1 import (
 from steplog.v1 import (
     run_service_pb2_grpc as rs_grpc,
 )
-
-from ingest import model
-from ingest.errors import invalid
-from ingest.servicers.common import (
-    experiment_to_proto,
-    handle_errors,
-    run_to_proto,
-    status_from_proto,
-    tags_from_proto,
-)
-from ingest.timescale import MetadataStore
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

@@ -7,15 +7,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-from steplog.v1 import data_pb2
-from steplog.v1 import query_service_pb2 as pb
-from steplog.v1 import query_service_pb2_grpc as pb_grpc
 
 from ingest import model
 from ingest.batch import KIND_SCALAR, VALUE_TEXT
 from ingest.errors import invalid
 from ingest.servicers.common import handle_errors
 from ingest.timescale import QueryStore
+from steplog.v1 import data_pb2
+from steplog.v1 import query_service_pb2 as pb
+from steplog.v1 import query_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

@@ -6,6 +6,7 @@ import uuid
 
 import grpc
 import pytest
+
 import steplog
 from steplog import Experiment, Run
 from steplog.errors import (

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from steplog import Experiment, Run
-from steplog.client import Client
 
 from ingest.devstack import LocalStack
+from steplog import Experiment, Run
+from steplog.client import Client
 from tests.sql import stored_points
 from tests.support import ServiceProcess, free_port
 

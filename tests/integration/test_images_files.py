@@ -21,6 +21,9 @@ from typing import Any
 import grpc
 import pytest
 from aiobotocore.session import get_session
+
+from ingest.blobs import blob_key
+from ingest.devstack import LocalStack, StackInfo
 from steplog import AlreadyExistsError, Experiment, InvalidArgumentError, NotFoundError, Run
 from steplog._transport import Rejection
 from steplog.client import Client
@@ -29,9 +32,6 @@ from steplog.v1 import artifact_service_pb2_grpc as ag
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
-
-from ingest.blobs import blob_key
-from ingest.devstack import LocalStack, StackInfo
 from tests import imagegen
 from tests.sql import fetch, fetchval
 from tests.support import ServiceProcess

@@ -8,12 +8,12 @@ import uuid
 
 import grpc
 import pytest
+
 from steplog import Experiment, Run
 from steplog.client import Client
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
-
 from tests.sql import fetchval, stored_points
 from tests.support import ServiceProcess
 

@@ -25,14 +25,14 @@ from typing import Any
 
 import grpc
 import pytest
-from steplog import Experiment, Run
-from steplog.client import Client
-from steplog.v1 import data_pb2, run_service_pb2
-from steplog.v1 import ingest_service_pb2 as ipb
 
 from ingest import timescale
 from ingest.batch import REASON_NAMES
 from ingest.progress import ProgressStore
+from steplog import Experiment, Run
+from steplog.client import Client
+from steplog.v1 import data_pb2, run_service_pb2
+from steplog.v1 import ingest_service_pb2 as ipb
 from tests.support import ROOT, ServiceProcess, free_port
 
 DEPLOY = ROOT / "deploy" / "prometheus"

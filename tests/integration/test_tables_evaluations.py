@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from ingest.timescale import PointStore
 from steplog import Experiment, Run, evaluation
 from steplog._transport import Rejection
 from steplog.client import Client
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
-
-from ingest.timescale import PointStore
 
 # Column types are checked against the stored schema before step order is
 # applied, through PointStore.kind_checks; a service without it refuses tables.

@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from steplog import _tables, evaluation
-from steplog.errors import InvalidArgumentError
-from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 
 from ingest import batch as b
 from ingest.decode import decode_batch
 from ingest.evaluations import SCHEMA_CODES, Document, DocumentError, parse
 from ingest.validate import Limits
+from steplog import _tables, evaluation
+from steplog.errors import InvalidArgumentError
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
 
 LIMIT = 1 << 20
 

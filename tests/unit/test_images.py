@@ -10,9 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from steplog._uploads import check_name, image_bytes, inside, source_of
-from steplog.errors import InvalidArgumentError
-from steplog.v1 import data_pb2
 
 from ingest import images
 from ingest.artifacts_store import store_image_blobs
@@ -29,6 +26,9 @@ from ingest.blobs import MIN_PART_BYTES, blob_key, part_size
 from ingest.errors import ApiError, StoreUnavailable
 from ingest.images import ImageError, ImageInfo, check, normalize_content_type, sniff
 from ingest.servicers.artifacts import artifact_path, path_prefix, sha256_field
+from steplog._uploads import check_name, image_bytes, inside, source_of
+from steplog.errors import InvalidArgumentError
+from steplog.v1 import data_pb2
 from tests import imagegen
 
 # -- sniffing -----------------------------------------------------------------------------

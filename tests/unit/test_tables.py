@@ -12,11 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from steplog import _tables
-from steplog._decoders import table_columns
-from steplog.errors import InvalidArgumentError
-from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 
 from ingest import batch as b
 from ingest import tables_store
@@ -24,6 +19,11 @@ from ingest.decode import decode_batch
 from ingest.tables import BOOL, DOUBLE, INT64, STRING, TableBlock, resolve_types
 from ingest.timescale import PG_EPOCH
 from ingest.validate import Limits
+from steplog import _tables
+from steplog._decoders import table_columns
+from steplog.errors import InvalidArgumentError
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
 
 NOW = time.time()  # rows logged "now": the linger timer (60 s here) leaves them alone
 DBL, I64, STR, BLN = (

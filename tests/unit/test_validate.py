@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
-from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 
 from ingest import batch as b
 from ingest.decode import decode_batch, labels_key
 from ingest.errors import ApiError
 from ingest.validate import Limits
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
 
 
 def make_batch(*series: pb.RunSeries, seq: int = 1, writer: str = "w-1") -> pb.Batch:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from steplog._spool import spool_files
 from steplog._transport import (
     Backoff,
