@@ -456,7 +456,11 @@ def test_on_full_drop_oldest_drops_and_counts(
     assert w.stats.dropped == 50
     fake.down = False
     assert w.flush(WAIT)
-    assert stored(fake) == [float(i) for i in range(50, 150)]  # the newest kept
+    values = stored(fake)
+    # Which 50 go depends on how far the sender got before the bound (points
+    # already in a sequenced batch are never dropped); the newest always stay.
+    assert len(values) == 100 and values == sorted(values)
+    assert values[-50:] == [float(i) for i in range(100, 150)]
     st = w.stats
     assert st.points_logged == 150 and st.points_acked == 100
 
