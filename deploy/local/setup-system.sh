@@ -6,7 +6,8 @@ cd "$(dirname "$0")/../.."
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl; do
+# kubernetes-client: `kubectl kustomize` renders deploy/k8s in the tests.
+for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl kubernetes-client; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 # npm may come with the nodejs package of another source (it then has no npm package).
@@ -15,6 +16,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   for p in "${need[@]}"; do
     if [ "$p" = npm ] && command -v npm >/dev/null; then continue; fi
     if [ "$p" = nodejs ] && command -v node >/dev/null; then continue; fi
+    if [ "$p" = kubernetes-client ] && command -v kubectl >/dev/null; then continue; fi
     filtered+=("$p")
   done
   need=("${filtered[@]+"${filtered[@]}"}")

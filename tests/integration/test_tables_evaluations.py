@@ -10,19 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest.timescale import PointStore
 from steplog import Experiment, Run, evaluation
 from steplog._transport import Rejection
 from steplog.client import Client
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
-
-# Column types are checked against the stored schema before step order is
-# applied, through PointStore.kind_checks; a service without it refuses tables.
-tables_supported = pytest.mark.skipif(
-    "kind_checks" not in vars(PointStore(1)), reason="PointStore has no kind_checks hook"
-)
 
 DBL, I64, STR, BLN = (
     data_pb2.COLUMN_TYPE_DOUBLE,
@@ -82,7 +75,6 @@ def reasons(response: pb.WriteResponse) -> dict[str, int]:
 # -- tables --------------------------------------------------------------------------
 
 
-@tables_supported
 def test_log_row_builds_a_table_whose_columns_grow(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     run.log_row("perf", epoch=0, loss=0.9)
@@ -103,7 +95,6 @@ def test_log_row_builds_a_table_whose_columns_grow(url: str, experiment_name: st
     assert rejections(run) == []
 
 
-@tables_supported
 def test_log_table_in_azure_shape(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     value: dict[str, list[Any]] = {
@@ -122,7 +113,6 @@ def test_log_table_in_azure_shape(url: str, experiment_name: str) -> None:
     assert run.get_metrics()["t"]["x"] == [1, 2, 3, 4, 5]
 
 
-@tables_supported
 def test_type_change_is_rejected_naming_the_column(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     run.log_table("t", {"x": [1, 2], "y": [0.5, 0.25]})
@@ -137,7 +127,6 @@ def test_type_change_is_rejected_naming_the_column(url: str, experiment_name: st
     assert run.get_metrics()["t"] == {"x": [1, 2, 3], "y": [0.5, 0.25, 3.0]}
 
 
-@tables_supported
 def test_mixed_types_in_one_column_keep_the_valid_rows(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     with pytest.warns(Warning):
@@ -149,7 +138,6 @@ def test_mixed_types_in_one_column_keep_the_valid_rows(url: str, experiment_name
     assert run.get_metrics()["mixed"] == {"value": [1, 3], "i": [1, 1]}
 
 
-@tables_supported
 def test_a_batch_of_valid_and_invalid_rows_stores_the_valid_ones(
     url: str, experiment_name: str
 ) -> None:
@@ -194,7 +182,6 @@ def test_a_batch_of_valid_and_invalid_rows_stores_the_valid_ones(
     assert run.get_metrics()["t"] == {"n": [1, 2, 5], "s": [None, "ok", "ok"]}
 
 
-@tables_supported
 def test_stepped_tables_follow_the_step_rules(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     run.log_table("curve", {"x": [0.0, 0.1, 0.2]}, steps=[0, 10, 20])
@@ -214,7 +201,6 @@ def test_stepped_tables_follow_the_step_rules(url: str, experiment_name: str) ->
     assert run.get_metrics()["curve"] == {"x": [0.0, 0.1, 0.2, 0.3]}
 
 
-@tables_supported
 def test_read_a_table_by_row_range(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     for i in range(10):
@@ -226,7 +212,6 @@ def test_read_a_table_by_row_range(url: str, experiment_name: str) -> None:
     assert {c.name: list(c.ints) for c in t.columns} == {"i": [3, 4, 5], "sq": [9, 16, 25]}
 
 
-@tables_supported
 def test_out_of_order_table_last_write_wins(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
@@ -240,7 +225,6 @@ def test_out_of_order_table_last_write_wins(url: str, experiment_name: str) -> N
     assert run.get_metrics()["ooo"] == {"v": [10, 2]}
 
 
-@tables_supported
 def test_a_resent_batch_is_stored_once(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
@@ -250,7 +234,6 @@ def test_a_resent_batch_is_stored_once(url: str, experiment_name: str) -> None:
     assert run.get_metrics()["once"] == {"v": [1, 2, 3]}
 
 
-@tables_supported
 def test_request_limits(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
@@ -272,7 +255,6 @@ def test_request_limits(url: str, experiment_name: str) -> None:
     assert len(got) == 1000 and got["c999"] == [999.0] * 100
 
 
-@tables_supported
 def test_a_series_keeps_its_kind(url: str, experiment_name: str) -> None:
     run = new_run(url, experiment_name)
     raw = RawWriter(url)
@@ -420,7 +402,6 @@ def test_an_evaluation_series_keeps_its_schema(url: str, experiment_name: str) -
     assert [r.reason for r in got] == ["KIND_MISMATCH"]
 
 
-@tables_supported
 def test_recursive_metrics_cover_children(url: str, experiment_name: str) -> None:
     parent = new_run(url, experiment_name)
     child = parent.child_run(name="fold-1")
