@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +37,7 @@ from ingest.errors import ApiError, StoreUnavailable, invalid, not_found
 from ingest.images import ImageInfo
 from ingest.order import Accepted
 from ingest.pipeline import Pipeline
-from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult
+from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult, acquire, hide_superseded
 from steplog.v1 import data_pb2
 
 log = logging.getLogger(__name__)
@@ -114,13 +114,7 @@ class ImageStore:
         """Append the accepted image points (their blobs are stored already)."""
         records: list[tuple[Any, ...]] = []
         for a in accepted:
-            if a.supersede is not None and a.supersede.size:
-                await conn.execute(
-                    "UPDATE image_points SET hidden = true WHERE series_id = $1"
-                    " AND step = ANY($2::bigint[]) AND NOT hidden",
-                    a.series_id,
-                    a.supersede.tolist(),
-                )
+            await hide_superseded(conn, "image_points", a)
             payload = a.chunk.payload or []
             for i in a.index.tolist():
                 info = payload[i]
@@ -223,17 +217,8 @@ class ArtifactStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    @asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self.pool.acquire() as conn:
-                if transaction:
-                    async with conn.transaction():
-                        yield conn
-                else:
-                    yield conn
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    def _conn(self, transaction: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool, transaction)
 
     @staticmethod
     async def _check_run(conn: asyncpg.Connection, workspace: str, run_id: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,11 +29,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
-from ingest.errors import StoreUnavailable
 from ingest.evaluations import Document
 from ingest.order import Accepted, SeriesState
 from ingest.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
-from ingest.timescale import PG_EPOCH, UNAVAILABLE_ERRORS
+from ingest.timescale import PG_EPOCH, acquire, hide_superseded
 from ingest.validate import Limits
 from steplog.v1 import data_pb2
 
@@ -313,13 +312,8 @@ class TableStore:
         self.pool = pool
         self.limits = limits
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self.pool.acquire() as conn:
-                yield conn
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    def _conn(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool)
 
     @staticmethod
     async def _columns(
@@ -372,13 +366,7 @@ class TableStore:
         for a in accepted:
             block = a.chunk.payload[0] if a.chunk.payload else None
             assert isinstance(block, TableBlock)
-            if a.supersede is not None and a.supersede.size:
-                await conn.execute(
-                    "UPDATE table_rows SET hidden = true WHERE series_id = $1"
-                    " AND step = ANY($2::bigint[]) AND NOT hidden",
-                    a.series_id,
-                    a.supersede.tolist(),
-                )
+            await hide_superseded(conn, "table_rows", a)
             added: list[Column] = []
             cells = layout(block, a.index, columns.setdefault(a.series_id, {}), added)
             new += [(a.series_id, c) for c in added]
@@ -408,13 +396,7 @@ class TableStore:
         parses it again, a cost that does not matter at these volumes)."""
         cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
         for a in accepted:
-            if a.supersede is not None and a.supersede.size:
-                await conn.execute(
-                    "UPDATE evaluation_points SET hidden = true WHERE series_id = $1"
-                    " AND step = ANY($2::bigint[]) AND NOT hidden",
-                    a.series_id,
-                    a.supersede.tolist(),
-                )
+            await hide_superseded(conn, "evaluation_points", a)
             docs = a.chunk.payload or []
             for i in a.index.tolist():
                 doc = docs[i]

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -56,6 +56,35 @@ _RUN_COLUMNS = """
     r.start_time, r.end_time, r.error_message, r.error_code, r.tags, r.properties,
     r.last_seen
 """
+
+
+@asynccontextmanager
+async def acquire(
+    pool: asyncpg.Pool, transaction: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection (optionally in a transaction); a database that
+    cannot be reached becomes StoreUnavailable (retryable)."""
+    try:
+        async with pool.acquire() as conn:
+            if transaction:
+                async with conn.transaction():
+                    yield conn
+            else:
+                yield conn
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
+async def hide_superseded(conn: asyncpg.Connection, table: str, accepted: Accepted) -> None:
+    """Out-of-order series: the last write per step wins, so earlier points at
+    the steps being written are hidden (kept for audit)."""
+    if accepted.supersede is not None and accepted.supersede.size:
+        await conn.execute(
+            f"UPDATE {table} SET hidden = true WHERE series_id = $1"
+            " AND step = ANY($2::bigint[]) AND NOT hidden",
+            accepted.series_id,
+            accepted.supersede.tolist(),
+        )
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -111,13 +140,8 @@ class MetadataStore:
         self.pool = pool
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    def _tx(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool, transaction=True)
 
     # -- experiments ---------------------------------------------------------
 
@@ -857,13 +881,7 @@ class PointStore:
         rows = 0
         for acc_list, table in ((numeric, "scalar_points"), (text, "text_points")):
             for a in acc_list:
-                if a.supersede is not None and a.supersede.size:
-                    await conn.execute(
-                        f"UPDATE {table} SET hidden = true WHERE series_id = $1"
-                        " AND step = ANY($2::bigint[]) AND NOT hidden",
-                        a.series_id,
-                        a.supersede.tolist(),
-                    )
+                await hide_superseded(conn, table, a)
         if numeric:
             payload = encode_scalar_copy(
                 np.concatenate([a.chunk.times[a.index] for a in numeric]),
@@ -933,13 +951,8 @@ class QueryStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self.pool.acquire() as conn:
-                yield conn
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    def _conn(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool)
 
     async def run_ids(self, workspace: str, run_id: str, recursive: bool) -> list[str]:
         async with self._conn() as conn:
