@@ -37,7 +37,12 @@ from ingest.errors import ApiError, StoreUnavailable, invalid, not_found
 from ingest.images import ImageInfo
 from ingest.order import Accepted
 from ingest.pipeline import Pipeline
-from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult, acquire, hide_superseded
+from ingest.timescale import (
+    CommitResult,
+    acquire,
+    hide_superseded,
+    visible_points,
+)
 from steplog.v1 import data_pb2
 
 log = logging.getLogger(__name__)
@@ -148,26 +153,15 @@ class ImageStore:
         """Visible image points in step order; with include_bytes, their bytes
         from S3 (refused when they would not fit in one response)."""
         ids = [s["series_id"] for s in series]
-        try:
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    "SELECT series_id, step, extract(epoch FROM time)::float8 AS t, sha256, size,"
-                    " content_type, width, height FROM image_points"
-                    " WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
-                    " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
-                    " ORDER BY series_id, step",
-                    ids,
-                    start,
-                    end,
-                )
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        async with acquire(self.pool) as conn:
+            by_series = await visible_points(
+                conn, "image_points", "sha256, size, content_type, width, height", ids, start, end
+            )
         data: dict[str, bytes] = {}
-        if include_bytes and rows:
-            data = await self._fetch({r["sha256"]: r["size"] for r in rows})
-        by_series: dict[int, list[Row]] = {}
-        for r in rows:
-            by_series.setdefault(r["series_id"], []).append(r)
+        if include_bytes and by_series:
+            data = await self._fetch(
+                {r["sha256"]: r["size"] for rows in by_series.values() for r in rows}
+            )
         ranged = start is not None or end is not None
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:

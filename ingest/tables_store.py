@@ -32,7 +32,7 @@ from ingest.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
 from ingest.evaluations import Document
 from ingest.order import Accepted, SeriesState
 from ingest.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
-from ingest.timescale import PG_EPOCH, acquire, hide_superseded
+from ingest.timescale import PG_EPOCH, acquire, hide_superseded, visible_points
 from ingest.validate import Limits
 from steplog.v1 import data_pb2
 
@@ -437,19 +437,9 @@ class TableStore:
         ids = [s["series_id"] for s in series]
         async with self._conn() as conn:
             columns = await self._columns(conn, ids)
-            rows = await conn.fetch(
-                "SELECT series_id, step, extract(epoch FROM time)::float8 AS t,"
-                " doubles, ints, strings, bools FROM table_rows"
-                " WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
-                " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
-                " ORDER BY series_id, step",
-                ids,
-                start,
-                end,
+            by_series = await visible_points(
+                conn, "table_rows", "doubles, ints, strings, bools", ids, start, end
             )
-        by_series: dict[int, list[Row]] = {}
-        for r in rows:
-            by_series.setdefault(r["series_id"], []).append(r)
         ranged = start is not None or end is not None
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:
@@ -472,19 +462,9 @@ class TableStore:
     ) -> dict[int, data_pb2.SeriesData]:
         ids = [s["series_id"] for s in series]
         async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT series_id, step, extract(epoch FROM time)::float8 AS t,"
-                " document::text AS document FROM evaluation_points"
-                " WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
-                " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
-                " ORDER BY series_id, step",
-                ids,
-                start,
-                end,
+            by_series = await visible_points(
+                conn, "evaluation_points", "document::text AS document", ids, start, end
             )
-        by_series: dict[int, list[Row]] = {}
-        for r in rows:
-            by_series.setdefault(r["series_id"], []).append(r)
         ranged = start is not None or end is not None
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:

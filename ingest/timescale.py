@@ -75,6 +75,32 @@ async def acquire(
         raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
+async def visible_points(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: str,
+    series_ids: Sequence[int],
+    start: int | None,
+    end: int | None,
+) -> dict[int, list[Row]]:
+    """The visible (not hidden) points of some series in an inclusive step
+    range, in step order, grouped by series. `columns` are selected after
+    series_id, step and t (the time as epoch seconds)."""
+    rows = await conn.fetch(
+        f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {columns}"
+        f" FROM {table} WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
+        " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
+        " ORDER BY series_id, step",
+        list(series_ids),
+        start,
+        end,
+    )
+    grouped: dict[int, list[Row]] = {}
+    for r in rows:
+        grouped.setdefault(r["series_id"], []).append(r)
+    return grouped
+
+
 async def hide_superseded(conn: asyncpg.Connection, table: str, accepted: Accepted) -> None:
     """Out-of-order series: the last write per step wins, so earlier points at
     the steps being written are hidden (kept for audit)."""
