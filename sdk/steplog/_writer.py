@@ -209,7 +209,8 @@ class WriterSettings:
     spool_dir: Path | None = None
     offline: bool = False
     max_batch_points: int = 50_000
-    max_batch_bytes: int = 4 * 1024 * 1024
+    # Above the service's default image limit (16 MiB), below its message limit (64 MiB).
+    max_batch_bytes: int = 20 * 1024 * 1024
     flush_interval: float = 0.2
     strict: bool = False
     backoff_initial: float = 0.1

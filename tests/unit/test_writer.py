@@ -762,7 +762,7 @@ def test_log_series_carries_prebuilt_messages(
     assert w.flush(WAIT)
     assert len(stored(fake, "cm")) == 1
     huge = data_pb2.SeriesData(
-        name="img", images=data_pb2.ImagePoints(images=[data_pb2.Image(data=b"x" * 5_000_000)])
+        name="img", images=data_pb2.ImagePoints(images=[data_pb2.Image(data=b"x" * 25_000_000)])
     )
     with pytest.raises(ValueError, match="do not fit"):
         w.log_series("r1", huge)
