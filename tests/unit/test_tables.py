@@ -25,7 +25,9 @@ from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 
-NOW = time.time()  # rows logged "now": the linger timer (60 s here) leaves them alone
+# Rows logged "now". The FakeWriter's linger is ~11 days, so the linger timer
+# leaves them alone however long after import a test runs.
+NOW = time.time()
 DBL, I64, STR, BLN = (
     data_pb2.COLUMN_TYPE_DOUBLE,
     data_pb2.COLUMN_TYPE_INT64,
@@ -387,7 +389,7 @@ def test_log_table_checks_its_value() -> None:
 class FakeWriter:
     """What RowBuffers needs of the BatchWriter: log_series (and the hook)."""
 
-    def __init__(self, hook: bool = True, flush_interval: float = 60.0) -> None:
+    def __init__(self, hook: bool = True, flush_interval: float = 1e6) -> None:
         self.sent: list[tuple[str, data_pb2.SeriesData]] = []
         self.arrived = threading.Event()
         self.hooks: list[Any] = []
