@@ -46,8 +46,11 @@ $(BUF):
 run: setup
 	$(PY) -m ingest dev --root $(STATE) --processes $(PROCESSES) --example
 
+## stop: the local stacks left running (make run's, the tests', the benchmarks')
 stop:
-	-$(PY) -m ingest.devstack stop --root $(STATE)
+	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench; do \
+		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack stop --root $$root; \
+	done; true
 
 ## protos: regenerate the Python protocol code
 protos: venv
