@@ -446,6 +446,18 @@ class Uploader:
         a = reply.artifact
         return FileInfo(a.path, a.size, a.sha256, a.content_type, reply.unchanged)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (up to timeout) until the uploads submitted so far have
+        finished, stored or failed; True when they all have."""
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._lock:
+            jobs = list(self._active)
+        for job in jobs:
+            remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            with contextlib.suppress(BaseException):
+                job.future.exception(remaining)
+        return all(job.future.done() for job in jobs)
+
     def close(self, timeout: float | None = None) -> bool:
         """Wait for queued uploads (up to timeout), then cancel the rest.
         True when every upload finished. Safe to call twice."""
@@ -482,6 +494,13 @@ class Uploader:
 # One uploader per client; clients live as long as the process (steplog.client).
 _uploaders: dict[int, Uploader] = {}
 _uploaders_lock = threading.Lock()
+
+
+def current_uploader(client: Client) -> Uploader | None:
+    """The client's uploader if it has one (without starting one)."""
+    with _uploaders_lock:
+        u = _uploaders.get(id(client))
+        return u if u is not None and u._client is client else None
 
 
 def uploader(client: Client) -> Uploader:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -112,9 +113,17 @@ class Client:
         return self._writer
 
     def flush(self, timeout: float | None = None) -> bool:
-        if self._writer is None:
-            return True
-        return bool(self._writer.flush(timeout))
+        """Wait until everything logged is acknowledged and every background
+        upload (upload_file(..., wait=False)) has finished; one deadline."""
+        from steplog import _uploads
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = True if self._writer is None else bool(self._writer.flush(timeout))
+        uploads = _uploads.current_uploader(self)
+        if uploads is not None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = uploads.wait(remaining) and ok
+        return ok
 
 
 class Heartbeat:

@@ -475,3 +475,12 @@ def test_get_metrics_returns_image_references(url: str, experiment_name: str) ->
         "width": 7,
         "height": 5,
     }
+
+
+def test_flush_waits_for_background_uploads(url: str, experiment_name: str) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    blob = os.urandom(3 * 1024 * 1024)
+    pending = run.upload_file("outputs/late.bin", blob, wait=False)
+    assert run.flush(120)
+    assert pending.done()
+    assert "outputs/late.bin" in run.get_file_names()
