@@ -1043,20 +1043,11 @@ class QueryStore:
         text: bool = False,
         start: int | None = None,
         end: int | None = None,
-    ) -> list[Row]:
+    ) -> dict[int, list[Row]]:
+        """Visible scalar points in step order, grouped by series."""
         table = "text_points" if text else "scalar_points"
         async with self._conn() as conn:
-            return list(
-                await conn.fetch(
-                    "SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value"
-                    f" FROM {table} WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
-                    " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
-                    " ORDER BY series_id, step",
-                    list(series_ids),
-                    start,
-                    end,
-                )
-            )
+            return await visible_points(conn, table, "value", series_ids, start, end)
 
     async def count_points(
         self, series_id: int, text: bool, start: int | None, end: int | None

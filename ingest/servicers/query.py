@@ -56,8 +56,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         points: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
         for group, is_text in ((numeric, False), (text, True)):
             if group:
-                for r in await self.store.scalar_points([s["series_id"] for s in group], is_text):
-                    points[r["series_id"]].append(r)
+                points.update(
+                    await self.store.scalar_points([s["series_id"] for s in group], is_text)
+                )
         others: dict[int, data_pb2.SeriesData] = {}
         for kind, reader in self.readers.items():
             rows = [s for s in series if s["kind"] == kind]
@@ -108,8 +109,8 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             rows = await self.store.downsampled(s["series_id"], max(1, limit // 3), start, end)
             downsampled = True
         else:
-            rows = await self.store.scalar_points([s["series_id"]], is_text, start, end)
-            rows = rows[:limit]
+            grouped = await self.store.scalar_points([s["series_id"]], is_text, start, end)
+            rows = grouped.get(s["series_id"], [])[:limit]
             downsampled = total > limit
         data.scalars.CopyFrom(_scalars(rows, is_text, True))
         return pb.ReadSeriesResponse(series=data, downsampled=downsampled, total_points=total)
