@@ -66,6 +66,12 @@ class Config:
     # cap on exported series (and runs); 0 turns the progress export off.
     progress_series: tuple[str, ...] = ("loss*", "*loss", "accuracy*", "lr")
     progress_max_series: int = 1000
+    # Exactly once: a writer's progress (its high-water mark and the outcomes
+    # of its last batches) is kept this long after its last batch. Must be
+    # longer than any client keeps batches to resend (its spool and the
+    # `steplog sync` of it): a batch that arrives after its writer expired is
+    # taken as new (stored again) or refused as a gap.
+    writer_retention_s: float = 30 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,10 @@ _HELP = {
     ),
     "progress_series": "scalar series exported as live progress: comma-separated globs (* and ?)",
     "progress_max_series": "most series (and runs) in the progress export; 0 turns it off",
+    "writer_retention_s": (
+        "seconds a writer's progress is kept after its last batch (exactly once);"
+        " longer than any client spools and replays"
+    ),
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {

@@ -100,6 +100,10 @@ class Service:
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         metadata = timescale.MetadataStore(self.pool, cfg.heartbeat_timeout_s)
+        # Idle writers' progress expires after the retention (exactly once).
+        sweeper = timescale.WriterSweeper(self.pool, cfg.writer_retention_s)
+        sweeper.start()
+        self._closers.append(sweeper.close)
         self.points = timescale.PointStore(cfg.max_series_per_run)
         self.blobs = BlobStore(BlobSettings.from_config(cfg), self.metrics)
         await self.blobs.start()

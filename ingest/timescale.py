@@ -4,6 +4,8 @@ database (asyncpg)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -29,6 +31,7 @@ from ingest.batch import (
     VALUE_TEXT,
     Chunk,
     DecodedBatch,
+    Outcome,
 )
 from ingest.errors import ApiError, StoreUnavailable, invalid, not_found, precondition
 from ingest.model import RunStatus, check_transition, merge_properties
@@ -630,12 +633,30 @@ def encode_scalar_copy(
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 
+# -- writer progress: exactly once per (workspace, writer) ------------------------
+
+# The outcomes of a writer's last batches that the service keeps, so a batch
+# resent after its acknowledgement was lost is answered with what its commit
+# decided. The client keeps at most 32 batches unacknowledged
+# (sdk/steplog/_writer.py MAX_INFLIGHT_BATCHES): twice that covers any resend
+# of its window.
+OUTCOMES_KEPT = 64
+# Each kept outcome is at most this many bytes: the counts are exact, the
+# rejected-point examples are cut (strings shortened, then examples dropped).
+MAX_OUTCOME_BYTES = 4096
+_MAX_EXAMPLE_CHARS = 200
+_MAX_EXAMPLE_LABELS = 16
+_MAX_MESSAGE_CHARS = 300
+
+
 class SequenceGap(Exception):
-    """A writer skipped a sequence number: the client must resend from `expected`."""
+    """A writer skipped a sequence number: the client must resend from `expected`.
+
+    The numbers are the writer's own, in its own workspace."""
 
     def __init__(self, writer_id: str, expected: int, got: int) -> None:
         super().__init__(
-            f"writer {writer_id!r}: expected batch sequence {expected}, got {got}; "
+            f"writer {writer_id[:128]!r}: expected batch sequence {expected}, got {got}; "
             f"resend from {expected}"
         )
         self.expected = expected
@@ -645,6 +666,148 @@ class SequenceGap(Exception):
 class CommitResult:
     duplicate_batch: bool = False
     gap: SequenceGap | None = None
+    # For a duplicate batch: what the commit that stored it decided, while
+    # the service keeps it (the writer's last OUTCOMES_KEPT batches).
+    original: Outcome | None = None
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def encode_outcome(outcome: Outcome, max_bytes: int = MAX_OUTCOME_BYTES) -> bytes:
+    """A batch's outcome as compact JSON of at most `max_bytes`: the counts in
+    full, as many (shortened) rejected-point examples as fit."""
+    head: dict[str, Any] = {
+        "a": outcome.accepted,
+        "d": outcome.duplicates,
+        "r": outcome.rejected,
+        "c": sorted(outcome.by_reason.items()),
+    }
+    examples = [
+        [
+            _cut(run_id, _MAX_EXAMPLE_CHARS),
+            _cut(name, _MAX_EXAMPLE_CHARS),
+            {
+                _cut(k, _MAX_EXAMPLE_CHARS): _cut(v, _MAX_EXAMPLE_CHARS)
+                for k, v in list(labels.items())[:_MAX_EXAMPLE_LABELS]
+            },
+            index,
+            step,
+            reason,
+            _cut(message, _MAX_MESSAGE_CHARS),
+        ]
+        for run_id, name, labels, index, step, reason, message in outcome.examples
+    ]
+    keep = len(examples)
+    while True:
+        data = json.dumps({**head, "x": examples[:keep]}, separators=(",", ":")).encode()
+        if len(data) <= max_bytes or keep == 0:
+            return data
+        keep -= 1
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    """The inverse of encode_outcome."""
+    doc = json.loads(data)
+    return Outcome(
+        accepted=int(doc["a"]),
+        duplicates=int(doc["d"]),
+        rejected=int(doc["r"]),
+        by_reason={int(reason): int(n) for reason, n in doc["c"]},
+        examples=[
+            (str(r), str(n), dict(lb), int(i), None if s is None else int(s), int(why), str(m))
+            for r, n, lb, i, s, why, m in doc["x"]
+        ],
+    )
+
+
+def classify_sequences(
+    batches: Sequence[DecodedBatch], marks: Mapping[tuple[str, str], int]
+) -> tuple[list[CommitResult], list[DecodedBatch]]:
+    """Exactly-once, pure: against each writer's committed high-water mark, a
+    batch at or below it is a duplicate, the one right above it is live (and
+    moves the mark for the batches after it in the group), a gap is an error."""
+    hwm = dict(marks)
+    results: list[CommitResult] = []
+    live: list[DecodedBatch] = []
+    for b in batches:
+        key = (b.workspace, b.writer_id)
+        last = hwm.get(key, 0)
+        if b.sequence <= last:
+            results.append(CommitResult(duplicate_batch=True))
+        elif b.sequence == last + 1:
+            hwm[key] = b.sequence
+            results.append(CommitResult())
+            live.append(b)
+        else:
+            results.append(CommitResult(gap=SequenceGap(b.writer_id, last + 1, b.sequence)))
+    return results, live
+
+
+def sweep_interval(retention_s: float) -> float:
+    """How often the retention sweep runs: a quarter of the retention, at
+    least every minute, at most every 50 ms."""
+    return min(60.0, max(0.05, retention_s / 4))
+
+
+async def sweep_writers(
+    conn: asyncpg.Connection, retention_s: float, rows: int = 1000, rounds: int = 100
+) -> int:
+    """Delete writers idle for longer than the retention (and, by cascade,
+    their kept outcomes), in short transactions of at most `rows` rows, at
+    most `rounds` of them per call. Rows a commit holds are skipped: that
+    writer is active. Returns how many writers were deleted."""
+    deleted = 0
+    for _ in range(rounds):
+        status = await conn.execute(
+            "DELETE FROM writers WHERE (workspace, writer_id) IN ("
+            " SELECT workspace, writer_id FROM writers"
+            " WHERE updated_at < now() - make_interval(secs => $1)"
+            " ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            float(retention_s),
+            rows,
+        )
+        n = int(status.split()[-1])
+        deleted += n
+        if n < rows:
+            break
+    return deleted
+
+
+class WriterSweeper:
+    """The background task that expires idle writers (see sweep_writers)."""
+
+    def __init__(self, pool: asyncpg.Pool, retention_s: float) -> None:
+        self.pool = pool
+        self.retention_s = retention_s
+        self.deleted = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="steplog-writer-sweep")
+
+    async def _run(self) -> None:
+        interval = sweep_interval(self.retention_s)
+        while True:
+            try:
+                async with acquire(self.pool) as conn:
+                    n = await sweep_writers(conn, self.retention_s)
+                self.deleted += n
+                if n:
+                    log.info("expired %d idle writer(s)", n)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again
+                log.warning("writer retention sweep failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 @dataclass
@@ -727,45 +890,85 @@ class PointStore:
                     sorted({c.run_id for c in chunks}),
                 )
             if live:
-                hwm: dict[str, tuple[str, int]] = {}
-                for b in live:
-                    hwm[b.writer_id] = (b.workspace, b.sequence)
-                await conn.execute(
-                    "INSERT INTO writers (writer_id, workspace, last_sequence)"
-                    " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-                    " ON CONFLICT (writer_id) DO UPDATE"
-                    " SET last_sequence = EXCLUDED.last_sequence, updated_at = now()",
-                    list(hwm),
-                    [v[0] for v in hwm.values()],
-                    [v[1] for v in hwm.values()],
-                )
+                await self._record_progress(conn, live)
         return results, stats
 
     async def _sequence(
         self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
     ) -> tuple[list[CommitResult], list[DecodedBatch]]:
-        """Exactly-once: lock each writer's high-water mark; a batch at or
-        below it is a duplicate, one right above it is live, a gap is an error."""
-        writers = sorted({b.writer_id for b in batches})
+        """Exactly-once: lock each writer's row, creating the new ones first,
+        so two processes that receive a writer's batch at once take turns (an
+        INSERT waits for the other transaction's uncommitted row, then locks
+        the committed one and reads its mark). Rows are taken in (workspace,
+        writer_id) order, the same in every transaction: no deadlocks."""
+        keys = sorted({(b.workspace, b.writer_id) for b in batches})
         rows = await conn.fetch(
-            "SELECT writer_id, last_sequence FROM writers WHERE writer_id = ANY($1::text[])"
-            " ORDER BY writer_id FOR UPDATE",
-            writers,
+            "INSERT INTO writers AS w (workspace, writer_id, last_sequence)"
+            " SELECT ws, id, 0 FROM unnest($1::text[], $2::text[]) AS u(ws, id) ORDER BY ws, id"
+            " ON CONFLICT (workspace, writer_id) DO UPDATE SET updated_at = now()"
+            " RETURNING workspace, writer_id, last_sequence",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
         )
-        hwm = {r["writer_id"]: r["last_sequence"] for r in rows}
-        results: list[CommitResult] = []
-        live: list[DecodedBatch] = []
-        for b in batches:
-            last = hwm.get(b.writer_id, 0)
-            if b.sequence <= last:
-                results.append(CommitResult(duplicate_batch=True))
-            elif b.sequence == last + 1:
-                hwm[b.writer_id] = b.sequence
-                results.append(CommitResult())
-                live.append(b)
-            else:
-                results.append(CommitResult(gap=SequenceGap(b.writer_id, last + 1, b.sequence)))
+        marks = {(r["workspace"], r["writer_id"]): r["last_sequence"] for r in rows}
+        results, live = classify_sequences(batches, marks)
+        moving = {(b.workspace, b.writer_id) for b in live}
+        unused = [k for k in keys if marks.get(k) == 0 and k not in moving]
+        if unused:
+            # Rows just created for writers whose batches were all gaps: a
+            # writer exists once a batch of it commits, not before.
+            await conn.execute(
+                "DELETE FROM writers WHERE (workspace, writer_id) IN"
+                " (SELECT * FROM unnest($1::text[], $2::text[])) AND last_sequence = 0",
+                [k[0] for k in unused],
+                [k[1] for k in unused],
+            )
+        again = [(b, r) for b, r in zip(batches, results, strict=True) if r.duplicate_batch]
+        if again:
+            kept = await conn.fetch(
+                "SELECT workspace, writer_id, sequence, result FROM writer_batches"
+                " WHERE (workspace, writer_id, sequence) IN"
+                " (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]))",
+                [b.workspace for b, _ in again],
+                [b.writer_id for b, _ in again],
+                [b.sequence for b, _ in again],
+            )
+            found = {(r["workspace"], r["writer_id"], r["sequence"]): r["result"] for r in kept}
+            for b, result in again:
+                data = found.get((b.workspace, b.writer_id, b.sequence))
+                if data is not None:
+                    result.original = decode_outcome(data)
         return results, live
+
+    async def _record_progress(
+        self, conn: asyncpg.Connection, live: Sequence[DecodedBatch]
+    ) -> None:
+        """In the transaction that stored their points: move each writer's
+        high-water mark forward (never back), keep each live batch's outcome,
+        and forget the writer's outcomes older than its last OUTCOMES_KEPT."""
+        marks: dict[tuple[str, str], int] = {}
+        for b in live:
+            key = (b.workspace, b.writer_id)
+            marks[key] = max(marks.get(key, 0), b.sequence)
+        await conn.execute(
+            "WITH m AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+            "   AS m(ws, id, seq)),"
+            " hwm AS (UPDATE writers w SET last_sequence = GREATEST(w.last_sequence, m.seq),"
+            "   updated_at = now() FROM m WHERE w.workspace = m.ws AND w.writer_id = m.id),"
+            " old AS (DELETE FROM writer_batches b USING m"
+            "   WHERE b.workspace = m.ws AND b.writer_id = m.id AND b.sequence <= m.seq - $4)"
+            " INSERT INTO writer_batches (workspace, writer_id, sequence, result)"
+            " SELECT * FROM unnest($5::text[], $6::text[], $7::bigint[], $8::bytea[])"
+            " ON CONFLICT (workspace, writer_id, sequence) DO UPDATE SET result = EXCLUDED.result",
+            [k[0] for k in marks],
+            [k[1] for k in marks],
+            list(marks.values()),
+            OUTCOMES_KEPT,
+            [b.workspace for b in live],
+            [b.writer_id for b in live],
+            [b.sequence for b in live],
+            [encode_outcome(b.outcome) for b in live],
+        )
 
     async def _check_runs(self, conn: asyncpg.Connection, live: Sequence[DecodedBatch]) -> None:
         run_ids = sorted({c.run_id for b in live for c in b.chunks if c.alive.any()})

@@ -73,7 +73,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if result.gap is not None:
             raise ApiError("ABORTED", str(result.gap), "batch.sequence")
         if result.duplicate_batch:
-            return pb.WriteResponse(duplicate_batch=True)
+            # With what the original commit decided, while the service keeps it.
+            original = result_to_proto(result.original) if result.original is not None else None
+            return pb.WriteResponse(duplicate_batch=True, result=original)
         return pb.WriteResponse(result=result_to_proto(batch.outcome))
 
     async def Ingest(
@@ -125,7 +127,12 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     await context.abort(grpc.StatusCode.ABORTED, str(result.gap))
                     return
                 if result.duplicate_batch:
-                    yield pb.IngestResponse(sequence=batch.sequence, duplicate_batch=True)
+                    original = (
+                        result_to_proto(result.original) if result.original is not None else None
+                    )
+                    yield pb.IngestResponse(
+                        sequence=batch.sequence, duplicate_batch=True, result=original
+                    )
                 else:
                     yield pb.IngestResponse(
                         sequence=batch.sequence, result=result_to_proto(batch.outcome)

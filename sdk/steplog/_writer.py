@@ -25,8 +25,10 @@ alone, as a probe, and the rest once it is acknowledged (an outage then costs
 one batch per attempt, not the whole window). Acknowledgements
 carry partial success: rejected points are counted, kept (`rejections()`),
 warned about once per (series, reason), and raised as PointsRejectedError by
-the next log/flush/close in strict mode. A `duplicate_batch` ack counts as
-acknowledged.
+the next log/flush/close in strict mode. A `duplicate_batch` ack (the batch
+was committed before, its ack lost) counts as acknowledged, and its result is
+what that commit decided (the service keeps it for a writer's last batches):
+each batch's result is counted once, from the first ack of it that arrives.
 
 Non-retryable stream errors (INVALID_ARGUMENT, UNAUTHENTICATED,
 PERMISSION_DENIED, ...) mean "do not send this again". A user would rather
@@ -1148,6 +1150,8 @@ class BatchWriter:
         self._aborts = 0
         if entry.ref is not None and self._spool is not None:
             self._spool.release(entry.ref)
+        # A duplicate_batch ack carries the original commit's result: counted
+        # here like any other, once (the entry is gone for any later ack).
         result = response.result
         with self._cond:
             if entry.request is not None:

@@ -217,10 +217,11 @@ def test_points_to_unknown_completed_and_foreign_runs_are_rejected(
     client, writer = run._client, f"t-{uuid.uuid4().hex}"
     r = write(client, "no-such-run", writer, 1, "x", [0], [1.0])
     assert r.result.reject_counts[0].reason == pb.REJECT_REASON_RUN_NOT_FOUND
-    r = write(client, run.id, writer, 2, "x", [0], [1.0], workspace="other-team")
+    # The same writer id in another workspace is another writer (sequence 1).
+    r = write(client, run.id, writer, 1, "x", [0], [1.0], workspace="other-team")
     assert r.result.reject_counts[0].reason == pb.REJECT_REASON_RUN_NOT_FOUND
     run.complete()
-    r = write(client, run.id, writer, 3, "x", [0], [1.0])
+    r = write(client, run.id, writer, 2, "x", [0], [1.0])
     assert r.result.reject_counts[0].reason == pb.REJECT_REASON_RUN_NOT_ACTIVE
     assert "Completed" in r.result.rejected_points[0].message
 

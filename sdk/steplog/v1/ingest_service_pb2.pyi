@@ -310,10 +310,19 @@ class IngestResponse(_message.Message):
     DUPLICATE_BATCH_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
+    """The sequence number of the batch this acknowledges."""
     duplicate_batch: _builtins.bool
-    """True when the batch had been committed before: nothing was written."""
+    """True when the batch had been committed before: nothing was written now."""
     @_builtins.property
-    def result(self) -> Global___BatchResult: ...
+    def result(self) -> Global___BatchResult:
+        """What happened to the batch's points. For a duplicate batch: what the
+        commit that stored it decided (the same counts; rejected_points may be
+        fewer and their strings shortened), or absent when the service no longer
+        keeps it (the batch is older than the writer's last 64). A client counts
+        each batch's result once: from the first acknowledgement of its sequence
+        that it receives, duplicate or not.
+        """
+
     def __init__(
         self,
         *,
@@ -359,8 +368,11 @@ class WriteResponse(_message.Message):
     DUPLICATE_BATCH_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     duplicate_batch: _builtins.bool
+    """As IngestResponse.duplicate_batch."""
     @_builtins.property
-    def result(self) -> Global___BatchResult: ...
+    def result(self) -> Global___BatchResult:
+        """As IngestResponse.result (for a duplicate: the original result, if kept)."""
+
     def __init__(
         self,
         *,

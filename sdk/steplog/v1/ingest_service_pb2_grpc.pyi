@@ -31,11 +31,23 @@ class IngestServiceStub:
     batch, and a unary call for simple clients.
 
     Delivery: each client process is a writer with an id; its batches carry
-    sequence numbers 1, 2, 3, ... The service acknowledges a batch only after it
-    is committed. A batch whose sequence number is not above the writer's
-    committed high-water mark is acknowledged as a duplicate and not written
-    again. A batch that skips a sequence number ends the stream with ABORTED:
+    sequence numbers 1, 2, 3, ... A writer is (workspace, writer_id): the same
+    id in two workspaces is two independent writers. The service acknowledges a
+    batch only after it is committed. A batch whose sequence number is not above
+    the writer's committed high-water mark is acknowledged as a duplicate
+    (`duplicate_batch`) and not written again, by whichever service replica
+    receives it: storage is exactly once. The duplicate's acknowledgement
+    carries, in `result`, what the commit that stored the batch decided, for the
+    writer's last 64 batches at least; so a client whose acknowledgement was
+    lost counts that result (once) when the duplicate's acknowledgement
+    arrives. A batch that skips a sequence number ends the stream with ABORTED:
     the client resends from its oldest unacknowledged batch, in order.
+
+    A writer's progress expires when it sent nothing for the service's writer
+    retention (default 30 days; STEPLOG_WRITER_RETENTION_S). A client MUST NOT
+    resend a batch later than that: the service would take it as new (sequence
+    1) or refuse it as a gap. A client may start over under a new writer id at
+    any time.
 
     Retryable status codes (shared by client and service): UNAVAILABLE,
     RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN.
@@ -57,11 +69,23 @@ class IngestServiceAsyncStub(IngestServiceStub):
     batch, and a unary call for simple clients.
 
     Delivery: each client process is a writer with an id; its batches carry
-    sequence numbers 1, 2, 3, ... The service acknowledges a batch only after it
-    is committed. A batch whose sequence number is not above the writer's
-    committed high-water mark is acknowledged as a duplicate and not written
-    again. A batch that skips a sequence number ends the stream with ABORTED:
+    sequence numbers 1, 2, 3, ... A writer is (workspace, writer_id): the same
+    id in two workspaces is two independent writers. The service acknowledges a
+    batch only after it is committed. A batch whose sequence number is not above
+    the writer's committed high-water mark is acknowledged as a duplicate
+    (`duplicate_batch`) and not written again, by whichever service replica
+    receives it: storage is exactly once. The duplicate's acknowledgement
+    carries, in `result`, what the commit that stored the batch decided, for the
+    writer's last 64 batches at least; so a client whose acknowledgement was
+    lost counts that result (once) when the duplicate's acknowledgement
+    arrives. A batch that skips a sequence number ends the stream with ABORTED:
     the client resends from its oldest unacknowledged batch, in order.
+
+    A writer's progress expires when it sent nothing for the service's writer
+    retention (default 30 days; STEPLOG_WRITER_RETENTION_S). A client MUST NOT
+    resend a batch later than that: the service would take it as new (sequence
+    1) or refuse it as a gap. A client may start over under a new writer id at
+    any time.
 
     Retryable status codes (shared by client and service): UNAVAILABLE,
     RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN.
@@ -79,11 +103,23 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     batch, and a unary call for simple clients.
 
     Delivery: each client process is a writer with an id; its batches carry
-    sequence numbers 1, 2, 3, ... The service acknowledges a batch only after it
-    is committed. A batch whose sequence number is not above the writer's
-    committed high-water mark is acknowledged as a duplicate and not written
-    again. A batch that skips a sequence number ends the stream with ABORTED:
+    sequence numbers 1, 2, 3, ... A writer is (workspace, writer_id): the same
+    id in two workspaces is two independent writers. The service acknowledges a
+    batch only after it is committed. A batch whose sequence number is not above
+    the writer's committed high-water mark is acknowledged as a duplicate
+    (`duplicate_batch`) and not written again, by whichever service replica
+    receives it: storage is exactly once. The duplicate's acknowledgement
+    carries, in `result`, what the commit that stored the batch decided, for the
+    writer's last 64 batches at least; so a client whose acknowledgement was
+    lost counts that result (once) when the duplicate's acknowledgement
+    arrives. A batch that skips a sequence number ends the stream with ABORTED:
     the client resends from its oldest unacknowledged batch, in order.
+
+    A writer's progress expires when it sent nothing for the service's writer
+    retention (default 30 days; STEPLOG_WRITER_RETENTION_S). A client MUST NOT
+    resend a batch later than that: the service would take it as new (sequence
+    1) or refuse it as a gap. A client may start over under a new writer id at
+    any time.
 
     Retryable status codes (shared by client and service): UNAVAILABLE,
     RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN.
