@@ -8,8 +8,10 @@ is stored is counted with SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ import pytest
 
 from ingest.devstack import LocalStack
 from steplog import Experiment
+from steplog._writer import RejectedPointsWarning
 from steplog.v1 import data_pb2, ingest_service_pb2_grpc
 from steplog.v1 import ingest_service_pb2 as pb
 from tests.sql import fetch, fetchval
@@ -417,3 +420,87 @@ def test_idle_writers_expire_and_active_ones_stay(
             write(s, batch(idle, 2, series(run.id, "a", [0.0])))
         assert err.value.code() == grpc.StatusCode.ABORTED
         assert "expected batch sequence 1" in (err.value.details() or "")
+
+
+class Proxy:
+    """A TCP proxy in front of a service that can swallow the service's
+    answers (the acknowledgement is lost), cut every connection, and send
+    the next ones to another replica."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.drop_replies = False
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            host, _, port = self.backend.rpartition(":")
+            upstream = socket.create_connection((host, int(port)), timeout=WAIT)
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not (replies and self.drop_replies):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        self.cut()
+
+
+def test_the_client_counts_rejections_once_after_a_lost_ack(
+    replicas: tuple[ServiceProcess, ServiceProcess], experiment_name: str, database_url: str
+) -> None:
+    """Through the client library: the batch commits on one replica, its ack
+    is lost, the client resends to the other replica; `rejections()` and
+    `writer_stats()` report the rejected point exactly once."""
+    a, b = replicas
+    proxy = Proxy(a.address)
+    try:
+        run = Experiment(experiment_name, url=proxy.address).start_logging()
+        writer = run.writer_stats().writer_id
+        proxy.drop_replies = True
+        run.log("loss", 5.0, step=5)
+        run.log("loss", 1.0, step=1)  # step_not_increasing
+        run.log("loss", 6.0, step=6)
+        wait_for(lambda: mark(database_url, writer) == 1, "the commit on replica A")
+        proxy.backend, proxy.drop_replies = b.address, False
+        proxy.cut()
+        with pytest.warns(RejectedPointsWarning, match="STEP_NOT_INCREASING"):
+            assert run.flush(WAIT)
+        stats = run.writer_stats()
+        assert stats.batches_acked == 1 and stats.reconnects >= 1
+        assert (stats.rejected, stats.rejected_by_reason) == (1, {"STEP_NOT_INCREASING": 1})
+        assert [(r.name, r.step, r.reason) for r in run.rejections()] == [
+            ("loss", 1, "STEP_NOT_INCREASING")
+        ]
+        assert points_by_series(database_url, run.id) == {"loss": 2}
+    finally:
+        proxy.close()
