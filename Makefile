@@ -68,5 +68,9 @@ test: setup lint
 bench: setup
 	$(PY) -m bench.run_all
 
-clean: stop
+## clean: stop the stacks, delete their data (also a cluster kept outside the clone), the venv
+clean:
+	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench; do \
+		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack remove --root $$root; \
+	done; true
 	rm -rf $(STATE) $(VENV)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from ingest.addresses import split_host_port
 
 T = TypeVar("T")
 
@@ -31,6 +35,10 @@ class Config:
     s3_region: str = "us-east-1"
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
+    # SO_REUSEPORT on the gRPC port: only processes that all ask for it share
+    # it. `dev --processes N` sets it for its own N processes; off, a port that
+    # is taken stops the service with a clear reason.
+    reuse_port: bool = False
     # Writers: one database connection each; a writer's batches always go to one.
     pipeline_workers: int = 2
     # Batches waiting for a commit, across workers; a full queue stops stream reads.
@@ -104,9 +112,9 @@ def _port(text: str) -> int:
 
 
 def _listen(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError("must be HOST:PORT")
+    host, _ = split_host_port(text)  # AddressError is a ValueError
+    if not host:
+        raise ValueError("must be HOST:PORT (for every interface say 0.0.0.0 or [::])")
     return text
 
 
@@ -160,6 +168,7 @@ _HELP = {
     "s3_region": "S3 region",
     "listen": "gRPC listen address HOST:PORT",
     "metrics_port": "Prometheus /metrics HTTP port (0 disables)",
+    "reuse_port": "share the gRPC port with other processes that set it too (SO_REUSEPORT)",
     "pipeline_workers": "write pipeline workers (one DB connection each)",
     "queue_batches": "batches queued for commit before streams stop being read",
     "group_commit_points": "most points in one transaction",
@@ -196,6 +205,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_port": _port,
     "auth": _auth,
     "allow_unauthenticated_non_loopback": _bool,
+    "reuse_port": _bool,
     "progress_series": _globs,
     "progress_max_series": _non_negative_int,
     "s3_part_bytes": _part_bytes,
@@ -250,18 +260,69 @@ def from_sources(
             try:
                 values[opt.name] = opt.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{source}={raw!r}: {exc}") from None
+                raise ConfigError(f"{source}={shown(opt.name, raw)!r}: {exc}") from None
     values.update(overrides)
     return Config(**values)
 
 
+# Settings never shown: by name, and the password parts of URL-valued settings.
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential")
+_URL_FIELDS = ("database_url", "s3_endpoint")
+# libpq connection parameters that hold a secret (in a URL's query or a key=value DSN)
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_KEYWORD_SECRET = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)""", re.I)
+
+
+def is_secret(name: str) -> bool:
+    return any(word in name for word in _SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """A URL (or a libpq key=value DSN) with every password replaced by ***.
+
+    The user name, hosts, database and other parameters stay, so the line
+    still says where the service connects.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _KEYWORD_SECRET.sub(r"\1***", url)
+    # The user info ends at the last '@': a password may hold '/', '?', '#' or
+    # '@' unencoded (libpq would refuse it, but the line must not show it).
+    userinfo, at, tail = rest.rpartition("@")
+    head = ""
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if any(c in user for c in "/?#="):
+            return f"{scheme}://***"  # the '@' sits in a path or query value: show none of it
+        head = f"{user}:***@" if colon else f"{user}@"
+    try:
+        parts = urlsplit(f"{scheme}://{tail}")
+    except ValueError:
+        return f"{scheme}://{head}***"  # unparseable: no more of it is shown
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs],
+            safe="*",
+            quote_via=quote,
+        )
+    query = f"?{query}" if query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{scheme}://{head}{parts.netloc}{parts.path}{query}{fragment}"
+
+
+def shown(name: str, value: Any, secret: Sequence[str] = ()) -> str:
+    """How a setting appears in a log line or an error message."""
+    if (name in secret or is_secret(name)) and value:
+        return "***"
+    if name in _URL_FIELDS:
+        return redact_url(str(value))
+    return str(value)
+
+
 def describe(config: Config, secret: Sequence[str] = ("s3_secret_key",)) -> str:
-    parts = []
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name in secret and value:
-            value = "***"
-        if f.name == "database_url" and "@" in str(value) and ":" in str(value).split("@")[0][13:]:
-            value = "postgresql://***@" + str(value).split("@", 1)[1]
-        parts.append(f"{f.name}={value}")
-    return " ".join(parts)
+    """One line for the startup log: every setting, no secret."""
+    return " ".join(
+        f"{f.name}={shown(f.name, getattr(config, f.name), secret)}" for f in fields(config)
+    )

@@ -4,7 +4,7 @@ Both run as plain processes under one folder (default ``.steplog``) on free
 loopback ports, so a developer machine or CI needs no system service and two
 stacks never collide. Stdlib only, so it also works from an installed package.
 
-    python -m ingest.devstack start|stop|status|env [--root .steplog]
+    python -m ingest.devstack start|stop|status|env|remove [--root .steplog]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +74,8 @@ checkpoint_completion_target = 0.9
 log_line_prefix = '%m [%p] %q%u@%d '
 log_min_duration_statement = 5s
 """
+# Where a cluster lives when its owner cannot reach the stack root (LocalStack._relocate).
+PG_OUTSIDE_BASE = Path("/var/lib/steplog")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -198,7 +200,7 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_port(taken: set[int], offset: int = 0) -> int:
+def free_port(taken: Collection[int] = (), offset: int = 0) -> int:
     """A free port below the kernel's ephemeral range, so no outgoing connection takes it later.
 
     With `offset`, port + offset must be free too.
@@ -258,9 +260,6 @@ class LocalStack:
         self.root = Path(root).expanduser().resolve()
         self.bucket = bucket
         self._explicit = {k: v for k, v in (("postgres", pg_port), ("s3.port", s3_port)) if v}
-        self.pg_dir = self.root / "pg"
-        self.pg_data = self.pg_dir / "data"
-        self.pg_log = self.pg_dir / "log" / "postgresql.log"
         self.s3_dir = self.root / "s3"
         self._lock_fd = -1
         self._lock_depth = 0
@@ -326,12 +325,56 @@ class LocalStack:
                 or (not running and not all(map(_bindable, {ports[name], ports[name] + offset})))
             ):
                 taken = {int(v) for k, v in ports.items() if k != name}
-                ports[name] = _free_port(taken, offset)
+                ports[name] = free_port(taken, offset)
+            elif not running and not self._wait_bindable(ports[name], offset):
+                if self._state.get("stopped"):
+                    # stopped on purpose: nothing still points at the old port
+                    taken = {int(v) for k, v in ports.items() if k != name}
+                    ports[name] = free_port(taken, offset)
+                else:
+                    raise StackError(
+                        f"port {ports[name]} of this stack's {name} is taken by another "
+                        f"process; the stack keeps its ports (in {self.root / 'stack.json'}) "
+                        "so that running services still find it after a restart: stop that "
+                        f"process, or stop this stack (python -m ingest.devstack stop --root "
+                        f"{self.root}) so that its next start picks free ports"
+                    )
+        self._save_state()
+
+    def _save_state(self) -> None:
         self._write_private(self.root / "stack.json", json.dumps(self._state, indent=2))
+
+    def _wait_bindable(self, port: int, offset: int, timeout: float = 15.0) -> bool:
+        """Whether port (and port + offset) can be bound, waiting a little: a
+        killed PostgreSQL's backends hold its sockets until they notice."""
+        deadline = time.monotonic() + timeout
+        while not all(map(_bindable, {port, port + offset})):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    @property
+    def pg_dir(self) -> Path:
+        """root/pg, or the place outside root PostgreSQL's user can reach (see _relocate)."""
+        return Path(self._state["pg_dir"]) if self._state.get("pg_dir") else self.root / "pg"
+
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_dir / "data"
+
+    @property
+    def pg_log(self) -> Path:
+        return self.pg_dir / "log" / "postgresql.log"
 
     @property
     def sock_dir(self) -> Path:
-        """Unix sockets live under root unless the path exceeds sun_path (108); then in /tmp."""
+        """Unix sockets live under root unless the path exceeds sun_path (108); then in /tmp.
+
+        With the cluster kept outside root, beside it (PostgreSQL writes its socket there).
+        """
+        if self._state.get("pg_dir"):
+            return self.pg_dir / "run"
         if len(str(self.root / "run/.s.PGSQL.65535.lock")) < 107:
             return self.root / "run"
         return Path("/tmp") / f"steplog-{hashlib.sha256(bytes(self.root)).hexdigest()[:12]}"
@@ -361,16 +404,57 @@ class LocalStack:
         with self._lock():
             self.start_postgres(timeout)
             self.start_s3(timeout)
+            if self._state.pop("stopped", None) is not None:
+                self._save_state()
         if not detach:
             atexit.register(self.stop)
         return self.info()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop both components. A stack stopped this way may get new ports at its
+        next start if its old ones were taken meanwhile (nothing points at them)."""
         if not self.root.exists():
             return
         with self._lock():
             self.stop_s3(timeout)
             self.stop_postgres(timeout)
+            if self._state["ports"]:
+                self._state["stopped"] = True
+                self._save_state()
+
+    def revive(self, timeout: float = 90.0) -> list[str]:
+        """Start again, on their own ports, the components that died; their names.
+
+        For a supervisor (`dev`): a stack stopped on purpose is not revived
+        (StackError says so).
+        """
+        with self._lock():
+            if self._state.get("stopped"):
+                raise StackError(f"the stack under {self.root} was stopped")
+            revived = []
+            if self._pg_pid() is None:
+                self.start_postgres(timeout)
+                revived.append("PostgreSQL")
+            if self._weed_pid() is None:
+                self.start_s3(timeout)
+                revived.append("SeaweedFS")
+            return revived
+
+    def remove(self, timeout: float = 30.0) -> None:
+        """Stop the stack and delete its data, including a cluster kept outside root."""
+        if not self.root.exists():
+            return
+        with self._lock():
+            self.stop(timeout)
+            outside = self._state.get("pg_dir")
+            if outside and Path(outside).parent == PG_OUTSIDE_BASE:
+                shutil.rmtree(outside, ignore_errors=True)
+            for child in self.root.iterdir():
+                if child.name != ".lock":
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
 
     def status(self) -> dict[str, bool]:
         return {
@@ -418,23 +502,60 @@ class LocalStack:
         sock, port = str(self.sock_dir), str(self._port("postgres"))
         return ["-h", sock, "-p", port, "-U", PG_SUPERUSER, "-d", database]
 
+    def _owner_reaches(self, path: Path, test: str = "-x") -> bool:
+        return subprocess.run([*self._as_owner(), "test", test, str(path)]).returncode == 0
+
+    def _relocate(self, owner: pwd.struct_passwd) -> None:
+        """Keep the cluster where its owner can reach it when root cannot be.
+
+        Run as root from a clone under /root (mode 700), PostgreSQL's user
+        cannot traverse the path. Rather than open up a home directory, the
+        cluster then lives in PG_OUTSIDE_BASE/pg-<hash of root> (root-owned
+        base, mode 711: nobody can list it), recorded in stack.json, with a
+        symlink root/pg pointing at it; `remove` deletes it.
+        """
+        if self._state.get("pg_dir") or self._owner_reaches(self.root):
+            return
+        link = self.root / "pg"
+        if link.is_dir() and not link.is_symlink():
+            if (link / "data" / "PG_VERSION").exists():
+                raise StackError(
+                    f"PostgreSQL runs as {owner.pw_name!r} (it refuses root) and cannot reach "
+                    f"the cluster in {link}: move the stack root where that user can reach it"
+                )
+            shutil.rmtree(link)  # a half-made directory from a start that failed
+        base = PG_OUTSIDE_BASE
+        base.mkdir(parents=True, exist_ok=True, mode=0o711)
+        st = base.lstat()
+        if base.is_symlink() or st.st_uid != 0 or st.st_mode & 0o022:
+            raise StackError(f"{base} must be a directory owned by root, writable only by root")
+        os.chmod(base, 0o711)
+        target = base / f"pg-{hashlib.sha256(bytes(self.root)).hexdigest()[:16]}"
+        target.mkdir(mode=0o700, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        self._state["pg_dir"] = str(target)
+        self._save_state()
+
     def _give_to(self, owner: pwd.struct_passwd) -> None:
         """Hand the cluster's directories to its owner, who must also be able to reach them."""
         for top in (self.pg_dir, self.sock_dir):
             if top.stat().st_uid != owner.pw_uid:
                 for path in [top, *top.rglob("*")]:
                     os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
-        if subprocess.run([*self._as_owner(), "test", "-w", str(self.pg_dir)]).returncode:
+        if not self._owner_reaches(self.pg_dir, "-w"):
             raise StackError(
                 f"PostgreSQL runs as {owner.pw_name!r} (it refuses root) and cannot reach "
-                f"{self.pg_dir}: put the stack root outside private directories like /root"
+                f"{self.pg_dir}: move the stack root where that user can reach it"
             )
 
     def _pg_prepare(self) -> None:
         """Directories, initdb once, and the settings file (rewritten at every start)."""
+        owner = self._pg_owner()
+        if owner is not None:
+            self._relocate(owner)
         for d in (self.pg_log.parent, self.sock_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        owner = self._pg_owner()
         if owner is not None:
             self._give_to(owner)
         if not (self.pg_data / "PG_VERSION").exists():  # initdb once; a half-made dir goes
@@ -648,7 +769,7 @@ class LocalStack:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest.devstack", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("command", choices=["start", "stop", "status", "env", "remove"])
     default_root = os.environ.get("STEPLOG_STACK_ROOT", ".steplog")
     parser.add_argument("--root", type=Path, default=Path(default_root))
     parser.add_argument("--pg-port", type=int)
@@ -664,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop":
             stack.stop()
             print(f"local stack under {stack.root} stopped")
+        elif args.command == "remove":
+            stack.remove()
+            print(f"local stack under {stack.root} stopped and its data deleted")
         elif args.command == "status":
             status = stack.status()
             print(

@@ -8,8 +8,11 @@ accepting with a grace period, drain the pipeline, close the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from ingest import artifacts_store, progress, tables_store, timescale
+from ingest import addresses, artifacts_store, progress, tables_store, timescale
+from ingest.addresses import GetAddrInfo
 from ingest.blobs import BlobSettings, BlobStore
 from ingest.config import Config, describe
+from ingest.errors import StoreUnavailable
 from ingest.interceptors import MetricsInterceptor
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
@@ -54,9 +59,59 @@ SERVICE_NAMES = (
 )
 
 
-def _is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+OPT_IN = "STEPLOG_ALLOW_UNAUTHENTICATED_NON_LOOPBACK"
+
+
+class StartError(SystemExit):
+    """The service cannot start; the message is the one-line reason.
+
+    A SystemExit, so `python -m ingest serve` ends with that line and code 1
+    rather than a traceback.
+    """
+
+
+def bind_addresses(cfg: Config, getaddrinfo: GetAddrInfo = socket.getaddrinfo) -> tuple[str, ...]:
+    """The gRPC addresses to bind, after the loopback rule.
+
+    Without authentication every address the listen setting names (a name is
+    resolved) must be a loopback address, and exactly those resolved literals
+    are bound; the explicit opt-in binds the setting as written.
+    """
+    if cfg.auth != "none":
+        return (cfg.listen,)
+    try:
+        return addresses.loopback_binds(cfg.listen, getaddrinfo)
+    except addresses.AddressError as exc:
+        if not cfg.allow_unauthenticated_non_loopback:
+            raise StartError(
+                f"refusing to listen on {cfg.listen} without authentication: {exc}; "
+                "running without authentication is only allowed on a loopback address "
+                f"(set {OPT_IN}=true only where the network itself restricts who can "
+                "connect, as in a container network)"
+            ) from None
+    log.warning(
+        "listening on %s WITHOUT AUTHENTICATION (%s=true): whoever can reach this "
+        "address can read and write every workspace",
+        cfg.listen,
+        OPT_IN,
+    )
+    return (cfg.listen,)
+
+
+def _check_free(binds: tuple[str, ...], reuse_port: bool) -> None:
+    """Fail with one clear line when a fixed port is taken (gRPC's own bind error is vague)."""
+    for address in binds:
+        port = addresses.split_host_port(address)[1]
+        try:
+            free = port == 0 or addresses.port_free(address, reuse_port)
+        except (addresses.AddressError, ValueError):
+            continue  # a name (opt-in) or an unusual address: gRPC's bind decides
+        if not free:
+            hint = "" if reuse_port else " (--reuse-port shares it only with processes that set it)"
+            raise StartError(
+                f"cannot listen on {address}: the port is already in use by another process; "
+                f"choose another --listen / STEPLOG_LISTEN{hint}"
+            )
 
 
 @dataclass
@@ -80,22 +135,17 @@ class Service:
 
     async def start(self) -> int:
         cfg = self.config
-        if cfg.auth == "none" and not _is_loopback(cfg.listen):
-            if not cfg.allow_unauthenticated_non_loopback:
-                raise SystemExit(
-                    f"refusing to listen on {cfg.listen} without authentication: "
-                    "running without authentication is only allowed on a loopback address "
-                    "(set STEPLOG_ALLOW_UNAUTHENTICATED_NON_LOOPBACK=true only where the "
-                    "network itself restricts who can connect, as in a container network)"
-                )
-            log.warning(
-                "listening on %s WITHOUT AUTHENTICATION "
-                "(STEPLOG_ALLOW_UNAUTHENTICATED_NON_LOOPBACK=true): whoever can reach this "
-                "address can read and write every workspace",
-                cfg.listen,
-            )
+        binds = bind_addresses(cfg)
+        _check_free(binds, cfg.reuse_port)
         log.info("starting: %s", describe(cfg))
-        self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
+        # /metrics first: a taken port fails the start before anything else opens.
+        metrics_host = addresses.split_host_port(binds[0])[0] or "127.0.0.1"
+        if cfg.metrics_port:
+            self._start_metrics(metrics_host)
+        try:
+            self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
+        except StoreUnavailable as exc:
+            raise StartError(f"cannot start: {exc}") from None
         applied = await timescale.migrate(self.pool)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
@@ -135,7 +185,10 @@ class Service:
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 1),
+            # gRPC turns SO_REUSEPORT on by default: a second service on the same
+            # port would silently get half the connections. Only processes that
+            # all ask for it (one `dev --processes N`) share a port.
+            ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -164,9 +217,7 @@ class Service:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise SystemExit(f"could not listen on {cfg.listen}")
+        self.port = self._bind(server, binds)
         await self.pipeline.start()
         await server.start()
         self.server = server
@@ -180,15 +231,42 @@ class Service:
                 heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                 metrics=self.metrics,
             )
-            host = cfg.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
-            started = start_http_server(cfg.metrics_port, addr=host, registry=self.metrics.registry)
-            self._metrics_server = started[0] if isinstance(started, tuple) else started
-            self.metrics_port = self._metrics_server.server_port if self._metrics_server else 0
-            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+            shown = addresses.join_host_port(metrics_host, self.metrics_port)
+            log.info("metrics on http://%s/metrics", shown)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s (port %d)", cfg.listen, self.port)
         return self.port
+
+    def _start_metrics(self, host: str) -> None:
+        port = self.config.metrics_port
+        try:
+            started = start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as exc:
+            where = addresses.join_host_port(host, port)
+            raise StartError(
+                f"cannot serve metrics on {where}: {exc.strerror or exc}; choose another "
+                "--metrics-port / STEPLOG_METRICS_PORT (0 turns /metrics off)"
+            ) from None
+        self._metrics_server = started[0] if isinstance(started, tuple) else started
+        self.metrics_port = self._metrics_server.server_port if self._metrics_server else 0
+
+    def _bind(self, server: grpc.aio.Server, binds: tuple[str, ...]) -> int:
+        """Bind every address on one port (port 0: the port the first bind got)."""
+        port = 0
+        for address in binds:
+            host, wanted = addresses.split_host_port(address)
+            target = addresses.join_host_port(host, port or wanted) if host else address
+            try:
+                got = server.add_insecure_port(target)
+            except RuntimeError:
+                got = 0
+            if got == 0:
+                raise StartError(
+                    f"cannot listen on {target}: the address is in use or not available here"
+                )
+            port = port or got
+        return port
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -207,7 +285,8 @@ class Service:
             await closer()
         if self.pool is not None:
             await self.pool.close()
-        log.info("stopped")
+        if self.server is not None:  # a start that failed has said why already
+            log.info("stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -222,10 +301,24 @@ def extension(fn: Any) -> Any:
     return fn
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(config: Config, ready: Callable[[Service], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully.
+
+    A start that fails raises StartError (one line); `ready` is called once serving.
+    """
     service = Service(config)
-    await service.start()
+    try:
+        await service.start()
+    except BaseException as exc:
+        # Close what the failed start opened (pool, S3 session, /metrics), briefly.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(service.stop(0), 5)
+        if isinstance(exc, SystemExit | KeyboardInterrupt | asyncio.CancelledError):
+            raise
+        log.debug("start failed", exc_info=True)
+        raise StartError(f"cannot start: {type(exc).__name__}: {exc}") from exc
+    if ready is not None:
+        ready(service)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
