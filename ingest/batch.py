@@ -55,14 +55,21 @@ REASON_NAMES = {
     INVALID_IMAGE: "invalid_image",
 }
 
+# Rejected points reported back per batch, and how large they may be: every
+# string of an example is clipped, and examples stop when their total would
+# pass MAX_EXAMPLE_BYTES, so an answer stays small whatever the client sent.
 MAX_REPORTED = 20
+MAX_EXAMPLE_CHARS = 120
+MAX_EXAMPLE_MESSAGE_CHARS = 300
+MAX_EXAMPLE_LABELS = 16
+MAX_EXAMPLE_BYTES = 16 * 1024
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """The points of one series in one batch, as parallel arrays."""
 
@@ -96,6 +103,13 @@ class Chunk:
         return (self.run_id, self.name, self.labels_key)
 
 
+def _clip(value: str, limit: int = MAX_EXAMPLE_CHARS) -> str:
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+Example = tuple[str, str, dict[str, str], int, int | None, int, str]
+
+
 @dataclass
 class Outcome:
     """What happened to a batch's points: the partial-success answer."""
@@ -104,10 +118,58 @@ class Outcome:
     duplicates: int = 0
     rejected: int = 0
     by_reason: dict[int, int] = field(default_factory=dict)
-    # (run_id, name, labels, index, step or None, reason, message)
-    examples: list[tuple[str, str, dict[str, str], int, int | None, int, str]] = field(
-        default_factory=list
-    )
+    # (run_id, name, labels, index, step or None, reason, message), clipped.
+    examples: list[Example] = field(default_factory=list)
+    # UTF-8 bytes of the strings in examples (bounded by MAX_EXAMPLE_BYTES).
+    example_bytes: int = 0
+
+    def _count(self, reason: int, n: int) -> None:
+        self.rejected += n
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + n
+
+    def _example(
+        self,
+        run_id: str,
+        name: str,
+        labels: dict[str, str],
+        index: int,
+        step: int | None,
+        reason: int,
+        message: str,
+    ) -> bool:
+        """Record one example if there is room; False when there is none."""
+        if len(self.examples) >= MAX_REPORTED or self.example_bytes >= MAX_EXAMPLE_BYTES:
+            return False
+        shown = {
+            _clip(k, 64): _clip(v)
+            for k, v in (
+                labels.items()
+                if len(labels) <= MAX_EXAMPLE_LABELS
+                else list(labels.items())[:MAX_EXAMPLE_LABELS]
+            )
+        }
+        example = (
+            _clip(run_id),
+            _clip(name),
+            shown,
+            index,
+            step,
+            reason,
+            _clip(message, MAX_EXAMPLE_MESSAGE_CHARS),
+        )
+        size = (
+            len(example[0].encode())
+            + len(example[1].encode())
+            + sum(len(k.encode()) + len(v.encode()) for k, v in shown.items())
+            + len(example[6].encode())
+            + 32
+        )
+        if self.example_bytes + size > MAX_EXAMPLE_BYTES:
+            self.example_bytes = MAX_EXAMPLE_BYTES
+            return False
+        self.examples.append(example)
+        self.example_bytes += size
+        return True
 
     def reject(
         self, chunk: Chunk, mask: Mask | None, reason: int, message: str, steps: bool = True
@@ -118,16 +180,48 @@ class Outcome:
         if n == 0:
             return 0
         chunk.alive &= ~hit
-        self.rejected += n
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + n
+        self._count(reason, n)
         room = MAX_REPORTED - len(self.examples)
         if room > 0:
             for idx in np.flatnonzero(hit)[:room]:
                 step = int(chunk.steps[idx]) if chunk.stepped and steps else None
-                self.examples.append(
-                    (chunk.run_id, chunk.name, chunk.labels, int(idx), step, reason, message)
-                )
+                if not self._example(
+                    chunk.run_id, chunk.name, chunk.labels, int(idx), step, reason, message
+                ):
+                    break
         return n
+
+    def reject_one(self, chunk: Chunk, index: int, reason: int, message: str) -> int:
+        """Reject one point by index, in constant time (no mask of the chunk's
+        length: a chunk of n bad points costs O(n), not O(n^2))."""
+        if not chunk.alive[index]:
+            return 0
+        chunk.alive[index] = False
+        self._count(reason, 1)
+        step = int(chunk.steps[index]) if chunk.stepped else None
+        self._example(chunk.run_id, chunk.name, chunk.labels, index, step, reason, message)
+        return 1
+
+    def reject_series(
+        self, run_id: str, name: str, labels: dict[str, str], n: int, reason: int, message: str
+    ) -> int:
+        """Reject the n points of a series that was never decoded (over a
+        limit, or malformed): counted as the client claimed, nothing allocated."""
+        if n > 0:
+            self._count(reason, n)
+        # Even with no points (a negative row_count) the client hears why.
+        self._example(run_id, name, labels, 0, None, reason, message)
+        return max(n, 0)
+
+    def copy(self) -> Outcome:
+        return Outcome(
+            self.accepted,
+            self.duplicates,
+            self.rejected,
+            dict(self.by_reason),
+            list(self.examples),
+            self.example_bytes,
+        )
 
 
 @dataclass
@@ -146,16 +240,13 @@ class DecodedBatch:
     _saved: Any = None
 
     def snapshot(self) -> None:
-        """Remember the validated state, so a retried transaction starts over."""
+        """Remember the validated state, so a retried transaction starts over.
+
+        Only what ordering changes is copied: the alive mask, and the steps
+        of unstepped chunks (ordering assigns them)."""
         self._saved = (
-            [(c.alive.copy(), c.steps.copy()) for c in self.chunks],
-            Outcome(
-                self.outcome.accepted,
-                self.outcome.duplicates,
-                self.outcome.rejected,
-                dict(self.outcome.by_reason),
-                list(self.outcome.examples),
-            ),
+            [(c.alive.copy(), None if c.stepped else c.steps.copy()) for c in self.chunks],
+            self.outcome.copy(),
         )
 
     def reset(self) -> None:
@@ -164,11 +255,6 @@ class DecodedBatch:
         arrays, outcome = self._saved
         for chunk, (alive, steps) in zip(self.chunks, arrays, strict=True):
             chunk.alive = alive.copy()
-            chunk.steps = steps.copy()
-        self.outcome = Outcome(
-            outcome.accepted,
-            outcome.duplicates,
-            outcome.rejected,
-            dict(outcome.by_reason),
-            list(outcome.examples),
-        )
+            if steps is not None:
+                chunk.steps = steps.copy()
+        self.outcome = outcome.copy()

@@ -6,6 +6,7 @@ Python objects for numeric scalars.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -17,6 +18,8 @@ from ingest.batch import (
     KIND_IMAGE,
     KIND_SCALAR,
     KIND_TABLE,
+    LIMIT_EXCEEDED,
+    MAX_EXAMPLE_LABELS,
     VALUE_NUMERIC,
     VALUE_TEXT,
     Chunk,
@@ -24,7 +27,8 @@ from ingest.batch import (
     Outcome,
 )
 from ingest.errors import invalid
-from ingest.validate import Limits, validate_chunk
+from ingest.tables import table_structure_problem
+from ingest.validate import Limits, series_problem, validate_chunk
 from steplog.v1 import data_pb2, ingest_service_pb2
 
 _WRITER_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
@@ -55,6 +59,30 @@ def writer_id(value: str) -> str:
     return value
 
 
+def _claimed(series: data_pb2.SeriesData) -> tuple[str | None, Any, int]:
+    """(which, points message, n): how many points the series says it holds,
+    from lengths alone (O(1), nothing allocated). For a table that is
+    row_count, which is checked against the data before it is trusted."""
+    which = series.WhichOneof("points")
+    if which is None:
+        return None, None, 0
+    msg = getattr(series, which)
+    if which == "scalars":
+        return which, msg, max(len(msg.values), len(msg.text_values))
+    if which == "table":
+        return which, msg, int(msg.row_count)
+    if which == "images":
+        return which, msg, len(msg.images)
+    return which, msg, len(msg.documents)
+
+
+def _shown_labels(labels: Any, limit: int) -> dict[str, str]:
+    """The labels to name a series by; a map over the limit is not copied whole."""
+    if len(labels) <= limit:
+        return dict(labels)
+    return dict(itertools.islice(labels.items(), MAX_EXAMPLE_LABELS))
+
+
 def decode_batch(
     workspace: str,
     batch: ingest_service_pb2.Batch,
@@ -63,7 +91,13 @@ def decode_batch(
     nbytes: int = 0,
 ) -> DecodedBatch:
     """Decode and validate one batch. Whole-batch problems raise ApiError;
-    per-point problems are recorded in the outcome and the rest is kept."""
+    per-point problems are recorded in the outcome and the rest is kept.
+
+    Every count and length is checked against the limits before anything is
+    allocated for it: a series over a limit, or whose columns do not fit
+    together, is rejected from its lengths alone. Series past
+    limits.max_series_per_batch, or whose points would take the batch past
+    limits.max_points_per_batch, are rejected with LIMIT_EXCEEDED."""
     wid = writer_id(batch.writer_id)
     if batch.sequence <= 0:
         raise invalid("batch.sequence", "sequence numbers start at 1")
@@ -71,11 +105,37 @@ def decode_batch(
     chunks: list[Chunk] = []
     points = 0
     for position, rs in enumerate(batch.series):
-        chunk = _decode_series(rs, received_time, outcome, position)
+        series = rs.series
+        which, msg, n = _claimed(series)
+        if which is None or n == 0:
+            continue
+        if position >= limits.max_series_per_batch:
+            outcome.reject_series(
+                rs.run_id,
+                series.name,
+                _shown_labels(series.labels, limits.max_labels),
+                n,
+                LIMIT_EXCEEDED,
+                f"series {position + 1} of this batch; the limit is "
+                f"{limits.max_series_per_batch} series per batch",
+            )
+            continue
+        if n > 0 and points + n > limits.max_points_per_batch:
+            outcome.reject_series(
+                rs.run_id,
+                series.name,
+                _shown_labels(series.labels, limits.max_labels),
+                n,
+                LIMIT_EXCEEDED,
+                f"{n} points would take this batch past {limits.max_points_per_batch} points; "
+                "send them in another batch",
+            )
+            continue
+        chunk = _decode_series(rs, which, msg, n, received_time, outcome, limits)
         if chunk is None:
             continue
         points += len(chunk)
-        validate_chunk(chunk, outcome, limits)
+        validate_chunk(chunk, outcome, limits, series_checked=True)
         chunks.append(chunk)
     decoded = DecodedBatch(
         workspace=workspace,
@@ -100,118 +160,91 @@ def _policy(series: data_pb2.SeriesData) -> bool | None:
     return None
 
 
-def _times(times: Any, n: int, received: float) -> np.ndarray[Any, np.dtype[np.float64]] | None:
-    if len(times) == 0:
-        return np.full(n, received, dtype=np.float64)
-    if len(times) != n:
-        return None
-    return _f64(times)
+def _structure_problem(which: str, msg: Any, n: int, limits: Limits) -> tuple[int, str] | None:
+    """Whether the columns of a series fit together, from lengths alone."""
+    if which == "scalars":
+        if len(msg.values) and len(msg.text_values):
+            return INVALID_VALUE, "values and text_values are both set; a series holds one type"
+    elif which == "table":
+        if n < 0:
+            return INVALID_VALUE, f"row_count must be >= 0, not {n}"
+        if n > 0:
+            found = table_structure_problem(msg, n, limits.max_table_rows, limits.max_table_columns)
+            if found is not None:
+                return found
+    steps, times = len(msg.steps), len(msg.times)
+    if steps not in (0, n) or times not in (0, n):
+        return INVALID_VALUE, f"{n} points but {steps} steps and {times} times"
+    return None
 
 
 def _decode_series(
-    rs: ingest_service_pb2.RunSeries, received: float, outcome: Outcome, position: int
+    rs: ingest_service_pb2.RunSeries,
+    which: str,
+    msg: Any,
+    n: int,
+    received: float,
+    outcome: Outcome,
+    limits: Limits,
 ) -> Chunk | None:
     series = rs.series
-    labels = dict(series.labels)
-    which = series.WhichOneof("points")
+    run_id, name, description = rs.run_id, series.name, series.description
+    proto_labels = series.labels
+    # A map over the limit is not copied (series_problem rejects it by its length).
+    labels = dict(proto_labels) if len(proto_labels) <= limits.max_labels else {}
+    problem = series_problem(
+        run_id, name, labels if labels else proto_labels, description, limits
+    ) or _structure_problem(which, msg, n, limits)
+    if problem is not None:
+        outcome.reject_series(
+            run_id,
+            name,
+            labels or _shown_labels(proto_labels, limits.max_labels),
+            max(n, 0),
+            problem[0],
+            problem[1],
+        )
+        return None
+    if n == 0:
+        return None
+    stepped = len(msg.steps) > 0
+    steps = _i64(msg.steps) if stepped else np.zeros(n, dtype=np.int64)
+    times = _f64(msg.times) if len(msg.times) else np.full(n, received, dtype=np.float64)
     common: dict[str, Any] = {
-        "run_id": rs.run_id,
-        "name": series.name,
+        "run_id": run_id,
+        "name": name,
         "labels": labels,
         "labels_key": labels_key(labels),
         "out_of_order": _policy(series),
-        "description": series.description,
+        "description": description,
+        "stepped": stepped,
+        "steps": steps,
+        "times": times,
     }
     if which == "scalars":
-        sc = series.scalars
-        n_num, n_text = len(sc.values), len(sc.text_values)
-        if n_num and n_text:
-            _malformed(
-                common,
-                max(n_num, n_text),
-                outcome,
-                "values and text_values are both set; a series holds one type",
-            )
-            return None
-        n = n_num or n_text
-        if n == 0:
-            return None
-        steps = _i64(sc.steps)
-        stepped = steps.size > 0
-        times = _times(sc.times, n, received)
-        if (stepped and steps.size != n) or times is None:
-            _malformed(
-                common,
-                n,
-                outcome,
-                f"{n} values but {len(sc.steps)} steps and {len(sc.times)} times",
-            )
-            return None
+        text = len(msg.text_values) > 0
         return Chunk(
             kind=KIND_SCALAR,
-            value_type=VALUE_TEXT if n_text else VALUE_NUMERIC,
-            stepped=stepped,
-            steps=steps if stepped else np.zeros(n, dtype=np.int64),
-            times=times,
-            values=None if n_text else _f64(sc.values),
-            texts=list(sc.text_values) if n_text else None,
+            value_type=VALUE_TEXT if text else VALUE_NUMERIC,
+            values=None if text else _f64(msg.values),
+            texts=list(msg.text_values) if text else None,
             **common,
         )
-    if which in ("table", "images", "evaluations"):
-        kind = {"table": KIND_TABLE, "images": KIND_IMAGE, "evaluations": KIND_EVALUATION}[which]
-        payload_msg = getattr(series, which)
-        items: Any
-        if which == "table":
-            n = payload_msg.row_count
-            if n < 0:
-                _malformed(common, 0, outcome, f"row_count must be >= 0, not {n}")
-                return None
-            items = [payload_msg]
-        elif which == "images":
-            items = list(payload_msg.images)
-            n = len(items)
-        else:
-            items = list(payload_msg.documents)
-            n = len(items)
-        if n == 0:
-            return None
-        steps = _i64(payload_msg.steps)
-        stepped = steps.size > 0
-        times = _times(payload_msg.times, n, received)
-        if (stepped and steps.size != n) or times is None:
-            _malformed(
-                common,
-                n,
-                outcome,
-                f"{n} points but {len(payload_msg.steps)} steps and {len(payload_msg.times)} times",
-            )
-            return None
-        chunk = Chunk(
-            kind=kind,
-            value_type=VALUE_NUMERIC,
-            stepped=stepped,
-            steps=steps if stepped else np.zeros(n, dtype=np.int64),
-            times=times,
-            values=None,
-            texts=None,
-            payload=items,
-            **common,
-        )
-        return chunk
-    return None
-
-
-def _malformed(common: dict[str, Any], n: int, outcome: Outcome, message: str) -> None:
-    """Reject every point of a series whose columns do not fit together."""
-    chunk = Chunk(
-        kind=KIND_SCALAR,
+    kind = {"table": KIND_TABLE, "images": KIND_IMAGE, "evaluations": KIND_EVALUATION}[which]
+    # Images and documents stay in the request's containers until validation
+    # reads them one by one (a list of n wrappers would cost more than they do).
+    payload: Any
+    if which == "table":
+        payload = [msg]
+    elif which == "images":
+        payload = msg.images
+    else:
+        payload = msg.documents
+    return Chunk(
+        kind=kind,
         value_type=VALUE_NUMERIC,
-        stepped=False,
-        steps=np.zeros(n, dtype=np.int64),
-        times=np.zeros(n, dtype=np.float64),
         values=None,
         texts=None,
+        payload=payload,
         **common,
     )
-    outcome.reject(chunk, None, INVALID_VALUE, message, steps=False)
-    return None

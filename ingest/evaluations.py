@@ -324,36 +324,38 @@ _CHECKS = {
 def validate_evaluations(chunk: Chunk, outcome: Outcome, max_bytes: int) -> None:
     """Parse every document of the chunk; reject the invalid ones by rule and
     those whose schema differs from the chunk's first valid one. Sets the
-    chunk's value type to that schema and its payload to `Document`s."""
-    texts: list[str] = list(chunk.payload or [])
-    docs: list[Document | None] = []
+    chunk's value type to that schema and its payload to `Document`s.
+
+    Documents are read from the request one at a time, and a kept Document
+    holds its text only: the parsed value (several times the text's size)
+    is dropped as soon as the document is validated."""
+    texts: Any = chunk.payload if chunk.payload is not None else []
+    docs: list[Document | None] = [None] * len(chunk)
     schema: str | None = None
+    alive = chunk.alive
     for i, text in enumerate(texts):
-        if not chunk.alive[i]:
-            docs.append(None)
+        if i >= len(docs):
+            break
+        if not alive[i]:
             continue
-        mask = np.zeros(len(chunk), dtype=np.bool_)
-        mask[i] = True
         try:
             doc = parse(text, max_bytes)
         except DocumentError as exc:
             reason = LIMIT_EXCEEDED if exc.rule == "size" else INVALID_EVALUATION
-            outcome.reject(chunk, mask, reason, str(exc))
-            docs.append(None)
+            outcome.reject_one(chunk, i, reason, str(exc))
             continue
         if schema is None:
             schema = doc.schema_type
         elif doc.schema_type != schema:
-            outcome.reject(
+            outcome.reject_one(
                 chunk,
-                mask,
+                i,
                 KIND_MISMATCH,
                 f"series {chunk.name!r} holds {schema} documents in this request; "
                 f"this one is {doc.schema_type}",
             )
-            docs.append(None)
             continue
-        docs.append(doc)
+        docs[i] = Document(doc.schema_type, doc.schema_version, {}, doc.text)
     chunk.payload = docs
     if schema is not None:
         chunk.value_type = SCHEMA_CODES[schema]

@@ -21,8 +21,6 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ingest.batch import INVALID_IMAGE, LIMIT_EXCEEDED, Chunk, Outcome
 
 PNG = "image/png"
@@ -211,7 +209,9 @@ def check(
     found = sniff(data)
     declared = normalize_content_type(content_type)
     if declared and declared != found.content_type:
-        raise ImageError(f"content type says {declared!r} but the bytes are {found.content_type}")
+        raise ImageError(
+            f"content type says {declared[:70]!r} but the bytes are {found.content_type}"
+        )
     if (width and width != found.width) or (height and height != found.height):
         raise ImageError(
             f"declared size {width}x{height} but the image is {found.width}x{found.height}"
@@ -225,26 +225,24 @@ def check(
 def validate_images(chunk: Chunk, outcome: Outcome, max_bytes: int) -> None:
     """Check every alive image of the chunk; reject the bad ones one by one.
 
-    The payload becomes ImageInfo (None for rejected points), so the proto
+    The payload (the request's repeated Image field, read one image at a
+    time) becomes ImageInfo (None for rejected points), so the proto
     messages, and the request they share memory with, can be released; the
     texts become the hashes, the points' values for the step rules."""
-    items: list[Any] = list(chunk.payload or [])
-    infos: list[ImageInfo | None] = []
+    items: Any = chunk.payload if chunk.payload is not None else []
+    infos: list[ImageInfo | None] = [None] * len(chunk)
+    alive = chunk.alive
     for i, image in enumerate(items):
-        if not chunk.alive[i]:
-            infos.append(None)
+        if i >= len(infos):
+            break
+        if not alive[i]:
             continue
         try:
-            info = check(
+            infos[i] = check(
                 image.data, image.content_type, image.width, image.height, image.sha256, max_bytes
             )
         except (ImageError, LimitError) as exc:
-            mask = np.zeros(len(chunk), dtype=np.bool_)
-            mask[i] = True
             reason = LIMIT_EXCEEDED if isinstance(exc, LimitError) else INVALID_IMAGE
-            outcome.reject(chunk, mask, reason, str(exc))
-            infos.append(None)
-            continue
-        infos.append(info)
+            outcome.reject_one(chunk, i, reason, str(exc))
     chunk.payload = infos
     chunk.texts = [info.sha256 if info is not None else "" for info in infos]

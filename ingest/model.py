@@ -10,15 +10,15 @@ import uuid
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
+from ingest.checks import CONTROL as _CONTROL
 from ingest.errors import invalid, precondition
 
 DEFAULT_WORKSPACE = "default"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_WORKSPACE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
-_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Matched with fullmatch: "$" alone would let a trailing newline through.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_WORKSPACE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 
 MAX_TAG_KEY = 255
 MAX_TAG_VALUE = 5000
@@ -114,7 +114,7 @@ def check_transition(current: RunStatus, target: RunStatus) -> None:
 
 def workspace_name(value: str) -> str:
     value = value or DEFAULT_WORKSPACE
-    if not _WORKSPACE.match(value):
+    if not _WORKSPACE.fullmatch(value):
         raise invalid(
             "workspace",
             f"invalid workspace {_show(value)}: 1..63 characters of a-z, 0-9, '_' and '-'",
@@ -125,7 +125,7 @@ def workspace_name(value: str) -> str:
 def experiment_name(value: str, field: str = "name") -> str:
     if not value:
         raise invalid(field, "experiment name is required")
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise invalid(
             field,
             f"invalid experiment name {_show(value)}: 1..255 characters of letters, digits, "
@@ -137,13 +137,18 @@ def experiment_name(value: str, field: str = "name") -> str:
 def run_id(value: str, field: str = "run_id") -> str:
     if not value:
         raise invalid(field, "run id is required")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise invalid(
             field,
             f"invalid run id {_show(value)}: 1..128 characters of letters, digits, '_', '-' and "
             "'.', starting with a letter or digit",
         )
     return value
+
+
+def run_id_ok(value: str) -> bool:
+    """Whether value can be a run id (every stored run id is one)."""
+    return _ID.fullmatch(value) is not None
 
 
 def new_run_id(experiment: str) -> str:
@@ -206,10 +211,6 @@ def merge_properties(current: Mapping[str, str], new: Mapping[str, str]) -> dict
     merged = dict(current)
     merged.update(new)
     return merged
-
-
-def label_key_ok(key: str) -> bool:
-    return bool(_LABEL_KEY.match(key))
 
 
 def _show(value: str, limit: int = 60) -> str:

@@ -17,7 +17,6 @@ and the rows whose cell has the wrong type are rejected, the others kept.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +25,13 @@ import numpy as np
 
 from ingest.batch import (
     INVALID_TABLE,
+    INVALID_VALUE,
     LIMIT_EXCEEDED,
     Chunk,
     Mask,
     Outcome,
 )
+from ingest.checks import CONTROL, clip
 
 # steplog.v1.ColumnType values (kept here so pure code needs no proto import).
 DOUBLE = 1
@@ -40,7 +41,8 @@ BOOL = 4
 TYPE_NAMES = {DOUBLE: "double", INT64: "int64", STRING: "string", BOOL: "bool"}
 
 MAX_COLUMN_NAME = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A column name may arrive as one part per type (a column of mixed types).
+PARTS_PER_COLUMN = len(TYPE_NAMES)
 
 
 @dataclass
@@ -87,34 +89,69 @@ def column_name_problem(name: str) -> str | None:
     if not name:
         return "a column name is empty"
     if len(name) > MAX_COLUMN_NAME:
-        return f"column name {name[:40]!r}... is longer than {MAX_COLUMN_NAME} characters"
-    if _CONTROL.search(name):
-        return f"column name {name[:70]!r} contains a control character"
+        return f"column name {clip(name, 40)!r} is longer than {MAX_COLUMN_NAME} characters"
+    if CONTROL.search(name):
+        return f"column name {clip(name, 70)!r} contains a control character"
     return None
 
 
-def _part(col: Any, n: int) -> tuple[ColumnPart | None, str | None]:
-    """One proto Column -> ColumnPart, or the reason it is malformed."""
+def _column_problem(col: Any, n: int) -> str | None:
+    """Why a proto Column cannot be n rows of one type, from its lengths
+    alone (nothing is copied)."""
     name = col.name
     problem = column_name_problem(name)
     if problem:
-        return None, problem
+        return problem
     arrays = {DOUBLE: col.doubles, INT64: col.ints, STRING: col.strings, BOOL: col.bools}
     ctype = int(col.type)
     if ctype not in arrays:
-        return None, f"column {name!r} has no type (one of double, int64, string, bool)"
+        return f"column {name!r} has no type (one of double, int64, string, bool)"
     own = arrays.pop(ctype)
     if len(own) != n or any(len(other) for other in arrays.values()):
-        return None, (
+        return (
             f"column {name!r} is {TYPE_NAMES[ctype]}: it must carry exactly row_count ({n}) "
             f"{TYPE_NAMES[ctype]} values and nothing else (it has {len(own)})"
         )
-    if len(col.present) == 0:
-        present = np.ones(n, dtype=np.bool_)
-    elif len(col.present) == n:
-        present = np.array(col.present, dtype=np.bool_)
-    else:
-        return None, f"column {name!r} has {len(col.present)} presence flags for {n} rows"
+    if len(col.present) not in (0, n):
+        return f"column {name!r} has {len(col.present)} presence flags for {n} rows"
+    return None
+
+
+def table_structure_problem(
+    msg: Any, n: int, max_rows: int, max_columns: int
+) -> tuple[int, str] | None:
+    """(reason, message) when a TableColumns cannot be n rows, checked from
+    lengths before anything is allocated for them: row_count over the limit,
+    rows that no column, step or time carries (row_count is a claim the data
+    must back), too many columns, a malformed column."""
+    if n > max_rows:
+        return LIMIT_EXCEEDED, f"{n} rows in one request; the limit is {max_rows}"
+    columns = msg.columns
+    if len(columns) == 0 and len(msg.steps) == 0 and len(msg.times) == 0:
+        return INVALID_TABLE, f"row_count is {n} but no column, step or time carries a row"
+    if len(columns) > PARTS_PER_COLUMN * max_columns:
+        return (
+            LIMIT_EXCEEDED,
+            f"{len(columns)} column parts in one request; the limit is {max_columns} columns",
+        )
+    names: set[str] = set()
+    for col in columns:
+        problem = _column_problem(col, n)
+        if problem is not None:
+            return INVALID_TABLE, problem
+        names.add(col.name)
+    if len(names) > max_columns:
+        return LIMIT_EXCEEDED, f"{len(names)} columns in one request; the limit is {max_columns}"
+    return None
+
+
+def _part(col: Any, n: int) -> ColumnPart:
+    """One proto Column (already checked) -> ColumnPart."""
+    ctype = int(col.type)
+    own = {DOUBLE: col.doubles, INT64: col.ints, STRING: col.strings, BOOL: col.bools}[ctype]
+    present = (
+        np.array(col.present, dtype=np.bool_) if len(col.present) else np.ones(n, dtype=np.bool_)
+    )
     values: Any
     if ctype == DOUBLE:
         values = np.array(own, dtype=np.float64)
@@ -124,32 +161,25 @@ def _part(col: Any, n: int) -> tuple[ColumnPart | None, str | None]:
         values = np.array(own, dtype=np.bool_)
     else:
         values = list(own)
-    return ColumnPart(name, ctype, values, present), None
+    return ColumnPart(col.name, ctype, values, present)
 
 
-def parse_table(msg: Any, n: int, max_columns: int) -> tuple[TableBlock, int, str | None]:
+def parse_table(
+    msg: Any, n: int, max_columns: int, checked: bool = False, max_rows: int | None = None
+) -> tuple[TableBlock, int, str | None]:
     """TableColumns -> TableBlock; on a whole-chunk problem, (empty block,
-    reason, message)."""
-    parts: list[ColumnPart] = []
-    names: set[str] = set()
-    for col in msg.columns:
-        part, problem = _part(col, n)
-        if part is None:
-            return TableBlock(n), INVALID_TABLE, str(problem)
-        parts.append(part)
-        names.add(part.name)
-    if len(names) > max_columns:
-        return (
-            TableBlock(n),
-            LIMIT_EXCEEDED,
-            f"{len(names)} columns in one request; the limit is {max_columns}",
-        )
-    return TableBlock(n, parts), 0, None
+    reason, message). checked: table_structure_problem already passed."""
+    if not checked:
+        found = table_structure_problem(msg, n, n if max_rows is None else max_rows, max_columns)
+        if found is not None:
+            return TableBlock(n), found[0], found[1]
+    return TableBlock(n, [_part(col, n) for col in msg.columns]), 0, None
 
 
 def cell_problems(block: TableBlock, max_text_chars: int) -> list[Rejection]:
-    """Row-level problems inside one chunk: a cell given twice, an oversize
-    string or one with NUL (PostgreSQL text cannot hold it)."""
+    """Row-level problems inside one chunk: a cell given twice, a string with
+    NUL (INVALID_VALUE: PostgreSQL text cannot hold it) or over the length
+    limit (LIMIT_EXCEEDED)."""
     out: list[Rejection] = []
     for name, parts in block.columns():
         if len(parts) > 1:
@@ -166,38 +196,45 @@ def cell_problems(block: TableBlock, max_text_chars: int) -> list[Rejection]:
                 strings
             ):
                 continue  # the common case, checked in C
-            bad = np.fromiter(
-                (len(s) > max_text_chars or "\x00" in s for s in strings),
-                dtype=np.bool_,
-                count=len(strings),
+            nul = np.fromiter(("\x00" in s for s in strings), dtype=np.bool_, count=len(strings))
+            nul &= p.present
+            if nul.any():
+                out.append(
+                    Rejection(nul, INVALID_VALUE, f"column {name!r}: string contains NUL")
+                )
+            long = np.fromiter(
+                (len(s) > max_text_chars for s in strings), dtype=np.bool_, count=len(strings)
             )
-            bad &= p.present
-            if bad.any():
+            long &= p.present & ~nul
+            if long.any():
                 out.append(
                     Rejection(
-                        bad,
+                        long,
                         LIMIT_EXCEEDED,
-                        f"column {name!r}: string longer than {max_text_chars} characters "
-                        "or containing NUL",
+                        f"column {name!r}: string longer than {max_text_chars} characters",
                     )
                 )
     return out
 
 
 def validate_table(
-    chunk: Chunk, outcome: Outcome, max_columns: int, max_rows: int, max_text_chars: int
+    chunk: Chunk,
+    outcome: Outcome,
+    max_columns: int,
+    max_rows: int,
+    max_text_chars: int,
+    checked: bool = False,
 ) -> None:
     """Replace the chunk's TableColumns payload with a TableBlock and reject
-    what is malformed; the valid rows stay alive."""
+    what is malformed; the valid rows stay alive. checked: decode already ran
+    table_structure_problem on it."""
     n = len(chunk)
     msg = chunk.payload[0] if chunk.payload else None
-    if n > max_rows:
+    if msg is None:
         chunk.payload = [TableBlock(n)]
-        outcome.reject(
-            chunk, None, LIMIT_EXCEEDED, f"{n} rows in one request; the limit is {max_rows}"
-        )
+        outcome.reject(chunk, None, INVALID_TABLE, "a table chunk without its columns")
         return
-    block, reason, problem = parse_table(msg, n, max_columns)
+    block, reason, problem = parse_table(msg, n, max_columns, checked, max_rows)
     chunk.payload = [block]
     if problem is not None:
         outcome.reject(chunk, None, reason, problem)

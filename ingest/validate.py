@@ -7,7 +7,7 @@ reject only those points. The valid points of a batch are always kept.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,15 +21,15 @@ from ingest.batch import (
     KIND_IMAGE,
     KIND_TABLE,
     LIMIT_EXCEEDED,
+    RUN_NOT_FOUND,
     Chunk,
     Outcome,
 )
+from ingest.checks import CONTROL, clip, label_key_ok
 from ingest.evaluations import validate_evaluations
 from ingest.images import validate_images
+from ingest.model import run_id_ok
 from ingest.tables import validate_table
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 MAX_NAME = 255
 MAX_LABEL_VALUE = 256
@@ -48,6 +48,10 @@ class Limits:
     max_table_rows: int = 100_000
     max_evaluation_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 16 * 1024 * 1024
+    # One batch: series and points decoded; the rest is rejected LIMIT_EXCEEDED
+    # without being decoded (together they bound the memory a batch costs).
+    max_series_per_batch: int = 100_000
+    max_points_per_batch: int = 1_000_000
 
 
 def name_problem(name: str) -> str | None:
@@ -55,34 +59,65 @@ def name_problem(name: str) -> str | None:
         return "series name is empty"
     if len(name) > MAX_NAME:
         return f"series name is {len(name)} characters; the limit is {MAX_NAME}"
-    if _CONTROL.search(name):
+    if CONTROL.search(name):
         return "series name contains a control character"
     return None
 
 
-def labels_problem(labels: dict[str, str], limits: Limits) -> str | None:
+def labels_problem(labels: Mapping[str, str], limits: Limits) -> str | None:
     if len(labels) > limits.max_labels:
         return f"{len(labels)} labels; the limit is {limits.max_labels}"
     for key, value in labels.items():
-        if not _LABEL_KEY.match(key):
-            return f"label key {key[:70]!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}"
+        if not label_key_ok(key):
+            return f"label key {clip(key, 70)!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}"
         if len(value) > MAX_LABEL_VALUE:
             return f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters"
-        if _CONTROL.search(value):
+        if CONTROL.search(value):
             return f"label {key!r} value contains a control character"
     return None
 
 
-def validate_chunk(chunk: Chunk, outcome: Outcome, limits: Limits) -> None:
-    """Reject what is invalid in the chunk; leave the rest alive."""
-    problem = name_problem(chunk.name)
+def series_problem(
+    run_id: str, name: str, labels: Mapping[str, str], description: str, limits: Limits
+) -> tuple[int, str] | None:
+    """(reason, message) for a series that cannot be stored at all, or None.
+
+    Checked before anything of the series is decoded. A run id that cannot
+    be one (NUL, control characters, too long) names no run, so its points
+    are RUN_NOT_FOUND here, without asking the database; a NUL in the
+    description (PostgreSQL text cannot hold it) rejects the series'
+    points with INVALID_VALUE."""
+    if not run_id_ok(run_id):
+        return (
+            RUN_NOT_FOUND,
+            f"run id {clip(run_id, 60)!r} is not a run id (1..128 characters of letters, "
+            "digits, '_', '-' and '.'), so no such run exists",
+        )
+    problem = name_problem(name)
     if problem:
-        outcome.reject(chunk, None, INVALID_NAME, problem, steps=False)
-        return
-    problem = labels_problem(chunk.labels, limits)
+        return INVALID_NAME, problem
+    problem = labels_problem(labels, limits)
     if problem:
-        outcome.reject(chunk, None, INVALID_LABELS, problem, steps=False)
-        return
+        return INVALID_LABELS, problem
+    if "\x00" in description:
+        return INVALID_VALUE, "series description contains a NUL character"
+    return None
+
+
+def validate_chunk(
+    chunk: Chunk, outcome: Outcome, limits: Limits, series_checked: bool = False
+) -> None:
+    """Reject what is invalid in the chunk; leave the rest alive.
+
+    series_checked: decode already ran `series_problem` on this series (and
+    `table_structure_problem` on a table)."""
+    if not series_checked:
+        found = series_problem(
+            chunk.run_id, chunk.name, chunk.labels, chunk.description, limits
+        )
+        if found is not None:
+            outcome.reject(chunk, None, found[0], found[1], steps=False)
+            return
     if chunk.stepped:
         negative = chunk.steps < 0
         if negative.any():
@@ -97,20 +132,27 @@ def validate_chunk(chunk: Chunk, outcome: Outcome, limits: Limits) -> None:
             limits.max_table_columns,
             limits.max_table_rows,
             limits.max_text_value_chars,
+            checked=series_checked,
         )
     elif chunk.kind == KIND_EVALUATION:
         validate_evaluations(chunk, outcome, limits.max_evaluation_bytes)
     elif chunk.kind == KIND_IMAGE:
         validate_images(chunk, outcome, limits.max_image_bytes)
-    if chunk.texts is not None:
-        limit = limits.max_text_value_chars
-        too_long = np.fromiter(
-            (len(t) > limit or "\x00" in t for t in chunk.texts), dtype=np.bool_, count=len(chunk)
+    elif chunk.texts is not None:
+        _check_texts(chunk, outcome, limits.max_text_value_chars)
+
+
+def _check_texts(chunk: Chunk, outcome: Outcome, limit: int) -> None:
+    """Text values: NUL is INVALID_VALUE (it cannot be stored), over the
+    length limit LIMIT_EXCEEDED. The common case is decided in C."""
+    texts = chunk.texts or []
+    if max(map(len, texts), default=0) <= limit and "\x00" not in "".join(texts):
+        return
+    nul = np.fromiter(("\x00" in t for t in texts), dtype=np.bool_, count=len(texts))
+    if nul.any():
+        outcome.reject(chunk, nul, INVALID_VALUE, "string value contains a NUL character")
+    too_long = np.fromiter((len(t) > limit for t in texts), dtype=np.bool_, count=len(texts))
+    if too_long.any():
+        outcome.reject(
+            chunk, too_long, LIMIT_EXCEEDED, f"string value longer than {limit} characters"
         )
-        if too_long.any():
-            outcome.reject(
-                chunk,
-                too_long,
-                LIMIT_EXCEEDED,
-                f"string value longer than {limit} characters or contains NUL",
-            )

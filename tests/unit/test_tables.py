@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,9 +129,70 @@ def test_bad_cells_reject_only_their_rows() -> None:
             ],
         )
     )
-    assert rejected(batch) == {b.LIMIT_EXCEEDED: 2}
+    # NUL cannot be stored (INVALID_VALUE); an oversize string is over a limit.
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 1, b.INVALID_VALUE: 1}
     assert batch.chunks[0].alive.tolist() == [True, False, False]
-    assert "column 's'" in messages(batch)[0]
+    assert all("column 's'" in m for m in messages(batch))
+    assert any("NUL" in m for m in messages(batch))
+
+
+def test_a_60_byte_message_claiming_two_billion_rows_allocates_nothing() -> None:
+    """The issue's reproduction: row_count trusted before it was checked made
+    the service allocate gigabytes for a 60-byte message."""
+    table = data_pb2.TableColumns(row_count=2**31 - 1)
+    rs = pb.RunSeries(run_id="run-1", series=data_pb2.SeriesData(name="t", table=table))
+    message = pb.Batch(writer_id="w", sequence=1, series=[rs])
+    assert message.ByteSize() < 60
+    tracemalloc.start()
+    try:
+        batch = decode_batch("default", message, 1.7e9, Limits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 2**31 - 1} and batch.chunks == []
+
+
+@pytest.mark.parametrize(
+    "table,reason,needle",
+    [
+        # Within the row limit, but no column, step or time backs the rows.
+        (data_pb2.TableColumns(row_count=90_000), b.INVALID_TABLE, "carries a row"),
+        # A column that does not back row_count: refused before any copy.
+        (
+            data_pb2.TableColumns(
+                row_count=90_000, columns=[data_pb2.Column(name="x", type=BLN, bools=[True])]
+            ),
+            b.INVALID_TABLE,
+            "exactly row_count (90000)",
+        ),
+        (data_pb2.TableColumns(row_count=90_000, times=[1.7e9]), b.INVALID_VALUE, "1 times"),
+        (data_pb2.TableColumns(row_count=-5, times=[1.7e9]), None, "row_count must be >= 0"),
+    ],
+)
+def test_row_count_must_be_backed_by_the_data(
+    table: data_pb2.TableColumns, reason: int | None, needle: str
+) -> None:
+    tracemalloc.start()
+    try:
+        batch = table_batch(table)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 and batch.chunks == []
+    expected = {} if reason is None else {reason: max(table.row_count, 0)}
+    assert rejected(batch) == expected
+    assert needle in messages(batch)[0]
+
+
+def test_too_many_column_parts_are_refused_before_they_are_read() -> None:
+    limits = Limits(max_table_columns=2)
+    table = data_pb2.TableColumns(
+        row_count=1, columns=[data_pb2.Column(name="x", type=I64, ints=[1]) for _ in range(9)]
+    )
+    batch = table_batch(table, limits)
+    assert rejected(batch) == {b.LIMIT_EXCEEDED: 1}
+    assert "9 column parts" in messages(batch)[0]
 
 
 def test_a_cell_given_twice_rejects_its_row() -> None:
