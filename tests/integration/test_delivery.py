@@ -1,0 +1,148 @@
+"""Client delivery across crashes and resumes, end to end: a training script
+in a subprocess, the service as a real process, `steplog sync` as the command
+a user runs, and SQL to count what is stored (each point exactly once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steplog import Experiment
+from tests.sql import stored_points
+from tests.support import ServiceProcess
+
+NAMES = ("loss", "acc")
+
+
+def expected(steps: range) -> list[tuple[str, int, float]]:
+    return sorted((n, s, s * 0.5 + len(n)) for n in NAMES for s in steps)
+
+
+def sync(spool: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "steplog.cli", "sync", str(spool), "--url", url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def client_env(run_id: str, spool: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "STEPLOG_RUN_ID": run_id,
+            "STEPLOG_SPOOL_DIR": str(spool),
+            "STEPLOG_FLUSH_INTERVAL": "0.2",
+            "STEPLOG_MAX_BATCH_POINTS": "2000",
+            "STEPLOG_HEARTBEAT_INTERVAL": "3600",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+LOG = (
+    "def log(run, start, stop):\n"
+    "    for step in range(start, stop):\n"
+    f"        for name in {NAMES!r}:\n"
+    "            run.log(name, step * 0.5 + len(name), step=step)\n"
+)
+
+
+def test_kill_9_of_a_spooling_client_then_sync_stores_every_point_once(
+    service_env: dict[str, str], experiment_name: str, database_url: str, tmp_path: Path
+) -> None:
+    """on_full="spool": the batches in flight and those waiting are on disk;
+    kill -9 of the client while the service is down loses none of them."""
+    svc = ServiceProcess(service_env).start()
+    spool = tmp_path / "spool"
+    child: subprocess.Popen[str] | None = None
+    try:
+        run = Experiment(experiment_name, url=svc.address).start_logging()
+        script = (
+            "import sys, time\n"
+            "from steplog import Run\n" + LOG + "run = Run.get_context()\n"
+            "log(run, 0, 20000)\n"
+            "print('half', flush=True)\n"
+            "sys.stdin.readline()\n"  # the test kills the service meanwhile
+            "log(run, 20000, 40000)\n"
+            "time.sleep(1.5)\n"  # well past the flush interval: all of it is on disk
+            "print('logged', flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        env = client_env(run.id, spool, STEPLOG_URL=svc.address, STEPLOG_ON_FULL="spool")
+        child = subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline().strip() == "half"
+        svc.kill()  # batches are in flight: their acks never come
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "logged"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+        svc = ServiceProcess(service_env, port=svc.port).start()
+        stored_before = len(stored_points(database_url, run.id))
+        assert stored_before < 2 * 40000  # the kill left points undelivered
+        first = sync(spool, svc.address)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert stored_points(database_url, run.id) == expected(range(40000))
+        second = sync(spool, svc.address)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert " 0 accepted" in second.stdout, second.stdout
+        assert stored_points(database_url, run.id) == expected(range(40000))
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        svc.stop()
+
+
+@pytest.mark.parametrize(
+    ("first_host", "second_host"), [("node-b", "node-a"), ("node-a", "node-b")]
+)
+def test_a_run_resumed_on_another_host_keeps_every_earlier_point(
+    url: str,
+    experiment_name: str,
+    database_url: str,
+    tmp_path: Path,
+    first_host: str,
+    second_host: str,
+) -> None:
+    """Two processes on two "hosts" (the host part of the writer id), offline,
+    one after the other on the same run; whichever way their ids sort, sync
+    replays them in the order they logged."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    spool = tmp_path / "spool"
+    env = client_env(run.id, spool, STEPLOG_OFFLINE="true")
+    env.pop("STEPLOG_URL", None)
+    for host, start, stop, kill in ((first_host, 0, 3000, True), (second_host, 3000, 6000, False)):
+        script = (
+            "import os, signal, socket, time\n"
+            f"socket.gethostname = lambda: {host!r}\n"
+            "from steplog import Run\n" + LOG + "run = Run.get_context()\n"
+            f"log(run, {start}, {stop})\n"
+        )
+        if kill:  # the first node dies: no close, no flush, kill -9 after the interval
+            script += "time.sleep(1.0)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+        proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
+        assert proc.returncode == (-signal.SIGKILL if kill else 0)
+    files = sorted(p.name for p in spool.iterdir() if p.name.endswith(".spool.sqlite"))
+    assert len(files) == 2 and files[0].startswith("node-a") and files[1].startswith("node-b")
+    assert stored_points(database_url, run.id) == []
+    for attempt in range(2):
+        out = sync(spool, url)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert ("12000 accepted" if attempt == 0 else " 0 accepted") in out.stdout, out.stdout
+        assert stored_points(database_url, run.id) == expected(range(6000))
