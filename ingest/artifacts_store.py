@@ -39,6 +39,8 @@ from ingest.order import Accepted
 from ingest.pipeline import Pipeline
 from ingest.timescale import (
     CommitResult,
+    Read,
+    Window,
     acquire,
     hide_superseded,
     visible_points,
@@ -143,31 +145,26 @@ class ImageStore:
             await conn.copy_records_to_table("image_points", records=records, columns=IMAGE_COLUMNS)
         return len(records)
 
-    async def read_images(
-        self,
-        series: Sequence[Row],
-        start: int | None = None,
-        end: int | None = None,
-        include_bytes: bool = False,
-    ) -> dict[int, data_pb2.SeriesData]:
-        """Visible image points in step order; with include_bytes, their bytes
-        from S3 (refused when they would not fit in one response)."""
+    async def read_images(self, series: Sequence[Row], window: Window) -> Read:
+        """Visible image points of a window in step order; with include_bytes,
+        their bytes from S3, counted in the window's byte budget."""
         ids = [s["series_id"] for s in series]
+        # Encoded: hash, content type, sizes and framing; then the bytes.
+        cost = "octet_length(content_type) + 130" + (" + size + 8" if window.include_bytes else "")
+        columns = [(c, c) for c in ("sha256", "size", "content_type", "width", "height")]
         async with acquire(self.pool) as conn:
-            by_series = await visible_points(
-                conn, "image_points", "sha256, size, content_type, width, height", ids, start, end
-            )
+            got = await visible_points(conn, "image_points", columns, ids, window, cost)
         data: dict[str, bytes] = {}
-        if include_bytes and by_series:
+        if window.include_bytes and got.rows:
             data = await self._fetch(
-                {r["sha256"]: r["size"] for rows in by_series.values() for r in rows}
+                {r["sha256"]: r["size"] for rows in got.rows.values() for r in rows}
             )
-        ranged = start is not None or end is not None
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:
-            got = by_series.get(s["series_id"], [])
+            rows = got.rows.get(s["series_id"], [])
             points = data_pb2.ImagePoints(
-                times=[r["t"] for r in got],
+                steps=[r["step"] for r in rows],
+                times=[r["t"] for r in rows],
                 images=[
                     data_pb2.Image(
                         data=data.get(r["sha256"], b""),
@@ -177,15 +174,13 @@ class ImageStore:
                         sha256=r["sha256"],
                         size=r["size"],
                     )
-                    for r in got
+                    for r in rows
                 ],
             )
-            if s["stepped"] or ranged:
-                points.steps.extend(r["step"] for r in got)
             out[s["series_id"]] = data_pb2.SeriesData(
                 name=s["name"], labels=s["labels"], description=s["description"], images=points
             )
-        return out
+        return Read(out, got)
 
     async def _fetch(self, sizes: Mapping[str, int]) -> dict[str, bytes]:
         total = sum(sizes.values())

@@ -62,6 +62,9 @@ class Config:
     # Images travel inline in ingest batches; files by the chunked ArtifactService.
     max_image_bytes: int = 16 * 1024 * 1024
     max_artifact_bytes: int = 1024**4
+    # Every query response at most this many bytes (a page holds at least one
+    # point, so one larger point comes alone); the rest continues on the next page.
+    max_response_bytes: int = 4 * 1024 * 1024
     # S3: multipart part size (>= 5 MiB), and requests in flight for the service.
     s3_part_bytes: int = 16 * 1024 * 1024
     s3_concurrency: int = 64
@@ -125,6 +128,13 @@ def _part_bytes(text: str) -> int:
     return value
 
 
+def _at_least(text: str, low: int) -> int:
+    value = int(text)
+    if value < low:
+        raise ValueError(f"must be at least {low}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -185,6 +195,7 @@ _HELP = {
     "max_evaluation_bytes": "largest evaluation document (JSON bytes)",
     "max_image_bytes": "largest image point (bytes)",
     "max_artifact_bytes": "largest file a run can upload (bytes)",
+    "max_response_bytes": "largest query response (bytes, at least 65536); the rest is paged",
     "s3_part_bytes": "S3 multipart part size for file uploads (at least 5 MiB)",
     "s3_concurrency": "S3 requests the service keeps in flight at most",
     "auth": "authentication mode",
@@ -209,6 +220,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "progress_series": _globs,
     "progress_max_series": _non_negative_int,
     "s3_part_bytes": _part_bytes,
+    "max_response_bytes": lambda text: _at_least(text, 65536),
 }
 
 

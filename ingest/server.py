@@ -176,7 +176,9 @@ class Service:
             max_evaluation_bytes=cfg.max_evaluation_bytes,
             max_image_bytes=cfg.max_image_bytes,
         )
-        self.queries = QueryServicer(timescale.QueryStore(self.pool))
+        self.queries = QueryServicer(
+            timescale.QueryStore(self.pool), max_response_bytes=cfg.max_response_bytes
+        )
         tables_store.register(self.points, self.queries, self.pool, limits)
         artifacts = artifacts_store.register(
             self.points, self.queries, self.pool, self.blobs, cfg.max_message_bytes - 2**20

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,14 @@ from ingest.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
 from ingest.evaluations import Document
 from ingest.order import Accepted, SeriesState
 from ingest.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
-from ingest.timescale import PG_EPOCH, acquire, hide_superseded, visible_points
+from ingest.timescale import (
+    PG_EPOCH,
+    Read,
+    Window,
+    acquire,
+    hide_superseded,
+    visible_points,
+)
 from ingest.validate import Limits
 from steplog.v1 import data_pb2
 
@@ -425,59 +432,58 @@ class TableStore:
 
     # -- reads -------------------------------------------------------------------
 
-    async def read_tables(
-        self,
-        series: Sequence[Row],
-        start: int | None = None,
-        end: int | None = None,
-        include_bytes: bool = False,
-    ) -> dict[int, data_pb2.SeriesData]:
-        """Visible rows in step order (for an unstepped table the step is the
-        row index, so start/end select a row range)."""
+    async def read_tables(self, series: Sequence[Row], window: Window) -> Read:
+        """Visible rows of a window in step order (for an unstepped table the
+        step is the row index, so start/end select a row range). Every row
+        carries a cell of every column, so a row's encoded bytes are bounded
+        by 16 per column plus its strings."""
         ids = [s["series_id"] for s in series]
         async with self._conn() as conn:
             columns = await self._columns(conn, ids)
-            by_series = await visible_points(
-                conn, "table_rows", "doubles, ints, strings, bools", ids, start, end
+            header = sum(
+                len(c.name.encode()) + 24 for cols in columns.values() for c in cols.values()
             )
-        ranged = start is not None or end is not None
+            got = await visible_points(
+                conn,
+                "table_rows",
+                [(c, c) for c in ("doubles", "ints", "strings", "bools")],
+                ids,
+                replace(window, budget=window.budget - header),
+                cost="18 + coalesce(octet_length(array_to_string(strings, '')), 0)",
+                per_point={sid: 16 * len(columns.get(sid, {})) for sid in ids},
+            )
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:
             sid = s["series_id"]
-            got = by_series.get(sid, [])
-            table = table_message(
-                got, columns.get(sid, {}).values(), with_steps=s["stepped"] or ranged
-            )
+            table = table_message(got.rows.get(sid, []), columns.get(sid, {}).values(), True)
             out[sid] = data_pb2.SeriesData(
                 name=s["name"], labels=s["labels"], description=s["description"], table=table
             )
-        return out
+        return Read(out, replace(got, used=got.used + header))
 
-    async def read_evaluations(
-        self,
-        series: Sequence[Row],
-        start: int | None = None,
-        end: int | None = None,
-        include_bytes: bool = False,
-    ) -> dict[int, data_pb2.SeriesData]:
+    async def read_evaluations(self, series: Sequence[Row], window: Window) -> Read:
         ids = [s["series_id"] for s in series]
         async with self._conn() as conn:
-            by_series = await visible_points(
-                conn, "evaluation_points", "document::text AS document", ids, start, end
+            got = await visible_points(
+                conn,
+                "evaluation_points",
+                [("document::text", "document")],
+                ids,
+                window,
+                cost="octet_length(document) + 24",
             )
-        ranged = start is not None or end is not None
         out: dict[int, data_pb2.SeriesData] = {}
         for s in series:
-            got = by_series.get(s["series_id"], [])
+            rows = got.rows.get(s["series_id"], [])
             points = data_pb2.EvaluationPoints(
-                times=[r["t"] for r in got], documents=[r["document"] for r in got]
+                steps=[r["step"] for r in rows],
+                times=[r["t"] for r in rows],
+                documents=[r["document"] for r in rows],
             )
-            if s["stepped"] or ranged:
-                points.steps.extend(r["step"] for r in got)
             out[s["series_id"]] = data_pb2.SeriesData(
                 name=s["name"], labels=s["labels"], description=s["description"], evaluations=points
             )
-        return out
+        return Read(out, got)
 
 
 def table_message(rows: Sequence[Row], columns: Any, with_steps: bool) -> data_pb2.TableColumns:

@@ -78,30 +78,182 @@ async def acquire(
         raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
+MIN_STEP = -(2**63)
+MAX_STEP = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which visible points of some series to read, and at most how many
+    points and bytes. A read resumes at `after` = (series_id, step),
+    inclusive, in (series_id, step) order."""
+
+    limit: int
+    budget: int
+    start: int = MIN_STEP
+    end: int = MAX_STEP
+    after: tuple[int, int] = (0, MIN_STEP)
+    # Take the first point even when it alone is over the budget (a page must
+    # make progress).
+    force: bool = True
+    # One series only: keep at most `spread` points spread evenly over the
+    # range (which held `total` points), first and last included ...
+    spread: int = 0
+    total: int = 0
+    # ... or, for numeric scalars, at most `extremes` points keeping each
+    # bucket's first point, extremes and NaN.
+    extremes: int = 0
+    include_bytes: bool = False
+
+
+@dataclass(frozen=True)
+class Slice:
+    """What a Window read: rows by series, where the next read starts (None
+    when the window holds no more), the estimated encoded bytes, the count."""
+
+    rows: dict[int, list[Row]]
+    next: tuple[int, int] | None
+    used: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """A reader's answer: one SeriesData per series asked for (points of this
+    slice only) and the slice."""
+
+    data: dict[int, Any]
+    slice: Slice
+
+
+_DOWNSAMPLE_EXTREMES = """
+    WITH p AS (SELECT series_id, step, time, value, ntile($7::bigint::int) OVER (ORDER BY step) AS b
+        FROM scalar_points WHERE series_id = ANY($1::bigint[]) AND NOT hidden
+        AND step >= $2::bigint AND step <= $3::bigint),
+    r AS (SELECT *,
+        row_number() OVER (PARTITION BY b ORDER BY step) AS f,
+        row_number() OVER (PARTITION BY b ORDER BY value = 'NaN', value, step) AS lo,
+        row_number() OVER (PARTITION BY b ORDER BY value = 'NaN', value DESC, step) AS hi,
+        row_number() OVER (PARTITION BY b ORDER BY value <> 'NaN', step) AS nan
+        FROM p),
+    k AS (SELECT *, CASE WHEN nan = 1 AND value = 'NaN' THEN 0
+                         WHEN hi = 1 AND value <> 'NaN' THEN 1
+                         WHEN lo = 1 AND value <> 'NaN' THEN 2
+                         WHEN f = 1 THEN 3 END AS prio FROM r),
+    kept AS (SELECT * FROM k WHERE prio IS NOT NULL ORDER BY prio, b, step LIMIT $8::bigint)
+    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value FROM kept
+    WHERE (series_id, step) >= ($4::bigint, $5::bigint) ORDER BY series_id, step
+    LIMIT $6::bigint
+"""
+
+
+def _candidates(table: str, columns: Sequence[tuple[str, str]], window: Window) -> str:
+    """SQL for the candidate points of a window ($1 series ids, $2/$3 the
+    step range, $4/$5 the resume position, $6 rows at most; $7/$8 the
+    downsampling parameters)."""
+    select = ", ".join(f"{expr} AS {alias}" for expr, alias in columns)
+    head = f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {select} FROM {table}"
+    visible = (
+        "series_id = ANY($1::bigint[]) AND NOT hidden AND step >= $2::bigint AND step <= $3::bigint"
+    )
+    tail = (
+        " AND (series_id, step) >= ($4::bigint, $5::bigint)"
+        " ORDER BY series_id, step LIMIT $6::bigint"
+    )
+    if window.extremes:
+        if table != "scalar_points":
+            raise ValueError("extremes downsampling is for numeric scalars")
+        return _DOWNSAMPLE_EXTREMES
+    if window.spread:
+        # Row indices round(k * (total - 1) / (spread - 1)), k = 0 .. spread - 1.
+        picked = (
+            f"SELECT step FROM (SELECT step, row_number() OVER (ORDER BY step) - 1 AS i"
+            f" FROM {table} WHERE {visible}) n WHERE i IN (SELECT CASE WHEN $8::bigint <= 1 THEN 0"
+            " ELSE (k * ($7::bigint - 1)) / ($8::bigint - 1) END"
+            " FROM generate_series(0::bigint, greatest($8::bigint, 1) - 1) k)"
+        )
+        return f"{head} WHERE {visible} AND step IN ({picked}){tail}"
+    # $7 and $8 are unused here; PostgreSQL needs every parameter typed.
+    return f"{head} WHERE {visible} AND $7::bigint > 0 AND $8::bigint >= 0{tail}"
+
+
 async def visible_points(
     conn: asyncpg.Connection,
     table: str,
-    columns: str,
+    columns: Sequence[tuple[str, str]],
     series_ids: Sequence[int],
-    start: int | None,
-    end: int | None,
-) -> dict[int, list[Row]]:
-    """The visible (not hidden) points of some series in an inclusive step
-    range, in step order, grouped by series. `columns` are selected after
-    series_id, step and t (the time as epoch seconds)."""
+    window: Window,
+    cost: str = "0",
+    per_point: Mapping[int, int] | None = None,
+) -> Slice:
+    """The visible (not hidden) points of some series in a window, in
+    (series_id, step) order: at most window.limit points whose estimated
+    encoded size stays within window.budget bytes (at least one with
+    window.force). `columns` are (SQL expression, alias) pairs selected after
+    series_id, step and t (the time as epoch seconds); `cost` is an SQL
+    expression over those aliases that bounds a point's encoded bytes, plus
+    `per_point` bytes by series. The database computes the sizes, so no more
+    than the window (and one position past it) ever reaches this process."""
+    if window.limit <= 0:
+        raise ValueError("a window reads at least one point")
+    aliases = [alias for _, alias in columns]
+    payload = ", ".join(f"CASE WHEN take THEN {a} END AS {a}" for a in aliases)
+    weights = per_point or {}
+    candidates = _candidates(table, columns, window)
+    sql = (
+        f"SELECT series_id, step, t, used, take, {payload} FROM ("
+        " SELECT q.*, lag(take, 1, true) OVER (ORDER BY series_id, step) AS prev FROM ("
+        "  SELECT c.*, (rn <= $6::bigint - 1"
+        "   AND (used <= $9::bigint OR (rn = 1 AND $10::boolean))) AS take FROM ("
+        "   SELECT x.*, (sum(x.cost) OVER w)::bigint AS used, row_number() OVER w AS rn FROM ("
+        f"    SELECT y.*, ({cost}) + coalesce(wt.n, 0) AS cost FROM ({candidates}) y"
+        "     LEFT JOIN unnest($11::bigint[], $12::bigint[]) AS wt(sid, n) ON wt.sid = y.series_id"
+        "   ) x WINDOW w AS (ORDER BY x.series_id, x.step ROWS BETWEEN UNBOUNDED PRECEDING"
+        "   AND CURRENT ROW)"
+        "  ) c"
+        " ) q"
+        ") z WHERE take OR prev ORDER BY series_id, step"
+    )
     rows = await conn.fetch(
-        f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {columns}"
-        f" FROM {table} WHERE series_id = ANY($1::bigint[]) AND NOT hidden"
-        " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)"
-        " ORDER BY series_id, step",
+        sql,
         list(series_ids),
+        window.start,
+        window.end,
+        window.after[0],
+        window.after[1],
+        window.limit + 1,
+        window.total if window.spread else max(1, window.extremes // 3),
+        window.spread or window.extremes,
+        window.budget,
+        window.force,
+        list(weights),
+        list(weights.values()),
+    )
+    grouped: dict[int, list[Row]] = {}
+    nxt: tuple[int, int] | None = None
+    used = count = 0
+    for r in rows:
+        if not r["take"]:
+            nxt = (r["series_id"], r["step"])
+            break
+        grouped.setdefault(r["series_id"], []).append(r)
+        used = int(r["used"])
+        count += 1
+    return Slice(grouped, nxt, used, count)
+
+
+async def count_points(
+    conn: asyncpg.Connection, table: str, series_id: int, start: int, end: int
+) -> tuple[int, int | None]:
+    """Visible points of a series in an inclusive step range, and the last step."""
+    row = await conn.fetchrow(
+        f"SELECT count(*) AS n, max(step) AS last FROM {table}"
+        " WHERE series_id = $1 AND NOT hidden AND step >= $2 AND step <= $3",
+        series_id,
         start,
         end,
     )
-    grouped: dict[int, list[Row]] = {}
-    for r in rows:
-        grouped.setdefault(r["series_id"], []).append(r)
-    return grouped
+    return int(row["n"]), row["last"]
 
 
 async def hide_superseded(conn: asyncpg.Connection, table: str, accepted: Accepted) -> None:
@@ -1204,17 +1356,68 @@ class QueryStore:
             )
             return [r["run_id"] for r in rows]
 
-    async def series(self, run_ids: Sequence[str], names: Sequence[str]) -> list[Row]:
+    # A series' place in GetMetrics order: by the table its points live in
+    # (one query reads many series of one table), then by id.
+    _GROUP = f"(kind * 2 + (kind = {KIND_SCALAR} AND value_type = {VALUE_TEXT})::int)"
+    # Bytes a series' header (name, labels, description) takes when encoded, at most.
+    _HEADER = (
+        "(octet_length(name) + 2 * octet_length(labels::text) + octet_length(description) + 64)"
+    )
+    _SERIES = (
+        "series_id, run_id, name, labels, kind, value_type, stepped, point_count, last_step,"
+        " description"
+    )
+
+    async def series_page(
+        self,
+        run_id: str,
+        names: Sequence[str],
+        after: tuple[int, int],
+        limit: int,
+        budget: int,
+    ) -> list[Row]:
+        """The next series of a run in GetMetrics order from `after` =
+        (group, series_id), inclusive: at most `limit`, whose headers fit in
+        `budget` bytes (at least one). Rows carry `grp` and `header` (bytes)."""
         async with self._conn() as conn:
             return list(
                 await conn.fetch(
-                    "SELECT series_id, run_id, name, labels, kind, value_type, stepped,"
-                    " point_count, last_step, description FROM series"
-                    " WHERE run_id = ANY($1::text[])"
-                    " AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
-                    " ORDER BY run_id, name, labels_key",
-                    list(run_ids),
+                    f"SELECT * FROM (SELECT *, sum(header) OVER (ORDER BY grp, series_id) AS used,"
+                    f" row_number() OVER (ORDER BY grp, series_id) AS rn FROM ("
+                    f"  SELECT {self._SERIES}, {self._GROUP} AS grp, {self._HEADER} AS header"
+                    "   FROM series WHERE run_id = $1"
+                    "   AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
+                    f"  AND ({self._GROUP}, series_id) >= ($3::int, $4::bigint)"
+                    f"  ORDER BY {self._GROUP}, series_id LIMIT $5::bigint) s"
+                    ") t WHERE used <= $6::bigint OR rn = 1 ORDER BY grp, series_id",
+                    run_id,
                     list(names),
+                    after[0],
+                    after[1],
+                    limit,
+                    budget,
+                )
+            )
+
+    async def list_series(self, run_id: str, after: int, limit: int, budget: int) -> list[Row]:
+        """The series of a run in creation order from series id `after`
+        (inclusive): at most `limit`, whose headers fit in `budget` bytes (at
+        least one), then the next series, if any, with `take` false."""
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT * FROM (SELECT *, lag(take, 1, true) OVER (ORDER BY series_id) AS prev"
+                    " FROM (SELECT *, (rn <= $3::bigint AND (used <= $4::bigint OR rn = 1)) AS take"
+                    "  FROM (SELECT *, sum(header) OVER (ORDER BY series_id) AS used,"
+                    "   row_number() OVER (ORDER BY series_id) AS rn FROM ("
+                    f"   SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
+                    "    WHERE run_id = $1 AND series_id >= $2::bigint"
+                    "    ORDER BY series_id LIMIT $3::bigint + 1) s) t) u) v"
+                    " WHERE take OR prev ORDER BY series_id",
+                    run_id,
+                    after,
+                    limit,
+                    budget,
                 )
             )
 
@@ -1226,7 +1429,9 @@ class QueryStore:
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 "SELECT s.series_id, s.run_id, s.name, s.labels, s.kind, s.value_type, s.stepped,"
-                " s.point_count, s.last_step, s.description"
+                " s.point_count, s.last_step, s.description,"
+                " (octet_length(s.name) + 2 * octet_length(s.labels::text)"
+                " + octet_length(s.description) + 64) AS header"
                 " FROM series s JOIN runs r USING (run_id)"
                 " WHERE s.run_id = $1 AND r.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
                 run_id,
@@ -1240,56 +1445,16 @@ class QueryStore:
             )
         return row
 
-    async def scalar_points(
-        self,
-        series_ids: Sequence[int],
-        text: bool = False,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> dict[int, list[Row]]:
-        """Visible scalar points in step order, grouped by series."""
+    async def scalar_points(self, series_ids: Sequence[int], text: bool, window: Window) -> Slice:
+        """Visible scalar points of a window, in (series_id, step) order."""
         table = "text_points" if text else "scalar_points"
+        # Encoded: a step (<= 10 bytes), a time and a double, or a string.
+        cost = "octet_length(value) + 24" if text else "26"
         async with self._conn() as conn:
-            return await visible_points(conn, table, "value", series_ids, start, end)
+            return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
 
     async def count_points(
-        self, series_id: int, text: bool, start: int | None, end: int | None
-    ) -> int:
-        table = "text_points" if text else "scalar_points"
+        self, table: str, series_id: int, start: int, end: int
+    ) -> tuple[int, int | None]:
         async with self._conn() as conn:
-            n = await conn.fetchval(
-                f"SELECT count(*) FROM {table} WHERE series_id = $1 AND NOT hidden"
-                " AND ($2::bigint IS NULL OR step >= $2) AND ($3::bigint IS NULL OR step <= $3)",
-                series_id,
-                start,
-                end,
-            )
-        return int(n)
-
-    async def downsampled(
-        self, series_id: int, buckets: int, start: int | None, end: int | None
-    ) -> list[Row]:
-        """Split the range into equal-count buckets; keep each bucket's first,
-        min and max point, so spikes and NaNs survive (NaN sorts above all)."""
-        async with self._conn() as conn:
-            return list(
-                await conn.fetch(
-                    "WITH p AS (SELECT step, time, value,"
-                    "   ntile($2) OVER (ORDER BY step) AS b FROM scalar_points"
-                    "   WHERE series_id = $1 AND NOT hidden"
-                    "   AND ($3::bigint IS NULL OR step >= $3)"
-                    "   AND ($4::bigint IS NULL OR step <= $4)),"
-                    " r AS (SELECT *,"
-                    "   row_number() OVER (PARTITION BY b ORDER BY step) AS first_rank,"
-                    "   row_number() OVER (PARTITION BY b ORDER BY value, step) AS min_rank,"
-                    "   row_number() OVER (PARTITION BY b ORDER BY value DESC, step) AS max_rank"
-                    "   FROM p)"
-                    " SELECT $1::bigint AS series_id, step, extract(epoch FROM time)::float8 AS t,"
-                    " value FROM r WHERE first_rank = 1 OR min_rank = 1 OR max_rank = 1"
-                    " ORDER BY step",
-                    series_id,
-                    buckets,
-                    start,
-                    end,
-                )
-            )
+            return await count_points(conn, table, series_id, start, end)

@@ -1,14 +1,37 @@
-"""Reading metrics back, in Azure ML's shapes."""
+"""Reading metrics back, in Azure ML's shapes. The service answers in pages
+of bounded size (query_service.proto, "Paging"); these helpers follow the
+pages and put the pieces back together."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as qs
 
 if TYPE_CHECKING:
     from steplog.client import Client
+
+R = TypeVar("R", qs.GetMetricsResponse, qs.ReadSeriesResponse, qs.ListSeriesResponse)
+
+# A page may hold nothing while more follow (only an empty token ends a read),
+# but a service that hands back the token it was given would loop for ever.
+_TIMEOUT_S = 120.0
+
+
+def pages(client: Client, method: Callable[..., R], request: Any) -> Iterator[R]:
+    """Every page of a paged query, in order."""
+    token = ""
+    while True:
+        request.page_token = token
+        reply = client.call(method, request, timeout=_TIMEOUT_S)
+        yield reply
+        if not reply.next_page_token:
+            return
+        if reply.next_page_token == token:
+            raise RuntimeError("the service returned the same page token twice")
+        token = reply.next_page_token
 
 
 def series_key(data: data_pb2.SeriesData) -> str:
@@ -35,22 +58,81 @@ def metrics_of(run: qs.RunMetrics) -> dict[str, Any]:
     return {series_key(s): series_value(s) for s in run.series}
 
 
+_PLACEHOLDER: dict[int, tuple[str, Any]] = {
+    data_pb2.COLUMN_TYPE_DOUBLE: ("doubles", 0.0),
+    data_pb2.COLUMN_TYPE_INT64: ("ints", 0),
+    data_pb2.COLUMN_TYPE_STRING: ("strings", ""),
+    data_pb2.COLUMN_TYPE_BOOL: ("bools", False),
+}
+
+
+def merge_tables(parts: list[data_pb2.TableColumns]) -> data_pb2.TableColumns:
+    """The rows of every part, in order; a column missing from a part has no
+    cells in that part's rows."""
+    out = data_pb2.TableColumns(row_count=sum(p.row_count for p in parts))
+    for p in parts:
+        out.steps.extend(p.steps)
+        out.times.extend(p.times)
+    keys: dict[tuple[str, int], None] = {}
+    for p in parts:
+        for c in p.columns:
+            keys.setdefault((c.name, c.type), None)
+    for name, ctype in keys:
+        field, blank = _PLACEHOLDER.get(ctype, ("", None))
+        merged = out.columns.add(name=name, type=ctype)
+        present: list[bool] = []
+        for p in parts:
+            col = next((c for c in p.columns if (c.name, c.type) == (name, ctype)), None)
+            if col is None:
+                if field:
+                    getattr(merged, field).extend([blank] * p.row_count)
+                present += [False] * p.row_count
+                continue
+            if field:
+                getattr(merged, field).extend(getattr(col, field))
+            present += list(col.present) if len(col.present) else [True] * p.row_count
+        if not all(present):
+            merged.present.extend(present)
+    return out
+
+
+def merge_series(parts: list[data_pb2.SeriesData]) -> data_pb2.SeriesData:
+    """One series from its pieces on successive pages."""
+    if len(parts) == 1:
+        return parts[0]
+    out = data_pb2.SeriesData()
+    out.CopyFrom(parts[0])
+    if out.WhichOneof("points") == "table":
+        out.table.CopyFrom(merge_tables([p.table for p in parts if p.HasField("table")]))
+        return out
+    for p in parts[1:]:
+        out.MergeFrom(p)  # repeated fields append
+    return out
+
+
 def get_metrics(
     client: Client, run_id: str, name: str | None = None, recursive: bool = False
 ) -> dict[str, Any]:
-    reply = client.call(
-        client.queries.GetMetrics,
-        qs.GetMetricsRequest(
-            workspace=client.workspace,
-            run_id=run_id,
-            names=[name] if name else [],
-            recursive=recursive,
-        ),
-        timeout=120,
+    request = qs.GetMetricsRequest(
+        workspace=client.workspace,
+        run_id=run_id,
+        names=[name] if name else [],
+        recursive=recursive,
     )
+    Key = tuple[str, tuple[tuple[str, str], ...]]
+    runs: dict[str, dict[Key, list[data_pb2.SeriesData]]] = {}
+    for page in pages(client, client.queries.GetMetrics, request):
+        for r in page.runs:
+            series = runs.setdefault(r.run_id, {})
+            for s in r.series:
+                series.setdefault((s.name, tuple(sorted(s.labels.items()))), []).append(s)
+    merged = {
+        run: {series_key(p[0]): series_value(merge_series(p)) for p in series.values()}
+        for run, series in runs.items()
+    }
     if recursive:
-        return {r.run_id: metrics_of(r) for r in reply.runs}
-    return metrics_of(reply.runs[0]) if reply.runs else {}
+        return merged
+    return merged.get(run_id, {})
 
 
 def read_series(
@@ -63,26 +145,24 @@ def read_series(
     max_points: int = 0,
 ) -> dict[str, Any]:
     """One scalar series by step range: {"steps", "values", "times",
-    "downsampled", "total_points"}; downsampled to about max_points when the
-    range holds more (each bucket keeps its first, min and max point)."""
-    reply = client.call(
-        client.queries.ReadSeries,
-        qs.ReadSeriesRequest(
-            workspace=client.workspace,
-            run_id=run_id,
-            name=name,
-            labels=labels or {},
-            start_step=start_step,
-            end_step=end_step,
-            max_points=max_points,
-        ),
-        timeout=120,
+    "downsampled", "total_points"}; downsampled to at most max_points points
+    when the range holds more (each bucket keeps its first point, its extremes
+    and a NaN). Follows the service's pages."""
+    request = qs.ReadSeriesRequest(
+        workspace=client.workspace,
+        run_id=run_id,
+        name=name,
+        labels=labels or {},
+        start_step=start_step,
+        end_step=end_step,
+        max_points=max_points,
     )
-    sc = reply.series.scalars
-    return {
-        "steps": list(sc.steps),
-        "values": list(sc.text_values) if len(sc.text_values) else list(sc.values),
-        "times": list(sc.times),
-        "downsampled": reply.downsampled,
-        "total_points": reply.total_points,
-    }
+    out: dict[str, Any] = {"steps": [], "values": [], "times": []}
+    for page in pages(client, client.queries.ReadSeries, request):
+        sc = page.series.scalars
+        out["steps"] += sc.steps
+        out["values"] += sc.text_values if len(sc.text_values) else sc.values
+        out["times"] += sc.times
+        out["downsampled"] = page.downsampled
+        out["total_points"] = page.total_points
+    return out

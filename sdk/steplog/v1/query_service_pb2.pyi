@@ -27,10 +27,21 @@ class GetMetricsRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     RECURSIVE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     run_id: _builtins.str
     recursive: _builtins.bool
     """Include every descendant run; results are grouped by run id."""
+    page_size: _builtins.int
+    """Most points in one response, over all its series: 0 means the default
+    (100000); larger values are treated as 100000; negative is
+    INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; else the next_page_token of the previous
+    response (see "Paging" above).
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only series with these names (empty: all)."""
@@ -42,10 +53,12 @@ class GetMetricsRequest(_message.Message):
         run_id: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
         recursive: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "recursive", b"recursive", "run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "page_size", b"page_size", "page_token", b"page_token", "recursive", b"recursive", "run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -78,19 +91,34 @@ Global___RunMetrics: _TypeAlias = RunMetrics  # noqa: Y015
 
 @_typing.final
 class GetMetricsResponse(_message.Message):
+    """One page of metrics. Runs come in order (the run, then its descendants by
+    depth and creation), the series of a run in a fixed order. A run or a
+    series may be split over pages: a later page repeats the run_id and the
+    series' name, labels and description, and carries its next points. To
+    reassemble, concatenate the pieces of each (run_id, name, labels) in page
+    order: for scalars, images and evaluations, the arrays; for a table, its
+    rows (row_count adds up; a column missing from a piece, because it was
+    added later, has no cells in that piece's rows). A run with no matching
+    series appears with no series.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page; else the page_token for the next one."""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunMetrics]: ...
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___RunMetrics] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,19 +156,41 @@ class ReadSeriesRequest(_message.Message):
     END_STEP_FIELD_NUMBER: _builtins.int
     MAX_POINTS_FIELD_NUMBER: _builtins.int
     INCLUDE_BYTES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     run_id: _builtins.str
     name: _builtins.str
     start_step: _builtins.int
-    """Inclusive step range; unset bounds are open."""
+    """Inclusive step range; unset bounds are open. A read that spans several
+    pages reads the range as it stood at its first page: an open end_step is
+    fixed to the last step visible then.
+    """
     end_step: _builtins.int
     max_points: _builtins.int
-    """At most this many points (0: no limit besides the service's). When the
-    range holds more, scalar series are downsampled to max_points buckets,
-    each keeping its first, min and max points, so spikes and NaNs survive.
+    """At most this many points in the whole read, over all its pages (0: every
+    point of the range). When the range holds more, the points are
+    downsampled (downsampled is true):
+    - numeric scalars: the range is split into max(1, max_points / 3)
+      buckets of equal point counts; each keeps its first point, its
+      smallest and largest non-NaN values (so -Inf and +Inf survive), and its
+      first NaN. When that makes more than max_points points, first points are
+      dropped before extremes and NaNs; then (max_points < 3) the order of
+      preference is NaN, largest, smallest.
+    - text scalars, tables, images and evaluations: max_points points spread
+      evenly over the range, its first and last point included (max_points 1:
+      the first).
     """
     include_bytes: _builtins.bool
     """For image series: include the bytes."""
+    page_size: _builtins.int
+    """Most points in one response: 0 means the default (100000); larger values
+    are treated as 100000; negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; else the next_page_token of the previous
+    response (see "Paging" above).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -154,10 +204,12 @@ class ReadSeriesRequest(_message.Message):
         end_step: _builtins.int | None = ...,
         max_points: _builtins.int = ...,
         include_bytes: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "start_step", b"start_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "include_bytes", b"include_bytes", "labels", b"labels", "max_points", b"max_points", "name", b"name", "run_id", b"run_id", "start_step", b"start_step", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "include_bytes", b"include_bytes", "labels", b"labels", "max_points", b"max_points", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "start_step", b"start_step", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end_step: _TypeAlias = _typing.Literal["end_step"]  # noqa: Y015
     _WhichOneofArgType__end_step: _TypeAlias = _typing.Literal["_end_step", b"_end_step"]  # noqa: Y015
@@ -177,22 +229,30 @@ class ReadSeriesResponse(_message.Message):
     SERIES_FIELD_NUMBER: _builtins.int
     DOWNSAMPLED_FIELD_NUMBER: _builtins.int
     TOTAL_POINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     downsampled: _builtins.bool
-    """True when the points were downsampled."""
+    """True when the points were downsampled (on every page of the read)."""
     total_points: _builtins.int
-    """Points in the range before downsampling."""
+    """Points in the range before downsampling, for every kind of series (the
+    same on every page of the read).
+    """
+    next_page_token: _builtins.str
+    """Empty on the last page; else the page_token for the next one."""
     @_builtins.property
-    def series(self) -> _data_pb2.SeriesData: ...
+    def series(self) -> _data_pb2.SeriesData:
+        """The series with this page's points (always with steps, see "Steps")."""
+
     def __init__(
         self,
         *,
         series: _data_pb2.SeriesData | None = ...,
         downsampled: _builtins.bool = ...,
         total_points: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downsampled", b"downsampled", "series", b"series", "total_points", b"total_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downsampled", b"downsampled", "next_page_token", b"next_page_token", "series", b"series", "total_points", b"total_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,17 +264,29 @@ class ListSeriesRequest(_message.Message):
 
     WORKSPACE_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     run_id: _builtins.str
+    page_size: _builtins.int
+    """Most series in one response: 0 means the default (1000); larger values
+    are treated as 1000; negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; else the next_page_token of the previous
+    response (see "Paging" above).
+    """
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         run_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,16 +359,22 @@ class ListSeriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page; else the page_token for the next one."""
     @_builtins.property
-    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesInfo]: ...
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesInfo]:
+        """In the order the series were created."""
+
     def __init__(
         self,
         *,
         series: _abc.Iterable[Global___SeriesInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "series", b"series"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,6 +27,33 @@ if _version_not_supported:
 
 class QueryServiceStub:
     """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
     """
 
     def __init__(self, channel):
@@ -54,24 +81,52 @@ class QueryServiceStub:
 
 class QueryServiceServicer:
     """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
     """
 
     def GetMetrics(self, request, context):
-        """The series of a run (and of its descendants with recursive), with points.
+        """The series of a run (and of its descendants with recursive), with their
+        points, in pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReadSeries(self, request, context):
-        """One series by step range, optionally downsampled for charts.
+        """One series by step range, optionally downsampled for charts, in pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSeries(self, request, context):
-        """The series of a run, without points.
+        """The series of a run, without points, in pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +160,33 @@ def add_QueryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class QueryService:
     """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
     """
 
     @staticmethod

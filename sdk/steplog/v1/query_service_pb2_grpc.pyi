@@ -27,33 +27,121 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class QueryServiceStub:
-    """Queries over what was stored. Hidden (rewound) points are never returned."""
+    """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> QueryServiceAsyncStub: ...
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetMetricsRequest, _query_service_pb2.GetMetricsResponse]
-    """The series of a run (and of its descendants with recursive), with points."""
+    """The series of a run (and of its descendants with recursive), with their
+    points, in pages.
+    """
     ReadSeries: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ReadSeriesRequest, _query_service_pb2.ReadSeriesResponse]
-    """One series by step range, optionally downsampled for charts."""
+    """One series by step range, optionally downsampled for charts, in pages."""
     ListSeries: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListSeriesRequest, _query_service_pb2.ListSeriesResponse]
-    """The series of a run, without points."""
+    """The series of a run, without points, in pages."""
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
-    """Queries over what was stored. Hidden (rewound) points are never returned."""
+    """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetMetrics: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetMetricsRequest, _query_service_pb2.GetMetricsResponse]  # type: ignore[assignment]
-    """The series of a run (and of its descendants with recursive), with points."""
+    """The series of a run (and of its descendants with recursive), with their
+    points, in pages.
+    """
     ReadSeries: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ReadSeriesRequest, _query_service_pb2.ReadSeriesResponse]  # type: ignore[assignment]
-    """One series by step range, optionally downsampled for charts."""
+    """One series by step range, optionally downsampled for charts, in pages."""
     ListSeries: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListSeriesRequest, _query_service_pb2.ListSeriesResponse]  # type: ignore[assignment]
-    """The series of a run, without points."""
+    """The series of a run, without points, in pages."""
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Queries over what was stored. Hidden (rewound) points are never returned."""
+    """Queries over what was stored. Hidden (rewound) points are never returned.
+
+    Steps: every point in a query response carries its step, in step order. For
+    an unstepped series (SeriesInfo.stepped false) the step is the index the
+    service assigned at ingest (0, 1, 2, ... in commit order); start_step and
+    end_step select those indices. Both RPCs that return points (GetMetrics and
+    ReadSeries) report steps the same way.
+
+    Bounded responses: every response is at most max_response_bytes when
+    encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
+    with one exception: a page always holds at least one point, so a single
+    point larger than the bound (an evaluation document, a table row or an image
+    with its bytes, each up to its own ingest limit) comes alone in its page.
+    Each response also holds at most page_size points (series for ListSeries).
+    What does not fit continues on the next page:
+
+    Paging (GetMetrics, ReadSeries, ListSeries): a response whose
+    next_page_token is non-empty is not the last one. To read the rest, send the
+    same request again with page_token set to that next_page_token, and every
+    other field unchanged except page_size (a changed field is INVALID_ARGUMENT
+    naming page_token). Repeat until next_page_token is empty. A page may hold
+    fewer points than page_size, even none, while more follow: only an empty
+    next_page_token means the end. Tokens are opaque: clients MUST NOT parse,
+    build or change them (a token the service did not issue is INVALID_ARGUMENT
+    naming page_token); they do not expire. Pages are read in order; a series
+    is read in step order, so no point is returned twice in one read, and the
+    points a read returns are those visible when each page was served (points
+    logged or rewound while paging may or may not appear).
+    """
 
     @_abc_1.abstractmethod
     def GetMetrics(
@@ -61,7 +149,9 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.GetMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.GetMetricsResponse, _abc.Awaitable[_query_service_pb2.GetMetricsResponse]]:
-        """The series of a run (and of its descendants with recursive), with points."""
+        """The series of a run (and of its descendants with recursive), with their
+        points, in pages.
+        """
 
     @_abc_1.abstractmethod
     def ReadSeries(
@@ -69,7 +159,7 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ReadSeriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ReadSeriesResponse, _abc.Awaitable[_query_service_pb2.ReadSeriesResponse]]:
-        """One series by step range, optionally downsampled for charts."""
+        """One series by step range, optionally downsampled for charts, in pages."""
 
     @_abc_1.abstractmethod
     def ListSeries(
@@ -77,6 +167,6 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ListSeriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListSeriesResponse, _abc.Awaitable[_query_service_pb2.ListSeriesResponse]]:
-        """The series of a run, without points."""
+        """The series of a run, without points, in pages."""
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
