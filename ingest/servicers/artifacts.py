@@ -23,6 +23,7 @@ import grpc
 from ingest import model
 from ingest.artifacts_store import ArtifactStore, conflict
 from ingest.blobs import BlobNotFound, BlobStore
+from ingest.checks import CONTROL as _CONTROL
 from ingest.errors import ApiError, StoreUnavailable, invalid, not_found
 from ingest.servicers.common import abort_with, handle_errors, timestamp
 from steplog.v1 import artifact_service_pb2 as pb
@@ -32,7 +33,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_PATH_CHARS = 1024
 MAX_SEGMENT_BYTES = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 

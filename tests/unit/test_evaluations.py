@@ -207,6 +207,23 @@ def test_chunk_schema_is_fixed_by_its_first_document() -> None:
     assert isinstance(chunk.payload, list) and isinstance(chunk.payload[3], Document)
 
 
+def test_kept_documents_hold_their_text_not_the_parsed_value() -> None:
+    """The parsed value costs several times the text; only the text is stored."""
+    text = json.dumps(cm_doc())
+    rs = pb.RunSeries(
+        run_id="run-1",
+        series=data_pb2.SeriesData(
+            name="e", evaluations=data_pb2.EvaluationPoints(documents=[text, "", "{"])
+        ),
+    )
+    batch = decode_batch(
+        "default", pb.Batch(writer_id="w", sequence=1, series=[rs]), 1.7e9, Limits()
+    )
+    doc = batch.chunks[0].payload[0] if batch.chunks[0].payload else None
+    assert isinstance(doc, Document) and doc.text == text and doc.value == {}
+    assert batch.outcome.by_reason == {b.INVALID_EVALUATION: 2}
+
+
 # -- client: documents from dicts or JSON strings -----------------------------------------
 
 
