@@ -104,9 +104,26 @@ class BlobFirstPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.blobs = blobs
 
-    async def submit(self, batch: DecodedBatch) -> asyncio.Future[CommitResult]:
+    async def submit(
+        self, batch: DecodedBatch, cost: int | None = None, wait: float | None = None
+    ) -> asyncio.Future[CommitResult]:
+        held = _image_bytes(batch)
         await store_image_blobs(self.blobs, batch)
-        return await super().submit(batch)
+        # The stored images' bytes are gone from memory: the queue holds less.
+        cost = (batch.nbytes if cost is None else cost) - held
+        return await super().submit(batch, max(cost, 0), wait)
+
+
+def _image_bytes(batch: DecodedBatch) -> int:
+    return sum(
+        len(info.data)
+        for chunk in batch.chunks
+        if chunk.kind == KIND_IMAGE and chunk.payload
+        for info in chunk.payload
+        if isinstance(info, ImageInfo)
+    )
+
+
 
 
 class ImageStore:

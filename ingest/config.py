@@ -43,6 +43,18 @@ class Config:
     pipeline_workers: int = 2
     # Batches waiting for a commit, across workers; a full queue stops stream reads.
     queue_batches: int = 256
+    # Bytes of batches waiting for a commit, across workers (counted as they
+    # sit in memory, decoded); a full queue stops stream reads.
+    queue_bytes: int = 256 * 1024 * 1024
+    # Bytes received and not yet acknowledged (committed or not), per stream
+    # and for the whole service; over a bound a stream is not read.
+    stream_inflight_bytes: int = 64 * 1024 * 1024
+    service_inflight_bytes: int = 512 * 1024 * 1024
+    # How long a request waits for room under those bounds before it is shed
+    # (RESOURCE_EXHAUSTED with RetryInfo).
+    backpressure_timeout_s: float = 30.0
+    # Threads that decode and validate large messages off the event loop.
+    decode_threads: int = 2
     # Points gathered into one transaction at most.
     group_commit_points: int = 200_000
     max_message_bytes: int = 64 * 1024 * 1024
@@ -181,6 +193,15 @@ _HELP = {
     "reuse_port": "share the gRPC port with other processes that set it too (SO_REUSEPORT)",
     "pipeline_workers": "write pipeline workers (one DB connection each)",
     "queue_batches": "batches queued for commit before streams stop being read",
+    "queue_bytes": "bytes of decoded batches queued for commit before streams stop being read",
+    "stream_inflight_bytes": "bytes one stream may have received and not yet acknowledged",
+    "service_inflight_bytes": (
+        "bytes all streams and calls together may have received and not yet acknowledged"
+    ),
+    "backpressure_timeout_s": (
+        "seconds a request waits for room under a memory bound before RESOURCE_EXHAUSTED"
+    ),
+    "decode_threads": "threads that decode and validate large messages off the event loop",
     "group_commit_points": "most points in one transaction",
     "max_message_bytes": "largest gRPC message accepted",
     "max_connection_age_s": "seconds before a client connection is recycled (spreads load)",

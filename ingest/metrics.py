@@ -60,7 +60,7 @@ class Metrics:
         )
         self.batches = Counter(
             "steplog_ingest_batches_total",
-            "Batches received, by outcome (committed, duplicate, error).",
+            "Batches received, by outcome (committed, duplicate, refused, cancelled, error).",
             ["outcome"],
             registry=r,
         )
@@ -96,6 +96,27 @@ class Metrics:
         self.queue_bytes = Gauge(
             "steplog_ingest_queue_bytes",
             "Bytes of batches in the write pipeline (received, not yet committed).",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "steplog_ingest_inflight_bytes",
+            "Bytes of batches received and not yet acknowledged, across streams and calls.",
+            registry=r,
+        )
+        self.shed = Counter(
+            "steplog_ingest_shed_total",
+            "Requests answered RESOURCE_EXHAUSTED because a memory bound stayed full, by bound.",
+            ["bound"],
+            registry=r,
+        )
+        self.pipeline_healthy = Gauge(
+            "steplog_ingest_pipeline_healthy",
+            "1 while every write pipeline worker has a database connection, else 0.",
+            registry=r,
+        )
+        self.pipeline_restarts = Counter(
+            "steplog_ingest_pipeline_restarts_total",
+            "Write pipeline workers restarted after an unexpected failure.",
             registry=r,
         )
         self.active_streams = Gauge(

@@ -30,8 +30,8 @@ from ingest.errors import StoreUnavailable
 from ingest.interceptors import MetricsInterceptor
 from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
+from ingest.servicers import ingest as ingest_servicer
 from ingest.servicers.artifacts import ArtifactServicer
-from ingest.servicers.ingest import IngestServicer
 from ingest.servicers.metadata import ExperimentServicer, RunServicer
 from ingest.servicers.query import QueryServicer
 from ingest.validate import Limits
@@ -41,7 +41,6 @@ from steplog.v1 import (
     experiment_service_pb2,
     experiment_service_pb2_grpc,
     ingest_service_pb2,
-    ingest_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
     run_service_pb2,
@@ -167,6 +166,7 @@ class Service:
             workers=cfg.pipeline_workers,
             queue_batches=cfg.queue_batches,
             group_points=cfg.group_commit_points,
+            queue_bytes=cfg.queue_bytes,
         )
         limits = Limits(
             max_labels=cfg.max_labels,
@@ -202,8 +202,17 @@ class Service:
             ExperimentServicer(metadata), server
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(metadata), server)
-        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(self.pipeline, limits, self.metrics), server
+        ingest_servicer.add_to_server(
+            ingest_servicer.IngestServicer(
+                self.pipeline,
+                limits,
+                self.metrics,
+                stream_bytes=cfg.stream_inflight_bytes,
+                inflight_bytes=cfg.service_inflight_bytes,
+                wait_s=cfg.backpressure_timeout_s,
+                decode_threads=cfg.decode_threads,
+            ),
+            server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(self.queries, server)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
@@ -235,8 +244,8 @@ class Service:
             )
             shown = addresses.join_host_port(metrics_host, self.metrics_port)
             log.info("metrics on http://%s/metrics", shown)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.pipeline.on_health = self._pipeline_health
+        await self._pipeline_health(self.pipeline.healthy, self.pipeline.problem)
         log.info("serving on %s (port %d)", cfg.listen, self.port)
         return self.port
 
@@ -269,6 +278,15 @@ class Service:
                 )
             port = port or got
         return port
+
+    async def _pipeline_health(self, healthy: bool, problem: str) -> None:
+        if self.health is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not healthy:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
