@@ -7,7 +7,8 @@ cd "$(dirname "$0")/../.."
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # kubernetes-client: `kubectl kustomize` renders deploy/k8s in the tests.
-for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl kubernetes-client; do
+# nginx: the gRPC load balancer (grpc_pass) of bench/chaos.py, run as a plain process.
+for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl kubernetes-client nginx; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 # npm may come with the nodejs package of another source (it then has no npm package).
