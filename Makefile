@@ -1,7 +1,7 @@
 # steplog: the only entry points a newcomer needs.
 #   make run     bring up the local stack (PostgreSQL+TimescaleDB, SeaweedFS S3) and the service, run the example
 #   make test    install what is missing, lint, and run the whole suite against the real stack
-#   make bench   benchmarks (bench/README.md)
+#   make bench   benchmarks (bench/README.md); make bench-faults: the fuzz and chaos runs
 #   make protos  regenerate sdk/steplog/v1 from protos/
 #   make lint    ruff, mypy (strict), buf lint
 SHELL := /bin/bash
@@ -17,7 +17,7 @@ BUF     := $(TOOLS)/node_modules/.bin/buf
 STAMP   := $(VENV)/.steplog-installed
 PROCESSES ?= 1
 
-.PHONY: help setup system venv buf run test lint protos protos-check bench stop clean
+.PHONY: help setup system venv buf run test lint protos protos-check bench bench-faults stop clean
 
 help:
 	@echo "make run | make test | make bench | make protos | make lint | make stop | make clean"
@@ -48,7 +48,7 @@ run: setup
 
 ## stop: the local stacks left running (make run's, the tests', the benchmarks')
 stop:
-	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench; do \
+	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos; do \
 		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack stop --root $$root; \
 	done; true
 
@@ -68,9 +68,13 @@ test: setup lint
 bench: setup
 	$(PY) -m bench.run_all
 
+## bench-faults: 100,000 hostile messages (FUZZ line), then kill -9 / SIGTERM / PostgreSQL / S3 faults (CHAOS lines)
+bench-faults: setup
+	$(PY) -m bench.fuzz; fuzz=$$?; $(PY) -m bench.chaos; chaos=$$?; exit $$(( fuzz || chaos ))
+
 ## clean: stop the stacks, delete their data (also a cluster kept outside the clone), the venv
 clean:
-	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench; do \
+	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos; do \
 		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack remove --root $$root; \
 	done; true
 	rm -rf $(STATE) $(VENV)
