@@ -130,18 +130,19 @@ _DOWNSAMPLE_EXTREMES = """
     WITH p AS (SELECT series_id, step, time, value, ntile($7::bigint::int) OVER (ORDER BY step) AS b
         FROM scalar_points WHERE series_id = ANY($1::bigint[]) AND NOT hidden
         AND step >= $2::bigint AND step <= $3::bigint),
-    r AS (SELECT *,
-        row_number() OVER (PARTITION BY b ORDER BY step) AS f,
-        row_number() OVER (PARTITION BY b ORDER BY value = 'NaN', value, step) AS lo,
-        row_number() OVER (PARTITION BY b ORDER BY value = 'NaN', value DESC, step) AS hi,
-        row_number() OVER (PARTITION BY b ORDER BY value <> 'NaN', step) AS nan
-        FROM p),
-    k AS (SELECT *, CASE WHEN nan = 1 AND value = 'NaN' THEN 0
-                         WHEN hi = 1 AND value <> 'NaN' THEN 1
-                         WHEN lo = 1 AND value <> 'NaN' THEN 2
-                         WHEN f = 1 THEN 3 END AS prio FROM r),
-    kept AS (SELECT * FROM k WHERE prio IS NOT NULL ORDER BY prio, b, step LIMIT $8::bigint)
-    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value FROM kept
+    a AS (SELECT b, min(step) AS f, min(step) FILTER (WHERE value = 'NaN') AS nan,
+        min(value) FILTER (WHERE value <> 'NaN') AS lo,
+        max(value) FILTER (WHERE value <> 'NaN') AS hi FROM p GROUP BY b),
+    e AS (SELECT p.b, min(p.step) FILTER (WHERE p.value = a.lo) AS lo_step,
+        min(p.step) FILTER (WHERE p.value = a.hi) AS hi_step
+        FROM p JOIN a ON a.b = p.b AND (p.value = a.lo OR p.value = a.hi) GROUP BY p.b),
+    k AS (SELECT step, min(prio) AS prio, min(b) AS b FROM (
+        SELECT b, nan AS step, 0 AS prio FROM a WHERE nan IS NOT NULL
+        UNION ALL SELECT b, hi_step, 1 FROM e WHERE hi_step IS NOT NULL
+        UNION ALL SELECT b, lo_step, 2 FROM e WHERE lo_step IS NOT NULL
+        UNION ALL SELECT b, f, 3 FROM a) u GROUP BY step),
+    kept AS (SELECT step FROM k ORDER BY prio, b, step LIMIT $8::bigint)
+    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value FROM p JOIN kept USING (step)
     WHERE (series_id, step) >= ($4::bigint, $5::bigint) ORDER BY series_id, step
     LIMIT $6::bigint
 """

@@ -613,7 +613,9 @@ class Run:
     def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
         """Azure's shape: {name: value} for a metric logged once, {name: [values]}
         for one logged several times; with recursive, {run_id: {...}} over this
-        run and all its descendants. Waits for this process's logged points."""
+        run and all its descendants. Waits for this process's logged points,
+        then reads everything in pages (each response bounded by the service's
+        max_response_bytes) and returns it whole."""
         from steplog.query import get_metrics
 
         self.flush()
@@ -629,8 +631,10 @@ class Run:
         max_points: int = 0,
     ) -> dict[str, Any]:
         """One scalar series by step range, for charts: {"steps", "values",
-        "times", "downsampled", "total_points"}. With max_points, a long range
-        is downsampled so that spikes and NaNs survive."""
+        "times", "downsampled", "total_points"} (an unstepped series has its
+        indices as steps). With max_points, at most that many points: each
+        bucket keeps its first point, its extremes and a NaN, so spikes,
+        infinities and NaNs survive. Follows the service's pages."""
         from steplog.query import read_series
 
         self.flush()

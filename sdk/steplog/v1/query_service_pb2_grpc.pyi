@@ -41,7 +41,9 @@ class QueryServiceStub:
     point larger than the bound (an evaluation document, a table row or an image
     with its bytes, each up to its own ingest limit) comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
-    What does not fit continues on the next page:
+    Clients SHOULD accept messages up to the service's max_message_bytes
+    (64 MiB by default) so such a page is never refused on receipt. What does
+    not fit continues on the next page:
 
     Paging (GetMetrics, ReadSeries, ListSeries): a response whose
     next_page_token is non-empty is not the last one. To read the rest, send the
@@ -86,7 +88,9 @@ class QueryServiceAsyncStub(QueryServiceStub):
     point larger than the bound (an evaluation document, a table row or an image
     with its bytes, each up to its own ingest limit) comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
-    What does not fit continues on the next page:
+    Clients SHOULD accept messages up to the service's max_message_bytes
+    (64 MiB by default) so such a page is never refused on receipt. What does
+    not fit continues on the next page:
 
     Paging (GetMetrics, ReadSeries, ListSeries): a response whose
     next_page_token is non-empty is not the last one. To read the rest, send the
@@ -127,7 +131,9 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     point larger than the bound (an evaluation document, a table row or an image
     with its bytes, each up to its own ingest limit) comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
-    What does not fit continues on the next page:
+    Clients SHOULD accept messages up to the service's max_message_bytes
+    (64 MiB by default) so such a page is never refused on receipt. What does
+    not fit continues on the next page:
 
     Paging (GetMetrics, ReadSeries, ListSeries): a response whose
     next_page_token is non-empty is not the last one. To read the rest, send the
