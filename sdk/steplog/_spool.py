@@ -50,6 +50,7 @@ from pathlib import Path
 import grpc
 
 from steplog._buffers import series_points
+from steplog._retry import RETRY_TABLE
 from steplog._transport import Backoff, Rejection, Transport, TransportError, reason_name
 from steplog.v1 import ingest_service_pb2 as pb
 
@@ -335,6 +336,13 @@ class _Record:
     replay_sequence: int | None
 
 
+def _is_outage(err: TransportError) -> bool:
+    """The service cannot take anything now (retried without a bound in
+    steplog._retry): later records must wait too, or they would overtake."""
+    rule = RETRY_TABLE.get(err.code)
+    return err.retryable and rule is not None and rule.attempts is None
+
+
 def _is_gap(err: TransportError) -> bool:
     """The service answers ABORTED only for a sequence gap (see protos)."""
     return err.code == grpc.StatusCode.ABORTED
@@ -376,10 +384,12 @@ def replay_spool(
     run any number of times: what the service already stored is acknowledged
     as a duplicate batch and written nothing again.
 
-    - Retryable errors are retried (`attempts` tries, jittered backoff); when
-      they persist the replay stops there (the later records would overtake
-      it), and what was not sent is counted in `unsent_points`.
-    - A batch the service refuses whole (a non-retryable status) is counted in
+    - Errors are retried as steplog._retry says, at most `attempts` tries with
+      jittered backoff. When the service stays unreachable the replay stops
+      there (the later records would overtake it), and what was not sent is
+      counted in `unsent_points`.
+    - A batch the service refuses whole (a code not retried, or INTERNAL /
+      UNKNOWN after their bound) is counted in
       `refused_points` and kept; the writer's later batches go on under a new
       writer id (`<id>.g<sequence>`), so the refused one holds nothing back.
     - A sequence gap (a batch the service never stored and the spool does not
@@ -500,7 +510,7 @@ def _replay(
             result = _write_with_retries(transport, request, timeout, attempts, wait)
         points = sum(series_points(rs.series) for rs in batch.series)
         if isinstance(result, TransportError):
-            if result.retryable:
+            if _is_outage(result):
                 _stop(records[i:], report, f"sequence {rec.sequence}: {result}")
                 return
             report.refused_batches += 1
@@ -585,7 +595,7 @@ def _write_with_retries(
         try:
             return transport.write(request, timeout=timeout)
         except TransportError as err:
-            if _is_gap(err) or not err.retryable or attempt == attempts - 1:
+            if _is_gap(err) or not err.retry_again(attempt + 1) or attempt == attempts - 1:
                 return err
             time.sleep(backoff.next_delay(err.retry_after))
     return TransportError(grpc.StatusCode.UNKNOWN, "no attempt made")

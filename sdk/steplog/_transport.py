@@ -26,7 +26,7 @@ from typing import Protocol
 
 import grpc
 
-from steplog._retry import RETRYABLE_CODES
+from steplog._retry import should_retry
 from steplog.errors import SteplogError
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc
@@ -49,7 +49,13 @@ class TransportError(SteplogError):
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE_CODES
+        """Worth a first retry (steplog._retry: RESOURCE_EXHAUSTED only with
+        RetryInfo); how many more is the caller's count."""
+        return should_retry(self.code, retry_info=self.retry_after is not None)
+
+    def retry_again(self, failures: int) -> bool:
+        """Worth another try after `failures` consecutive failures."""
+        return should_retry(self.code, retry_info=self.retry_after is not None, failures=failures)
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> TransportError:

@@ -51,7 +51,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 
-from steplog._retry import is_retryable
 from steplog._transport import Backoff, TransportError
 from steplog.errors import InvalidArgumentError, ServiceError, SteplogError, from_rpc_error
 from steplog.v1 import artifact_service_pb2 as ap
@@ -396,9 +395,10 @@ class Uploader:
                     rehashed = True  # the file changed while it was read: once more
                     sha, size = job.source.digest()
                     continue
-                if not is_retryable(code):
+                failure = TransportError.from_rpc_error(err)
+                if not failure.retry_again(backoff.attempts + 1):  # the one retry table
                     raise from_rpc_error(err) from None
-                delay = backoff.next_delay(TransportError.from_rpc_error(err).retry_after)
+                delay = backoff.next_delay(failure.retry_after)
                 if job.deadline is not None and monotonic() + delay > job.deadline:
                     raise from_rpc_error(err) from None
                 if self._stop.wait(delay):
@@ -586,10 +586,10 @@ def download(
         try:
             return _download_once(client, run_id, name, target, progress)
         except grpc.RpcError as err:
-            code = err.code() if callable(getattr(err, "code", None)) else None
-            if not is_retryable(code):
+            failure = TransportError.from_rpc_error(err)
+            if not failure.retry_again(backoff.attempts + 1):  # the one retry table
                 raise from_rpc_error(err) from None
-            delay = backoff.next_delay(TransportError.from_rpc_error(err).retry_after)
+            delay = backoff.next_delay(failure.retry_after)
             if deadline is not None and monotonic() + delay > deadline:
                 raise from_rpc_error(err) from None
         except _Mismatch as exc:

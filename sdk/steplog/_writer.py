@@ -30,16 +30,20 @@ was committed before, its ack lost) counts as acknowledged, and its result is
 what that commit decided (the service keeps it for a writer's last batches):
 each batch's result is counted once, from the first ack of it that arrives.
 
-Non-retryable stream errors (INVALID_ARGUMENT, UNAUTHENTICATED,
-PERMISSION_DENIED, ...) mean "do not send this again". A user would rather
-lose no data and not hang the training loop, so: the batches in flight are
-written to the spool directory when one is configured (fix the cause, then
-`steplog sync` them) and are otherwise counted as dropped; the error is
-stored (`stats.last_error`), warned about once per status code, and raised as
-DeliveryError by the next flush/close in strict mode; and the writer goes on
-with later data under a new writer id (the failed batches would otherwise
-leave a gap in its sequence numbers). A permanently broken token therefore
-costs one warning and a stream of dropped (or spooled) batches, never a hang.
+Errors follow the one retry table (steplog._retry): UNAVAILABLE and
+DEADLINE_EXCEEDED are retried until close; RESOURCE_EXHAUSTED only with
+RetryInfo, never sooner than its delay; ABORTED (a gap) five times, then the
+window goes on under a new writer id; INTERNAL and UNKNOWN three times. After
+that, or at once for any other code, the service has refused the oldest batch
+in flight (the stream ends at the batch it refuses): that batch alone is set
+aside, written to the spool when a spool directory is configured (fix the
+cause, then `steplog sync` it) or else counted as dropped, counted in
+`stats.refused`, stored as `stats.last_error`, warned about once per code (a
+DeliveryError at the next flush/close in strict mode); the batches behind it
+were not committed and go on under a new writer id, so it holds nothing back.
+UNAUTHENTICATED and PERMISSION_DENIED refuse every batch alike: the whole
+window is set aside at once. A permanently broken token therefore costs one
+warning and a stream of spooled (or dropped) batches, never a hang.
 
 Memory bound. `max_buffered_points` counts buffered and unacknowledged points.
 At the bound: "wait" blocks the logging thread until the sender frees room
@@ -99,6 +103,7 @@ from steplog._buffers import (
     series_points,
     table_columns,
 )
+from steplog._retry import STREAM_WIDE_CODES
 from steplog._spool import ReplayReport, SpoolRef, SpoolWriter, replay_spool
 from steplog._transport import (
     Backoff,
@@ -141,9 +146,6 @@ MAX_INFLIGHT_BATCHES = 32
 # Writer id, sequence, sent_time, workspace and framing of one IngestRequest.
 _BATCH_HEADER_BYTES = 200
 _REJECTIONS_KEPT = 10_000
-# Consecutive ABORTED (sequence gap) without progress before the writer gives
-# up on its sequence space and resends under a new id.
-_ABORTS_BEFORE_NEW_ID = 5
 # close() may overrun its deadline by this much to spool undelivered data.
 _STOP_GRACE = 1.0
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -296,6 +298,7 @@ class WriterStats:
     duplicates: int = 0
     rejected: int = 0
     dropped: int = 0
+    refused: int = 0
     spooled: int = 0
     batches_sent: int = 0
     batches_acked: int = 0
@@ -430,7 +433,8 @@ class BatchWriter:
         self._stream_proven = False  # an ack arrived on the current stream
         self._sent_on_stream = 0
         self._to_resend: deque[_Entry] = deque()  # unacked, not yet resent on this stream
-        self._aborts = 0
+        # Consecutive stream failures per code since the last ack (steplog._retry).
+        self._failures: dict[grpc.StatusCode, int] = {}
         self._needs_after_fork = False
         self._backoff = Backoff(self._settings.backoff_initial, self._settings.backoff_max)
         self._spool: SpoolWriter | None = None
@@ -449,6 +453,7 @@ class BatchWriter:
         self._rejected = 0
         self._rejected_by_reason: dict[str, int] = {}
         self._dropped = 0
+        self._refused = 0  # points in batches the service refused whole
         self._spooled = 0
         self._batches_sent = 0
         self._batches_acked = 0
@@ -472,6 +477,7 @@ class BatchWriter:
                 duplicates=self._duplicates,
                 rejected=self._rejected,
                 dropped=self._dropped,
+                refused=self._refused,
                 spooled=self._spooled,
                 batches_sent=self._batches_sent,
                 batches_acked=self._batches_acked,
@@ -1164,7 +1170,7 @@ class BatchWriter:
         self._inflight_points -= entry.points
         self._stream_proven = True
         self._backoff.reset()
-        self._aborts = 0
+        self._failures.clear()
         if entry.ref is not None and self._spool is not None:
             self._spool.release(entry.ref)
         # A duplicate_batch ack carries the original commit's result: counted
@@ -1235,16 +1241,21 @@ class BatchWriter:
             error = TransportError(grpc.StatusCode.UNAVAILABLE, "the service ended the stream")
         with self._lock:
             self._last_error = str(error)
-        if error.retryable:
-            if error.code == grpc.StatusCode.ABORTED and self._unacked:
-                self._aborts += 1
-                if self._aborts >= _ABORTS_BEFORE_NEW_ID:
-                    # The service keeps seeing a gap we cannot fill: resend
-                    # what is unacknowledged under a fresh sequence space.
-                    self._aborts = 0
-                    self._new_id(next(iter(self._unacked)) - 1)
+        failures = self._failures[error.code] = self._failures.get(error.code, 0) + 1
+        if error.code == grpc.StatusCode.ABORTED:
+            if self._unacked and not error.retry_again(failures):
+                # The service keeps seeing a gap we cannot fill: resend
+                # what is unacknowledged under a fresh sequence space.
+                self._failures.pop(error.code, None)
+                self._new_id(next(iter(self._unacked)) - 1)
+        elif error.retry_again(failures):
+            pass  # reconnect after the backoff; resend the window
         elif self._unacked:
-            self._fail_unacked(error)
+            self._failures.pop(error.code, None)
+            if error.code in STREAM_WIDE_CODES:
+                self._fail_unacked(error)
+            else:
+                self._refuse_oldest(error)
         else:
             with self._cond:
                 self._note_once(
@@ -1255,9 +1266,47 @@ class BatchWriter:
                 self._rearm()
         self._reconnect_at = monotonic() + self._backoff.next_delay(error.retry_after)
 
+    def _refuse_oldest(self, error: TransportError) -> None:
+        """The service refused the oldest batch in flight (the stream ends at
+        the batch it refuses; those before it were acknowledged). Set it aside
+        (spooled when a spool directory is configured, else dropped) and
+        report it; the batches behind it were not committed, so they are
+        resent under a new writer id whose sequence 1 is the next batch."""
+        ordinal, entry = next(iter(self._unacked.items()))
+        del self._unacked[ordinal]
+        self._inflight_points -= entry.points
+        saved = self._save([entry]) if self._has_spool_dir() else []
+        with self._cond:
+            self._new_id(ordinal)
+            if entry.request is not None:
+                self._seq_mem -= entry.points
+            self._resolved_points += entry.points
+            self._resolve(ordinal, lost=True)
+            self._refused += entry.points
+            if saved:
+                where = (
+                    f"saved to {self._settings.resolved_spool_dir()} "
+                    "(`steplog sync` sends it once the cause is fixed)"
+                )
+            else:
+                self._dropped += entry.points
+                where = "dropped (no spool directory)"
+            message = (
+                f"steplog: the service refused a batch of {entry.points} points "
+                f"({error.code.name}: {error.message}); it was {where}; the batches behind it "
+                f"are sent under writer id {self._writer_id}"
+            )
+            if self._settings.strict:
+                self._notes.error = DeliveryError(message, error.code, entry.points)
+            else:
+                self._note_once(("delivery", error.code), DeliveryWarning, message)
+            self._rearm()
+            self._cond.notify_all()
+
     def _fail_unacked(self, error: TransportError) -> None:
-        """A non-retryable error: the batches in flight will not be accepted as
-        sent. Spool them if we can, else drop them; go on under a new id."""
+        """The credentials were refused (steplog._retry.STREAM_WIDE_CODES): no
+        batch in flight will be accepted as sent. Spool them if we can, else
+        drop them; go on under a new id."""
         entries = list(self._unacked.values())
         self._unacked.clear()
         self._inflight_points = 0
@@ -1271,6 +1320,7 @@ class BatchWriter:
                     self._seq_mem -= e.points
                 self._resolved_points += e.points
                 self._resolve(e.ordinal, lost=True)
+            self._refused += points
             spooled = sum(e.points for e in saved)
             lost = points - spooled
             self._dropped += lost

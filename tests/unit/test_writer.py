@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import grpc
@@ -141,19 +142,24 @@ class FakeStream:
                 return  # lost on the wire
             batch = request.batch
             t.sent.append((t.opened, batch.writer_id, batch.sequence))
+            t.sent_at.append(monotonic())
             t.cond.notify_all()
             failure = None
             if t.failures:
-                n, code, commit = t.failures[0]
+                n, *rest = t.failures[0]
                 if n == 0:
                     failure = t.failures.pop(0)
                 else:
-                    t.failures[0] = (n - 1, code, commit)
+                    t.failures[0] = (n - 1, *rest)  # type: ignore[assignment]
+            refusal = t.refuse(batch) if t.refuse is not None else None
+        if refusal is not None:
+            self.die(TransportError(refusal, "refused"))
+            return
         if failure is not None:
-            _, code, commit_first = failure
+            _, code, commit_first, *hint = failure
             if commit_first:  # committed, but the ack is lost with the connection
                 t.service.commit(batch)
-            self.die(TransportError(code, "injected"))
+            self.die(TransportError(code, "injected", hint[0] if hint else None))
             return
         try:
             duplicate, result = t.service.commit(batch)
@@ -180,16 +186,19 @@ class FakeStream:
 
 class FakeTransport:
     """Implements the Transport protocol. `failures`: (after n more sends, code,
-    commit before failing) entries, consumed in order."""
+    commit before failing[, RetryInfo delay]) entries, consumed in order.
+    `refuse`: a batch -> the code the service refuses it with, or None."""
 
     def __init__(self, service: FakeService | None = None) -> None:
         self.service = service or FakeService()
         self.cond = threading.Condition()
         self.down = False
         self.hold_acks = False
-        self.failures: list[tuple[int, grpc.StatusCode, bool]] = []
+        self.failures: list[tuple[int, grpc.StatusCode, bool] | tuple[Any, ...]] = []
+        self.refuse: Callable[[pb.Batch], grpc.StatusCode | None] | None = None
         self.opened = 0
         self.sent: list[tuple[int, str, int]] = []
+        self.sent_at: list[float] = []
         self.streams: list[FakeStream] = []
         self.forked = 0
 
@@ -337,7 +346,7 @@ def test_reconnects_resend_unacked_in_order_nothing_lost_nothing_doubled(
         (3, UNAVAILABLE, True),
         (2, grpc.StatusCode.INTERNAL, False),
         (4, grpc.StatusCode.ABORTED, True),
-        (1, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+        (1, grpc.StatusCode.RESOURCE_EXHAUSTED, True, 0.001),  # with RetryInfo
         (5, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     ]
     fake.hold_acks = False
@@ -844,6 +853,72 @@ def test_grpc_transport_reports_status_and_retry_info() -> None:
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.retryable
     assert err.retry_after == 2.0
     assert Backoff(0.1, 1.0).next_delay(err.retry_after) >= 2.0
+
+
+def _poison(batch: pb.Batch) -> grpc.StatusCode | None:
+    if any(rs.series.name == "poison" for rs in batch.series):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return None
+
+
+def test_a_refused_batch_is_set_aside_and_holds_nothing_back(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    fake.refuse = _poison
+    w = make(writers, fake, max_batch_points=1, spool_dir=tmp_path)
+    first_id = w.writer_id
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    w.log_scalar("r1", "poison", (), 1.0, 1, 1.0)
+    for i in range(20):
+        w.log_scalar("r1", "acc", (), float(i), i, 1.0)
+    with pytest.warns(DeliveryWarning, match="INVALID_ARGUMENT.*writer id"):
+        assert w.flush(WAIT) is False  # the poison point was not delivered
+    assert stored(fake) == [0.0]
+    assert stored(fake, "acc") == [float(i) for i in range(20)]
+    assert w.stats.refused == 1 and w.stats.dropped == 0
+    assert (first_id, 1) in fake.service.committed and w.writer_id != first_id
+    assert (w.writer_id, 20) in fake.service.committed  # acc 0..19: sequences 1..20
+    fake.refuse = None  # the cause is fixed: the spool sends it
+    report = replay_spool(tmp_path, fake)
+    assert report.ok and report.accepted == 1
+    assert stored(fake, "poison") == [1.0]
+
+
+def test_internal_is_retried_a_few_times_then_the_batch_is_spooled_and_reported(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    fake.failures = [(0, grpc.StatusCode.INTERNAL, False)] * 3
+    w = make(writers, fake, spool_dir=tmp_path)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.warns(DeliveryWarning, match="INTERNAL"):
+        assert w.flush(WAIT) is False
+    assert len(fake.sent) == 3  # tried three times, not forever
+    assert w.stats.refused == 1 and "INTERNAL" in (w.stats.last_error or "")
+    w.log_scalar("r1", "acc", (), 2.0, 2, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake, "acc") == [2.0]
+    assert replay_spool(tmp_path, fake).accepted == 1
+    assert stored(fake) == [1.0]
+
+
+def test_resource_exhausted_is_retried_only_with_retry_info_and_after_its_delay(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.failures = [(0, grpc.StatusCode.RESOURCE_EXHAUSTED, False, 0.3)]
+    w = make(writers, fake)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake) == [1.0] and len(fake.sent_at) == 2
+    assert fake.sent_at[1] - fake.sent_at[0] >= 0.3  # the service's delay, not ours (1 ms)
+    # Without RetryInfo (a message over a size limit) it is not resent.
+    fake.failures = [(0, grpc.StatusCode.RESOURCE_EXHAUSTED, False)]
+    w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
+    with pytest.warns(DeliveryWarning, match="RESOURCE_EXHAUSTED"):
+        assert w.flush(WAIT) is False
+    assert len(fake.sent_at) == 3 and w.stats.refused == 1 and w.stats.dropped == 1
+    w.log_scalar("r1", "loss", (), 3.0, 3, 1.0)
+    assert w.flush(WAIT)
+    assert stored(fake) == [1.0, 3.0]
 
 
 def test_a_gap_the_service_keeps_reporting_moves_to_a_new_writer_id(
