@@ -142,9 +142,9 @@ _DOWNSAMPLE_EXTREMES = """
         UNION ALL SELECT b, lo_step, 2 FROM e WHERE lo_step IS NOT NULL
         UNION ALL SELECT b, f, 3 FROM a) u GROUP BY step),
     kept AS (SELECT step FROM k ORDER BY prio, b, step LIMIT $8::bigint)
-    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value FROM p JOIN kept USING (step)
-    WHERE (series_id, step) >= ($4::bigint, $5::bigint) ORDER BY series_id, step
-    LIMIT $6::bigint
+    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value
+    FROM p JOIN kept USING (step) WHERE (series_id, step) >= ($4::bigint, $5::bigint)
+    ORDER BY series_id, step LIMIT $6::bigint
 """
 
 
