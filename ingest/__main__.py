@@ -281,7 +281,9 @@ def _dev(ns: argparse.Namespace) -> int:
         print(f"steplog: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("steplog: stopping the service" + ("" if ns.keep_stack else " and the stack"))
+        what = [w for w, on in (("the service", children), ("the stack", not ns.keep_stack)) if on]
+        if what:
+            print(f"steplog: stopping {' and '.join(what)}")
         for c in children:
             if c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGTERM)
@@ -296,7 +298,8 @@ def _dev(ns: argparse.Namespace) -> int:
                 stack.stop()
             except StackError as exc:
                 print(f"steplog: the local stack did not stop cleanly: {exc}", file=sys.stderr)
-        print("steplog: stopped")
+        if what:
+            print("steplog: stopped")
 
 
 def _watch(stack: LocalStack, children: list[_Child]) -> int:

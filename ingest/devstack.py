@@ -245,8 +245,13 @@ class LocalStack:
     """A private PostgreSQL+TimescaleDB cluster and a SeaweedFS S3 server under `root`.
 
     Ports given as None are chosen free once and kept in root/stack.json, so a
-    later start() on the same root adopts the running stack or restarts it.
+    later start() on the same root adopts the running stack or restarts it on
+    the same ports (services still pointing at them reconnect). Only after a
+    stop() may a port that someone else took meanwhile be replaced.
     """
+
+    # How long a start waits for a recorded port to become free before it fails.
+    port_wait_s = 15.0
 
     def __init__(
         self,
@@ -304,7 +309,7 @@ class LocalStack:
         return int(self._state["ports"][name])
 
     def _assign_ports(self, names: tuple[str, ...], running: bool) -> None:
-        """Fill in missing ports; re-pick automatic ones that someone else took meanwhile."""
+        """Fill in missing ports; keep recorded ones (re-picked only after a stop())."""
         ports: dict[str, int] = self._state["ports"]
         for name in names:
             # weed mini's maintenance worker dials admin.port + 10000, ignoring -admin.port.grpc
@@ -319,11 +324,7 @@ class LocalStack:
                 )
             if want:
                 ports[name] = want
-            elif (
-                name not in ports
-                or ports[name] + offset > 65535
-                or (not running and not all(map(_bindable, {ports[name], ports[name] + offset})))
-            ):
+            elif name not in ports or ports[name] + offset > 65535:
                 taken = {int(v) for k, v in ports.items() if k != name}
                 ports[name] = free_port(taken, offset)
             elif not running and not self._wait_bindable(ports[name], offset):
@@ -344,10 +345,10 @@ class LocalStack:
     def _save_state(self) -> None:
         self._write_private(self.root / "stack.json", json.dumps(self._state, indent=2))
 
-    def _wait_bindable(self, port: int, offset: int, timeout: float = 15.0) -> bool:
+    def _wait_bindable(self, port: int, offset: int) -> bool:
         """Whether port (and port + offset) can be bound, waiting a little: a
         killed PostgreSQL's backends hold its sockets until they notice."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.port_wait_s
         while not all(map(_bindable, {port, port + offset})):
             if time.monotonic() > deadline:
                 return False
