@@ -179,9 +179,11 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             return reply
 
         for run in run_ids[first:]:
+            resume = token if token is not None and token["r"] == run else None
+            if not empty and (points >= limit or len(run.encode()) + 8 > budget):
+                return stop(run, 0, 0, MIN_STEP)
             run_metrics = reply.runs.add(run_id=run)
             budget -= len(run.encode()) + 8
-            resume = token if token is not None and token["r"] == run else None
             at = (resume["g"], resume["s"]) if resume is not None else (0, 0)
             while True:
                 metas = await self.store.series_page(run, names, at, SERIES_CHUNK, max(budget, 0))
@@ -234,6 +236,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                         return stop(run, group, nxt[0], nxt[1])
                 last = metas[-1]
                 at = (int(last["grp"]), last["series_id"] + 1)
+            empty = False  # this run is done: progress, even when it had no series
         return reply
 
     # -- ReadSeries --------------------------------------------------------------

@@ -470,3 +470,16 @@ def test_get_metrics_returns_everything_across_pages(small: str, experiment_name
     chart = parent.get_series("loss", max_points=3000)
     assert chart["downsampled"] and len(chart["values"]) <= 3000
     assert chart["total_points"] == 20_000
+
+
+def test_runs_without_series_are_paged_too(small: str, experiment_name: str) -> None:
+    parent = new_run(small, experiment_name)
+    children = parent.create_children(count=2000)
+    request = qs.GetMetricsRequest(run_id=parent.id, recursive=True)
+    pages = list(Raw(small).pages("GetMetrics", request))
+    assert len(pages) > 1
+    assert all(p.ByteSize() <= SMALL for p in pages)
+    listed = [r.run_id for p in pages for r in p.runs]
+    assert listed == [parent.id, *(c.id for c in children)]
+    got = parent.get_metrics(recursive=True)
+    assert list(got) == listed and all(v == {} for v in got.values())
