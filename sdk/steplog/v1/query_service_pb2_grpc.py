@@ -36,9 +36,10 @@ class QueryServiceStub:
 
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
-    with one exception: a page always holds at least one point, so a single
-    point larger than the bound (an evaluation document, a table row or an image
-    with its bytes, each up to its own ingest limit) comes alone in its page.
+    with one exception: a page always holds at least one point (or series), so
+    a single point larger than the bound (an evaluation document, a table row or
+    an image with its bytes, each up to its own ingest limit), or a series whose
+    name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
     (64 MiB by default) so such a page is never refused on receipt. What does
@@ -92,9 +93,10 @@ class QueryServiceServicer:
 
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
-    with one exception: a page always holds at least one point, so a single
-    point larger than the bound (an evaluation document, a table row or an image
-    with its bytes, each up to its own ingest limit) comes alone in its page.
+    with one exception: a page always holds at least one point (or series), so
+    a single point larger than the bound (an evaluation document, a table row or
+    an image with its bytes, each up to its own ingest limit), or a series whose
+    name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
     (64 MiB by default) so such a page is never refused on receipt. What does
@@ -173,9 +175,10 @@ class QueryService:
 
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
-    with one exception: a page always holds at least one point, so a single
-    point larger than the bound (an evaluation document, a table row or an image
-    with its bytes, each up to its own ingest limit) comes alone in its page.
+    with one exception: a page always holds at least one point (or series), so
+    a single point larger than the bound (an evaluation document, a table row or
+    an image with its bytes, each up to its own ingest limit), or a series whose
+    name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
     (64 MiB by default) so such a page is never refused on receipt. What does
