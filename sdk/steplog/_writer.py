@@ -221,6 +221,9 @@ class WriterSettings:
     # Above the service's default image limit (16 MiB), below its message limit (64 MiB).
     max_batch_bytes: int = 20 * 1024 * 1024
     flush_interval: float = 0.2
+    # The longest a log call waits for room (on_full wait or spool) before the
+    # buffered data is spilled to the spool and the call returns.
+    max_block_s: float = 0.5
     strict: bool = False
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
@@ -234,7 +237,13 @@ class WriterSettings:
             raise ValueError("max_batch_bytes must be at least 4096")
         if self.on_full not in get_args(OnFull):
             raise ValueError(f"on_full must be one of {get_args(OnFull)}, not {self.on_full!r}")
-        for name in ("flush_interval", "backoff_initial", "backoff_max", "exit_timeout"):
+        for name in (
+            "flush_interval",
+            "max_block_s",
+            "backoff_initial",
+            "backoff_max",
+            "exit_timeout",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.spool_dir is not None and not isinstance(self.spool_dir, Path):
@@ -298,6 +307,8 @@ class WriterStats:
     duplicates: int = 0
     rejected: int = 0
     dropped: int = 0
+    dropped_unspooled: int = 0
+    blocked_calls: int = 0
     refused: int = 0
     spooled: int = 0
     batches_sent: int = 0
@@ -404,6 +415,10 @@ class BatchWriter:
         self._check_at = self._batch_points
         self._wake_pending = False
         self._spill_pending = False
+        # A log call waited max_block_s: later calls do not wait until the
+        # sender has spilled (lock).
+        self._overflow = False
+        self._spilling_after_overflow = False
         # Sequenced batches. Ordinals count batches for the writer's lifetime;
         # the wire sequence is ordinal - _epoch_base (a new id starts a new epoch).
         self._ordinal = 0
@@ -453,6 +468,8 @@ class BatchWriter:
         self._rejected = 0
         self._rejected_by_reason: dict[str, int] = {}
         self._dropped = 0
+        self._dropped_unspooled = 0  # of those: over the bound, the spool unwritable
+        self._blocked = 0  # log calls that waited the whole max_block_s
         self._refused = 0  # points in batches the service refused whole
         self._spooled = 0
         self._batches_sent = 0
@@ -477,6 +494,8 @@ class BatchWriter:
                 duplicates=self._duplicates,
                 rejected=self._rejected,
                 dropped=self._dropped,
+                dropped_unspooled=self._dropped_unspooled,
+                blocked_calls=self._blocked,
                 refused=self._refused,
                 spooled=self._spooled,
                 batches_sent=self._batches_sent,
@@ -698,15 +717,41 @@ class BatchWriter:
                     f"oldest (on_full='drop_oldest'); see stats.dropped",
                 )
             return
-        # wait / spool: the sender frees room (acks, spill) and notifies.
+        # wait / spool: the sender frees room (acks, spill) and notifies; after
+        # max_block_s it spills what is buffered to disk, and the call returns.
+        # While that spill is under way, calls go on without waiting up to
+        # twice the bound; past that one call waits (max_block_s again), and
+        # if the spill has still not freed room, the oldest buffered points
+        # are dropped and counted: memory stays within twice the bound.
         allowance = max(s.max_buffered_points, added)
+        if self._overflow:
+            allowance = max(2 * s.max_buffered_points, added)
         self._wake.set()
+        deadline = monotonic() + s.max_block_s
         while (
             self._buffered + self._seq_mem > allowance
             and not self._closed
             and self._sender_failed is None
         ):
-            self._cond.wait()
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                self._blocked += 1
+                if not self._overflow:
+                    self._overflow = True
+                    self._spill_pending = True
+                    self._wake.set()
+                    return
+                dropped = self._drop_buffered(self._buffered + self._seq_mem - allowance)
+                self._dropped_unspooled += dropped
+                self._note_once(
+                    ("spill-behind",),
+                    DroppedPointsWarning,
+                    f"steplog: memory is at twice the bound and the spool has not freed room "
+                    f"in {s.max_block_s} s: dropped the {dropped} oldest buffered points; later "
+                    "drops are counted in stats.dropped_unspooled",
+                )
+                return
+            self._cond.wait(remaining)
 
     def _drop_buffered(self, n: int) -> int:
         """Drop up to n of the oldest buffered points (lock held)."""
@@ -929,7 +974,7 @@ class BatchWriter:
             if cut:
                 self._form_all()
                 self._send_ready(False)
-            if self._spill:
+            if self._spill or self._spill_pending:
                 self._maybe_spill(due or cut)
         if cut:
             if self._spool is not None:
@@ -941,6 +986,13 @@ class BatchWriter:
         with self._cond:
             if self._buffered < self._batch_points:
                 self._wake_pending = False
+            if (
+                self._spilling_after_overflow
+                and not self._outbox
+                and self._buffered < self._spill_at
+                and all(e.ref is None for e in self._unacked.values())
+            ):
+                self._spill = self._spilling_after_overflow = False  # drained
             self._rearm()
             self._cond.notify_all()
         return True
@@ -1350,7 +1402,8 @@ class BatchWriter:
     # ---------------------------------------------------------------- spool
 
     def _has_spool_dir(self) -> bool:
-        return self._settings.spool_dir is not None or self._settings.offline or self._spill
+        s = self._settings
+        return s.spool_dir is not None or s.offline or self._spill or self._spool is not None
 
     def _spool_writer(self) -> SpoolWriter:
         if self._spool is None:
@@ -1433,30 +1486,63 @@ class BatchWriter:
                 self._cond.notify_all()
 
     def _maybe_spill(self, due: bool) -> None:
-        """on_full="spool": every batch is on disk before it is sent, and
-        buffered points are cut into batches (so written to disk) once they
-        are due, whether or not they can be sent now. Past half the bound,
-        the in-memory copies of what waits in the outbox are dropped."""
+        """Move what cannot be sent now to disk. on_full="spool": every batch
+        is on disk before it is sent, and buffered points are cut into
+        batches (so written to disk) once they are due, whether or not they
+        can be sent now; past half the bound the in-memory copies of what
+        waits in the outbox are dropped. Any policy, after a log call waited
+        max_block_s (`_spill_pending`): the same, at once. When the spool
+        cannot be written and memory is over the bound, the oldest buffered
+        points are dropped and counted (stats.dropped_unspooled)."""
         with self._lock:
-            over = self._spill_pending or (self._buffered + self._outbox_mem >= self._spill_at)
-        if not (over or due) or monotonic() < self._spool_retry_at:
+            over = self._spill_pending or (
+                self._spill and self._buffered + self._outbox_mem >= self._spill_at
+            )
+        if not (over or (due and self._spill)):
             return
-        self._form_all()
+        healthy = monotonic() >= self._spool_retry_at
         for entry in self._outbox:
+            if not healthy:
+                break
             if entry.request is None:
                 continue
-            if not self._spool_entry(entry):
-                break
-            if not over:
-                continue
-            with self._cond:
-                self._seq_mem -= entry.points
-                self._outbox_mem -= entry.points
-                entry.request = None
-                self._cond.notify_all()
+            healthy = self._spool_entry(entry)
+            if healthy and over:
+                self._forget_request(entry)
+        while healthy and (formed := self._form_batch()) is not None:
+            self._outbox.append(formed)
+            healthy = self._spool_entry(formed)
+            if healthy and over:
+                self._forget_request(formed)
         with self._cond:
+            if over and not healthy:
+                excess = self._buffered + self._seq_mem - self._settings.max_buffered_points
+                if excess > 0:
+                    dropped = self._drop_buffered(excess)
+                    self._dropped_unspooled += dropped
+                    self._note_once(
+                        ("spool-full",),
+                        DroppedPointsWarning,
+                        f"steplog: the memory bound is reached and the spool cannot be written "
+                        f"({self._last_error}): dropped the {dropped} oldest buffered points; "
+                        "later drops are counted in stats.dropped_unspooled",
+                    )
+            if self._overflow and not self._spill:
+                # The bound filled faster than the service took data: spill
+                # from half the bound, as on_full="spool" does, until the
+                # backlog has drained (no log call waits again meanwhile).
+                self._spill = self._spilling_after_overflow = True
             self._spill_pending = False
+            self._overflow = False
             self._rearm()
+            self._cond.notify_all()
+
+    def _forget_request(self, entry: _Entry) -> None:
+        """The batch is on disk: free its memory (read back to send it)."""
+        with self._cond:
+            self._seq_mem -= entry.points
+            self._outbox_mem -= entry.points
+            entry.request = None
             self._cond.notify_all()
 
     def _shutdown(self) -> None:

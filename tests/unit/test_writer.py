@@ -430,30 +430,62 @@ def test_logging_does_not_block_while_the_service_is_down(
 # ------------------------------------------------------------- memory bound
 
 
-def test_on_full_wait_blocks_until_the_sender_frees_room(
-    fake: FakeTransport, writers: list[BatchWriter]
+def test_on_full_wait_waits_at_most_max_block_s_then_spills_to_the_spool(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
 ) -> None:
     fake.down = True
-    w = make(writers, fake, max_buffered_points=100, on_full="wait")
-    logged = threading.Semaphore(0)
-    done = threading.Event()
-
-    def log() -> None:
-        for i in range(150):
-            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
-            logged.release()
-        done.set()
-
-    threading.Thread(target=log, daemon=True).start()
-    for _ in range(100):
-        assert logged.acquire(timeout=WAIT)
-    assert not done.wait(0.3)  # held at the bound
-    assert w.stats.points_buffered <= 101
+    w = make(
+        writers, fake, max_buffered_points=100, on_full="wait", max_block_s=0.2, spool_dir=tmp_path
+    )
+    longest = 0.0
+    for i in range(3000):
+        started = monotonic()
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        longest = max(longest, monotonic() - started)
+    # The bound, plus scheduling slack on a loaded machine (the wait is 0.2 s).
+    assert longest < 0.2 + 0.5, longest
+    st = w.stats
+    assert 1 <= st.blocked_calls <= 3  # once over the bound, it spills without waiting
+    assert st.dropped == 0 and st.spooled > 2000
+    assert spool_files(tmp_path)
     fake.down = False
-    assert done.wait(WAIT)
     assert w.flush(WAIT)
-    assert stored(fake) == [float(i) for i in range(150)]
-    assert w.stats.dropped == 0
+    assert stored(fake) == [float(i) for i in range(3000)]
+    assert w.close(WAIT)
+    assert spool_files(tmp_path) == []
+
+
+def test_with_the_spool_unwritable_the_bound_drops_the_oldest_and_counts(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
+) -> None:
+    fake.down = True
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("the spool cannot be created under a file")
+    w = make(
+        writers,
+        fake,
+        max_buffered_points=100,
+        on_full="wait",
+        max_block_s=0.05,
+        spool_dir=not_a_dir / "spool",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2000):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        w.flush(0.01)
+    assert any(
+        issubclass(c.category, DroppedPointsWarning) and "spool cannot be written" in str(c.message)
+        for c in caught
+    ), [str(c.message) for c in caught]
+    st = w.stats
+    assert st.dropped_unspooled > 0 and st.dropped == st.dropped_unspooled
+    assert st.points_logged == 2000
+    fake.down = False
+    assert w.flush(WAIT)
+    values = stored(fake)
+    assert len(values) + st.dropped == 2000  # every point stored or counted
+    assert values == sorted(values) and values[-1] == 1999.0
 
 
 def test_on_full_drop_oldest_drops_and_counts(
