@@ -120,18 +120,8 @@ def decode_batch(
                 f"{limits.max_series_per_batch} series per batch",
             )
             continue
-        if n > 0 and points + n > limits.max_points_per_batch:
-            outcome.reject_series(
-                rs.run_id,
-                series.name,
-                _shown_labels(series.labels, limits.max_labels),
-                n,
-                LIMIT_EXCEEDED,
-                f"{n} points would take this batch past {limits.max_points_per_batch} points; "
-                "send them in another batch",
-            )
-            continue
-        chunk = _decode_series(rs, which, msg, n, received_time, outcome, limits)
+        room = limits.max_points_per_batch - points
+        chunk = _decode_series(rs, which, msg, n, received_time, outcome, limits, room)
         if chunk is None:
             continue
         points += len(chunk)
@@ -186,7 +176,10 @@ def _decode_series(
     received: float,
     outcome: Outcome,
     limits: Limits,
+    room: int,
 ) -> Chunk | None:
+    """One series -> Chunk, or None when it is refused (recorded in outcome)
+    or empty. room: points the batch may still decode."""
     series = rs.series
     run_id, name, description = rs.run_id, series.name, series.description
     proto_labels = series.labels
@@ -195,6 +188,12 @@ def _decode_series(
     problem = series_problem(
         run_id, name, labels if labels else proto_labels, description, limits
     ) or _structure_problem(which, msg, n, limits)
+    if problem is None and n > room:
+        problem = (
+            LIMIT_EXCEEDED,
+            f"{n} points would take this batch past {limits.max_points_per_batch} points; "
+            "send them in another batch",
+        )
     if problem is not None:
         outcome.reject_series(
             run_id,
