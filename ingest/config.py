@@ -7,6 +7,7 @@ value raises ConfigError naming the variable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -352,6 +353,31 @@ def shown(name: str, value: Any, secret: Sequence[str] = ()) -> str:
     if name in _URL_FIELDS:
         return redact_url(str(value))
     return str(value)
+
+
+def secrets_of(config: Config) -> list[str]:
+    """The secret values in a configuration (passwords of URL settings, secret settings)."""
+    found: list[str] = []
+    for f in fields(config):
+        value = str(getattr(config, f.name))
+        if is_secret(f.name) and value:
+            found.append(value)
+        elif f.name in _URL_FIELDS and "://" in value:
+            userinfo = value.partition("://")[2].rpartition("@")[0]
+            found.append(userinfo.partition(":")[2])
+            with contextlib.suppress(ValueError):
+                query = urlsplit(value).query
+                found += [v for k, v in parse_qsl(query) if k.lower() in _SECRET_PARAMS]
+        elif f.name in _URL_FIELDS:
+            found += [m.group(2).strip("'") for m in _KEYWORD_SECRET.finditer(value)]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def scrub(text: str, config: Config) -> str:
+    """`text` (an error message, say) with every secret of `config` replaced by ***."""
+    for secret in secrets_of(config):
+        text = text.replace(secret, "***")
+    return text
 
 
 def describe(config: Config, secret: Sequence[str] = ("s3_secret_key",)) -> str:

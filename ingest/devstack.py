@@ -781,8 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             env = stack.start(detach=True).env()
-            print(f"local stack running under {stack.root}")
-            print("".join(f"  {k}={v}\n" for k, v in env.items()), end="")
+            print(f"local stack running under {stack.root} (`env` prints the secret key too)")
+            shown = {k: "***" if "SECRET" in k else v for k, v in env.items()}
+            print("".join(f"  {k}={v}\n" for k, v in shown.items()), end="")
         elif args.command == "stop":
             stack.stop()
             print(f"local stack under {stack.root} stopped")

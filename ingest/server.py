@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import socket
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from prometheus_client import start_http_server
 from ingest import addresses, artifacts_store, progress, tables_store, timescale
 from ingest.addresses import GetAddrInfo
 from ingest.blobs import BlobSettings, BlobStore
-from ingest.config import Config, describe
+from ingest.config import Config, describe, scrub
 from ingest.errors import StoreUnavailable
 from ingest.interceptors import MetricsInterceptor
 from ingest.metrics import Metrics
@@ -144,7 +145,7 @@ class Service:
         try:
             self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
         except StoreUnavailable as exc:
-            raise StartError(f"cannot start: {exc}") from None
+            raise StartError(f"cannot start: {scrub(str(exc), cfg)}") from None
         applied = await timescale.migrate(self.pool)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
@@ -335,8 +336,10 @@ async def serve(config: Config, ready: Callable[[Service], None] | None = None) 
             await asyncio.wait_for(service.stop(0), 5)
         if isinstance(exc, SystemExit | KeyboardInterrupt | asyncio.CancelledError):
             raise
-        log.debug("start failed", exc_info=True)
-        raise StartError(f"cannot start: {type(exc).__name__}: {exc}") from exc
+        reason = scrub(f"{type(exc).__name__}: {exc}", config)
+        # where it failed, for a bug report; the frames only (the message may hold a secret)
+        log.debug("start failed at:\n%s", "".join(traceback.format_tb(exc.__traceback__)))
+        raise StartError(f"cannot start: {reason}") from exc
     if ready is not None:
         ready(service)
     loop = asyncio.get_running_loop()

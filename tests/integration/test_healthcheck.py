@@ -100,6 +100,18 @@ def test_wildcard_address_serves_with_the_opt_in(
     assert probe(f"127.0.0.1:{port}", "--timeout", "2").returncode == 1
 
 
+def test_a_name_that_resolves_to_loopback_serves(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    # The rule is on resolved addresses: 'localhost' is bound as what it resolves to.
+    port = free_port()
+    extra = {"STEPLOG_LISTEN": f"localhost:{port}"}
+    proc = ServiceProcess(service_env, port=port, log_path=tmp_path / "s.log", extra_env=extra)
+    with proc:
+        out = probe(f"127.0.0.1:{port}")
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_help_runs() -> None:
     out = probe("--help")
     assert out.returncode == 0 and "SERVING" in out.stdout

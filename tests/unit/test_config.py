@@ -128,3 +128,14 @@ def test_bad_listen_addresses_are_refused(listen: str) -> None:
 @pytest.mark.parametrize("listen", ["[::1]:50051", "localhost:0", "0.0.0.0:50051"])
 def test_good_listen_addresses(listen: str) -> None:
     assert parse([], {"STEPLOG_LISTEN": listen}).listen == listen
+
+
+def test_scrub_removes_every_secret_from_a_message() -> None:
+    cfg = config.Config(
+        database_url="postgresql://u:Hunter2@h/db?sslpassword=KeyPass9",
+        s3_secret_key="S3-secret-value",
+    )
+    text = config.scrub("failed: Hunter2 / KeyPass9 / S3-secret-value / h/db", cfg)
+    assert text == "failed: *** / *** / *** / h/db"
+    keyword = config.Config(database_url="host=h password='Hun ter2' dbname=x")
+    assert config.scrub("x Hun ter2 y", keyword) == "x *** y"
