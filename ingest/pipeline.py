@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import random
 import time
 import zlib
@@ -64,6 +65,10 @@ _RETRY_MAX_S = 1.0
 # Reconnect and restart backoff of a worker.
 _RECONNECT_MAX_S = 2.0
 _RESTART_MAX_S = 5.0
+_IDLE_CHECK_S = 1.0
+
+# How the workers' connections show in pg_stat_activity (with the process id).
+APPLICATION_NAME = "steplog-pipeline"
 
 # Memory a decoded chunk holds beyond its arrays (the object, its dicts,
 # strings and array headers; measured at about 1.2 KiB with CPython 3.11).
@@ -415,7 +420,12 @@ class Pipeline:
         while True:
             if w.conn is None or w.conn.is_closed():
                 await self._reconnect(w)
-            first = await w.queue.get()
+            try:
+                # Wake now and then: a connection that died while idle is
+                # replaced before a batch needs it (and health tells).
+                first = await asyncio.wait_for(w.queue.get(), _IDLE_CHECK_S)
+            except TimeoutError:
+                continue
             group = [first]
             points = first.batch.points
             while points < self.group_points and not w.queue.empty():
@@ -436,7 +446,10 @@ class Pipeline:
     async def _connect_dsn(self) -> asyncpg.Connection:
         # A command that hangs (a frozen server) ends and counts as transient.
         conn = await asyncpg.connect(
-            self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
+            self.dsn,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings={"application_name": application_name()},
         )
         try:
             await _init_connection(conn)
@@ -673,6 +686,10 @@ class Pipeline:
             items.append(w.queue.get_nowait())
         self.metrics.queue_batches.dec(len(items))
         return items
+
+
+def application_name(pid: int | None = None) -> str:
+    return f"{APPLICATION_NAME} pid={os.getpid() if pid is None else pid}"
 
 
 def _reset_outcomes(batches: Sequence[DecodedBatch]) -> None:
