@@ -37,6 +37,18 @@ _VARINT_MAX_BYTES = 10
 # Compact a column when this many consumed points sit in front of it (and they
 # are at least half of it), so draining a long backlog costs amortised O(1).
 _COMPACT_AT = 4096
+# What a buffered point costs in memory, for the writer's bound in bytes: 8
+# bytes a column (time, step, numeric value); a text value also its list slot
+# and str header, plus its characters (text_chars).
+_COLUMN_BYTES = 8
+_TEXT_VALUE_BYTES = 56
+# A queued message: its encoded size plus this (the Python object).
+MESSAGE_OVERHEAD_BYTES = 200
+
+
+def text_chars(value: str) -> int:
+    """The bytes a str's characters take (1 each if ASCII, up to 4 if not)."""
+    return len(value) if value.isascii() else 4 * len(value)
 
 
 def encode_varint(value: int) -> bytes:
@@ -98,7 +110,11 @@ class Piece(Protocol):
 
 
 class Buffer(Protocol):
-    """What the writer's drain needs from a per-series buffer (lock held)."""
+    """What the writer's drain needs from a per-series buffer (lock held).
+    `cost`: the bytes its pending points hold (the memory bound counts it)."""
+
+    @property
+    def cost(self) -> int: ...
 
     def pending(self) -> int: ...
 
@@ -127,12 +143,14 @@ class ScalarBuffer:
         "name",
         "overhead",
         "point_bytes",
+        "point_cost",
         "policy",
         "run_id",
         "start",
         "stepped",
         "steps",
         "text",
+        "text_cost",
         "times",
         "values",
     )
@@ -171,6 +189,15 @@ class ScalarBuffer:
         self.point_bytes = _DOUBLE_BYTES + (_VARINT_MAX_BYTES if stepped else 0)
         if not text:
             self.point_bytes += _DOUBLE_BYTES
+        # Memory: the columns' bytes per point; text adds text_chars per value,
+        # summed in text_cost over the pending values (the writer adds them).
+        self.point_cost = _COLUMN_BYTES * (2 if stepped else 1)
+        self.point_cost += _TEXT_VALUE_BYTES if text else _COLUMN_BYTES
+        self.text_cost = 0
+
+    @property
+    def cost(self) -> int:
+        return self.pending() * self.point_cost + self.text_cost
 
     def pending(self) -> int:
         return len(self.values) - self.start
@@ -193,6 +220,12 @@ class ScalarBuffer:
         self.times = array("d")
         self.steps = array("q")
         self.start = 0
+        self.text_cost = 0
+
+    def _text_chars(self, k: int) -> int:
+        """text_chars of the next k pending values."""
+        s = self.start
+        return sum(text_chars(v) for v in self.values[s : s + k])
 
     def _advance(self, k: int) -> None:
         self.start += k
@@ -216,13 +249,17 @@ class ScalarBuffer:
         if n <= 0 or room <= 0:
             return None, 0, 0
         if self.text:
-            size = k = 0
+            size = k = chars = 0
             while k < n:
-                cost = self.point_bytes + self._text_bytes(self.start + k)
+                value: str = self.values[self.start + k]
+                c = text_chars(value)
+                cost = self.point_bytes + c + 6
                 if size + cost > room:
                     break
                 size += cost
+                chars += c
                 k += 1
+            self.text_cost -= chars if k > 0 else 0
         else:
             k = min(n, room // self.point_bytes)
             size = k * self.point_bytes
@@ -240,12 +277,16 @@ class ScalarBuffer:
 
     def drop_front(self, n: int) -> int:
         k = max(1, min(n, self.pending()))
+        if self.text:
+            self.text_cost -= self._text_chars(k)
         self._advance(k)
         return k
 
     def reject_front(self, max_bytes: int) -> tuple[Rejection, int]:
         step = self.steps[self.start] if self.stepped else None
         size = self.overhead + self.point_bytes + (self._text_bytes(self.start) if self.text else 0)
+        if self.text:
+            self.text_cost -= self._text_chars(1)
         self._advance(1)
         message = f"a point of ~{size} bytes cannot fit in a batch of {max_bytes} bytes"
         return Rejection(self.run_id, self.name, self.labels, "LIMIT_EXCEEDED", message, step), 1
@@ -308,7 +349,7 @@ def series_points(series: data_pb2.SeriesData) -> int:
 class MessageBuffer:
     """Pre-built SeriesData messages of one series, sent whole and in order."""
 
-    __slots__ = ("items", "labels", "name", "overhead", "points", "run_id")
+    __slots__ = ("cost", "items", "labels", "name", "overhead", "points", "run_id")
 
     def __init__(self, run_id: str, name: str, labels: Labels) -> None:
         self.run_id = run_id
@@ -317,10 +358,20 @@ class MessageBuffer:
         self.overhead = SERIES_OVERHEAD + len(run_id.encode())
         self.items: deque[tuple[data_pb2.SeriesData, int, int]] = deque()
         self.points = 0
+        self.cost = 0  # memory: encoded sizes plus MESSAGE_OVERHEAD_BYTES each
 
-    def append(self, series: data_pb2.SeriesData, points: int, size: int) -> None:
+    def append(self, series: data_pb2.SeriesData, points: int, size: int) -> int:
+        """Queue a message of `size` encoded bytes; the memory it costs."""
         self.items.append((series, points, size + self.overhead))
         self.points += points
+        cost = size + MESSAGE_OVERHEAD_BYTES
+        self.cost += cost
+        return cost
+
+    def _popleft(self) -> tuple[data_pb2.SeriesData, int, int]:
+        item = self.items.popleft()
+        self.cost -= item[2] - self.overhead + MESSAGE_OVERHEAD_BYTES
+        return item
 
     def pending(self) -> int:
         return self.points
@@ -334,7 +385,7 @@ class MessageBuffer:
                 break
             if points + n > max_points and not (fresh and not taken):
                 break
-            self.items.popleft()
+            self._popleft()
             taken.append(series)
             points += n
             size += b
@@ -346,12 +397,12 @@ class MessageBuffer:
     def drop_front(self, n: int) -> int:
         dropped = 0
         while self.items and dropped < n:
-            dropped += self.items.popleft()[1]
+            dropped += self._popleft()[1]
         self.points -= dropped
         return dropped
 
     def reject_front(self, max_bytes: int) -> tuple[Rejection, int]:
-        _, n, b = self.items.popleft()
+        _, n, b = self._popleft()
         self.points -= n
         message = f"a message of {b} bytes cannot fit in a batch of {max_bytes} bytes"
         return Rejection(self.run_id, self.name, self.labels, "LIMIT_EXCEEDED", message), n

@@ -45,16 +45,22 @@ UNAUTHENTICATED and PERMISSION_DENIED refuse every batch alike: the whole
 window is set aside at once. A permanently broken token therefore costs one
 warning and a stream of spooled (or dropped) batches, never a hang.
 
-Memory bound. `max_buffered_points` counts buffered and unacknowledged points.
-At the bound: "wait" blocks the logging thread until the sender frees room
-(the only case in which log waits); "spool" keeps every batch on disk from
-the moment it is formed until it is acknowledged (written before it is sent;
-due points are cut into batches every flush interval even while nothing can
-be sent), so `kill -9` loses at most the points of the last flush interval;
-past half the bound the in-memory copies are dropped and batches are read
-back from disk in order; "drop_oldest" drops the oldest buffered points,
-counts them in `stats.dropped` and warns once. The bound is in points: very
-large text values, tables or images count as one point each.
+Memory bound, in bytes. `max_buffered_bytes` (STEPLOG_MAX_BUFFERED_BYTES,
+256 MiB) counts what buffered points and in-memory batches hold: a numeric
+point 16-24 bytes (its columns), a text value its characters + 56, a table,
+image or evaluation message its encoded size + 200. At the bound: "wait"
+waits for the sender to free room, at most `max_block_s` (0.5 s), then the
+buffers spill to the spool and the call returns; "spool" keeps every batch
+on disk from the moment it is formed until it is acknowledged (written
+before it is sent; due points are cut into batches every flush interval
+even while nothing can be sent), so `kill -9` loses at most the points of
+the last flush interval; past half the bound the in-memory copies are
+dropped and batches are read back from disk in order; it waits like "wait"
+if the disk falls behind. "drop_oldest" drops the oldest buffered points,
+counts them in `stats.dropped` and warns once. After a spill, memory may
+reach twice the bound while the sender writes; past that, and whenever the
+spool cannot be written, the oldest buffered points are dropped and counted
+(`stats.dropped_unspooled`) so memory stays within twice the bound.
 
 Offline (`offline=True`): batches go only to the spool (steplog._spool, one
 SQLite file per writer process), synced on flush and close; `replay_spool`
@@ -102,6 +108,7 @@ from steplog._buffers import (
     ScalarBuffer,
     series_points,
     table_columns,
+    text_chars,
 )
 from steplog._retry import STREAM_WIDE_CODES
 from steplog._spool import ReplayReport, SpoolRef, SpoolWriter, replay_spool
@@ -146,10 +153,13 @@ MAX_INFLIGHT_BATCHES = 32
 # Writer id, sequence, sent_time, workspace and framing of one IngestRequest.
 _BATCH_HEADER_BYTES = 200
 _REJECTIONS_KEPT = 10_000
+# A stepped numeric point in memory (time, step, value columns).
+_POINT_BYTES = 24
 # close() may overrun its deadline by this much to spool undelivered data.
 _STOP_GRACE = 1.0
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ID_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.:-]")
+_BYTE_SUFFIXES = (("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1))
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -213,7 +223,10 @@ class WriterSettings:
     when None); when set, it also receives data that could not be delivered.
     `exit_timeout`: the close() timeout used at interpreter exit."""
 
-    max_buffered_points: int = 2_000_000
+    # The memory bound: bytes of buffered and unacknowledged data in memory
+    # (a numeric point 16-24 bytes, a text value its length + 56, a table,
+    # image or evaluation its encoded size + 200).
+    max_buffered_bytes: int = 256 * 1024 * 1024
     on_full: OnFull = "wait"
     spool_dir: Path | None = None
     offline: bool = False
@@ -230,9 +243,10 @@ class WriterSettings:
     exit_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_buffered_points", "max_batch_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        if self.max_batch_points < 1:
+            raise ValueError("max_batch_points must be at least 1")
+        if self.max_buffered_bytes < 1024:
+            raise ValueError("max_buffered_bytes must be at least 1024")
         if self.max_batch_bytes < 4 * 1024:
             raise ValueError("max_batch_bytes must be at least 4096")
         if self.on_full not in get_args(OnFull):
@@ -294,7 +308,11 @@ def _parse_setting(name: str, raw: str) -> Any:
             return False
         raise ValueError("expected true or false")
     if isinstance(default, int):
-        return int(raw.replace("_", ""))
+        text = raw.replace("_", "")
+        for suffix, factor in _BYTE_SUFFIXES:
+            if name.endswith("_bytes") and text.endswith(suffix):
+                return int(float(text.removesuffix(suffix)) * factor)
+        return int(text)
     return float(raw)
 
 
@@ -315,6 +333,7 @@ class WriterStats:
     batches_acked: int = 0
     reconnects: int = 0
     points_buffered: int = 0
+    bytes_in_memory: int = 0  # buffered + sequenced batches held in memory
     points_unacked: int = 0
     rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
     last_error: str | None = None
@@ -327,6 +346,7 @@ class _Entry:
 
     ordinal: int
     points: int
+    nbytes: int  # what it holds in memory while `request` is set
     request: pb.IngestRequest | None
     ref: SpoolRef | None = None
 
@@ -383,12 +403,13 @@ class BatchWriter:
         self._settings = settings
         s = settings
         # Smaller batches for a small bound, so the window and the spill
-        # watermark (half the bound each) hold whole batches.
-        self._batch_points = max(1, min(s.max_batch_points, s.max_buffered_points // 4))
+        # watermark (half the bound each) hold whole batches of scalars.
+        bound = s.max_buffered_bytes
+        self._batch_points = max(1, min(s.max_batch_points, bound // (4 * _POINT_BYTES)))
         self._batch_bytes = s.max_batch_bytes - _BATCH_HEADER_BYTES - len(workspace.encode())
-        self._window_points = max(self._batch_points, s.max_buffered_points // 2)
+        self._window_bytes = bound // 2  # in flight (at least one batch)
         self._spill = s.on_full == "spool" and not s.offline
-        self._spill_at = max(1, s.max_buffered_points // 2)
+        self._spill_at = max(1, bound // 2)
         # Run on the caller's thread at the start of flush and close, no lock
         # held: buffers kept outside the writer (log_row's) hand over their rows.
         self._flush_hooks: list[Callable[[], None]] = []
@@ -411,6 +432,8 @@ class BatchWriter:
         self._messages: dict[tuple[str, str, Labels, str | None], MessageBuffer] = {}
         self._dirty: dict[Buffer, None] = {}
         self._buffered = 0
+        self._buffered_bytes = 0  # what the buffered points cost in memory (lock)
+        self._mem_check_at = 0
         self._oldest: float | None = None
         self._check_at = self._batch_points
         self._wake_pending = False
@@ -423,11 +446,11 @@ class BatchWriter:
         # the wire sequence is ordinal - _epoch_base (a new id starts a new epoch).
         self._ordinal = 0
         self._epoch_base = 0
-        self._seq_mem = 0  # points of in-memory sequenced batches (lock)
+        self._seq_mem = 0  # bytes of in-memory sequenced batches (lock)
         self._outbox: deque[_Entry] = deque()  # formed, not yet sent (sender)
-        self._outbox_mem = 0  # in-memory points in the outbox (lock)
+        self._outbox_mem = 0  # bytes of in-memory batches in the outbox (lock)
         self._unacked: dict[int, _Entry] = {}  # sent, by ordinal (sender)
-        self._inflight_points = 0
+        self._inflight_bytes = 0  # of the batches in flight (sender)
         self._done_through = 0  # every ordinal <= this is acked or resolved (lock)
         self._done_above: set[int] = set()
         self._lost: deque[int] = deque(maxlen=100_000)  # ordinals resolved without ack
@@ -502,6 +525,7 @@ class BatchWriter:
                 batches_acked=self._batches_acked,
                 reconnects=self._reconnects,
                 points_buffered=self._buffered,
+                bytes_in_memory=self._buffered_bytes + self._seq_mem,
                 points_unacked=self._drained - self._resolved_points,
                 rejected_by_reason=dict(self._rejected_by_reason),
                 last_error=self._last_error,
@@ -547,10 +571,16 @@ class BatchWriter:
             except BaseException:
                 buf.repair()
                 raise
+            cost = buf.point_cost
+            if buf.text:
+                chars = text_chars(cast(str, value))
+                buf.text_cost += chars
+                cost += chars
             self._buffered += 1
-            if self._buffered < self._check_at:
+            self._buffered_bytes += cost
+            if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
                 return
-        self._after_log(1)
+        self._after_log(cost)
 
     def log_scalars(
         self,
@@ -597,10 +627,16 @@ class BatchWriter:
             sbuf.times.extend(col_times)
             if col_steps is not None:
                 sbuf.steps.extend(col_steps)
+            cost = n * sbuf.point_cost
+            if text:
+                chars = sum(text_chars(v) for v in cast(list[str], col_values))
+                sbuf.text_cost += chars
+                cost += chars
             self._buffered += n
-            if self._buffered < self._check_at:
+            self._buffered_bytes += cost
+            if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
                 return
-        self._after_log(n)
+        self._after_log(cost)
 
     def log_series(self, run_id: str, series: data_pb2.SeriesData) -> None:
         """Append a pre-built SeriesData (table rows, images, evaluations...):
@@ -626,11 +662,12 @@ class BatchWriter:
                     self._oldest = monotonic()
                     self._wake.set()
                 self._dirty[mbuf] = None
-            mbuf.append(series, points, size)
+            cost = mbuf.append(series, points, size)
             self._buffered += points
-            if self._buffered < self._check_at:
+            self._buffered_bytes += cost
+            if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
                 return
-        self._after_log(points)
+        self._after_log(cost)
 
     def log_table_rows(
         self,
@@ -675,7 +712,8 @@ class BatchWriter:
 
     def _after_log(self, added: int) -> None:
         """The slow path of logging: wake the sender, apply the memory bound,
-        deliver the sender's news (warnings, strict errors)."""
+        deliver the sender's news (warnings, strict errors). `added`: the
+        bytes the call added."""
         with self._cond:
             if self._closed:
                 dropped = self._drop_buffered(self._buffered)
@@ -692,7 +730,7 @@ class BatchWriter:
                 if (
                     self._spill
                     and not self._spill_pending
-                    and self._buffered + self._outbox_mem >= self._spill_at
+                    and self._buffered_bytes + self._outbox_mem >= self._spill_at
                 ):
                     self._spill_pending = True
                     self._wake.set()
@@ -703,18 +741,18 @@ class BatchWriter:
 
     def _apply_bound(self, added: int) -> None:
         s = self._settings
-        over = self._buffered + self._seq_mem - s.max_buffered_points
+        over = self._buffered_bytes + self._seq_mem - s.max_buffered_bytes
         if over <= 0:
             return
         if s.on_full == "drop_oldest" or self._sender_failed is not None:
             # In chunks of 1% of the bound, so the next calls stay on the fast path.
-            dropped = self._drop_buffered(max(over, s.max_buffered_points // 100))
+            dropped = self._drop_buffered_bytes(max(over, s.max_buffered_bytes // 100))
             if dropped:
                 self._note_once(
                     ("drop_oldest",),
                     DroppedPointsWarning,
-                    f"steplog: {s.max_buffered_points} points are buffered; dropping the "
-                    f"oldest (on_full='drop_oldest'); see stats.dropped",
+                    f"steplog: {s.max_buffered_bytes} bytes are buffered; dropping the "
+                    f"oldest points (on_full='drop_oldest'); see stats.dropped",
                 )
             return
         # wait / spool: the sender frees room (acks, spill) and notifies; after
@@ -723,13 +761,13 @@ class BatchWriter:
         # twice the bound; past that one call waits (max_block_s again), and
         # if the spill has still not freed room, the oldest buffered points
         # are dropped and counted: memory stays within twice the bound.
-        allowance = max(s.max_buffered_points, added)
+        allowance = max(s.max_buffered_bytes, added)
         if self._overflow:
-            allowance = max(2 * s.max_buffered_points, added)
+            allowance = max(2 * s.max_buffered_bytes, added)
         self._wake.set()
         deadline = monotonic() + s.max_block_s
         while (
-            self._buffered + self._seq_mem > allowance
+            self._buffered_bytes + self._seq_mem > allowance
             and not self._closed
             and self._sender_failed is None
         ):
@@ -741,7 +779,9 @@ class BatchWriter:
                     self._spill_pending = True
                     self._wake.set()
                     return
-                dropped = self._drop_buffered(self._buffered + self._seq_mem - allowance)
+                dropped = self._drop_buffered_bytes(
+                    self._buffered_bytes + self._seq_mem - allowance
+                )
                 self._dropped_unspooled += dropped
                 self._note_once(
                     ("spill-behind",),
@@ -759,10 +799,32 @@ class BatchWriter:
         for buf in list(self._dirty):
             if dropped >= n:
                 break
+            before = buf.cost
             while dropped < n and buf.pending():
                 dropped += buf.drop_front(n - dropped)
+            self._buffered_bytes -= before - buf.cost
             if not buf.pending():
                 del self._dirty[buf]
+        return self._count_dropped(dropped)
+
+    def _drop_buffered_bytes(self, nbytes: int) -> int:
+        """Drop the oldest buffered points until nbytes are freed, or all
+        are gone (lock held). How many points were dropped."""
+        dropped = freed = 0
+        for buf in list(self._dirty):
+            if freed >= nbytes:
+                break
+            while freed < nbytes and buf.pending():
+                before = buf.cost
+                each = max(1, before // buf.pending())
+                dropped += buf.drop_front(max(1, (nbytes - freed) // each))
+                freed += before - buf.cost
+            if not buf.pending():
+                del self._dirty[buf]
+        self._buffered_bytes -= freed
+        return self._count_dropped(dropped)
+
+    def _count_dropped(self, dropped: int) -> int:
         self._buffered -= dropped
         self._dropped += dropped
         self._dropped_buffered += dropped
@@ -773,14 +835,13 @@ class BatchWriter:
     def _rearm(self) -> None:
         """Where the hot path must next leave the fast path (lock held)."""
         if self._notes or self._closed:
-            self._check_at = 0
+            self._check_at = self._mem_check_at = 0
             return
-        at = self._settings.max_buffered_points - self._seq_mem + 1
-        if not self._wake_pending:
-            at = min(at, self._batch_points)
+        mem_at = self._settings.max_buffered_bytes - self._seq_mem + 1
         if self._spill and not self._spill_pending:
-            at = min(at, self._spill_at - self._outbox_mem)
-        self._check_at = at
+            mem_at = min(mem_at, self._spill_at - self._outbox_mem)
+        self._mem_check_at = mem_at
+        self._check_at = sys.maxsize if self._wake_pending else self._batch_points
 
     def _note_once(self, key: tuple[Any, ...], category: type[Warning], message: str) -> None:
         if key not in self._warned:
@@ -989,7 +1050,7 @@ class BatchWriter:
             if (
                 self._spilling_after_overflow
                 and not self._outbox
-                and self._buffered < self._spill_at
+                and self._buffered_bytes < self._spill_at
                 and all(e.ref is None for e in self._unacked.values())
             ):
                 self._spill = self._spilling_after_overflow = False  # drained
@@ -1049,7 +1110,7 @@ class BatchWriter:
         self._to_resend = deque(self._unacked.values())
         self._send_ready(False)
 
-    def _window_room(self, points: int) -> bool:
+    def _window_room(self, nbytes: int) -> bool:
         """Room for another batch in flight. Until a new stream has delivered an
         ack, only one: a stream may fail only after it was opened, and batches
         sent into a dead stream are sequenced, so no longer droppable."""
@@ -1059,7 +1120,7 @@ class BatchWriter:
             return False
         return (
             len(self._unacked) < MAX_INFLIGHT_BATCHES
-            and self._inflight_points + points <= self._window_points
+            and self._inflight_bytes + nbytes <= self._window_bytes
         )
 
     def _send_ready(self, form: bool) -> None:
@@ -1074,7 +1135,7 @@ class BatchWriter:
             return
         while self._stream is not None and self._outbox:
             entry = self._outbox[0]
-            if not self._window_room(entry.points):
+            if not self._window_room(entry.nbytes):
                 return
             self._outbox.popleft()
             if entry.request is None:
@@ -1083,21 +1144,21 @@ class BatchWriter:
                     return
             else:
                 with self._lock:
-                    self._outbox_mem -= entry.points
+                    self._outbox_mem -= entry.nbytes
             self._start_flight(entry)
-        while form and self._stream is not None and self._window_room(self._batch_points):
+        while form and self._stream is not None and self._window_room(0):
             formed = self._form_batch()
             if formed is None:
                 return
             with self._lock:
-                self._outbox_mem -= formed.points
+                self._outbox_mem -= formed.nbytes
             self._start_flight(formed)
 
     def _start_flight(self, entry: _Entry) -> None:
         if self._spill and entry.ref is None:
             self._spool_entry(entry)  # on disk before it is on the wire
         self._unacked[entry.ordinal] = entry
-        self._inflight_points += entry.points
+        self._inflight_bytes += entry.nbytes
         self._send(entry)
 
     def _send(self, entry: _Entry) -> bool:
@@ -1135,7 +1196,7 @@ class BatchWriter:
             self._spool_failed(exc)
             return False
         with self._lock:
-            self._seq_mem += entry.points
+            self._seq_mem += entry.nbytes
         return True
 
     def _form_batch(self) -> _Entry | None:
@@ -1143,10 +1204,11 @@ class BatchWriter:
         The columns are taken under the lock; the protobuf is built outside."""
         pieces: list[Piece] = []
         rejections: list[Rejection] = []
-        points = size = 0
+        points = size = cost = 0
         with self._lock:
             for buf in list(self._dirty):
                 full = False
+                before = buf.cost
                 while buf.pending():
                     piece, n, b = buf.take(
                         self._batch_points - points, self._batch_bytes - size, not pieces
@@ -1155,7 +1217,10 @@ class BatchWriter:
                         if pieces:
                             full = True  # the next point does not fit: close this batch
                             break
+                        ahead = buf.cost
                         rejection, k = buf.reject_front(self._batch_bytes)
+                        before -= ahead - buf.cost  # gone, not in the batch
+                        self._buffered_bytes -= ahead - buf.cost
                         rejections.append(rejection)
                         self._buffered -= k
                         self._drained += k
@@ -1167,6 +1232,7 @@ class BatchWriter:
                     if points >= self._batch_points:
                         full = True
                         break
+                cost += before - buf.cost
                 if not buf.pending():
                     del self._dirty[buf]
                 if full:
@@ -1179,11 +1245,12 @@ class BatchWriter:
             if not pieces:
                 return None
             self._buffered -= points
+            self._buffered_bytes -= cost
             self._drained += points
             self._ordinal += 1
             ordinal = self._ordinal
-            self._seq_mem += points
-            self._outbox_mem += points
+            self._seq_mem += cost
+            self._outbox_mem += cost
             self._rearm()
         request = pb.IngestRequest(workspace=self._workspace)
         batch = request.batch
@@ -1192,7 +1259,7 @@ class BatchWriter:
         batch.sent_time = wall_time()
         for piece in pieces:
             piece.add_to(batch)
-        return _Entry(ordinal, points, request)
+        return _Entry(ordinal, points, cost, request)
 
     def _form_all(self) -> None:
         while (entry := self._form_batch()) is not None:
@@ -1219,7 +1286,7 @@ class BatchWriter:
         entry = self._unacked.pop(ordinal, None)
         if entry is None:
             return  # an ack we no longer wait for (e.g. a late duplicate)
-        self._inflight_points -= entry.points
+        self._inflight_bytes -= entry.nbytes
         self._stream_proven = True
         self._backoff.reset()
         self._failures.clear()
@@ -1230,7 +1297,7 @@ class BatchWriter:
         result = response.result
         with self._cond:
             if entry.request is not None:
-                self._seq_mem -= entry.points
+                self._seq_mem -= entry.nbytes
             self._points_acked += entry.points
             self._resolved_points += entry.points
             self._batches_acked += 1
@@ -1326,12 +1393,12 @@ class BatchWriter:
         resent under a new writer id whose sequence 1 is the next batch."""
         ordinal, entry = next(iter(self._unacked.items()))
         del self._unacked[ordinal]
-        self._inflight_points -= entry.points
+        self._inflight_bytes -= entry.nbytes
         saved = self._save([entry]) if self._has_spool_dir() else []
         with self._cond:
             self._new_id(ordinal)
             if entry.request is not None:
-                self._seq_mem -= entry.points
+                self._seq_mem -= entry.nbytes
             self._resolved_points += entry.points
             self._resolve(ordinal, lost=True)
             self._refused += entry.points
@@ -1361,7 +1428,7 @@ class BatchWriter:
         drop them; go on under a new id."""
         entries = list(self._unacked.values())
         self._unacked.clear()
-        self._inflight_points = 0
+        self._inflight_bytes = 0
         points = sum(e.points for e in entries)
         saved = self._save(entries) if self._has_spool_dir() else []
         first_outbox = self._outbox[0].ordinal if self._outbox else None
@@ -1369,7 +1436,7 @@ class BatchWriter:
             self._new_id((first_outbox or self._ordinal + 1) - 1)
             for e in entries:
                 if e.request is not None:
-                    self._seq_mem -= e.points
+                    self._seq_mem -= e.nbytes
                 self._resolved_points += e.points
                 self._resolve(e.ordinal, lost=True)
             self._refused += points
@@ -1477,8 +1544,8 @@ class BatchWriter:
                 return
             self._outbox.popleft()
             with self._cond:
-                self._seq_mem -= entry.points
-                self._outbox_mem -= entry.points
+                self._seq_mem -= entry.nbytes
+                self._outbox_mem -= entry.nbytes
                 self._resolved_points += entry.points
                 entry.request = None
                 self._resolve(entry.ordinal)
@@ -1496,7 +1563,7 @@ class BatchWriter:
         points are dropped and counted (stats.dropped_unspooled)."""
         with self._lock:
             over = self._spill_pending or (
-                self._spill and self._buffered + self._outbox_mem >= self._spill_at
+                self._spill and self._buffered_bytes + self._outbox_mem >= self._spill_at
             )
         if not (over or (due and self._spill)):
             return
@@ -1516,9 +1583,9 @@ class BatchWriter:
                 self._forget_request(formed)
         with self._cond:
             if over and not healthy:
-                excess = self._buffered + self._seq_mem - self._settings.max_buffered_points
+                excess = self._buffered_bytes + self._seq_mem - self._settings.max_buffered_bytes
                 if excess > 0:
-                    dropped = self._drop_buffered(excess)
+                    dropped = self._drop_buffered_bytes(excess)
                     self._dropped_unspooled += dropped
                     self._note_once(
                         ("spool-full",),
@@ -1540,8 +1607,8 @@ class BatchWriter:
     def _forget_request(self, entry: _Entry) -> None:
         """The batch is on disk: free its memory (read back to send it)."""
         with self._cond:
-            self._seq_mem -= entry.points
-            self._outbox_mem -= entry.points
+            self._seq_mem -= entry.nbytes
+            self._outbox_mem -= entry.nbytes
             entry.request = None
             self._cond.notify_all()
 
@@ -1573,7 +1640,7 @@ class BatchWriter:
             self._outbox.clear()
             self._outbox_mem = 0
             self._seq_mem = 0
-            self._inflight_points = 0
+            self._inflight_bytes = 0
             for e in pending:
                 self._resolved_points += e.points
                 self._resolve(e.ordinal, lost=True)

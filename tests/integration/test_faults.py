@@ -134,7 +134,7 @@ def test_memory_bound_policies_with_the_service_down(
     """With nobody listening, log() never blocks under drop_oldest and spool;
     drop_oldest counts what it dropped, spool keeps it on disk."""
     monkeypatch.setenv("STEPLOG_ON_FULL", policy)
-    monkeypatch.setenv("STEPLOG_MAX_BUFFERED_POINTS", "10000")
+    monkeypatch.setenv("STEPLOG_MAX_BUFFERED_BYTES", "240000")  # ~10,000 points
     monkeypatch.setenv("STEPLOG_SPOOL_DIR", str(tmp_path / "spool"))
     run = Experiment(experiment_name, url=url).start_logging()
     down = Client(f"127.0.0.1:{free_port()}", "default")

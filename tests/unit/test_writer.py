@@ -408,7 +408,7 @@ def test_logging_does_not_block_while_the_service_is_down(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
     fake.down = True
-    w = make(writers, fake, max_buffered_points=100_000)
+    w = make(writers, fake, max_buffered_bytes=2_400_000)
     done = threading.Event()
 
     def log() -> None:
@@ -435,7 +435,7 @@ def test_on_full_wait_waits_at_most_max_block_s_then_spills_to_the_spool(
 ) -> None:
     fake.down = True
     w = make(
-        writers, fake, max_buffered_points=100, on_full="wait", max_block_s=0.2, spool_dir=tmp_path
+        writers, fake, max_buffered_bytes=2400, on_full="wait", max_block_s=0.2, spool_dir=tmp_path
     )
     longest = 0.0
     for i in range(3000):
@@ -464,7 +464,7 @@ def test_with_the_spool_unwritable_the_bound_drops_the_oldest_and_counts(
     w = make(
         writers,
         fake,
-        max_buffered_points=100,
+        max_buffered_bytes=2400,
         on_full="wait",
         max_block_s=0.05,
         spool_dir=not_a_dir / "spool",
@@ -492,7 +492,7 @@ def test_on_full_drop_oldest_drops_and_counts(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
     fake.down = True
-    w = make(writers, fake, max_buffered_points=100, on_full="drop_oldest")
+    w = make(writers, fake, max_buffered_bytes=2400, on_full="drop_oldest")
     with pytest.warns(DroppedPointsWarning) as caught:
         for i in range(150):
             w.log_scalar("r1", "loss", (), float(i), i, 1.0)
@@ -509,11 +509,42 @@ def test_on_full_drop_oldest_drops_and_counts(
     assert st.points_logged == 150 and st.points_acked == 100
 
 
+def _image(step: int, size: int) -> data_pb2.SeriesData:
+    images = data_pb2.ImagePoints(times=[1.0], steps=[step])
+    images.images.add(data=bytes([step % 251]) * size)
+    return data_pb2.SeriesData(name="frames", images=images)
+
+
+def test_the_memory_bound_counts_bytes_of_images_and_text(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    """With the service down, 100 images of 100 KiB and 100 texts of 100 KB
+    stay within a 1 MiB bound: they count by size, not as one point each."""
+    fake.down = True
+    bound = 1 << 20
+    w = make(writers, fake, max_buffered_bytes=bound, on_full="drop_oldest")
+    largest = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(100):
+            w.log_series("r1", _image(step, 100 * 1024))
+            w.log_scalar("r1", "note", (), "x" * 100_000, step, 1.0)
+            largest = max(largest, w.stats.bytes_in_memory)
+    assert largest <= bound + 2 * 110_000  # the bound, plus the call that crossed it
+    st = w.stats
+    assert st.dropped > 150  # 20 MB logged, 1 MiB kept
+    assert st.bytes_in_memory <= bound
+    fake.down = False
+    assert w.flush(WAIT)
+    kept = fake.service.points[("r1", "frames", ())]
+    assert 0 < len(kept) < 20 and len(stored(fake, "note")) < 20
+
+
 def test_on_full_spool_spills_to_disk_and_sends_back_in_order(
     fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path
 ) -> None:
     fake.down = True
-    w = make(writers, fake, max_buffered_points=100, on_full="spool", spool_dir=tmp_path)
+    w = make(writers, fake, max_buffered_bytes=2400, on_full="spool", spool_dir=tmp_path)
     done = threading.Event()
 
     def log() -> None:
@@ -760,9 +791,13 @@ def test_fork_child_starts_empty_with_a_new_writer_id(
 
 def test_settings_from_env_names_the_bad_variable() -> None:
     s = WriterSettings.from_env(
-        {"STEPLOG_ON_FULL": "spool", "STEPLOG_MAX_BUFFERED_POINTS": "1_000", "STEPLOG_STRICT": "1"}
+        {"STEPLOG_ON_FULL": "spool", "STEPLOG_MAX_BUFFERED_BYTES": "64MiB", "STEPLOG_STRICT": "1"}
     )
-    assert (s.on_full, s.max_buffered_points, s.strict) == ("spool", 1000, True)
+    assert (s.on_full, s.max_buffered_bytes, s.strict) == ("spool", 64 << 20, True)
+    assert WriterSettings.from_env(
+        {"STEPLOG_MAX_BUFFERED_BYTES": "1_000_000"}
+    ).max_buffered_bytes == (1_000_000)
+    assert WriterSettings().max_buffered_bytes == 256 << 20  # the documented default
     assert WriterSettings.from_env({"STEPLOG_STRICT": "1"}, strict=False).strict is False
     with pytest.raises(ValueError, match="STEPLOG_FLUSH_INTERVAL"):
         WriterSettings.from_env({"STEPLOG_FLUSH_INTERVAL": "soon"})
