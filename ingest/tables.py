@@ -199,9 +199,7 @@ def cell_problems(block: TableBlock, max_text_chars: int) -> list[Rejection]:
             nul = np.fromiter(("\x00" in s for s in strings), dtype=np.bool_, count=len(strings))
             nul &= p.present
             if nul.any():
-                out.append(
-                    Rejection(nul, INVALID_VALUE, f"column {name!r}: string contains NUL")
-                )
+                out.append(Rejection(nul, INVALID_VALUE, f"column {name!r}: string contains NUL"))
             long = np.fromiter(
                 (len(s) > max_text_chars for s in strings), dtype=np.bool_, count=len(strings)
             )

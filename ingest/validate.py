@@ -112,9 +112,7 @@ def validate_chunk(
     series_checked: decode already ran `series_problem` on this series (and
     `table_structure_problem` on a table)."""
     if not series_checked:
-        found = series_problem(
-            chunk.run_id, chunk.name, chunk.labels, chunk.description, limits
-        )
+        found = series_problem(chunk.run_id, chunk.name, chunk.labels, chunk.description, limits)
         if found is not None:
             outcome.reject(chunk, None, found[0], found[1], steps=False)
             return
