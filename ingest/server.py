@@ -33,6 +33,7 @@ from ingest.metrics import Metrics
 from ingest.pipeline import Pipeline
 from ingest.servicers import ingest as ingest_servicer
 from ingest.servicers.artifacts import ArtifactServicer
+from ingest.servicers.guard import RequestGuard
 from ingest.servicers.metadata import ExperimentServicer, RunServicer
 from ingest.servicers.query import QueryServicer
 from ingest.validate import Limits
@@ -198,7 +199,10 @@ class Service:
             ("grpc.max_connection_age_ms", cfg.max_connection_age_s * 1000),
             ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
         ]
-        server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(self.metrics)])
+        # RequestGuard (inner): malformed requests and bad strings -> INVALID_ARGUMENT.
+        server = grpc.aio.server(
+            options=options, interceptors=[MetricsInterceptor(self.metrics), RequestGuard()]
+        )
         experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
             ExperimentServicer(metadata), server
         )
