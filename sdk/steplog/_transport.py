@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from steplog._retry import should_retry
 from steplog.errors import SteplogError
@@ -196,6 +197,40 @@ class GrpcTransport:
             return self._stub.Write(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise TransportError.from_rpc_error(err) from None
+
+    def apply_operation(self, kind: str, payload: bytes, timeout: float | None = 60.0) -> None:
+        """Apply an offline run operation (`steplog sync`): kind is the
+        RunService method (UpdateRunStatus, UpdateRunTags, AddRunProperties),
+        payload its serialized request. A status the run already has counts as
+        applied (a second sync). Raises TransportError."""
+        from steplog.v1 import run_service_pb2, run_service_pb2_grpc
+
+        request_types: dict[str, Callable[[bytes], Message]] = {
+            "UpdateRunStatus": run_service_pb2.UpdateRunStatusRequest.FromString,
+            "UpdateRunTags": run_service_pb2.UpdateRunTagsRequest.FromString,
+            "AddRunProperties": run_service_pb2.AddRunPropertiesRequest.FromString,
+        }
+        stub = run_service_pb2_grpc.RunServiceStub(self._channel)
+        request = request_types[kind](payload)
+        try:
+            getattr(stub, kind)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            error = TransportError.from_rpc_error(err)
+            if kind == "UpdateRunStatus" and error.code == grpc.StatusCode.FAILED_PRECONDITION:
+                assert isinstance(request, run_service_pb2.UpdateRunStatusRequest)
+                try:
+                    run = stub.GetRun(
+                        run_service_pb2.GetRunRequest(
+                            workspace=request.workspace, run_id=request.run_id
+                        ),
+                        timeout=timeout,
+                        metadata=self._metadata,
+                    ).run
+                except grpc.RpcError:
+                    raise error from None
+                if run.status == request.status:
+                    return  # applied before
+            raise error from None
 
     def after_fork(self) -> None:
         if self._factory is None:

@@ -958,6 +958,19 @@ class BatchWriter:
         self._deliver(notes, stacklevel=3)
         return ok
 
+    def record_operation(self, kind: str, payload: bytes, timeout: float | None = None) -> bool:
+        """Offline: store a run operation (steplog._spool.RUN_OPERATIONS, the
+        serialized RunService request) in the spool, after every point logged
+        before this call, so `steplog sync` applies it in that order. False
+        if those points could not all be written first (the operation is
+        stored all the same). Raises OSError when the spool cannot be written."""
+        if not self._settings.offline:
+            raise RuntimeError("record_operation is for offline writers")
+        ok = self.flush(timeout)
+        self._spool_writer().append_operation(kind, payload)
+        self._spool_writer().sync()
+        return ok
+
     def __enter__(self) -> BatchWriter:
         return self
 

@@ -20,7 +20,16 @@ def _sync(ns: argparse.Namespace) -> int:
         print(f"steplog sync: {spool} is not a directory", file=sys.stderr)
         return 2
     with grpc.insecure_channel(url) as channel:
-        report = replay_spool(spool, GrpcTransport(channel), remove=ns.remove, timeout=ns.timeout)
+        transport = GrpcTransport(channel)
+        report = replay_spool(
+            spool,
+            transport,
+            remove=ns.remove,
+            timeout=ns.timeout,
+            apply_operation=lambda kind, payload: transport.apply_operation(
+                kind, payload, ns.timeout
+            ),
+        )
     print(f"steplog sync: {report}")
     for r in report.rejections[:20]:
         print(f"  rejected: {r}")

@@ -102,6 +102,9 @@ class Run:
         merged.update(labels or {})
         self._labels: Labels = _freeze(merged)
         self._label_cache: dict[Labels, Labels] = {}
+        # An offline run (Run.get_context with STEPLOG_OFFLINE): status, tags
+        # and properties go to the spool, in order with the points; no call.
+        self._offline = False
 
     @classmethod
     def _create(
@@ -209,6 +212,8 @@ class Run:
         self._proto = proto
 
     def refresh(self) -> None:
+        if self._offline:
+            return  # what this process set is all it knows
         self._set(
             self._client.call(
                 self._client.runs.GetRun,
@@ -652,7 +657,27 @@ class Run:
     def remove_tags(self, tags: Iterable[str] | str) -> None:
         self._update_tags({}, [tags] if isinstance(tags, str) else list(tags))
 
+    def _spool_operation(self, kind: str, request: Any) -> None:
+        """Offline: the operation goes to the spool after the points logged
+        before it; `steplog sync` applies it in that order."""
+        self._client.writer.record_operation(kind, request.SerializeToString())
+
     def _update_tags(self, set_tags: Mapping[str, str | None], remove: list[str]) -> None:
+        if self._offline:
+            request = rs.UpdateRunTagsRequest(
+                workspace=self._client.workspace,
+                run_id=self.id,
+                set_tags=tags_to_proto(set_tags),
+                remove_keys=remove,
+            )
+            self._spool_operation("UpdateRunTags", request)
+            tags = self.tags
+            tags.update(set_tags)
+            for key in remove:
+                tags.pop(key, None)
+            del self._proto.tags[:]
+            self._proto.tags.extend(tags_to_proto(tags))
+            return
         self._set(
             self._client.call(
                 self._client.runs.UpdateRunTags,
@@ -672,6 +697,19 @@ class Run:
     def add_properties(self, properties: Mapping[str, str]) -> None:
         """Add properties. They are add-only: re-adding a key with another value
         raises FailedPreconditionError and changes nothing."""
+        if self._offline:
+            props = {str(k): str(v) for k, v in properties.items()}
+            clash = [k for k, v in props.items() if self._proto.properties.get(k, v) != v]
+            if clash:
+                raise FailedPreconditionError(
+                    f"properties are add-only: {clash} already set", field="properties"
+                )
+            request = rs.AddRunPropertiesRequest(
+                workspace=self._client.workspace, run_id=self.id, properties=props
+            )
+            self._spool_operation("AddRunProperties", request)
+            self._proto.properties.update(props)
+            return
         self._set(
             self._client.call(
                 self._client.runs.AddRunProperties,
@@ -691,6 +729,18 @@ class Run:
 
     def _move(self, status: str, message: str = "", code: str = "") -> None:
         error = common_pb2.RunError(message=message, code=code) if (message or code) else None
+        if self._offline:
+            request = rs.UpdateRunStatusRequest(
+                workspace=self._client.workspace,
+                run_id=self.id,
+                status=_status_value(status),  # type: ignore[arg-type]
+                error=error,
+            )
+            self._spool_operation("UpdateRunStatus", request)
+            self._proto.status = _status_value(status)  # type: ignore[assignment]
+            if error is not None:
+                self._proto.error.CopyFrom(error)
+            return
         self._set(
             self._client.call(
                 self._client.runs.UpdateRunStatus,
@@ -938,7 +988,9 @@ class Run:
             # `steplog sync` replays them to the run later. No call is made.
             client = get_client(os.environ.get("STEPLOG_URL") or "offline")
             proto = common_pb2.Run(run_id=run_id, status=common_pb2.RUN_STATUS_RUNNING)
-            return Run(_proto=proto, _client=client)
+            run = Run(_proto=proto, _client=client)
+            run._offline = True
+            return run
         if run_id:
             run = Run.get(run_id)
             if run.status in TERMINAL_STATUSES:

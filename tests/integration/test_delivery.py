@@ -14,7 +14,7 @@ import pytest
 
 from steplog import Experiment
 from tests.sql import stored_points
-from tests.support import ServiceProcess
+from tests.support import ServiceProcess, free_port
 
 NAMES = ("loss", "acc")
 
@@ -146,3 +146,60 @@ def test_a_run_resumed_on_another_host_keeps_every_earlier_point(
         assert out.returncode == 0, out.stdout + out.stderr
         assert ("12000 accepted" if attempt == 0 else " 0 accepted") in out.stdout, out.stdout
         assert stored_points(database_url, run.id) == expected(range(6000))
+
+
+def test_an_offline_run_completes_tags_and_syncs_in_order_without_the_network(
+    url: str, experiment_name: str, database_url: str, tmp_path: Path
+) -> None:
+    """Leaving `with Run.get_context() as run:` offline makes no call (the
+    address is a dead port): complete, tags and properties go to the spool
+    and `steplog sync` applies them after the points, once."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    spool = tmp_path / "spool"
+    env = client_env(run.id, spool, STEPLOG_OFFLINE="true", STEPLOG_URL=f"127.0.0.1:{free_port()}")
+    script = (
+        "import time\n"
+        "from steplog import Run\n" + LOG + "started = time.monotonic()\n"
+        "with Run.get_context() as run:\n"
+        "    log(run, 0, 1000)\n"
+        "    run.tag('phase', 'offline')\n"
+        "    run.add_properties({'dataset': 'v2'})\n"
+        "print(run.get_status(), run.get_tags(), time.monotonic() - started)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    status, _, elapsed = out.stdout.strip().partition(" {")
+    assert status == "Completed" and "'phase': 'offline'" in out.stdout, out.stdout
+    assert float(elapsed.rsplit(" ", 1)[1]) < 10  # no 30 s stall on a call
+    assert run.get_status() == "Running"  # nothing was sent
+    for _ in range(2):
+        synced = sync(spool, url)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        assert "3 run operation(s) applied" in synced.stdout, synced.stdout
+        assert stored_points(database_url, run.id) == expected(range(1000))
+    assert run.get_status() == "Completed"
+    assert run.get_tags()["phase"] == "offline"
+    assert run.get_properties()["dataset"] == "v2"
+
+
+def test_sync_into_a_run_that_cannot_take_the_data_exits_non_zero_and_says_why(
+    url: str, experiment_name: str, database_url: str, tmp_path: Path
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    spool = tmp_path / "spool"
+    env = client_env(run.id, spool, STEPLOG_OFFLINE="true")
+    env.pop("STEPLOG_URL", None)
+    script = (
+        "from steplog import Run\n" + LOG + "run = Run.get_context()\n"
+        "log(run, 0, 500)\n"
+        "assert run.flush(30)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    run.complete()  # meanwhile, the run was completed
+    out = sync(spool, url)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "RUN_NOT_ACTIVE: 1000" in out.stdout, out.stdout
+    assert "1000 point(s) rejected" in out.stderr, out.stderr
+    assert stored_points(database_url, run.id) == []

@@ -151,3 +151,28 @@ def test_online_spool_writes_each_batch_before_sending_and_deletes_it_on_ack(
     finally:
         assert w.close(WAIT)
     assert spool_files(tmp_path) == []  # nothing left: the file is gone
+
+
+def test_offline_run_operations_are_replayed_in_order_with_the_points(tmp_path: Path) -> None:
+    w = offline_writer(tmp_path, "w-1")
+    log_steps(w, 0, 20)
+    assert w.record_operation("UpdateRunTags", b"tags")
+    log_steps(w, 20, 30)
+    assert w.record_operation("UpdateRunStatus", b"done")
+    assert w.close(WAIT)
+    fake = FakeTransport()
+    seen: list[tuple[str, int]] = []
+
+    def apply(kind: str, payload: bytes) -> None:
+        seen.append((kind, fake.service.count()))
+
+    report = replay_spool(tmp_path, fake, apply_operation=apply)
+    assert report.ok and report.operations == 2
+    # Each after exactly the points logged before it.
+    assert seen == [("UpdateRunTags", 20), ("UpdateRunStatus", 30)]
+
+    def refuse(kind: str, payload: bytes) -> None:
+        raise TransportError(grpc.StatusCode.FAILED_PRECONDITION, "no such run")
+
+    again = replay_spool(tmp_path, fake, apply_operation=refuse)
+    assert not again.ok and len(again.errors) == 2
