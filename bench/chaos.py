@@ -97,9 +97,25 @@ def scalar_client(url: str, experiment: str, steps: int, duration: float, out: A
         if i % 50 == 0:
             _pace(t0, i, steps, duration)
     ok = run.flush(900)
+    out.put(_result(run, ok, 0))
+
+
+def _result(run: Any, flushed: bool, failed_uploads: int) -> dict[str, Any]:
+    """What a client saw: flush result, the writer's counters, complete()'s error."""
     stats = run.writer_stats()
-    out.put((run.id, ok, len(run.rejections()), repr(stats)))
-    run.complete()
+    error = ""
+    try:
+        run.complete()
+    except Exception as exc:  # recorded, not hidden: the scenario line shows it
+        error = f"{type(exc).__name__}: {exc}"
+    return {
+        "run_id": run.id,
+        "flushed": flushed,
+        "rejected": stats.rejected + failed_uploads,
+        "refused": stats.refused + stats.dropped,
+        "reconnects": stats.reconnects,
+        "complete_error": error,
+    }
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -155,8 +171,7 @@ def blob_client(
             u.result()
         except Exception:
             failed += 1
-    out.put((run.id, ok, len(run.rejections()) + failed, repr(run.writer_stats())))
-    run.complete()
+    out.put(_result(run, ok, failed))
 
 
 # ------------------------------------------------------------------ the stack
@@ -262,8 +277,7 @@ class Scenario:
     logged: int
     stored: int
     distinct: int
-    all_acked: bool
-    rejected: int
+    clients: list[dict[str, Any]]
     faults: int
     elapsed_s: float
     note: str = ""
@@ -271,15 +285,28 @@ class Scenario:
     def line(self) -> str:
         lost = self.logged - self.distinct
         doubled = self.stored - self.distinct
+        c = self.clients
         return (
             f"CHAOS scenario={self.name} logged={self.logged} stored={self.stored}"
-            f" lost={lost} doubled={doubled} faults={self.faults} all_acked={self.all_acked}"
-            f" rejected={self.rejected} elapsed_s={self.elapsed_s:.0f}{self.note}"
+            f" lost={lost} doubled={doubled} faults={self.faults}"
+            f" flushed={all(x['flushed'] for x in c)}"
+            f" client_rejected={sum(x['rejected'] for x in c)}"
+            f" client_refused={sum(x['refused'] for x in c)}"
+            f" reconnects={sum(x['reconnects'] for x in c)}"
+            f" complete_errors={sum(1 for x in c if x['complete_error'])}"
+            f" elapsed_s={self.elapsed_s:.0f}{self.note}"
         )
+
+    def client_errors(self) -> list[str]:
+        return [f"  complete(): {x['complete_error']}" for x in self.clients if x["complete_error"]]
 
     @property
     def ok(self) -> bool:
-        return self.logged == self.distinct == self.stored and self.all_acked
+        return (
+            self.logged == self.distinct == self.stored
+            and all(x["flushed"] and not x["refused"] for x in self.clients)
+            and not self.client_errors()
+        )
 
 
 async def _fetchrow(url: str, query: str, *args: Any) -> Any:
@@ -329,7 +356,7 @@ def _spawn(target: Callable[..., None], argsets: list[tuple[Any, ...]]) -> tuple
     return procs, out
 
 
-def _collect(procs: list[Any], out: Any, timeout: float) -> list[tuple[Any, ...]]:
+def _collect(procs: list[Any], out: Any, timeout: float) -> list[dict[str, Any]]:
     results = [out.get(timeout=timeout) for _ in procs]
     for p in procs:
         p.join(60)
@@ -373,17 +400,10 @@ def scalar_scenario(
             lb.stop()
             for r in replicas:
                 r.proc.stop()
-        runs = [r[0] for r in results]
+        runs = [r["run_id"] for r in results]
         stored, distinct = fetchrow(db, SCALARS_SQL, runs)
     return Scenario(
-        name,
-        logged,
-        int(stored),
-        int(distinct),
-        all(r[1] for r in results),
-        sum(int(r[2]) for r in results),
-        faults[0] if faults else 0,
-        elapsed,
+        name, logged, int(stored), int(distinct), results, faults[0] if faults else 0, elapsed
     )
 
 
@@ -391,19 +411,22 @@ def scalar_scenario(
 
 
 def kill9_fault(count: int, duration: float) -> Callable[[list[Replica], threading.Event], int]:
+    """`count` kills spread over the logging (alternating replicas), each
+    followed by a restart on the same port; the schedule is absolute, so the
+    restarts' own time does not push the last kills past the end."""
+
     def fault(replicas: list[Replica], done: threading.Event) -> int:
         kills = 0
-        gap = max(0.5, (duration - 4) / count)
-        if done.wait(2.0):
-            return kills
+        t0 = time.monotonic()
+        first, last = 2.0, max(3.0, duration - 3.0)
         for i in range(count):
-            if done.is_set():  # only kills while the clients log count
-                break
+            at = t0 + first + (last - first) * i / max(1, count - 1)
+            if done.wait(max(0.0, at - time.monotonic())):
+                break  # only kills while the clients log count
             r = replicas[i % len(replicas)]
             r.proc.kill()
             kills += 1
             r.start()
-            done.wait(gap)
         return kills
 
     return fault
@@ -478,7 +501,7 @@ def run_s3_stop(stack: LocalStack, info: StackInfo, images: int, files: int) -> 
             elapsed = time.monotonic() - t0
         finally:
             replica.proc.stop()
-        runs = [r[0] for r in results]
+        runs = [r["run_id"] for r in results]
         i_stored, i_distinct = fetchrow(db, IMAGES_SQL, runs)
         f_stored, f_distinct = fetchrow(db, FILES_SQL, runs)
     logged = 2 * (images + files)
@@ -487,8 +510,7 @@ def run_s3_stop(stack: LocalStack, info: StackInfo, images: int, files: int) -> 
         logged,
         int(i_stored) + int(f_stored),
         int(i_distinct) + int(f_distinct),
-        all(r[1] for r in results),
-        sum(int(r[2]) for r in results),
+        results,
         1,
         elapsed,
         f" images={i_stored}/{2 * images} files={f_stored}/{2 * files} s3_down_s=20",
@@ -531,6 +553,8 @@ def main() -> None:
                 )
             else:
                 s = run_s3_stop(stack, info, ns.images, ns.files)
+            for line in s.client_errors():
+                print(line)
             print(s.line(), flush=True)
             results.append(s)
     finally:

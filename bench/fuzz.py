@@ -61,7 +61,7 @@ def main() -> None:
         missing, doubled = missing_and_doubled(fuzzer.valid, stored_rows(db, fuzzer.ctx.valid_runs))
     crashes = max(report.crashes, int(crashed))
     print(f"started {started}, seed {ns.seed}, {os.cpu_count()} cpus")
-    print(report.summary())
+    print(report.summary(limit=200))
     print(
         f"FUZZ messages={report.messages} crashes={crashes} hangs={report.hangs}"
         f" valid_lost={missing + doubled} max_rss_mb={report.max_rss_mb:.0f}"

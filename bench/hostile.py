@@ -157,6 +157,7 @@ class Report:
     elapsed_s: float = 0.0
     codes: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
+    kind_seconds: Counter[str] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
 
     def summary(self, limit: int = 40) -> str:
@@ -170,6 +171,10 @@ class Report:
             f" max_rss_mb={self.max_rss_mb:.0f} max_health_s={self.max_health_s:.3f}"
             f" elapsed_s={self.elapsed_s:.1f}",
             "codes: " + ", ".join(f"{k}={v}" for k, v in self.codes.most_common()),
+            "cases (seconds): "
+            + ", ".join(
+                f"{k}={n} ({self.kind_seconds[k]:.0f}s)" for k, n in self.kinds.most_common()
+            ),
         ]
         lines += [f"  {n}x {p}" for p, n in by_problem.most_common(limit)]
         firsts: dict[str, Finding] = {}
@@ -184,8 +189,8 @@ def _shape(problem: str) -> str:
     return re.sub(r"[0-9]+", "N", problem)
 
 
-def rss_mb(pid: int) -> float:
-    """VmRSS of a process and all its descendants, in MiB (0 when gone)."""
+def rss_mb(pid: int, children: bool = True) -> float:
+    """VmRSS of a process and (unless children=False) all its descendants, in MiB (0 when gone)."""
     total_kb = 0
     todo = [pid]
     while todo:
@@ -194,6 +199,8 @@ def rss_mb(pid: int) -> float:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
+            if not children:
+                break
             for task in Path(f"/proc/{p}/task").iterdir():
                 children = (task / "children").read_text().split()
                 todo.extend(int(c) for c in children)
@@ -394,6 +401,7 @@ class _Case:
     ) -> Message | None:
         m = BY_NAME[name]
         raw = request if isinstance(request, bytes) else request.SerializeToString()
+        self._check_own_size(m.path, len(raw))
         self.messages += 1
         self.calls += 1
         try:
@@ -404,6 +412,7 @@ class _Case:
             else:
                 out = self.f.channel.unary_unary(m.path)(raw, timeout=self.f.call_timeout)
                 reply = m.response.FromString(out)
+                self._check_size(m.path, len(raw), len(out))
         except grpc.RpcError as err:
             self._error(m.path, err, expect)
             return None
@@ -422,6 +431,8 @@ class _Case:
     ) -> list[Message] | None:
         m = BY_NAME[name]
         raws = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
+        for r in raws:
+            self._check_own_size(m.path, len(r))
         self.messages += len(raws)
         self.calls += 1
         replies: list[Message] = []
@@ -444,6 +455,18 @@ class _Case:
         for r in replies:
             self._check_reply(m.path, r)
         return replies
+
+    @staticmethod
+    def _check_own_size(method: str, size: int) -> None:
+        # The generator keeps every message near the service's 64 MiB limit
+        # at most: a bug here would be the fuzzer's, and could exhaust memory.
+        if size > 80 * MiB:
+            raise AssertionError(f"the fuzzer built a {size}-byte request for {method}")
+
+    def _check_size(self, method: str, sent: int, got: int) -> None:
+        """An acknowledgement is bounded: never much larger than the batch it answers."""
+        if method.endswith(("/Write", "/Ingest")) and got > 2 * sent + 64 * 1024:
+            self.finding(method, f"an acknowledgement of {got} bytes for a request of {sent} bytes")
 
     @staticmethod
     def _what(raw: bytes) -> str:
@@ -526,7 +549,7 @@ class _Case:
             col = sd.table.columns.add(name="c", type=data_pb2.COLUMN_TYPE_DOUBLE)
             col.doubles.extend([1.0] * rng.randint(0, 3))
         elif what == "table_columns":
-            n = rng.choice([1001, 5000, 20_000])
+            n = rng.choice([1001, 2000, 5000])
             sd.table.row_count = 1
             for i in range(n):
                 sd.table.columns.add(name=f"c{i}", type=data_pb2.COLUMN_TYPE_BOOL, bools=[True])
@@ -603,6 +626,10 @@ class Fuzzer:
         ("metadata", 10),
         ("artifacts", 8),
         ("queries", 2),
+        ("echo", 2),
+        ("wide", 1),
+        ("big_image", 1),
+        ("slow_reader", 1),
     )
 
     def __init__(
@@ -712,6 +739,7 @@ class Fuzzer:
         case = _Case(self, index, kind)
         with self._lock:
             self._inflight[index] = kind
+        t0 = time.monotonic()
         try:
             getattr(self, f"_case_{kind}")(case)
         except Exception as exc:  # a bug of the fuzzer itself: say so, do not hide it
@@ -726,6 +754,7 @@ class Fuzzer:
             rep.calls += case.calls
             rep.cases += 1
             rep.kinds[kind] += 1
+            rep.kind_seconds[kind] += time.monotonic() - t0
             rep.codes.update(case.codes)
             rep.findings.extend(case.findings)
             rep.hangs += case.hang
@@ -744,6 +773,14 @@ class Fuzzer:
                 if self.rss_kill_mb and mb > self.rss_kill_mb:
                     self._kill_for_memory(mb)
                     return
+            own = rss_mb(os.getpid(), children=False)
+            if own > 4096:  # the fuzzer's own bug: stop before the machine runs out
+                with self._lock:
+                    self.report.findings.append(
+                        Finding(-1, "fuzzer", "self", f"the fuzzer itself holds {own:.0f} MiB")
+                    )
+                self._stop.set()
+                return
             if self.report.messages >= next_health:
                 next_health = self.report.messages + self.health_every
                 self._health()
@@ -888,6 +925,74 @@ class Fuzzer:
             c.finding("Ingest", f"acknowledged sequences {acked}, sent 1..{n}")
         if any(r.duplicate_batch for r in replies):  # type: ignore[attr-defined]
             c.finding("Ingest", "a first send acknowledged as a duplicate batch")
+
+    def _case_echo(self, c: _Case) -> None:
+        """One series with a huge name (or labels) and many bad points: the
+        acknowledgement must not echo the name once per rejected point."""
+        rng = c.rng
+        sd = data_pb2.SeriesData(name="e" * rng.choice([300_000, 1 * MiB]))
+        if rng.random() < 0.5:
+            for i in range(16):
+                sd.labels[f"k{i}"] = "v" * 60_000
+        n = rng.choice([25, 100])
+        sd.scalars.steps.extend([-1] * n)
+        sd.scalars.values.extend([1.0] * n)
+        series = [ip.RunSeries(run_id=rng.choice(self.ctx.victim_runs), series=sd)]
+        start = len(c.valid)
+        series.append(c.valid_series(rng.choice(self.ctx.valid_runs)))
+        batch = ip.Batch(writer_id=c.writer(), sequence=1, series=series)
+        reply = c.unary("Write", ip.WriteRequest(batch=batch))
+        self._mixed_ok(c, reply, start, "/steplog.v1.IngestService/Write")
+
+    def _case_wide(self, c: _Case) -> None:
+        """10,000 one-point series in one batch (to runs that mostly do not
+        exist), beside valid points: decoding it must not stall the service."""
+        rng = c.rng
+        batch = ip.Batch(writer_id=c.writer(), sequence=1)
+        for i in range(10_000):
+            rs = batch.series.add(run_id=f"nope-{i % 97}")
+            rs.series.name = f"w{i}"
+            rs.series.scalars.values.append(float(i))
+        start = len(c.valid)
+        batch.series.append(c.valid_series(rng.choice(self.ctx.valid_runs)))
+        reply = c.unary("Write", ip.WriteRequest(batch=batch))
+        self._mixed_ok(c, reply, start, "/steplog.v1.IngestService/Write")
+
+    def _case_big_image(self, c: _Case) -> None:
+        """An image of up to 16 MiB that is not an image (right hash), beside valid points."""
+        rng = c.rng
+        data = b"\x89PNG\r\n\x1a\n" + rng.randbytes(rng.choice([4, 12, 15]) * MiB)
+        sd = data_pb2.SeriesData(name=f"img{c.index}")
+        sd.images.images.add(
+            data=data, content_type="image/png", sha256=hashlib.sha256(data).hexdigest()
+        )
+        series = [ip.RunSeries(run_id=rng.choice(self.ctx.victim_runs), series=sd)]
+        start = len(c.valid)
+        series.append(c.valid_series(rng.choice(self.ctx.valid_runs)))
+        batch = ip.Batch(writer_id=c.writer(), sequence=1, series=series)
+        reply = c.unary("Write", ip.WriteRequest(batch=batch))
+        self._mixed_ok(c, reply, start, "/steplog.v1.IngestService/Write")
+
+    def _case_slow_reader(self, c: _Case) -> None:
+        """A stream that sends 20 batches of 1 MiB and reads no acknowledgement
+        for 1 s, then goes away: the service must not hold them without bound."""
+        w = c.writer()
+        values = [0.5] * (MiB // 8)
+        reqs = []
+        for seq in range(1, 21):
+            batch = ip.Batch(writer_id=w, sequence=seq)
+            rs = batch.series.add(run_id=f"nope-slow-{c.index}")
+            rs.series.name = "slow"
+            rs.series.scalars.values.extend(values)
+            reqs.append(ip.IngestRequest(batch=batch).SerializeToString())
+        c.messages += len(reqs)
+        c.calls += 1
+        call = self.channel.stream_stream(BY_NAME["Ingest"].path)(
+            iter(reqs), timeout=self.call_timeout
+        )
+        time.sleep(1.0)
+        call.cancel()
+        c.codes["CANCELLED"] += 1
 
     def _case_invalid_utf8(self, c: _Case) -> None:
         rng, ctx = c.rng, self.ctx
@@ -1103,7 +1208,9 @@ class Fuzzer:
         elif choice == 7:
             c.unary(
                 "Heartbeat",
-                rp.HeartbeatRequest(run_ids=[s, run, ctx.foreign_run] * rng.choice([1, 1000])),
+                rp.HeartbeatRequest(
+                    run_ids=[s[:300], run, ctx.foreign_run] * rng.choice([1, 1000])
+                ),
             )
         elif choice == 8:
             c.unary(
@@ -1142,7 +1249,7 @@ class Fuzzer:
             c.unary(
                 "GetMetrics",
                 qp.GetMetricsRequest(
-                    run_id=run, names=[s] * rng.choice([1, 10_000]), recursive=True
+                    run_id=run, names=[s[:300]] * rng.choice([1, 10_000]), recursive=True
                 ),
             )
         elif choice == 1:
