@@ -48,7 +48,7 @@ run: setup
 
 ## stop: the local stacks left running (make run's, the tests', the benchmarks')
 stop:
-	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos; do \
+	-@for root in $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos $(STATE); do \
 		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack stop --root $$root; \
 	done; true
 
@@ -73,8 +73,9 @@ bench-faults: setup
 	$(PY) -m bench.fuzz; fuzz=$$?; $(PY) -m bench.chaos; chaos=$$?; exit $$(( fuzz || chaos ))
 
 ## clean: stop the stacks, delete their data (also a cluster kept outside the clone), the venv
+##   (nested stacks first; remove deletes only its own entries anyway)
 clean:
-	-@for root in $(STATE) $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos; do \
+	-@for root in $(STATE)/test-stack $(STATE)/bench $(STATE)/chaos $(STATE); do \
 		[ -f $$root/stack.json ] && $(PY) -m ingest.devstack remove --root $$root; \
 	done; true
 	rm -rf $(STATE) $(VENV)

@@ -277,6 +277,8 @@ class LocalStack:
         except (OSError, ValueError):
             state = {}
         state.setdefault("ports", {})
+        if state.get("pg_dir") and Path(state["pg_dir"]) != self._outside_dir():
+            state.pop("pg_dir")  # recorded by a stack root this one was copied from
         state.setdefault("access_key", "steplog" + secrets.token_hex(6))
         state.setdefault("secret_key", secrets.token_urlsafe(30))
         state["bucket"] = self.bucket
@@ -450,12 +452,13 @@ class LocalStack:
             outside = self._state.get("pg_dir")
             if outside and Path(outside).parent == PG_OUTSIDE_BASE:
                 shutil.rmtree(outside, ignore_errors=True)
-            for child in self.root.iterdir():
-                if child.name != ".lock":
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
+            # only this stack's own entries: a root may hold other stacks (test-stack, bench)
+            for name in ("pg", "s3", "run", "stack.json", "stack.json.tmp"):
+                child = self.root / name
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
 
     def status(self) -> dict[str, bool]:
         return {
@@ -506,6 +509,9 @@ class LocalStack:
     def _owner_reaches(self, path: Path, test: str = "-x") -> bool:
         return subprocess.run([*self._as_owner(), "test", test, str(path)]).returncode == 0
 
+    def _outside_dir(self) -> Path:
+        return PG_OUTSIDE_BASE / f"pg-{hashlib.sha256(bytes(self.root)).hexdigest()[:16]}"
+
     def _relocate(self, owner: pwd.struct_passwd) -> None:
         """Keep the cluster where its owner can reach it when root cannot be.
 
@@ -531,7 +537,7 @@ class LocalStack:
         if base.is_symlink() or st.st_uid != 0 or st.st_mode & 0o022:
             raise StackError(f"{base} must be a directory owned by root, writable only by root")
         os.chmod(base, 0o711)
-        target = base / f"pg-{hashlib.sha256(bytes(self.root)).hexdigest()[:16]}"
+        target = self._outside_dir()
         target.mkdir(mode=0o700, exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to(target)

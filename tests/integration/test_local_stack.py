@@ -352,5 +352,9 @@ def test_a_restarted_postgres_keeps_its_port(own_stack_root: Path) -> None:
         stack.start_postgres()
         assert stack._port("postgres") != port
     outside = stack.pg_dir
+    nested = own_stack_root / "test-stack" / "stack.json"  # another stack inside this root
+    nested.parent.mkdir()
+    nested.write_text("{}")
     stack.remove()
     assert not outside.exists() and not (own_stack_root / "stack.json").exists()
+    assert not (own_stack_root / "pg").exists() and nested.exists()
