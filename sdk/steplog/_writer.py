@@ -91,7 +91,7 @@ import weakref
 from array import array
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from time import monotonic
 from time import time as wall_time
@@ -413,6 +413,11 @@ class BatchWriter:
         # Run on the caller's thread at the start of flush and close, no lock
         # held: buffers kept outside the writer (log_row's) hand over their rows.
         self._flush_hooks: list[Callable[[], None]] = []
+        # Images travel on a stream of their own (a second writer, created on
+        # the first image), so a slow or failing object store never holds
+        # scalars, tables and evaluations behind them.
+        self._image_writer: BatchWriter | None = None
+        self._image_stream = False
         self._init_state(writer_id or _new_writer_id())
         _LIVE.add(self)
 
@@ -510,6 +515,12 @@ class BatchWriter:
 
     @property
     def stats(self) -> WriterStats:
+        """Counters of this writer and its image stream, summed (see image_stats)."""
+        child = self._image_writer
+        mine = self._own_stats()
+        return mine if child is None else _merge_stats(mine, child.stats)
+
+    def _own_stats(self) -> WriterStats:
         with self._lock:
             return WriterStats(
                 points_logged=self._buffered + self._drained + self._dropped_buffered,
@@ -532,10 +543,19 @@ class BatchWriter:
                 writer_id=self._writer_id,
             )
 
+    @property
+    def image_stats(self) -> WriterStats | None:
+        """The counters of the image stream alone (None before the first image)."""
+        child = self._image_writer
+        return None if child is None else child.stats
+
     def rejections(self) -> list[Rejection]:
-        """Every rejected point the service described (the last 10,000)."""
+        """Every rejected point the service described (the last 10,000 of
+        each stream)."""
         with self._lock:
-            return list(self._rejections)
+            mine = list(self._rejections)
+        child = self._image_writer
+        return mine if child is None else mine + child.rejections()
 
     # --------------------------------------------------------------- hot path
 
@@ -643,6 +663,9 @@ class BatchWriter:
         it is sent whole, in order with the other messages of its series, and
         shares the sequencing, ack, retry and spool machinery. Raises
         ValueError when it cannot fit in any batch."""
+        if not self._image_stream and series.WhichOneof("points") == "images":
+            self._images().log_series(run_id, series)
+            return
         points = series_points(series)
         size = series.ByteSize()
         if size + SERIES_OVERHEAD + len(run_id.encode()) > self._batch_bytes:
@@ -668,6 +691,26 @@ class BatchWriter:
             if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
                 return
         self._after_log(cost)
+
+    def _images(self) -> BatchWriter:
+        """The image stream: its own writer id (`<id>.img`), stream, sequence
+        and spool file, and half the memory bound."""
+        child = self._image_writer
+        if child is None:
+            with self._lock:
+                if self._image_writer is None:
+                    s = self._settings
+                    half = max(1024, s.max_buffered_bytes // 2)
+                    child = BatchWriter(
+                        self._transport,
+                        self._workspace,
+                        replace(s, max_buffered_bytes=half),
+                        writer_id=f"{self._base_id[:120]}.img",
+                    )
+                    child._image_stream = True
+                    self._image_writer = child
+                child = self._image_writer
+        return child
 
     def log_table_rows(
         self,
@@ -891,6 +934,9 @@ class BatchWriter:
         deadline = None if timeout is None else monotonic() + timeout
         self._run_flush_hooks()
         ok = self._flush_until(deadline)
+        child = self._image_writer
+        if child is not None:
+            ok = child.flush(_remaining(deadline)) and ok
         with self._lock:
             notes = self._take_notes()
         self._deliver(notes, stacklevel=3)
@@ -941,6 +987,9 @@ class BatchWriter:
                 return self._close_result
         self._run_flush_hooks()
         ok = self._flush_until(deadline)
+        child = self._image_writer
+        if child is not None:
+            ok = child.close(_remaining(deadline)) and ok
         with self._cond:
             self._stop = True
             self._closed = True
@@ -1688,6 +1737,24 @@ class BatchWriter:
         base = self._base_id
         self._init_state(f"{base[:96]}.p{os.getpid()}")
         self._needs_after_fork = True
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - monotonic())
+
+
+def _merge_stats(a: WriterStats, b: WriterStats) -> WriterStats:
+    """a's identity, both streams' counts."""
+    merged: dict[str, Any] = {}
+    for f in fields(WriterStats):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "rejected_by_reason":
+            merged[f.name] = {k: x.get(k, 0) + y.get(k, 0) for k in {*x, *y}}
+        elif isinstance(x, int):
+            merged[f.name] = x + y
+        else:
+            merged[f.name] = x if x else y
+    return WriterStats(**merged)
 
 
 def _float_column(values: Any) -> array[float]:

@@ -1,7 +1,8 @@
 """Faults in the middle of a stream: nothing lost, nothing doubled.
 
-kill -9 of the service, a PostgreSQL restart, and an offline spool replayed
-twice. Every check compares what was logged with what SQL finds stored."""
+kill -9 of the service, a PostgreSQL restart, an S3 outage while a run logs
+images and scalars, and an offline spool replayed twice. Every check
+compares what was logged with what SQL finds stored."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 from ingest.devstack import LocalStack
 from steplog import Experiment, Run
 from steplog.client import Client
-from tests.sql import stored_points
+from tests import imagegen
+from tests.sql import fetchval, stored_points
 from tests.support import ServiceProcess, free_port
 
 NAMES = [f"m{i}" for i in range(20)]
@@ -152,3 +154,47 @@ def test_memory_bound_policies_with_the_service_down(
     assert not down.writer.flush(0.5)
     # Nobody will ever listen there: close now rather than wait at exit.
     down.writer.close(0.5)
+
+
+def test_scalars_keep_flowing_while_s3_is_down(
+    stack: LocalStack, url: str, experiment_name: str, database_url: str
+) -> None:
+    """Images travel on their own stream: while the object store is down they
+    wait (and are retried), and every scalar logged meanwhile is stored."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    writer = run._client.writer
+    pictures = [imagegen.png(8, 8, seed=7000 + i) for i in range(40)]
+    log_steps(run, 0, 100)
+    run.log_image("frames", pictures[0], step=0)
+    assert run.flush(60), writer.stats
+    stack.stop_s3()
+    try:
+        for step in range(100, 400):
+            for name in NAMES:
+                run.log(name, step * 0.5 + len(name), step=step)
+            if step % 10 == 0:
+                run.log_image("frames", pictures[step // 10], step=step)
+        # Every scalar is stored while S3 is still down.
+        wait_until(
+            lambda: len(stored_points(database_url, run.id)) == len(NAMES) * 400,
+            60,
+            "the scalars logged during the outage",
+        )
+        images = fetchval(
+            database_url,
+            "SELECT count(*) FROM image_points p JOIN series s USING (series_id)"
+            " WHERE s.run_id = $1",
+            run.id,
+        )
+        assert images == 1  # the images wait for S3
+    finally:
+        stack.start_s3()
+    assert run.flush(180), writer.stats
+    assert stored_points(database_url, run.id) == expected(400)
+    images = fetchval(
+        database_url,
+        "SELECT count(*) FROM image_points p JOIN series s USING (series_id) WHERE s.run_id = $1",
+        run.id,
+    )
+    assert images == 31
+    assert writer.stats.rejected == 0

@@ -519,7 +519,8 @@ def test_the_memory_bound_counts_bytes_of_images_and_text(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
     """With the service down, 100 images of 100 KiB and 100 texts of 100 KB
-    stay within a 1 MiB bound: they count by size, not as one point each."""
+    stay within a 1 MiB bound (plus half of it for the image stream): they
+    count by size, not as one point each."""
     fake.down = True
     bound = 1 << 20
     w = make(writers, fake, max_buffered_bytes=bound, on_full="drop_oldest")
@@ -530,14 +531,43 @@ def test_the_memory_bound_counts_bytes_of_images_and_text(
             w.log_series("r1", _image(step, 100 * 1024))
             w.log_scalar("r1", "note", (), "x" * 100_000, step, 1.0)
             largest = max(largest, w.stats.bytes_in_memory)
-    assert largest <= bound + 2 * 110_000  # the bound, plus the call that crossed it
+    # The bound (and half for images), plus the calls that crossed them.
+    assert largest <= bound * 3 // 2 + 2 * 110_000
     st = w.stats
-    assert st.dropped > 150  # 20 MB logged, 1 MiB kept
-    assert st.bytes_in_memory <= bound
+    assert st.dropped > 150  # 20 MB logged, 1.5 MiB kept
+    assert st.bytes_in_memory <= bound * 3 // 2
+    assert w.image_stats is not None and w.image_stats.bytes_in_memory <= bound // 2
     fake.down = False
     assert w.flush(WAIT)
     kept = fake.service.points[("r1", "frames", ())]
     assert 0 < len(kept) < 20 and len(stored(fake, "note")) < 20
+
+
+def test_images_on_their_own_stream_hold_no_scalar_back(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    """The object store is down: every batch with an image fails (UNAVAILABLE,
+    retried); scalars are acknowledged all the same."""
+
+    def images_fail(batch: pb.Batch) -> grpc.StatusCode | None:
+        if any(rs.series.WhichOneof("points") == "images" for rs in batch.series):
+            return UNAVAILABLE
+        return None
+
+    fake.refuse = images_fail
+    w = make(writers, fake)
+    for step in range(200):
+        w.log_scalar("r1", "loss", (), float(step), step, 1.0)
+        if step % 20 == 0:
+            w.log_series("r1", _image(step, 1000))
+    assert fake.wait_for(lambda: len(stored(fake)) == 200)
+    assert fake.service.points[("r1", "frames", ())] == []
+    assert not w.flush(0.2)  # the images are still waiting
+    assert w.image_stats is not None and w.image_stats.writer_id.endswith(".img")
+    fake.refuse = None  # the object store is back
+    assert w.flush(WAIT)
+    assert len(fake.service.points[("r1", "frames", ())]) == 10
+    assert w.stats.points_acked == 210 and w.stats.dropped == 0
 
 
 def test_on_full_spool_spills_to_disk_and_sends_back_in_order(
