@@ -7,6 +7,7 @@ real resolver for 'localhost'.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,8 @@ def fake_resolver(table: dict[str, list[str]]) -> addresses.GetAddrInfo:
 NAMES = fake_resolver(
     {
         "wildcard.test": ["0.0.0.0"],
+        "127.0.0.1.wildcard.test": ["0.0.0.0"],
+        "localhost": ["0.0.0.0"],
         "wildcard6.test": ["::"],
         "public.test": ["192.0.2.7"],
         "mixed.test": ["127.0.0.1", "192.0.2.7"],
@@ -110,10 +113,12 @@ def test_the_real_resolver_for_localhost() -> None:
 
 
 def test_the_service_refuses_a_name_for_every_interface() -> None:
-    # The old string match let a name through if it did not look like 0.0.0.0.
-    cfg = Config(listen="wildcard.test:50051")
-    with pytest.raises(StartError, match=r"refusing to listen on wildcard\.test:50051"):
-        bind_addresses(cfg, NAMES)
+    # The old string match let through any name spelled like loopback
+    # ('localhost', '127.…'), whatever it resolved to.
+    for name in ("wildcard.test", "127.0.0.1.wildcard.test", "localhost"):
+        cfg = Config(listen=f"{name}:50051")
+        with pytest.raises(StartError, match=f"refusing to listen on {re.escape(name)}:50051"):
+            bind_addresses(cfg, NAMES)
     assert bind_addresses(Config(listen="both.test:5"), NAMES) == ("127.0.0.1:5", "[::1]:5")
 
 
