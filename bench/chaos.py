@@ -112,7 +112,8 @@ def _result(run: Any, flushed: bool, failed_uploads: int) -> dict[str, Any]:
         "run_id": run.id,
         "flushed": flushed,
         "rejected": stats.rejected + failed_uploads,
-        "refused": stats.refused + stats.dropped,
+        "refused": stats.refused,
+        "dropped": stats.dropped,
         "reconnects": stats.reconnects,
         "complete_error": error,
     }
@@ -292,6 +293,7 @@ class Scenario:
             f" flushed={all(x['flushed'] for x in c)}"
             f" client_rejected={sum(x['rejected'] for x in c)}"
             f" client_refused={sum(x['refused'] for x in c)}"
+            f" client_dropped={sum(x['dropped'] for x in c)}"
             f" reconnects={sum(x['reconnects'] for x in c)}"
             f" complete_errors={sum(1 for x in c if x['complete_error'])}"
             f" elapsed_s={self.elapsed_s:.0f}{self.note}"
@@ -304,7 +306,7 @@ class Scenario:
     def ok(self) -> bool:
         return (
             self.logged == self.distinct == self.stored
-            and all(x["flushed"] and not x["refused"] for x in self.clients)
+            and all(x["flushed"] and not x["refused"] and not x["dropped"] for x in self.clients)
             and not self.client_errors()
         )
 
