@@ -124,8 +124,6 @@ def _image_bytes(batch: DecodedBatch) -> int:
     )
 
 
-
-
 class ImageStore:
     """The image kind's writer (inside the pipeline's transaction) and reader."""
 

@@ -42,10 +42,12 @@ import contextlib
 import logging
 import os
 import random
+import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -55,6 +57,8 @@ from ingest.metrics import Metrics
 from ingest.timescale import UNAVAILABLE_ERRORS, CommitResult, PointStore, _init_connection
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 KIND_LABELS = {1: "scalar", 2: "table", 3: "image", 4: "evaluation"}
 
@@ -66,6 +70,8 @@ _RETRY_MAX_S = 1.0
 _RECONNECT_MAX_S = 2.0
 _RESTART_MAX_S = 5.0
 _IDLE_CHECK_S = 1.0
+# Batches with more chunks than this are freed in a thread after commit.
+_FREE_INLINE_CHUNKS = 2000
 
 # How the workers' connections show in pg_stat_activity (with the process id).
 APPLICATION_NAME = "steplog-pipeline"
@@ -233,19 +239,31 @@ class _Item:
     batch: DecodedBatch
     future: asyncio.Future[CommitResult]
     cost: int
+    held: bool = True  # its slot and bytes in the queue's bounds
+    answered: bool = False
 
 
 @dataclass
 class _Worker:
+    """One database connection, on its own event loop (its own thread), so
+    the Python work of a large commit holds neither the gRPC loop nor the
+    other workers. The queue, task, connection and `tried` belong to that
+    loop; `slots` and `budget` (the bounds) to the service's loop."""
+
     index: int
-    queue: asyncio.Queue[_Item]
+    slots: asyncio.Semaphore
     budget: ByteBudget
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop | None = None
+    thread: threading.Thread | None = None
     conn: asyncpg.Connection | None = None
     task: asyncio.Task[None] | None = None
     healthy: bool = False
     problem: str = "not connected yet"
     tried: asyncio.Event = field(default_factory=asyncio.Event)
     pending: list[_Item] = field(default_factory=list)
+    # Batches a failed try may have changed (reset before the next try).
+    dirty: set[int] = field(default_factory=set)
 
 
 HealthCallback = Callable[[bool, str], Awaitable[None]]
@@ -265,6 +283,7 @@ class Pipeline:
         connect_timeout: float = 5.0,
         command_timeout: float = 60.0,
         connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+        threads: bool = True,
     ) -> None:
         self.dsn = dsn
         self.store = store
@@ -277,11 +296,15 @@ class Pipeline:
         per_worker = max(1, queue_batches // workers)
         per_worker_bytes = max(1, queue_bytes // workers)
         self._workers = [
-            _Worker(i, asyncio.Queue(per_worker), ByteBudget(per_worker_bytes))
+            _Worker(i, asyncio.Semaphore(per_worker), ByteBudget(per_worker_bytes))
             for i in range(workers)
         ]
+        # Each worker on a thread of its own (False: on the caller's loop, for tests).
+        self.threads = threads
+        self._main: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        # Told when the pipeline turns healthy or unhealthy (and why).
+        # Told when the pipeline turns healthy or unhealthy (and why), on the
+        # service's loop.
         self.on_health: HealthCallback | None = None
         self._reported: bool | None = None  # None until started
 
@@ -306,30 +329,63 @@ class Pipeline:
         elif not ok:
             log.warning("pipeline worker %d unhealthy: %s", w.index, problem)
         self.metrics.pipeline_healthy.set(1 if self.healthy else 0)
+        if self.threads:
+            assert self._main is not None
+            asyncio.run_coroutine_threadsafe(self._report_health(), self._main)
+        else:
+            await self._report_health()
+
+    async def _report_health(self) -> None:
+        """On the service's loop: tell on_health when the whole changed."""
         now = self.healthy
-        if self._reported is not None and now != self._reported and not self._closing:
-            self._reported = now
-            if not now:
-                log.error("write pipeline unhealthy (health NOT_SERVING): %s", self.problem)
-            else:
-                log.info("write pipeline healthy again (health SERVING)")
-            if self.on_health is not None:
-                try:
-                    await self.on_health(now, self.problem)
-                except Exception:
-                    log.exception("health callback failed")
+        if self._reported is None or now == self._reported or self._closing:
+            return
+        self._reported = now
+        if not now:
+            log.error("write pipeline unhealthy (health NOT_SERVING): %s", self.problem)
+        else:
+            log.info("write pipeline healthy again (health SERVING)")
+        if self.on_health is not None:
+            try:
+                await self.on_health(now, self.problem)
+            except Exception:
+                log.exception("health callback failed")
+
+    # -- crossing between the service's loop and the workers' --------------------------
+
+    async def _on_worker(self, w: _Worker, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the worker's loop and wait for it here."""
+        if not self.threads:
+            return await coro
+        assert w.loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, w.loop))
+
+    def _on_main(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call fn on the service's loop (from a worker's)."""
+        if self.threads and self._main is not None:
+            self._main.call_soon_threadsafe(fn, *args)
+        else:
+            fn(*args)
 
     # -- the API -----------------------------------------------------------------------
 
     async def start(self, wait: float = 10.0) -> None:
         """Start the workers and wait (up to `wait` seconds) until each has
         tried its first connection, so `healthy` means something."""
+        self._main = asyncio.get_running_loop()
         for w in self._workers:
-            w.task = asyncio.create_task(self._supervise(w), name=f"steplog-pipeline-{w.index}")
+            name = f"steplog-pipeline-{w.index}"
+            if self.threads:
+                w.loop = asyncio.new_event_loop()
+                w.thread = threading.Thread(target=w.loop.run_forever, name=name, daemon=True)
+                w.thread.start()
+            else:
+                w.loop = self._main
+            w.task = await self._on_worker(w, _spawn(self._supervise(w), name))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 for w in self._workers:
-                    await w.tried.wait()
+                    await self._on_worker(w, w.tried.wait())
         self._reported = self.healthy
 
     def _worker_for(self, batch: DecodedBatch) -> _Worker:
@@ -349,26 +405,28 @@ class Pipeline:
             raise StoreUnavailable(f"database unavailable: {_public(worker.problem)}")
         cost = batch.nbytes if cost is None else cost
         try:
-            await worker.budget.acquire(cost, wait)
+            async with asyncio.timeout(wait):
+                await worker.slots.acquire()
         except TimeoutError:
-            raise Overloaded(
-                f"the write pipeline is full ({worker.budget.used} bytes queued); retry later"
-            ) from None
+            raise Overloaded("the write pipeline is full (batches queued); retry later") from None
+        try:
+            await worker.budget.acquire(cost, wait)
+        except BaseException as exc:
+            worker.slots.release()
+            if isinstance(exc, TimeoutError):
+                raise Overloaded(
+                    f"the write pipeline is full ({worker.budget.used} bytes queued); retry later"
+                ) from None
+            raise
         fut: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         item = _Item(batch, fut, cost)
-        try:
-            async with asyncio.timeout(wait):
-                await worker.queue.put(item)
-        except TimeoutError:
-            worker.budget.release(cost)
-            raise Overloaded(
-                f"the write pipeline is full ({worker.queue.qsize()} batches queued); retry later"
-            ) from None
-        except BaseException:
-            worker.budget.release(cost)
-            raise
         self.metrics.queue_bytes.inc(cost)
         self.metrics.queue_batches.inc()
+        if self.threads:
+            assert worker.loop is not None
+            worker.loop.call_soon_threadsafe(worker.queue.put_nowait, item)
+        else:
+            worker.queue.put_nowait(item)
         return fut
 
     async def close(self, grace: float = 10.0) -> None:
@@ -380,18 +438,34 @@ class Pipeline:
                 break
             await asyncio.sleep(0.05)
         for w in self._workers:
-            if w.task is not None:
+            if w.loop is None:
+                continue
+            with contextlib.suppress(Exception):
+                await self._on_worker(w, self._stop(w))
+            if self.threads:
+                w.loop.call_soon_threadsafe(w.loop.stop)
+                if w.thread is not None:
+                    await asyncio.to_thread(w.thread.join, 5)
+                if not w.loop.is_running():
+                    w.loop.close()
+            w.loop = None
+
+    async def _stop(self, w: _Worker) -> None:
+        """On the worker's loop: end its task, fail what is left, close its connection."""
+        if w.task is not None:
+            for _ in range(5):
                 w.task.cancel()
-        for w in self._workers:
-            if w.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await w.task
-            self._finish(w, list(w.pending) + self._drain(w), StoreUnavailable("shutting down"))
-            w.pending = []
-            if w.conn is not None:
-                with contextlib.suppress(Exception):
-                    await w.conn.close(timeout=2)
-                w.conn = None
+                done, _ = await asyncio.wait({w.task}, timeout=1)
+                if done:
+                    break
+            else:
+                log.error("pipeline worker %d did not stop", w.index)
+        self._finish(w, list(w.pending) + self._drain(w), StoreUnavailable("shutting down"))
+        w.pending = []
+        if w.conn is not None:
+            with contextlib.suppress(Exception):
+                await w.conn.close(timeout=2)
+            w.conn = None
 
     # -- the workers --------------------------------------------------------------------
 
@@ -422,8 +496,10 @@ class Pipeline:
                 await self._reconnect(w)
             try:
                 # Wake now and then: a connection that died while idle is
-                # replaced before a batch needs it (and health tells).
-                first = await asyncio.wait_for(w.queue.get(), _IDLE_CHECK_S)
+                # replaced before a batch needs it (and health tells). Not
+                # wait_for: in 3.11 it can swallow a cancel that meets a result.
+                async with asyncio.timeout(_IDLE_CHECK_S):
+                    first = await w.queue.get()
             except TimeoutError:
                 continue
             group = [first]
@@ -514,7 +590,7 @@ class Pipeline:
         try:
             results = await self._commit(w, [i.batch for i in items])
         except StoreUnavailable as exc:
-            self._fail(items, exc)
+            self._fail(w, items, exc)
             return False
         except (_Refused, _Failed) as exc:
             if len(items) > 1:
@@ -525,7 +601,7 @@ class Pipeline:
                 )
                 mid = len(items) // 2
                 if not await self._commit_isolating(w, items[:mid]):
-                    self._fail(items[mid:], StoreUnavailable("database unavailable; resend"))
+                    self._fail(w, items[mid:], StoreUnavailable("database unavailable; resend"))
                     return False
                 return await self._commit_isolating(w, items[mid:])
             if isinstance(exc, _Refused):
@@ -539,13 +615,14 @@ class Pipeline:
             )
             error = exc.error
             self._fail(
+                w,
                 items,
                 error
                 if isinstance(error, ApiError)
                 else StoreUnavailable(f"the database failed this batch ({exc}); resend"),
             )
             return True
-        self._resolve(items, results)
+        self._resolve(w, items, results)
         return True
 
     async def _answer_refused(self, w: _Worker, item: _Item, error: BaseException) -> bool:
@@ -554,6 +631,7 @@ class Pipeline:
         ordinary ack with the reason, and the writer's next batches flow."""
         batch = item.batch
         batch.reset()
+        w.dirty.discard(id(batch))
         message = (
             f"the database refused this batch: {error_name(error)}; none of its points were"
             " stored (a value the database cannot hold, such as a NUL character?)"
@@ -571,7 +649,7 @@ class Pipeline:
         try:
             results = await self._commit(w, [batch])
         except StoreUnavailable as exc:
-            self._fail([item], exc)
+            self._fail(w, [item], exc)
             return False
         except (_Refused, _Failed) as exc:
             log.error(
@@ -581,9 +659,9 @@ class Pipeline:
                 exc,
                 exc_info=exc.error,
             )
-            self._fail([item], StoreUnavailable(f"the database failed this batch ({exc})"))
+            self._fail(w, [item], StoreUnavailable(f"the database failed this batch ({exc})"))
             return True
-        self._resolve([item], results)
+        self._resolve(w, [item], results)
         return True
 
     async def _commit(self, w: _Worker, batches: Sequence[DecodedBatch]) -> list[CommitResult]:
@@ -592,8 +670,10 @@ class Pipeline:
         last: BaseException | None = None
         for attempt in range(self.commit_tries):
             # A failed try may have moved outcomes and steps: start over from
-            # the validated state.
-            _reset_outcomes(batches)
+            # the validated state (only then: the copy costs on large batches).
+            for b in batches:
+                if id(b) in w.dirty:
+                    b.reset()
             started = time.perf_counter()
             try:
                 conn = w.conn if w.conn is not None and not w.conn.is_closed() else None
@@ -603,6 +683,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                w.dirty.update(map(id, batches))
                 kind = classify(exc)
                 self.metrics.db_errors.labels("commit", kind).inc()
                 if kind == REFUSED:
@@ -634,13 +715,13 @@ class Pipeline:
             f"database unavailable ({error_name(last)} after {self.commit_tries} tries); resend"
         )
 
-    def _resolve(self, items: Sequence[_Item], results: Sequence[CommitResult]) -> None:
+    def _resolve(self, w: _Worker, items: Sequence[_Item], results: Sequence[CommitResult]) -> None:
         now = time.time()
         for item, result in zip(items, results, strict=True):
             self._account(item.batch, result, now)
-            if not item.future.done():
-                item.future.set_result(result)
-            _release_payload(item.batch)
+            item.answered = True
+            self._on_main(_settle, item.future, result, None)
+            self._release(w, item.batch)
 
     def _account(self, batch: DecodedBatch, result: CommitResult, now: float) -> None:
         m = self.metrics
@@ -664,21 +745,36 @@ class Pipeline:
         if batch.sent_time > 0:
             m.lag_seconds.observe(max(0.0, now - batch.sent_time))
 
-    def _fail(self, items: Sequence[_Item], exc: BaseException) -> None:
+    def _fail(self, w: _Worker, items: Sequence[_Item], exc: BaseException) -> None:
         for item in items:
-            if not item.future.done():
-                item.future.set_exception(exc)
+            if not item.answered and not item.future.done():
+                item.answered = True
                 self.metrics.batches.labels("error").inc()
-            _release_payload(item.batch)
+                self._on_main(_settle, item.future, None, exc)
+            self._release(w, item.batch)
+
+    def _release(self, w: _Worker, batch: DecodedBatch) -> None:
+        """Keep only what the acknowledgement needs (sequence, outcome). A
+        large batch is freed in a thread, one chunk at a time, so no loop is
+        held while 100,000 objects are deallocated."""
+        w.dirty.discard(id(batch))
+        chunks: list[Any] = batch.chunks
+        saved = batch._saved
+        batch.chunks = []
+        batch._saved = None
+        if len(chunks) > _FREE_INLINE_CHUNKS:
+            garbage = [saved, *chunks] if saved is not None else chunks
+            chunks = []
+            asyncio.get_running_loop().run_in_executor(None, _free, garbage)
 
     def _finish(self, w: _Worker, items: Sequence[_Item], exc: BaseException) -> None:
-        """Fail what is still open among the items, and give back their bytes."""
-        self._fail(items, exc)
+        """Fail what is still open among the items, and give back their room."""
+        self._fail(w, items, exc)
         for item in items:
-            if item.cost:
-                w.budget.release(item.cost)
+            if item.held:
+                item.held = False
                 self.metrics.queue_bytes.dec(item.cost)
-                item.cost = 0
+                self._on_main(_give_back, w, item.cost)
 
     def _drain(self, w: _Worker) -> list[_Item]:
         items = []
@@ -692,16 +788,31 @@ def application_name(pid: int | None = None) -> str:
     return f"{APPLICATION_NAME} pid={os.getpid() if pid is None else pid}"
 
 
-def _reset_outcomes(batches: Sequence[DecodedBatch]) -> None:
-    """A retried transaction starts over from the validated state."""
-    for b in batches:
-        b.reset()
+def _settle(
+    fut: asyncio.Future[CommitResult], result: CommitResult | None, exc: BaseException | None
+) -> None:
+    if fut.done():
+        return  # its caller is gone
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        assert result is not None
+        fut.set_result(result)
 
 
-def _release_payload(batch: DecodedBatch) -> None:
-    """Keep only what the acknowledgement needs (sequence, outcome)."""
-    batch.chunks = []
-    batch._saved = None
+def _give_back(w: _Worker, cost: int) -> None:
+    w.budget.release(cost)
+    w.slots.release()
+
+
+async def _spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a task on the running loop (used to start one on a worker's loop)."""
+    return asyncio.create_task(coro, name=name)
+
+
+def _free(garbage: list[Any]) -> None:
+    while garbage:
+        garbage.pop()  # one object at a time: the GIL passes between them
 
 
 def _jitter(delay: float) -> float:

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.healthcheck import check
@@ -469,3 +471,59 @@ def test_memory_stays_bounded_when_a_client_sends_fast_and_never_reads_acks(
         assert peak < RSS_BOUND_MIB, f"RSS {peak:.0f} MiB (baseline {baseline:.0f} MiB)"
         wait_until(lambda: scrape(svc, "steplog_ingest_inflight_bytes") == 0, 30, "memory released")
         assert check(svc.address)[0]
+
+
+# -- load shedding ---------------------------------------------------------------------------
+
+
+def test_a_call_that_waits_too_long_for_room_is_shed_with_retry_info(
+    service_env: dict[str, str],
+    url: str,
+    sql: Sql,
+    experiment_name: str,
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    with service(
+        service_env,
+        tmp_path,
+        "shed",
+        pipeline_workers="1",
+        service_inflight_bytes=str(2**20),
+        backpressure_timeout_s="0.5",
+    ) as svc:
+        client = Client(svc.address, "default")
+        run = Experiment(experiment_name, url=svc.address).start_logging()
+        write(client, scalar_request(run.id, f"gate-{tag}", 1, "gate", [0], [0.0]))
+        hold_series(sql, run.id, "gate")
+        with ThreadPoolExecutor(2) as pool:
+            gate = pool.submit(
+                write,
+                client,
+                scalar_request(
+                    run.id, f"gate-{tag}", 2, "gate", list(range(1, 40_000)), [1.0] * 39_999
+                ),
+            )
+            wait_until(lambda: lock_waiters(sql) >= 1, 30, "the gate commit to wait")
+            big = scalar_request(
+                run.id, f"big-{tag}", 1, "big", list(range(120_000)), [2.0] * 120_000
+            )
+            assert big.ByteSize() > 2**20
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                write(client, big, timeout=30)
+            waited = time.monotonic() - started
+            sql.execute("ROLLBACK")
+            assert gate.result(60).result.accepted == 39_999
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0.4 < waited < 10
+        status = rpc_status.from_call(err.value)
+        assert status is not None
+        infos = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert len(infos) == 1
+        info = error_details_pb2.RetryInfo()
+        infos[0].Unpack(info)
+        assert info.retry_delay.ToTimedelta().total_seconds() > 0
+        assert scrape(svc, "steplog_ingest_shed_total", bound="service") == 1
+        # Once there is room the same batch is taken.
+        assert write(client, big).result.accepted == 120_000

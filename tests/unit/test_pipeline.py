@@ -141,7 +141,9 @@ def connector() -> Connector:
 
 
 def make_pipeline(store: FakeStore, connector: Connector, **kw: Any) -> Pipeline:
+    """Workers on the test's loop, so the fake store's gates can hold them."""
     kw.setdefault("workers", 1)
+    kw.setdefault("threads", False)
     return Pipeline(
         "postgresql://unused",
         store,  # type: ignore[arg-type]
@@ -438,3 +440,37 @@ def test_errors_are_classified() -> None:
     assert classify(TimeoutError()) == "unavailable"
     assert classify(asyncpg.exceptions.InsufficientPrivilegeError("x")) == "other"
     assert classify(ValueError("a bug")) == "other"
+
+
+async def test_workers_on_threads_of_their_own(store: FakeStore, connector: Connector) -> None:
+    """As the service runs them: each worker's loop on its own thread, results
+    and health handed back to the caller's loop."""
+    p = make_pipeline(store, connector, workers=2, threads=True)
+    seen: list[bool] = []
+    p.on_health = lambda ok, problem: _record(seen, ok)
+    await p.start()
+    assert p.healthy
+    batches = [make_batch(f"w{i}", 1) for i in range(6)]
+    store.poison.add(("w4", 1))
+    futures = [await p.submit(b) for b in batches]
+    results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert all(r == CommitResult() for r in results)
+    assert batches[4].outcome.rejected == 3
+    assert {(w, n) for w, _, n in store.committed} == {
+        ("w0", 3),
+        ("w1", 3),
+        ("w2", 3),
+        ("w3", 3),
+        ("w4", 0),
+        ("w5", 3),
+    }
+    cancelled = await p.submit(make_batch("w0", 2))
+    cancelled.cancel()
+    await p.close(2)
+    assert all(w.thread is None or not w.thread.is_alive() for w in p._workers)
+    # Every slot and byte was given back.
+    assert all(w.budget.used == 0 for w in p._workers)
+
+
+async def _record(seen: list[bool], ok: bool) -> None:
+    seen.append(ok)
