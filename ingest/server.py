@@ -207,6 +207,7 @@ class Service:
             ExperimentServicer(metadata), server
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(metadata), server)
+        # Registered raw: large requests are parsed off the event loop.
         ingest_servicer.add_to_server(
             ingest_servicer.IngestServicer(
                 self.pipeline,
@@ -249,6 +250,7 @@ class Service:
             )
             shown = addresses.join_host_port(metrics_host, self.metrics_port)
             log.info("metrics on http://%s/metrics", shown)
+        # A pipeline worker that cannot reach the database turns health NOT_SERVING.
         self.pipeline.on_health = self._pipeline_health
         await self._pipeline_health(self.pipeline.healthy, self.pipeline.problem)
         log.info("serving on %s (port %d)", cfg.listen, self.port)
