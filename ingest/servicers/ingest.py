@@ -195,7 +195,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if result.gap is not None:
             await abort_with(context, ApiError("ABORTED", str(result.gap), "batch.sequence"))
         if result.duplicate_batch:
-            return pb.WriteResponse(duplicate_batch=True)
+            # What the commit that stored it decided, while the store keeps it.
+            original = result.original
+            if original is None:
+                return pb.WriteResponse(duplicate_batch=True)
+            return pb.WriteResponse(duplicate_batch=True, result=result_to_proto(original))
         return pb.WriteResponse(result=result_to_proto(batch.outcome))
 
     # -- the stream ---------------------------------------------------------------------
@@ -264,6 +268,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 batch = item.batch
                 if result.duplicate_batch:
                     response = pb.IngestResponse(sequence=batch.sequence, duplicate_batch=True)
+                    if result.original is not None:
+                        response.result.CopyFrom(result_to_proto(result.original))
                 else:
                     response = pb.IngestResponse(
                         sequence=batch.sequence, result=result_to_proto(batch.outcome)
