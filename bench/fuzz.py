@@ -22,10 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from bench.common import bench_stack, service
-from bench.hostile import Fuzzer, missing_and_doubled, stored_rows
+from bench.hostile import Fuzzer, Report, missing_and_doubled, stored_rows
+
+
+def _progress(r: Report) -> None:
+    print(
+        f"... {r.messages} messages, {len(r.findings)} findings, max_rss_mb={r.max_rss_mb:.0f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -54,7 +63,7 @@ def main() -> None:
             kinds=kinds,
         )
         try:
-            report = fuzzer.run(ns.messages)
+            report = fuzzer.run(ns.messages, progress=_progress)
         finally:
             fuzzer.close()
         crashed = svc.proc.poll() is not None

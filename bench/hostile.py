@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,19 +398,21 @@ class _Case:
         request: Message | bytes,
         expect: Iterable[grpc.StatusCode] = (),
         ok_allowed: bool = True,
+        channel: grpc.Channel | None = None,
     ) -> Message | None:
         m = BY_NAME[name]
+        channel = channel or self.f.channel
         raw = request if isinstance(request, bytes) else request.SerializeToString()
         self._check_own_size(m.path, len(raw))
         self.messages += 1
         self.calls += 1
         try:
             if m.server_streaming:
-                call = self.f.channel.unary_stream(m.path)
+                call = channel.unary_stream(m.path)
                 replies = [m.response.FromString(r) for r in call(raw, timeout=self.f.call_timeout)]
                 reply = replies[0] if replies else m.response()
             else:
-                out = self.f.channel.unary_unary(m.path)(raw, timeout=self.f.call_timeout)
+                out = channel.unary_unary(m.path)(raw, timeout=self.f.call_timeout)
                 reply = m.response.FromString(out)
                 self._check_size(m.path, len(raw), len(out))
         except grpc.RpcError as err:
@@ -476,21 +478,24 @@ class _Case:
     def writer(self) -> str:
         return f"fz-{self.f.seed}-{self.index}-{self.rng.randrange(1 << 30):x}"
 
-    def valid_series(self, run_id: str, n_points: int | None = None) -> ip.RunSeries:
-        """A series of valid points, remembered as expected in the database."""
+    def valid_series(
+        self, run_id: str, n_points: int | None = None, unstepped: bool | None = None
+    ) -> ip.RunSeries:
+        """A new series of valid points, remembered as expected in the database.
+        A third are unstepped: the service numbers them 0, 1, ... in commit
+        order, so a batch committed twice shows as extra rows (a stepped
+        repeat would be an exact duplicate, not stored)."""
         j = len(self.valid)
         name = f"valid.{self.f.seed}.{self.index}.{j}"
         n = n_points or self.rng.randint(1, 20)
+        if unstepped is None:
+            unstepped = self.rng.random() < 1 / 3
         steps = list(range(n))
         values = [float(self.index * 1000 + j + s / 64) for s in steps]
         for s, v in zip(steps, values, strict=True):
             self.valid.append((run_id, name, s, v))
-        return ip.RunSeries(
-            run_id=run_id,
-            series=data_pb2.SeriesData(
-                name=name, scalars=data_pb2.ScalarColumns(steps=steps, values=values)
-            ),
-        )
+        columns = data_pb2.ScalarColumns(steps=[] if unstepped else steps, values=values)
+        return ip.RunSeries(run_id=run_id, series=data_pb2.SeriesData(name=name, scalars=columns))
 
     def forget_valid(self, upto: int) -> None:
         """The valid points of a whole batch the service refused are not expected."""
@@ -630,6 +635,8 @@ class Fuzzer:
         ("wide", 1),
         ("big_image", 1),
         ("slow_reader", 1),
+        ("race", 2),
+        ("envelope", 2),
     )
 
     def __init__(
@@ -644,10 +651,13 @@ class Fuzzer:
         rss_kill_mb: float = 0.0,
         kinds: dict[str, int] | None = None,
         series_kinds: Iterable[str] = SERIES_KINDS,
+        peer: str | None = None,
     ) -> None:
         """rss_kill_mb: above this RSS the service process is killed (SIGKILL)
         and the run stops with a finding, so a service that allocates without
-        bound cannot take the machine down with it (0: never)."""
+        bound cannot take the machine down with it (0: never). peer: the
+        address of a second service process on the same database; the race
+        cases send one of their two copies there."""
         self.address = address
         self.rss_kill_mb = rss_kill_mb
         self.series_kinds = list(series_kinds)
@@ -663,6 +673,8 @@ class Fuzzer:
             ("grpc.enable_http_proxy", 0),
         ]
         self.channel = grpc.insecure_channel(address, options=opts)
+        # A second service process on the same database, for the races.
+        self.peer_channel = grpc.insecure_channel(peer, options=opts) if peer else self.channel
         self.ctx = self._setup()
         self.valid: list[tuple[str, str, int, float]] = []
         self.report = Report()
@@ -675,6 +687,7 @@ class Fuzzer:
 
     def close(self) -> None:
         self.channel.close()
+        self.peer_channel.close()
 
     # -- set up: the runs the cases write to
     def _call(self, name: str, req: Message) -> Any:
@@ -703,12 +716,19 @@ class Fuzzer:
         return Context("default", valid, victims, completed, foreign, exp)
 
     # -- the run
-    def run(self, messages: int, time_limit_s: float | None = None) -> Report:
+    def run(
+        self,
+        messages: int,
+        time_limit_s: float | None = None,
+        progress: Callable[[Report], None] | None = None,
+        progress_every: int = 10_000,
+    ) -> Report:
         rep = self.report
         start = time.monotonic()
         sampler = threading.Thread(target=self._sample, daemon=True)
         sampler.start()
         index = 0
+        next_progress = progress_every
         try:
             with ThreadPoolExecutor(self.threads) as pool:
                 pending: set[Any] = set()
@@ -721,6 +741,9 @@ class Fuzzer:
                     done = next(iter(_wait_first(pending)))
                     pending.discard(done)
                     done.result()
+                    if progress and rep.messages >= next_progress:
+                        next_progress += progress_every
+                        progress(rep)
                 for fut in pending:
                     fut.result()
         finally:
@@ -900,7 +923,10 @@ class Fuzzer:
         for seq in range(1, c.rng.randint(1, 3) + 1):
             start = len(c.valid)
             batch = c.mixed_batch(w, seq)
-            reply = c.unary("Write", ip.WriteRequest(workspace="default", batch=batch))
+            # Like a client behind a load balancer: each batch to either replica.
+            channel = self.peer_channel if c.rng.random() < 0.5 else None
+            request = ip.WriteRequest(workspace="default", batch=batch)
+            reply = c.unary("Write", request, channel=channel)
             self._mixed_ok(c, reply, start, "/steplog.v1.IngestService/Write")
             if reply is None:
                 return
@@ -925,6 +951,55 @@ class Fuzzer:
             c.finding("Ingest", f"acknowledged sequences {acked}, sent 1..{n}")
         if any(r.duplicate_batch for r in replies):  # type: ignore[attr-defined]
             c.finding("Ingest", "a first send acknowledged as a duplicate batch")
+
+    def _case_race(self, c: _Case) -> None:
+        """A writer's first batch sent twice at the same moment (a client
+        resending while its first call is still running; to the peer replica
+        when there is one): stored once, one of the two answers a duplicate."""
+        run = c.rng.choice(self.ctx.valid_runs)
+        series = [c.valid_series(run, unstepped=True) for _ in range(c.rng.randint(1, 3))]
+        request = ip.WriteRequest(batch=ip.Batch(writer_id=c.writer(), sequence=1, series=series))
+        start = len(c.valid)
+        replies: list[Message | None] = [None, None]
+        barrier = threading.Barrier(2)
+
+        def send(i: int) -> None:
+            barrier.wait(5)
+            channel = self.peer_channel if i == 1 else None
+            replies[i] = c.unary("Write", request, channel=channel)
+
+        other = threading.Thread(target=send, args=(1,))
+        other.start()
+        send(0)
+        other.join()
+        if any(r is None for r in replies):
+            # One failed: the other may have stored it; the points stay expected.
+            c.finding("Write", f"a raced first batch failed: {c.last_error}")
+            return
+        dups = [bool(r.duplicate_batch) for r in replies]  # type: ignore[union-attr]
+        if dups.count(True) != 1:
+            c.finding("Write", f"a first batch sent twice at once: duplicate_batch {dups}")
+        del start
+
+    def _case_envelope(self, c: _Case) -> None:
+        """Hostile writer ids and workspaces: the whole batch is refused, as INVALID_ARGUMENT."""
+        rng = c.rng
+        run = rng.choice(self.ctx.victim_runs)
+        bad = hostile_string(rng, rng.choice(["nul", "control", "huge", "unicode"]))
+        batch = ip.Batch(writer_id=c.writer(), sequence=1)
+        batch.series.add(run_id=run).series.name = "m"
+        batch.series[0].series.scalars.values.append(1.0)
+        workspace = "default"
+        if rng.random() < 0.5:
+            batch.writer_id = bad
+        else:
+            workspace = bad
+        inv = (grpc.StatusCode.INVALID_ARGUMENT,)
+        if rng.random() < 0.5:
+            c.unary("Write", ip.WriteRequest(workspace=workspace, batch=batch), inv, False)
+        else:
+            req = ip.IngestRequest(workspace=workspace, batch=batch)
+            c.stream("Ingest", [req], inv, False)
 
     def _case_echo(self, c: _Case) -> None:
         """One series with a huge name (or labels) and many bad points: the
@@ -1369,13 +1444,15 @@ STORED_SQL = (
 def missing_and_doubled(
     expected: Iterable[tuple[str, str, int, float]], rows: Iterable[tuple[Any, ...]]
 ) -> tuple[int, int]:
-    """(valid points not stored, points stored more than once) from the rows of STORED_SQL."""
+    """(valid points not stored, points stored more than once) from the rows of
+    STORED_SQL. Values are unique inside a valid series, so a row whose (run,
+    series, value) another row has is a double, whatever step it got."""
     want = set(expected)
-    seen: Counter[tuple[str, str, int, float]] = Counter(
-        (str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows
-    )
+    got = [(str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows]
+    seen = set(got)
+    by_value = Counter((run, name, value) for run, name, _, value in got)
     missing = sum(1 for p in want if p not in seen)
-    doubled = sum(n - 1 for n in seen.values() if n > 1)
+    doubled = sum(n - 1 for n in by_value.values() if n > 1)
     return missing, doubled
 
 

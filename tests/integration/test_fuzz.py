@@ -1,12 +1,14 @@
 """10,000 hostile messages against a real service (bench/hostile.py makes them).
 
 The service runs as its own subprocess on the session database, so a crash
-here fails this test only. Checked: the process never dies, no call passes its
-deadline, a health check answers SERVING within 2 s after every 250 messages,
-no error is UNKNOWN or INTERNAL and each has a message, every rejection has a
-reason, the RSS stays under 1.5 GiB, and every valid point of the mixed
-batches is stored, once, by SQL. The seed is fixed: a finding names the case
-that reproduces it (`Fuzzer(seed=9)`, case N)."""
+here fails this test only; a second process on the same database (the peer)
+takes half of the mixed batches and one copy of each raced first batch.
+Checked: no process dies, no call passes its deadline, a health check answers
+SERVING within 2 s after every 250 messages, no error is UNKNOWN or INTERNAL
+and each has a message, every rejection has a reason, the RSS stays under
+1.5 GiB, and every valid point of the mixed batches is stored, once, by SQL.
+The seed is fixed: a finding names the case that reproduces it
+(`Fuzzer(seed=9)`, case N)."""
 
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ def test_ten_thousand_hostile_messages(
 ) -> None:
     log = tmp_path / "service.log"
     svc = ServiceProcess(service_env, log_path=log).start()
-    assert svc.proc is not None
+    peer = ServiceProcess(service_env, log_path=tmp_path / "peer.log").start()
+    assert svc.proc is not None and peer.proc is not None
     fuzzer = Fuzzer(
         svc.address,
+        peer=peer.address,
         seed=SEED,
         pid=svc.proc.pid,
         threads=6,
@@ -41,11 +45,12 @@ def test_ten_thousand_hostile_messages(
     )
     try:
         report = fuzzer.run(MESSAGES, time_limit_s=TIME_LIMIT_S)
-        alive = svc.proc.poll() is None
+        alive = svc.proc.poll() is None and peer.proc.poll() is None
         rows = [tuple(r) for r in fetch(database_url, STORED_SQL, fuzzer.ctx.valid_runs)]
     finally:
         fuzzer.close()
         svc.stop()
+        peer.stop()
     missing, doubled = missing_and_doubled(fuzzer.valid, rows)
     summary = report.summary()
     print(summary)
