@@ -1,6 +1,12 @@
 """The write pipeline: queues bounded in batches and bytes, one worker per
 database connection, group commit of many batches per transaction.
 
+Each worker runs on a thread and event loop of its own: the Python work of
+a large commit (100,000 series take seconds of CPU) then holds neither the
+service's gRPC loop nor the other workers. The bounds (`slots`, `budget`)
+and the callers' futures live on the service's loop; results, health and
+freed room cross back with call_soon_threadsafe.
+
 A writer's batches always go to the same worker (hash of its id), so they
 commit in order. `submit` waits when that worker's queue is full (in batches
 or in bytes): the stream handler stops reading, gRPC flow control pushes
@@ -331,7 +337,8 @@ class Pipeline:
         self.metrics.pipeline_healthy.set(1 if self.healthy else 0)
         if self.threads:
             assert self._main is not None
-            asyncio.run_coroutine_threadsafe(self._report_health(), self._main)
+            with contextlib.suppress(RuntimeError):  # the service's loop is gone: exiting
+                asyncio.run_coroutine_threadsafe(self._report_health(), self._main)
         else:
             await self._report_health()
 
@@ -363,7 +370,8 @@ class Pipeline:
     def _on_main(self, fn: Callable[..., None], *args: Any) -> None:
         """Call fn on the service's loop (from a worker's)."""
         if self.threads and self._main is not None:
-            self._main.call_soon_threadsafe(fn, *args)
+            with contextlib.suppress(RuntimeError):  # the service's loop is gone: exiting
+                self._main.call_soon_threadsafe(fn, *args)
         else:
             fn(*args)
 
