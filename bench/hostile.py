@@ -1222,7 +1222,7 @@ class Fuzzer:
             c.forget_valid(start)
             c.finding(
                 "Write",
-                f"batch 2 of writer {w} in 'default' acknowledged as a duplicate after the same"
+                f"batch 2 of a writer in 'default' acknowledged as a duplicate after the same"
                 f" writer id wrote {k} batches in {FOREIGN_WORKSPACE} (progress not per workspace)",
             )
 
