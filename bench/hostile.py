@@ -959,7 +959,6 @@ class Fuzzer:
         run = c.rng.choice(self.ctx.valid_runs)
         series = [c.valid_series(run, unstepped=True) for _ in range(c.rng.randint(1, 3))]
         request = ip.WriteRequest(batch=ip.Batch(writer_id=c.writer(), sequence=1, series=series))
-        start = len(c.valid)
         replies: list[Message | None] = [None, None]
         barrier = threading.Barrier(2)
 
@@ -979,7 +978,6 @@ class Fuzzer:
         dups = [bool(r.duplicate_batch) for r in replies]  # type: ignore[union-attr]
         if dups.count(True) != 1:
             c.finding("Write", f"a first batch sent twice at once: duplicate_batch {dups}")
-        del start
 
     def _case_envelope(self, c: _Case) -> None:
         """Hostile writer ids and workspaces: the whole batch is refused, as INVALID_ARGUMENT."""
