@@ -90,6 +90,24 @@ class Config:
     # cap on exported series (and runs); 0 turns the progress export off.
     progress_series: tuple[str, ...] = ("loss*", "*loss", "accuracy*", "lr")
     progress_max_series: int = 1000
+    # Off: the progress export carries no run or experiment names (the
+    # run_id/experiment labels hold a short keyed hash instead).
+    progress_run_names: bool = True
+    # TLS on the gRPC port (PEM files; both or neither). With a client CA,
+    # every client must present a certificate it signed (mutual TLS).
+    # Certificates are re-read when the files change (new connections).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # A plaintext port serving only grpc.health.v1 (same host as listen),
+    # for probes that cannot speak TLS (Kubernetes gRPC probes); 0 = none.
+    health_port: int = 0
+    # /metrics over HTTPS (PEM files; both or neither), and HTTP basic auth:
+    # "user:HASH" (HASH sha256:<hex> or pbkdf2_sha256$<iterations>$<salt>$<hex>)
+    # or the path of a file holding such lines.
+    metrics_tls_cert: str = ""
+    metrics_tls_key: str = ""
+    metrics_basic_auth: str = ""
     # Exactly once: a writer's progress (its high-water mark and the outcomes
     # of its last batches) is kept this long after its last batch. Must be
     # longer than any client keeps batches to resend (its spool and the
@@ -227,6 +245,20 @@ _HELP = {
     ),
     "progress_series": "scalar series exported as live progress: comma-separated globs (* and ?)",
     "progress_max_series": "most series (and runs) in the progress export; 0 turns it off",
+    "progress_run_names": (
+        "export run and experiment names in the progress export (false: a short keyed hash)"
+    ),
+    "tls_cert": "TLS certificate chain for the gRPC port (PEM file; with --tls-key)",
+    "tls_key": "TLS private key for the gRPC port (PEM file; with --tls-cert)",
+    "tls_client_ca": "CA bundle (PEM) that client certificates must chain to: mutual TLS",
+    "health_port": (
+        "plaintext port serving only grpc.health.v1 for probes that cannot speak TLS (0: none)"
+    ),
+    "metrics_tls_cert": "TLS certificate for /metrics (PEM file; with --metrics-tls-key)",
+    "metrics_tls_key": "TLS private key for /metrics (PEM file; with --metrics-tls-cert)",
+    "metrics_basic_auth": (
+        "HTTP basic auth for /metrics: user:HASH (sha256:<hex> or pbkdf2_sha256$...), or a file"
+    ),
     "writer_retention_s": (
         "seconds a writer's progress is kept after its last batch (exactly once);"
         " longer than any client spools and replays"
@@ -241,6 +273,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "reuse_port": _bool,
     "progress_series": _globs,
     "progress_max_series": _non_negative_int,
+    "progress_run_names": _bool,
+    "health_port": _port,
     "s3_part_bytes": _part_bytes,
     "max_response_bytes": lambda text: _at_least(text, 65536),
 }
@@ -300,7 +334,7 @@ def from_sources(
 
 
 # Settings never shown: by name, and the password parts of URL-valued settings.
-_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential")
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "basic_auth")
 _URL_FIELDS = ("database_url", "s3_endpoint")
 # libpq connection parameters that hold a secret (in a URL's query or a key=value DSN)
 _SECRET_PARAMS = frozenset({"password", "sslpassword"})

@@ -23,6 +23,13 @@ numeric scalar series whose name matches the allow-list, at most `max_series`
 series and `max_series` runs, newest runs first; what the cap leaves out is
 reported. Series labels are flattened into one bounded `series_labels` label.
 Runs that end drop out of the next snapshot, so their series go stale.
+
+Names: with `run_names=False` (`--progress-run-names false`) the `experiment`
+and `run` labels carry `h-` and 16 hex digits of HMAC-SHA256(key, name)
+instead of the names (the key is the token pepper when one is set, so the
+hashes cannot be matched against guessed names without it); the same name
+gives the same label on every replica and after a restart, so alerts and
+dashboards keep their series. `workspace`, the series name and its labels stay.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -267,8 +275,12 @@ class ProgressCollector(Collector):
         cache_s: float = 2.0,
         timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        run_names: bool = True,
+        name_key: bytes = b"",
     ) -> None:
         self.source = source
+        self.run_names = run_names
+        self.name_key = name_key
         self.loop = loop
         self.patterns = tuple(patterns)
         self.max_series = max_series
@@ -280,6 +292,9 @@ class ProgressCollector(Collector):
         self._view: _View | None = None
         self._inflight: concurrent.futures.Future[Snapshot] | None = None
         self._history: dict[str, deque[tuple[float, int]]] = {}
+
+    def _name(self, name: str) -> str:
+        return name if self.run_names else hashed_name(name, self.name_key)
 
     # prometheus-client asks for names at registration; no database read then.
     def describe(self) -> Iterable[Metric]:
@@ -443,7 +458,7 @@ class ProgressCollector(Collector):
         now = snap.db_now + since
         names: dict[str, list[str]] = {}
         for run in snap.runs:
-            labels = [run.workspace, run.experiment, run.run_id]
+            labels = [run.workspace, self._name(run.experiment), self._name(run.run_id)]
             names[run.run_id] = labels
             status.add_metric([*labels, run.status], 1.0)
             points.add_metric(labels, float(run.points))
@@ -465,6 +480,11 @@ class ProgressCollector(Collector):
         return families
 
 
+def hashed_name(name: str, key: bytes = b"") -> str:
+    """The label that stands for a run or experiment name when names are off."""
+    return "h-" + hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def install(
     registry: Any,
     pool: Any,
@@ -474,6 +494,8 @@ def install(
     max_series: int,
     heartbeat_timeout_s: float,
     metrics: Metrics | None = None,
+    run_names: bool = True,
+    name_key: bytes = b"",
 ) -> ProgressCollector | None:
     """Register the progress collector for a service (None when max_series is 0)."""
     if max_series <= 0 or not patterns:
@@ -484,6 +506,8 @@ def install(
         patterns=patterns,
         max_series=max_series,
         metrics=metrics,
+        run_names=run_names,
+        name_key=name_key,
     )
     registry.register(collector)
     return collector

@@ -21,9 +21,9 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from ingest import addresses, artifacts_store, progress, tables_store, timescale
+from ingest import addresses, artifacts_store, metrics_http, progress, tables_store, timescale
+from ingest import tls as tls_config
 from ingest.addresses import GetAddrInfo
 from ingest.blobs import BlobSettings, BlobStore
 from ingest.config import Config, describe, scrub
@@ -130,7 +130,9 @@ class Service:
     points: timescale.PointStore | None = None
     blobs: BlobStore | None = None
     queries: QueryServicer | None = None
-    _metrics_server: Any = None
+    _metrics_server: metrics_http.MetricsServer | None = None
+    _health_server: grpc.aio.Server | None = None
+    tls: bool = False
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _closers: list[Any] = field(default_factory=list)
 
@@ -138,6 +140,11 @@ class Service:
         cfg = self.config
         binds = bind_addresses(cfg)
         _check_free(binds, cfg.reuse_port)
+        try:
+            credentials = tls_config.server_credentials(cfg)
+        except ValueError as exc:
+            raise StartError(f"cannot start: {exc}") from None
+        self.tls = credentials is not None
         log.info("starting: %s", describe(cfg))
         # /metrics first: a taken port fails the start before anything else opens.
         metrics_host = addresses.split_host_port(binds[0])[0] or "127.0.0.1"
@@ -234,7 +241,9 @@ class Service:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
         )
-        self.port = self._bind(server, binds)
+        self.port = self._bind(server, binds, credentials)
+        if cfg.health_port:
+            await self._start_health_port(binds)
         await self.pipeline.start()
         await server.start()
         self.server = server
@@ -247,36 +256,83 @@ class Service:
                 max_series=cfg.progress_max_series,
                 heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                 metrics=self.metrics,
+                run_names=cfg.progress_run_names,
+                name_key=str(getattr(cfg, "token_pepper", "")).encode(),
             )
             shown = addresses.join_host_port(metrics_host, self.metrics_port)
-            log.info("metrics on http://%s/metrics", shown)
+            scheme = "https" if cfg.metrics_tls_cert else "http"
+            guarded = " (basic auth)" if cfg.metrics_basic_auth else ""
+            log.info("metrics on %s://%s/metrics%s", scheme, shown, guarded)
         # A pipeline worker that cannot reach the database turns health NOT_SERVING.
         self.pipeline.on_health = self._pipeline_health
         await self._pipeline_health(self.pipeline.healthy, self.pipeline.problem)
-        log.info("serving on %s (port %d)", cfg.listen, self.port)
+        security = "plaintext"
+        if credentials is not None:
+            security = "TLS, client certificates required" if cfg.tls_client_ca else "TLS"
+        log.info("serving on %s (port %d, %s, auth=%s)", cfg.listen, self.port, security, cfg.auth)
         return self.port
 
     def _start_metrics(self, host: str) -> None:
-        port = self.config.metrics_port
+        cfg = self.config
+        port = cfg.metrics_port
         try:
-            started = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self._metrics_server = metrics_http.start(
+                self.metrics.registry,
+                host,
+                port,
+                certfile=cfg.metrics_tls_cert,
+                keyfile=cfg.metrics_tls_key,
+                basic_auth=cfg.metrics_basic_auth,
+            )
+        except ValueError as exc:
+            raise StartError(f"cannot serve metrics: {exc}") from None
         except OSError as exc:
             where = addresses.join_host_port(host, port)
             raise StartError(
                 f"cannot serve metrics on {where}: {exc.strerror or exc}; choose another "
                 "--metrics-port / STEPLOG_METRICS_PORT (0 turns /metrics off)"
             ) from None
-        self._metrics_server = started[0] if isinstance(started, tuple) else started
-        self.metrics_port = self._metrics_server.server_port if self._metrics_server else 0
+        self.metrics_port = self._metrics_server.port
 
-    def _bind(self, server: grpc.aio.Server, binds: tuple[str, ...]) -> int:
-        """Bind every address on one port (port 0: the port the first bind got)."""
+    async def _start_health_port(self, binds: tuple[str, ...]) -> None:
+        """grpc.health.v1 alone, in plaintext, on --health-port (same hosts as
+        the gRPC port): for probes that cannot speak TLS. It answers what the
+        main health servicer says; nothing else is served there."""
+        assert self.health is not None
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for address in binds:
+            host = addresses.split_host_port(address)[0]
+            target = addresses.join_host_port(host, self.config.health_port)
+            try:
+                got = server.add_insecure_port(target)
+            except RuntimeError:
+                got = 0
+            if got == 0:
+                raise StartError(
+                    f"cannot serve health checks on {target}: the port is in use or not "
+                    "available; choose another --health-port / STEPLOG_HEALTH_PORT"
+                )
+        await server.start()
+        self._health_server = server
+
+    def _bind(
+        self,
+        server: grpc.aio.Server,
+        binds: tuple[str, ...],
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> int:
+        """Bind every address on one port (port 0: the port the first bind got),
+        with TLS when there are credentials."""
         port = 0
         for address in binds:
             host, wanted = addresses.split_host_port(address)
             target = addresses.join_host_port(host, port or wanted) if host else address
             try:
-                got = server.add_insecure_port(target)
+                if credentials is None:
+                    got = server.add_insecure_port(target)
+                else:
+                    got = server.add_secure_port(target, credentials)
             except RuntimeError:
                 got = 0
             if got == 0:
@@ -304,10 +360,12 @@ class Service:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.pipeline is not None:
             await self.pipeline.close(grace)
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.close()
         for closer in reversed(self._closers):
             await closer()
         if self.pool is not None:

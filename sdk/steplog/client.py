@@ -1,5 +1,7 @@
 """The connection to a steplog service: one channel and one background writer
-per (address, workspace) in a process, shared by every Experiment and Run."""
+per (address, workspace, connection settings) in a process, shared by every
+Experiment and Run. How channels are opened (TLS, mutual TLS, the token) is
+steplog._transport.ChannelSettings: every channel here comes from it."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 
+from steplog._transport import ChannelSettings, PemSource
 from steplog.errors import InvalidArgumentError, from_rpc_error
 from steplog.v1 import (
     experiment_service_pb2_grpc,
@@ -56,10 +59,14 @@ def resolve_workspace(workspace: str | None) -> str:
 
 class Client:
     """Stubs for every service, a call helper that raises typed errors, and
-    the process's background writer for this address and workspace."""
+    the process's background writer for this address and workspace.
 
-    def __init__(self, url: str, workspace: str) -> None:
-        self.url = url
+    `settings` says how to connect (TLS, client certificate, token); without
+    it they come from the environment (ChannelSettings.resolve)."""
+
+    def __init__(self, url: str, workspace: str, settings: ChannelSettings | None = None) -> None:
+        self.settings = settings or ChannelSettings.resolve(url)
+        self.url = self.settings.target
         self.workspace = workspace
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -67,8 +74,12 @@ class Client:
         self._writer: Any = None
         self.heartbeat = Heartbeat(self)
 
+    def new_channel(self) -> grpc.Channel:
+        """A new channel with this client's settings (a forked child's writer)."""
+        return self.settings.open(_CHANNEL_OPTIONS)
+
     def _open_channel(self) -> None:
-        self.channel = grpc.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+        self.channel = self.new_channel()
         self.experiments = experiment_service_pb2_grpc.ExperimentServiceStub(self.channel)
         self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
         self.ingest = ingest_service_pb2_grpc.IngestServiceStub(self.channel)
@@ -103,12 +114,7 @@ class Client:
                     settings = WriterSettings.from_env()
                     transport = None
                     if not settings.offline:
-                        transport = GrpcTransport(
-                            self.channel,
-                            channel_factory=lambda: grpc.insecure_channel(
-                                self.url, options=_CHANNEL_OPTIONS
-                            ),
-                        )
+                        transport = GrpcTransport(self.channel, channel_factory=self.new_channel)
                     self._writer = BatchWriter(transport, self.workspace, settings)
         return self._writer
 
@@ -170,14 +176,39 @@ class Heartbeat:
                 )
 
 
-_clients: dict[tuple[str, str], Client] = {}
+_clients: dict[tuple[str, str, ChannelSettings], Client] = {}
 _clients_lock = threading.Lock()
 
 
-def get_client(url: str | None = None, workspace: str | None = None) -> Client:
-    key = (resolve_url(url), resolve_workspace(workspace))
+class Connection(TypedDict, total=False):
+    """Connection keyword arguments of Experiment, Run.get, Run.get_context
+    and get_client; each one left out comes from its variable.
+
+    token (STEPLOG_TOKEN), tls (STEPLOG_TLS: TLS with the system CAs),
+    tls_ca (STEPLOG_TLS_CA), tls_cert / tls_key (STEPLOG_TLS_CERT /
+    STEPLOG_TLS_KEY: mutual TLS), tls_server_name (STEPLOG_TLS_SERVER_NAME),
+    allow_insecure_token (STEPLOG_ALLOW_INSECURE_TOKEN). PEM values are a path
+    or the PEM bytes. See steplog._transport.ChannelSettings."""
+
+    token: str
+    tls: bool
+    tls_ca: PemSource
+    tls_cert: PemSource
+    tls_key: PemSource
+    tls_server_name: str
+    allow_insecure_token: bool
+
+
+def get_client(
+    url: str | None = None, workspace: str | None = None, **connection: Unpack[Connection]
+) -> Client:
+    """The process's client for this address, workspace and connection
+    settings. A token that would go in plaintext to a host that is not
+    loopback raises InvalidArgumentError here, before anything is sent."""
+    settings = ChannelSettings.resolve(resolve_url(url), **connection)
+    key = (settings.target, resolve_workspace(workspace), settings)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = Client(*key)
+            client = _clients[key] = Client(key[0], key[1], settings)
         return client

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from steplog.client import Client, get_client
+from steplog.client import Client, Connection, get_client
 from steplog.v1 import common_pb2
 from steplog.v1 import experiment_service_pb2 as ex
 
@@ -41,7 +41,9 @@ class Experiment:
     """Get or create the experiment `name` in a workspace.
 
     `Experiment("mnist")` talks to the service at `url` (else STEPLOG_URL) in
-    `workspace` (else STEPLOG_WORKSPACE, else "default")."""
+    `workspace` (else STEPLOG_WORKSPACE, else "default"). The connection
+    arguments (`token`, `tls_ca`, `tls_cert`, `tls_key`, ...: see
+    steplog.client.Connection) default to their STEPLOG_* variables."""
 
     def __init__(
         self,
@@ -52,8 +54,9 @@ class Experiment:
         tags: Mapping[str, str | None] | None = None,
         _proto: common_pb2.Experiment | None = None,
         _client: Client | None = None,
+        **connection: Unpack[Connection],
     ) -> None:
-        self._client = _client or get_client(url, workspace)
+        self._client = _client or get_client(url, workspace, **connection)
         if _proto is None:
             reply = self._client.call(
                 self._client.experiments.GetOrCreateExperiment,
@@ -115,12 +118,13 @@ class Experiment:
         tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
         *,
         url: str | None = None,
+        **connection: Unpack[Connection],
     ) -> builtins.list[Experiment]:
         """Experiments in the workspace; `view_type` is "active_only",
         "archived_only" or "all"; `tags` a key, keys, or a dict to match."""
         if view_type not in _VIEWS:
             raise ValueError(f"view_type must be one of {sorted(_VIEWS)}, not {view_type!r}")
-        client = get_client(url, workspace)
+        client = get_client(url, workspace, **connection)
         reply = client.call(
             client.experiments.ListExperiments,
             ex.ListExperimentsRequest(

@@ -14,9 +14,9 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from steplog.client import Client, get_client
+from steplog.client import Client, Connection, get_client
 from steplog.errors import FailedPreconditionError, InvalidArgumentError
 from steplog.experiment import Experiment, tags_from_proto, tags_to_proto
 from steplog.v1 import common_pb2
@@ -971,28 +971,49 @@ class Run:
         return [Run(experiment, _proto=r, _client=client) for r in reply.runs]
 
     @staticmethod
-    def get(run_id: str, *, url: str | None = None, workspace: str | None = None) -> Run:
-        """The run with this id (NotFoundError if there is none)."""
-        return Run(run_id=run_id, _client=get_client(url, workspace))
+    def get(
+        run_id: str,
+        *,
+        url: str | None = None,
+        workspace: str | None = None,
+        **connection: Unpack[Connection],
+    ) -> Run:
+        """The run with this id (NotFoundError if there is none). Connection
+        arguments: see steplog.client.Connection."""
+        return Run(run_id=run_id, _client=get_client(url, workspace, **connection))
 
     @staticmethod
-    def get_context(allow_offline: bool = True) -> Run:
+    def get_context(
+        allow_offline: bool = True,
+        *,
+        url: str | None = None,
+        workspace: str | None = None,
+        **connection: Unpack[Connection],
+    ) -> Run:
         """The run this process belongs to: STEPLOG_RUN_ID (with STEPLOG_URL)
         names it, so every rank of a distributed job attaches to one run.
         With STEPLOG_OFFLINE=true as well, the run logs to the spool only.
-        Without STEPLOG_RUN_ID, an offline run that prints what it would log."""
+        Without STEPLOG_RUN_ID, an offline run that prints what it would log.
+        `url`, `workspace` and the connection arguments (token, tls_ca,
+        tls_cert, tls_key, ...: steplog.client.Connection) default to their
+        STEPLOG_* variables."""
         run_id = os.environ.get("STEPLOG_RUN_ID")
         offline = os.environ.get("STEPLOG_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         if run_id and offline:
             # Offline (no network): points go to the spool only, and
-            # `steplog sync` replays them to the run later. No call is made.
-            client = get_client(os.environ.get("STEPLOG_URL") or "offline")
+            # `steplog sync` replays them to the run later. No call is made,
+            # so no token is needed (sync presents it).
+            quiet: Connection = {**connection}
+            quiet["token"] = ""
+            client = get_client(
+                url or os.environ.get("STEPLOG_URL") or "offline", workspace, **quiet
+            )
             proto = common_pb2.Run(run_id=run_id, status=common_pb2.RUN_STATUS_RUNNING)
             run = Run(_proto=proto, _client=client)
             run._offline = True
             return run
         if run_id:
-            run = Run.get(run_id)
+            run = Run.get(run_id, url=url, workspace=workspace, **connection)
             if run.status in TERMINAL_STATUSES:
                 raise FailedPreconditionError(
                     f"STEPLOG_RUN_ID names run {run_id!r}, which is {run.status}", field="run_id"
