@@ -1,4 +1,5 @@
-"""`python -m ingest` / `steplog-ingest`: serve, or bring up the local stack (dev)."""
+"""`python -m ingest` / `steplog-ingest`: serve, bring up the local stack (dev),
+or manage bearer tokens (token create / list / revoke)."""
 
 from __future__ import annotations
 
@@ -358,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--example", action="store_true", help="run the example script once healthy")
     dev.add_argument("--exit-after-example", action="store_true", help=argparse.SUPPRESS)
     dev.add_argument("--keep-stack", action="store_true", help="leave the stack running on exit")
+    from ingest import tokens
+
+    tokens.add_cli(sub)
     args = sys.argv[1:] if argv is None else argv
     if not args or (args[0].startswith("--") and "dev" not in args and "serve" not in args):
         args = ["serve", *args]
@@ -367,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if ns.command == "dev":
         return _dev(ns)
+    if ns.command == "token":
+        return tokens.run_cli(ns)
     return _serve(ns)
 
 

@@ -86,6 +86,12 @@ class Config:
     # (a container or pod network behind a firewall or NetworkPolicy).
     auth: str = "none"
     allow_unauthenticated_non_loopback: bool = False
+    # auth=token: the secret part of a token is stored as HMAC-SHA256(pepper,
+    # secret) (empty: plain SHA-256). Changing it invalidates every token.
+    token_pepper: str = ""
+    # Seconds a verified token is trusted from memory: a revoke takes effect
+    # within this long on every replica.
+    auth_cache_ttl_s: float = 15.0
     # Live progress on /metrics: scalar series names to export (globs), and a
     # cap on exported series (and runs); 0 turns the progress export off.
     progress_series: tuple[str, ...] = ("loss*", "*loss", "accuracy*", "lr")
@@ -195,8 +201,8 @@ def _bool(text: str) -> bool:
 
 
 def _auth(text: str) -> str:
-    if text not in ("none",):
-        raise ValueError("must be 'none' (token authentication is not implemented yet)")
+    if text not in ("none", "token"):
+        raise ValueError("must be 'none' or 'token'")
     return text
 
 
@@ -238,7 +244,11 @@ _HELP = {
     "max_response_bytes": "largest query response (bytes, at least 65536); the rest is paged",
     "s3_part_bytes": "S3 multipart part size for file uploads (at least 5 MiB)",
     "s3_concurrency": "S3 requests the service keeps in flight at most",
-    "auth": "authentication mode",
+    "auth": "authentication mode: none (loopback development only) or token (bearer tokens)",
+    "token_pepper": "secret key the token hashes are keyed with (HMAC-SHA256; empty: SHA-256)",
+    "auth_cache_ttl_s": (
+        "seconds a verified token is cached in memory (a revoke takes effect within this)"
+    ),
     "allow_unauthenticated_non_loopback": (
         "allow auth=none on a non-loopback address such as 0.0.0.0 (containers);"
         " only where the network itself restricts who can connect"

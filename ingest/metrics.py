@@ -182,6 +182,28 @@ class Metrics:
             registry=r,
         )
 
+        # -- authentication (ingest/auth.py) --------------------------------------------
+        self.auth_denied = Counter(
+            "steplog_auth_denied_total",
+            "Requests refused by authentication or authorization, by reason (missing,"
+            " malformed, unknown_token, wrong_secret, expired, revoked, role, workspace,"
+            " unlisted_method) and method (only methods the server implements).",
+            ["reason", "method"],
+            registry=r,
+        )
+        self.tokens_created = Counter(
+            "steplog_tokens_created_total",
+            "Tokens created through the TokenService of this process, by role"
+            " (the CLI's are in the tokens table and its output).",
+            ["role"],
+            registry=r,
+        )
+        self.tokens_revoked = Counter(
+            "steplog_tokens_revoked_total",
+            "Tokens revoked through the TokenService of this process.",
+            registry=r,
+        )
+
         # -- the progress exporter (ingest/progress.py) ----------------------------------
         self.progress_refresh_seconds = Histogram(
             "steplog_progress_refresh_duration_seconds",

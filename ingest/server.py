@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from ingest import addresses, artifacts_store, metrics_http, progress, tables_store, timescale
 from ingest import tls as tls_config
 from ingest.addresses import GetAddrInfo
+from ingest.auth import Audit, AuthInterceptor, TokenVerifier
 from ingest.blobs import BlobSettings, BlobStore
 from ingest.config import Config, describe, scrub
 from ingest.errors import StoreUnavailable
@@ -36,6 +37,8 @@ from ingest.servicers.artifacts import ArtifactServicer
 from ingest.servicers.guard import RequestGuard
 from ingest.servicers.metadata import ExperimentServicer, RunServicer
 from ingest.servicers.query import QueryServicer
+from ingest.servicers.tokens import TokenServicer
+from ingest.tokens import TokenStore
 from ingest.validate import Limits
 from steplog.v1 import (
     artifact_service_pb2,
@@ -47,6 +50,8 @@ from steplog.v1 import (
     query_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
+    token_service_pb2,
+    token_service_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ SERVICE_NAMES = (
     ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
     artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+    token_service_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
 )
 
 
@@ -206,9 +212,20 @@ class Service:
             ("grpc.max_connection_age_ms", cfg.max_connection_age_s * 1000),
             ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
         ]
-        # RequestGuard (inner): malformed requests and bad strings -> INVALID_ARGUMENT.
-        server = grpc.aio.server(
-            options=options, interceptors=[MetricsInterceptor(self.metrics), RequestGuard()]
+        # Outer to inner: metrics (denied calls counted too); auth=token: the
+        # token, role and workspace (ingest/auth.py) before anything reads a
+        # request; RequestGuard: malformed requests and bad strings -> INVALID_ARGUMENT.
+        token_store = TokenStore(self.pool, cfg.token_pepper)
+        verifier = TokenVerifier(token_store, ttl_s=cfg.auth_cache_ttl_s)
+        self._closers.append(verifier.close)
+        audit = Audit(self.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if cfg.auth == "token":
+            interceptors.append(AuthInterceptor(verifier, audit))
+        interceptors.append(RequestGuard())
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        token_service_pb2_grpc.add_TokenServiceServicer_to_server(
+            TokenServicer(token_store, verifier, audit), server
         )
         experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
             ExperimentServicer(metadata), server
