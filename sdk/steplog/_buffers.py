@@ -8,17 +8,23 @@ sender thread. The sender takes prefixes of those columns under the same lock
 protobuf outside it, writing the packed fields as raw bytes: upb parses a packed
 double array about 40x faster than it `extend()`s one from Python numbers.
 
-Non-scalar series (tables, images, evaluations) arrive as pre-built
-`SeriesData` messages and queue per series in a `MessageBuffer`; they share the
-sequencing, acknowledgement, retry and spool machinery of the writer unchanged.
+Non-scalar series (tables, images, evaluations) queue per series in a
+`MessageBuffer`: the caller's thread appends `Encodable` items (rows, a
+table's columns, an evaluation's JSON text, an image's bytes: values copied,
+nothing encoded); the sender thread encodes them into `SeriesData` messages
+(`take_raw`, `encode` outside the lock, `put_ready`) before it cuts a batch,
+and sends the messages whole, in order. Pre-built messages (`log_series`) go
+straight to the encoded queue. They share the sequencing, acknowledgement,
+retry and spool machinery of the writer unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from array import array
 from collections import deque
-from collections.abc import Mapping, MutableSequence, Sequence
+from collections.abc import MutableSequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -118,6 +124,10 @@ class Buffer(Protocol):
 
     def pending(self) -> int: ...
 
+    def ready(self) -> int:
+        """Of the pending points, those `take` can hand out now (encoded)."""
+        ...
+
     def take(self, max_points: int, max_bytes: int, fresh: bool) -> tuple[Piece | None, int, int]:
         """A prefix of at most max_points points and max_bytes encoded bytes,
         with its point count and byte bound; (None, 0, 0) if nothing fits.
@@ -200,6 +210,9 @@ class ScalarBuffer:
         return self.pending() * self.point_cost + self.text_cost
 
     def pending(self) -> int:
+        return len(self.values) - self.start
+
+    def ready(self) -> int:
         return len(self.values) - self.start
 
     def repair(self) -> None:
@@ -346,10 +359,72 @@ def series_points(series: data_pb2.SeriesData) -> int:
     return 0
 
 
-class MessageBuffer:
-    """Pre-built SeriesData messages of one series, sent whole and in order."""
+class Encodable(Protocol):
+    """Values a log call copied, encoded later on the sender thread."""
 
-    __slots__ = ("cost", "items", "labels", "name", "overhead", "points", "run_id")
+    points: int
+    cost: int  # the bytes it holds in memory
+
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        """The SeriesData messages (each at most max_bytes, when it can be split)."""
+        ...
+
+
+class ImageItem:
+    """One image's bytes (copied by the caller), time and step; its SHA-256
+    and message are made on the sender thread."""
+
+    __slots__ = ("cost", "data", "description", "points", "step", "time")
+
+    def __init__(self, data: bytes, time: float, step: int | None, description: str) -> None:
+        self.data = data
+        self.time = time
+        self.step = step
+        self.description = description
+        self.points = 1
+        self.cost = len(data) + len(description) + MESSAGE_OVERHEAD_BYTES
+
+    def encoded_bound(self, name: str, labels: Labels) -> int:
+        """An upper bound of the encoded size (checked before it is queued)."""
+        return (
+            len(self.data)
+            + 128
+            + len(name.encode())
+            + len(self.description.encode())
+            + labels_overhead(labels)
+        )
+
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        image = data_pb2.Image(data=self.data, sha256=hashlib.sha256(self.data).hexdigest())
+        points = data_pb2.ImagePoints(times=[self.time], images=[image])
+        if self.step is not None:
+            points.steps.append(self.step)
+        return [
+            data_pb2.SeriesData(
+                name=name, labels=dict(labels), description=self.description, images=points
+            )
+        ]
+
+
+class MessageBuffer:
+    """The messages of one series, sent whole and in order: `items` encoded
+    (SeriesData, points, size), `raw` appended by log calls and not yet
+    encoded (the sender moves them over with take_raw / put_ready). `open`:
+    the RowsItem log_row is extending (the last raw item), if any."""
+
+    __slots__ = (
+        "cost",
+        "encoding",
+        "items",
+        "labels",
+        "name",
+        "open",
+        "overhead",
+        "points",
+        "raw",
+        "ready_points",
+        "run_id",
+    )
 
     def __init__(self, run_id: str, name: str, labels: Labels) -> None:
         self.run_id = run_id
@@ -357,24 +432,69 @@ class MessageBuffer:
         self.labels = labels
         self.overhead = SERIES_OVERHEAD + len(run_id.encode())
         self.items: deque[tuple[data_pb2.SeriesData, int, int]] = deque()
-        self.points = 0
-        self.cost = 0  # memory: encoded sizes plus MESSAGE_OVERHEAD_BYTES each
+        self.raw: list[Encodable] = []
+        self.open: Any = None
+        self.encoding = 0  # points taken by take_raw, not yet put back
+        self.points = 0  # pending: encoded + raw + encoding
+        self.ready_points = 0  # encoded
+        self.cost = 0  # memory: encoded sizes plus MESSAGE_OVERHEAD_BYTES each, raw costs
 
     def append(self, series: data_pb2.SeriesData, points: int, size: int) -> int:
-        """Queue a message of `size` encoded bytes; the memory it costs."""
+        """Queue an encoded message of `size` bytes; the memory it costs. A
+        pre-built message goes behind the raw items queued before it."""
+        if self.raw or self.encoding:
+            item = _Encoded(series, points, size)
+            self.add_raw(item)
+            return item.cost
         self.items.append((series, points, size + self.overhead))
         self.points += points
+        self.ready_points += points
         cost = size + MESSAGE_OVERHEAD_BYTES
         self.cost += cost
         return cost
 
+    def add_raw(self, item: Encodable) -> None:
+        self.raw.append(item)
+        self.open = None
+        self.points += item.points
+        self.cost += item.cost
+
+    def take_raw(self) -> list[Encodable]:
+        """(lock held) The raw items, in order, for the sender to encode."""
+        items, self.raw, self.open = self.raw, [], None
+        self.encoding += sum(i.points for i in items)
+        return items
+
+    def put_ready(
+        self, encoded: list[tuple[Encodable, list[tuple[data_pb2.SeriesData, int, int]]]]
+    ) -> int:
+        """(lock held) The messages (series, points, size) of items take_raw
+        gave out, in order; an item with none failed to encode and is gone.
+        Returns the change in memory cost."""
+        delta = 0
+        for item, messages in encoded:
+            self.encoding -= item.points
+            delta -= item.cost
+            if not messages:
+                self.points -= item.points
+            for series, points, size in messages:
+                self.items.append((series, points, size + self.overhead))
+                self.ready_points += points
+                delta += size + MESSAGE_OVERHEAD_BYTES
+        self.cost += delta
+        return delta
+
     def _popleft(self) -> tuple[data_pb2.SeriesData, int, int]:
         item = self.items.popleft()
         self.cost -= item[2] - self.overhead + MESSAGE_OVERHEAD_BYTES
+        self.ready_points -= item[1]
         return item
 
     def pending(self) -> int:
         return self.points
+
+    def ready(self) -> int:
+        return self.ready_points
 
     def take(self, max_points: int, max_bytes: int, fresh: bool) -> tuple[Piece | None, int, int]:
         taken: list[data_pb2.SeriesData] = []
@@ -395,9 +515,16 @@ class MessageBuffer:
         return MessagePiece(self.run_id, taken), points, size
 
     def drop_front(self, n: int) -> int:
+        """Drop the oldest messages, then the oldest raw items (whole)."""
         dropped = 0
         while self.items and dropped < n:
             dropped += self._popleft()[1]
+        while self.raw and dropped < n:
+            item = self.raw.pop(0)
+            if item is self.open:
+                self.open = None
+            dropped += item.points
+            self.cost -= item.cost
         self.points -= dropped
         return dropped
 
@@ -406,6 +533,21 @@ class MessageBuffer:
         self.points -= n
         message = f"a message of {b} bytes cannot fit in a batch of {max_bytes} bytes"
         return Rejection(self.run_id, self.name, self.labels, "LIMIT_EXCEEDED", message), n
+
+
+class _Encoded:
+    """A pre-built message queued behind raw items (already encoded)."""
+
+    __slots__ = ("cost", "points", "series", "size")
+
+    def __init__(self, series: data_pb2.SeriesData, points: int, size: int) -> None:
+        self.series = series
+        self.points = points
+        self.size = size
+        self.cost = size + MESSAGE_OVERHEAD_BYTES
+
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        return [self.series]
 
 
 class MessagePiece:
@@ -420,46 +562,3 @@ class MessagePiece:
             rs = batch.series.add()
             rs.run_id = self.run_id
             rs.series.CopyFrom(series)
-
-
-def table_columns(
-    rows: Mapping[str, Sequence[Any]],
-    steps: Sequence[int] | None = None,
-    times: Sequence[float] | None = None,
-) -> data_pb2.TableColumns:
-    """Columnar rows -> TableColumns. A column's type comes from its values:
-    all bool -> BOOL, ints -> INT64, any float -> DOUBLE, any str -> STRING;
-    None marks a missing cell."""
-    lengths = {len(v) for v in rows.values()}
-    if len(lengths) > 1:
-        raise ValueError(f"table columns have different lengths: {sorted(lengths)}")
-    n = lengths.pop() if lengths else 0
-    table = data_pb2.TableColumns(row_count=n)
-    if steps is not None:
-        if len(steps) != n:
-            raise ValueError(f"{len(steps)} steps for {n} rows")
-        table.steps.extend(int(s) for s in steps)
-    if times is not None:
-        if len(times) != n:
-            raise ValueError(f"{len(times)} times for {n} rows")
-        table.times.extend(float(t) for t in times)
-    for name, cells in rows.items():
-        col = table.columns.add()
-        col.name = str(name)
-        present = [c is not None for c in cells]
-        kinds = {type(c) for c in cells if c is not None}
-        if kinds and kinds <= {bool, np.bool_}:
-            col.type = data_pb2.COLUMN_TYPE_BOOL
-            col.bools.extend(bool(c) if c is not None else False for c in cells)
-        elif any(issubclass(k, str) for k in kinds):
-            col.type = data_pb2.COLUMN_TYPE_STRING
-            col.strings.extend(str(c) if c is not None else "" for c in cells)
-        elif kinds and all(issubclass(k, (int, np.integer)) for k in kinds):
-            col.type = data_pb2.COLUMN_TYPE_INT64
-            col.ints.extend(int(c) if c is not None else 0 for c in cells)
-        else:
-            col.type = data_pb2.COLUMN_TYPE_DOUBLE
-            col.doubles.extend(float(c) if c is not None else 0.0 for c in cells)
-        if not all(present):
-            col.present.extend(present)
-    return table

@@ -1,33 +1,29 @@
-"""Tables and evaluation documents on the client: rows buffered per series,
-columnar `TableColumns`, evaluation `SeriesData`.
+"""Tables and evaluation documents on the client: what `log_row`,
+`log_table` and `log_confusion_matrix` & co. queue, and how it becomes
+columnar `TableColumns` / evaluation `SeriesData`.
 
-`run.log_row` is called in training loops, so a row must cost a couple of
-microseconds, not a protobuf message: `RowBuffers.add` checks the cell types
-and extends its series' buffer with the row's values (rows with the same
-columns share one segment, one flat list), and hands the buffer to the writer
-(`BatchWriter.log_series`) as one columnar message when it holds enough rows,
-when its oldest row has waited a linger period, or when the writer flushes.
-Column types are decided then, per column: floats (and ints among floats) ->
-double, ints -> int64, bools -> bool, strings -> string, None -> a missing
-cell. A column holding values of several
-of those kinds is sent as one part per kind; the service keeps the rows whose
-cell has the column's type (fixed by its first value) and rejects the others,
-naming the column, so nothing is converted behind the user's back.
-
-Buffering needs the writer to drain the buffers when it flushes
-(`BatchWriter.add_flush_hook`); a writer without that hook gets every row as
-its own message, which is slower but loses nothing.
+The caller's thread only checks and copies: `row_cost` checks a row's cell
+types (the error names the column) and the writer extends the series'
+`RowsItem` with the row's values under its lock (rows with the same columns
+share one segment, one flat list); `table_item` copies log_table's columns;
+`evaluation_item` turns a document into its JSON text (the check and the
+copy of the caller's dict in one). No protobuf is built there. The writer's
+one background thread encodes the items (`encode`) when it cuts a batch:
+every flush interval, when a batch's worth of points is buffered, on flush,
+spill and close. Column types are decided then, per column: floats (and
+ints among floats) -> double, ints -> int64, bools -> bool, strings ->
+string, None -> a missing cell. A column holding values of several of
+those kinds is sent as one part per kind; the service keeps the rows whose
+cell has the column's type (fixed by its first value) and rejects the
+others, naming the column, so nothing is converted behind the user's back.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 import time
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,12 +34,10 @@ from steplog.v1 import data_pb2
 Labels = tuple[tuple[str, str], ...]
 SeriesKey = tuple[str, str, Labels]
 
-# A buffer is handed to the writer at this many rows or cells...
+# log_row's rows of a series go into one message of at most this many rows
+# or cells (a later row starts the next).
 MAX_ROWS = 8192
 MAX_CELLS = 131_072
-# ...or once its oldest row has waited this long (seconds), unless the writer
-# says otherwise (its flush_interval).
-DEFAULT_LINGER = 0.2
 # A message larger than this is split by rows (the writer's batches hold 4 MiB
 # by default; half leaves room for the rest of a batch).
 DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -226,16 +220,17 @@ def split_messages(
     ]
 
 
-# -- log_row buffers ----------------------------------------------------------------------
+# -- deferred items: what the caller's thread queues, encoded by the sender ----------------
 
 
-class _Rows:
-    """The buffered rows of one table series. Rows with the same column names
-    form a segment whose values sit in one flat list, row after row: `extend`
-    per row creates no object the cyclic GC must track, and the columns come
-    back out as slices."""
+class RowsItem:
+    """The rows log_row buffered for one table series, not yet encoded. Rows
+    with the same column names form a segment whose values sit in one flat
+    list, row after row: `extend` per row creates no object the cyclic GC
+    must track, and the columns come back out as slices. Appended under the
+    writer's lock; encoded on the sender thread (`encode`)."""
 
-    __slots__ = ("cells", "count", "description", "first", "flat", "names", "segments", "times")
+    __slots__ = ("cells", "cost", "description", "flat", "names", "points", "segments", "times")
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -243,9 +238,22 @@ class _Rows:
         self.names: tuple[str, ...] | None = None
         self.flat: list[Any] = []
         self.times: list[float] = []
-        self.count = 0
+        self.points = 0
         self.cells = 0
-        self.first = 0.0
+        self.cost = 0
+
+    def add(self, names: tuple[str, ...], values: Any, now: float, cost: int) -> bool:
+        """Append one row (names already checked); whether the item is full."""
+        if names != self.names:
+            self.names = names
+            self.flat = []
+            self.segments.append((names, self.flat))
+        self.flat.extend(values)
+        self.times.append(now)
+        self.points += 1
+        self.cells += len(names)
+        self.cost += cost
+        return self.points >= MAX_ROWS or self.cells >= MAX_CELLS
 
     def columns(self) -> dict[str, list[Any]]:
         """{column: cells}, None where a row lacked the column."""
@@ -267,159 +275,96 @@ class _Rows:
                 col.extend([None] * (start - len(col)))
         return out
 
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        head = data_pb2.SeriesData(name=name, labels=dict(labels), description=self.description)
+        return table_series_messages(head, self.columns(), self.times, None, max_bytes)
 
-class RowBuffers:
-    """The log_row buffers of one writer, drained into `log_series`."""
 
-    def __init__(self, writer: Any) -> None:
-        self._writer = writer
-        settings = getattr(writer, "settings", None)
-        self.linger = float(getattr(settings, "flush_interval", DEFAULT_LINGER))
-        max_batch = getattr(settings, "max_batch_bytes", 2 * DEFAULT_MESSAGE_BYTES)
-        self.max_message_bytes = max(4096, int(max_batch) // 2)
-        hook: Callable[[Callable[[], None]], None] | None = getattr(writer, "add_flush_hook", None)
-        self.buffered = callable(hook)
-        # Without the hook nothing may wait here: every row goes out at once.
-        self.max_rows = MAX_ROWS if self.buffered else 1
-        self._reset()
-        if hook is not None and self.buffered:
-            hook(self.drain)
+# What a buffered cell costs in memory (its list slot and a number object);
+# a string cell also its characters.
+CELL_BYTES = 32
+ROW_BYTES = 64
 
-    def _reset(self) -> None:
-        """Fresh state (also in a forked child: the parent's rows stay its own)."""
-        self._lock = threading.Lock()  # the buffers
-        self._send_lock = threading.Lock()  # take-and-send, so a series' rows keep their order
-        self._buffers: dict[SeriesKey, _Rows] = {}
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def add(
+def row_cost(table: str, row: Mapping[str, Any]) -> int:
+    """Check a row's cells (the error names the column) and return the bytes
+    it holds in memory while buffered."""
+    values = row.values()
+    types = set(map(type, values))
+    if not _CELL_TYPES.issuperset(types):
+        _check_cells(table, row)
+    cost = ROW_BYTES + CELL_BYTES * len(row)
+    if str in types:
+        cost += sum([len(v) if v.isascii() else 4 * len(v) for v in values if type(v) is str])
+    return cost
+
+
+def check_row_names(table: str, names: Sequence[str]) -> None:
+    _check_column_names(table, names)
+
+
+class TableItem:
+    """log_table's columns, checked and copied on the caller's thread."""
+
+    __slots__ = ("columns", "cost", "description", "points", "steps", "times")
+
+    def __init__(
         self,
-        run_id: str,
-        name: str,
-        labels: Labels,
+        columns: dict[str, list[Any]],
+        times: list[float],
+        steps: list[int] | None,
         description: str,
-        row: Mapping[str, Any],
-        now: float,
+        cost: int,
     ) -> None:
-        """Buffer one row; hand the series' rows over when due."""
-        values = row.values()
-        if not _CELL_TYPES.issuperset(map(type, values)):
-            _check_cells(name, row)
-        key = (run_id, name, labels)
-        names = tuple(row)
-        with self._lock:
-            buf = self._buffers.get(key)
-            if buf is None:
-                buf = self._buffers[key] = _Rows(description)
-                buf.first = now
-                if self.buffered:
-                    self._start_timer()
-            if names != buf.names:
-                _check_column_names(name, names)
-                buf.names = names
-                buf.flat = []
-                buf.segments.append((names, buf.flat))
-            buf.flat.extend(values)
-            buf.times.append(now)
-            buf.count += 1
-            buf.cells += len(names)
-            due = (
-                buf.count >= self.max_rows
-                or buf.cells >= MAX_CELLS
-                or now - buf.first >= self.linger
+        self.columns = columns
+        self.times = times
+        self.steps = steps
+        self.description = description
+        self.points = len(times)
+        self.cost = cost
+
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        head = data_pb2.SeriesData(name=name, labels=dict(labels), description=self.description)
+        return table_series_messages(head, self.columns, self.times, self.steps, max_bytes)
+
+
+class EvaluationItem:
+    """One evaluation document: its JSON text (made on the caller's thread,
+    which checks it and copies the caller's dict), time and step."""
+
+    __slots__ = ("cost", "description", "document", "points", "step", "time")
+
+    def __init__(self, document: str, time: float, step: int | None, description: str) -> None:
+        self.document = document
+        self.time = time
+        self.step = step
+        self.description = description
+        self.points = 1
+        self.cost = len(document) + len(description) + ROW_BYTES  # JSON text is ASCII
+
+    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
+        points = data_pb2.EvaluationPoints(times=[self.time], documents=[self.document])
+        if self.step is not None:
+            points.steps.append(self.step)
+        return [
+            data_pb2.SeriesData(
+                name=name, labels=dict(labels), description=self.description, evaluations=points
             )
-        if due:
-            self.drain(key)
-
-    def drain(self, key: SeriesKey | None = None, older_than: float | None = None) -> None:
-        """Hand over the buffered rows (of one series, or those waiting longer
-        than `older_than` seconds), oldest series first."""
-        now = time.time()
-        with self._send_lock:
-            with self._lock:
-                if key is not None:
-                    taken = [(key, self._buffers.pop(key))] if key in self._buffers else []
-                else:
-                    taken = [
-                        (k, b)
-                        for k, b in self._buffers.items()
-                        if older_than is None or now - b.first >= older_than
-                    ]
-                    for k, _ in taken:
-                        del self._buffers[k]
-            for k, buf in sorted(taken, key=lambda kb: kb[1].first):
-                self._send(k, buf)
-
-    def _send(self, key: SeriesKey, buf: _Rows) -> None:
-        run_id, name, labels = key
-        head = data_pb2.SeriesData(name=name, labels=dict(labels), description=buf.description)
-        for series in table_series_messages(
-            head, buf.columns(), buf.times, None, self.max_message_bytes
-        ):
-            self._writer.log_series(run_id, series)
-
-    def _start_timer(self) -> None:
-        """(lock held) Make sure rows that stop arriving still go out after
-        the linger period, not only at the next flush."""
-        self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._timer, name="steplog-rows", daemon=True)
-            self._thread.start()
-
-    def _timer(self) -> None:
-        wake = self._wake
-        while True:
-            wake.wait()
-            wake.clear()
-            while True:
-                with self._lock:
-                    if not self._buffers:
-                        break
-                    oldest = min(b.first for b in self._buffers.values())
-                delay = oldest + self.linger - time.time()
-                if delay > 0:
-                    wake.wait(delay)
-                    wake.clear()
-                self.drain(older_than=self.linger)
-
-
-_registry: weakref.WeakKeyDictionary[Any, RowBuffers] = weakref.WeakKeyDictionary()
-_registry_lock = threading.Lock()
-
-
-def row_buffers(writer: Any) -> RowBuffers:
-    """The RowBuffers of a writer (one per writer, created on first use)."""
-    rows = _registry.get(writer)
-    if rows is None:
-        with _registry_lock:
-            rows = _registry.get(writer)
-            if rows is None:
-                rows = _registry[writer] = RowBuffers(writer)
-    return rows
-
-
-def _after_fork_in_child() -> None:
-    for rows in list(_registry.values()):
-        rows._reset()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+        ]
 
 
 # -- log_table ----------------------------------------------------------------------------
 
 
-def table_series(
+def table_item(
     name: str,
-    labels: Labels,
     value: Mapping[str, Any],
     description: str,
     steps: Sequence[int] | None,
-    max_message_bytes: int,
-) -> list[data_pb2.SeriesData]:
-    """log_table's value ({column: [cells]}, Azure's shape) -> SeriesData
-    messages, split by rows to fit the writer's batches."""
+    now: float,
+) -> TableItem:
+    """log_table's value ({column: [cells]}, Azure's shape), checked and
+    copied: the error names the column; the sender encodes it later."""
     if not isinstance(value, Mapping):
         raise InvalidArgumentError(
             f"table {name!r}: value must be a dict of column -> list of values, "
@@ -442,18 +387,38 @@ def table_series(
             f"table {name!r}: columns have different lengths {sorted(lengths)}", field="value"
         )
     n = lengths.pop() if lengths else 0
+    cost = ROW_BYTES * n
     for key, cells in columns.items():
+        cost += CELL_BYTES * len(cells)
         for cell in cells:
-            if type(cell) not in _CELL_TYPES:
+            t = type(cell)
+            if t is str:
+                cost += len(cell) if cell.isascii() else 4 * len(cell)
+            elif t not in _CELL_TYPES:
                 _check_cells(name, {key: cell})
+    int_steps = None
     if steps is not None:
-        steps = [int(s) for s in steps]
-        if len(steps) != n:
+        int_steps = [int(s) for s in steps]
+        if len(int_steps) != n:
             raise InvalidArgumentError(
-                f"table {name!r}: {len(steps)} steps for {n} rows", field="steps"
+                f"table {name!r}: {len(int_steps)} steps for {n} rows", field="steps"
             )
-    head = data_pb2.SeriesData(name=name, labels=dict(labels), description=description)
-    return table_series_messages(head, columns, [time.time()] * n, steps, max_message_bytes)
+    return TableItem(columns, [now] * n, int_steps, description, cost)
+
+
+def table_series(
+    name: str,
+    labels: Labels,
+    value: Mapping[str, Any],
+    description: str,
+    steps: Sequence[int] | None,
+    max_message_bytes: int,
+) -> list[data_pb2.SeriesData]:
+    """log_table's value -> SeriesData messages at once, split by rows to
+    fit max_message_bytes (table_item, then its encode)."""
+    return table_item(name, value, description, steps, time.time()).encode(
+        name, labels, max_message_bytes
+    )
 
 
 # -- evaluation documents -------------------------------------------------------------------
@@ -501,19 +466,14 @@ def evaluation_document(schema: str, value: Mapping[str, Any] | str) -> str:
         raise InvalidArgumentError(f"{method}: value is not JSON: {exc}", field="value") from None
 
 
-def evaluation_series(
+def evaluation_item(
     schema: str,
-    name: str,
-    labels: Labels,
     value: Mapping[str, Any] | str,
     description: str,
     step: int | None,
-) -> data_pb2.SeriesData:
-    points = data_pb2.EvaluationPoints(
-        times=[time.time()], documents=[evaluation_document(schema, value)]
-    )
-    if step is not None:
-        points.steps.append(int(step))
-    return data_pb2.SeriesData(
-        name=name, labels=dict(labels), description=description, evaluations=points
+    now: float,
+) -> EvaluationItem:
+    """A checked evaluation document (its JSON text), encoded later by the sender."""
+    return EvaluationItem(
+        evaluation_document(schema, value), now, None if step is None else int(step), description
     )

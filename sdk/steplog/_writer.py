@@ -103,15 +103,16 @@ import numpy as np
 from steplog._buffers import (
     SERIES_OVERHEAD,
     Buffer,
+    Encodable,
     MessageBuffer,
     Piece,
     ScalarBuffer,
     series_points,
-    table_columns,
     text_chars,
 )
 from steplog._retry import STREAM_WIDE_CODES
 from steplog._spool import ReplayReport, SpoolRef, SpoolWriter, replay_spool
+from steplog._tables import RowsItem, check_row_names, row_cost, table_item
 from steplog._transport import (
     Backoff,
     GrpcTransport,
@@ -410,9 +411,9 @@ class BatchWriter:
         self._window_bytes = bound // 2  # in flight (at least one batch)
         self._spill = s.on_full == "spool" and not s.offline
         self._spill_at = max(1, bound // 2)
-        # Run on the caller's thread at the start of flush and close, no lock
-        # held: buffers kept outside the writer (log_row's) hand over their rows.
-        self._flush_hooks: list[Callable[[], None]] = []
+        # Rows, tables, evaluations are encoded into messages of at most this
+        # size (split by rows), so a batch holds more than one.
+        self._message_bytes = max(4096, self._batch_bytes // 2)
         # Images travel on a stream of their own (a second writer, created on
         # the first image), so a slow or failing object store never holds
         # scalars, tables and evaluations behind them.
@@ -436,6 +437,8 @@ class BatchWriter:
         self._scalars: dict[tuple[str, str, Labels, bool, bool], ScalarBuffer] = {}
         self._messages: dict[tuple[str, str, Labels, str | None], MessageBuffer] = {}
         self._dirty: dict[Buffer, None] = {}
+        # Message buffers holding items not yet encoded (the sender encodes them).
+        self._raw: dict[MessageBuffer, None] = {}
         self._buffered = 0
         self._buffered_bytes = 0  # what the buffered points cost in memory (lock)
         self._mem_check_at = 0
@@ -680,12 +683,14 @@ class BatchWriter:
             if mbuf is None:
                 mbuf = self._messages[key] = MessageBuffer(run_id, series.name, labels)
                 self._ensure_started()
-            if not mbuf.items:
+            if not mbuf.points:
                 if not self._dirty:
                     self._oldest = monotonic()
                     self._wake.set()
                 self._dirty[mbuf] = None
             cost = mbuf.append(series, points, size)
+            if mbuf.raw:
+                self._raw[mbuf] = None
             self._buffered += points
             self._buffered_bytes += cost
             if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
@@ -712,6 +717,82 @@ class BatchWriter:
                 child = self._image_writer
         return child
 
+    def log_row(
+        self,
+        run_id: str,
+        name: str,
+        labels: Labels,
+        row: Mapping[str, Any],
+        time: float,
+        description: str = "",
+    ) -> None:
+        """Append one table row ({column: cell}, None a missing cell). Its
+        cells are checked here (the error names the column) and its values
+        appended to the series' open RowsItem; the sender encodes the rows."""
+        cost = row_cost(name, row)
+        names = tuple(row)
+        key = (run_id, name, labels, "table")
+        with self._lock:
+            mbuf = self._messages.get(key)
+            if mbuf is None:
+                mbuf = self._new_message_series(key)
+            rows: RowsItem | None = mbuf.open
+            if rows is None or names != rows.names:
+                check_row_names(name, names)
+            if not mbuf.points:
+                if not self._dirty:
+                    self._oldest = monotonic()
+                    self._wake.set()
+                self._dirty[mbuf] = None
+            if rows is None:
+                rows = RowsItem(description)
+                mbuf.add_raw(rows)
+                mbuf.open = rows
+                self._raw[mbuf] = None
+            if rows.add(names, row.values(), time, cost):
+                mbuf.open = None  # full: the next row starts the next message
+            mbuf.points += 1
+            mbuf.cost += cost
+            self._buffered += 1
+            self._buffered_bytes += cost
+            if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
+                return
+        self._after_log(cost)
+
+    def log_item(
+        self, run_id: str, name: str, labels: Labels, kind: str, item: Encodable, bound: int = 0
+    ) -> None:
+        """Append values a log call copied (a table's columns, an evaluation
+        document, an image: `kind` is the SeriesData points field); the
+        sender encodes them. `bound`: an upper bound of the encoded size;
+        ValueError when that cannot fit in any batch."""
+        if kind == "images" and not self._image_stream:
+            self._images().log_item(run_id, name, labels, kind, item, bound)
+            return
+        if bound and bound + SERIES_OVERHEAD + len(run_id.encode()) > self._batch_bytes:
+            raise ValueError(
+                f"series {name!r}: {bound} bytes do not fit in a batch "
+                f"(max_batch_bytes={self._settings.max_batch_bytes})"
+            )
+        key = (run_id, name, labels, kind)
+        with self._lock:
+            mbuf = self._messages.get(key)
+            if mbuf is None:
+                mbuf = self._new_message_series(key)
+            if not mbuf.points:
+                if not self._dirty:
+                    self._oldest = monotonic()
+                    self._wake.set()
+                self._dirty[mbuf] = None
+            mbuf.add_raw(item)
+            self._raw[mbuf] = None
+            cost = item.cost
+            self._buffered += item.points
+            self._buffered_bytes += cost
+            if self._buffered < self._check_at and self._buffered_bytes < self._mem_check_at:
+                return
+        self._after_log(cost)
+
     def log_table_rows(
         self,
         run_id: str,
@@ -722,26 +803,21 @@ class BatchWriter:
         times: Sequence[float] | None = None,
         description: str = "",
     ) -> None:
-        """Append table rows given as columns ({"col": [v1, v2, ...]}).
-        Built into a SeriesData on this thread (tables are rare next to
-        scalars), split by rows when too large for one batch."""
-        n = len(next(iter(rows.values()))) if rows else 0
-        if times is None:
-            times = [wall_time()] * n
-        table = table_columns(rows, steps, times)
-        series = data_pb2.SeriesData(
-            name=name, labels=dict(labels), description=description, table=table
-        )
-        if n > 1 and series.ByteSize() + SERIES_OVERHEAD + len(run_id) > self._batch_bytes:
-            half = n // 2
-            first = {k: list(v)[:half] for k, v in rows.items()}
-            rest = {k: list(v)[half:] for k, v in rows.items()}
-            head = None if steps is None else steps[:half]
-            tail = None if steps is None else steps[half:]
-            self.log_table_rows(run_id, name, labels, first, head, times[:half], description)
-            self.log_table_rows(run_id, name, labels, rest, tail, times[half:], description)
-            return
-        self.log_series(run_id, series)
+        """Append table rows given as columns ({"col": [v1, v2, ...]});
+        copied here, encoded (and split by rows to fit a batch) by the sender."""
+        item = table_item(name, rows, description, steps, wall_time())
+        if times is not None:
+            if len(times) != item.points:
+                raise ValueError(f"{len(times)} times for {item.points} rows")
+            item.times = [float(t) for t in times]
+        if item.points:
+            self.log_item(run_id, name, labels, "table", item)
+
+    def _new_message_series(self, key: tuple[str, str, Labels, str | None]) -> MessageBuffer:
+        """First message of a series in this writer (lock held)."""
+        mbuf = self._messages[key] = MessageBuffer(key[0], key[1], key[2])
+        self._ensure_started()
+        return mbuf
 
     def _new_scalar_series(
         self, key: tuple[str, str, Labels, bool, bool], description: str, out_of_order: bool
@@ -917,22 +993,12 @@ class BatchWriter:
 
     # ----------------------------------------------------------- flush/close
 
-    def add_flush_hook(self, hook: Callable[[], None]) -> None:
-        """Call `hook` at the start of every flush and close (on the caller's
-        thread, no lock held), so it can hand over what it buffers."""
-        self._flush_hooks.append(hook)
-
-    def _run_flush_hooks(self) -> None:
-        for hook in list(self._flush_hooks):
-            hook()
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every point logged before this call is acknowledged by
         the service (offline: written to the spool and fsynced). False on
         timeout, or if some of those points could not be delivered. In strict
         mode, raises what the sender recorded (rejections, delivery errors)."""
         deadline = None if timeout is None else monotonic() + timeout
-        self._run_flush_hooks()
         ok = self._flush_until(deadline)
         child = self._image_writer
         if child is not None:
@@ -985,7 +1051,6 @@ class BatchWriter:
         with self._lock:
             if self._close_result is not None:
                 return self._close_result
-        self._run_flush_hooks()
         ok = self._flush_until(deadline)
         child = self._image_writer
         if child is not None:
@@ -1261,9 +1326,46 @@ class BatchWriter:
             self._seq_mem += entry.nbytes
         return True
 
+    def _encode(self) -> None:
+        """Encode what log calls queued unencoded (rows, tables, evaluations,
+        images) into messages: taken under the lock, encoded outside it (log
+        calls go on meanwhile), put back in order. Sender thread only, so a
+        series' items keep their order. An item that cannot be encoded (a
+        bug, or a value changed under us) is rejected on the client alone."""
+        with self._lock:
+            work = [(mbuf, mbuf.take_raw()) for mbuf in self._raw]
+            self._raw.clear()
+        limit = self._message_bytes
+        for mbuf, items in work:
+            done: list[tuple[Encodable, list[tuple[data_pb2.SeriesData, int, int]]]] = []
+            failed: list[tuple[Rejection, int]] = []
+            for item in items:
+                try:
+                    messages = [
+                        (m, series_points(m), m.ByteSize())
+                        for m in item.encode(mbuf.name, mbuf.labels, limit)
+                    ]
+                except Exception as exc:
+                    messages = []
+                    why = f"could not be encoded on the client: {exc!r}"
+                    rejection = Rejection(mbuf.run_id, mbuf.name, mbuf.labels, "INVALID_VALUE", why)
+                    failed.append((rejection, item.points))
+                done.append((item, messages))
+            with self._lock:
+                self._buffered_bytes += mbuf.put_ready(done)
+                if failed:
+                    n = sum(k for _, k in failed)
+                    self._buffered -= n
+                    self._drained += n
+                    self._resolved_points += n
+                    self._record_rejections([r for r, _ in failed], n, {"INVALID_VALUE": n})
+                    self._rearm()
+
     def _form_batch(self) -> _Entry | None:
         """Cut the next batch from the buffers and give it a sequence number.
         The columns are taken under the lock; the protobuf is built outside."""
+        if self._raw:
+            self._encode()
         pieces: list[Piece] = []
         rejections: list[Rejection] = []
         points = size = cost = 0
@@ -1271,7 +1373,7 @@ class BatchWriter:
             for buf in list(self._dirty):
                 full = False
                 before = buf.cost
-                while buf.pending():
+                while buf.ready():
                     piece, n, b = buf.take(
                         self._batch_points - points, self._batch_bytes - size, not pieces
                     )
@@ -1370,15 +1472,21 @@ class BatchWriter:
                     [Rejection.from_proto(p) for p in result.rejected_points],
                     int(result.rejected),
                     counts,
+                    _sole_series(entry.request),
                 )
             self._resolve(ordinal)
             self._rearm()
             self._cond.notify_all()
 
     def _record_rejections(
-        self, rejections: list[Rejection], count: int, counts: Mapping[str, int]
+        self,
+        rejections: list[Rejection],
+        count: int,
+        counts: Mapping[str, int],
+        sole: tuple[str, str, Labels] | None = None,
     ) -> None:
-        """Count, keep and announce rejections (lock held)."""
+        """Count, keep and announce rejections (lock held). `sole`: the one
+        series the batch held, when it held one."""
         self._rejected += count
         for reason, n in counts.items():
             self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + n
@@ -1391,12 +1499,35 @@ class BatchWriter:
                 self._pending_rejections, self._pending_rejected
             )
             return
+        # One warning per (series, reason), the first time, with that
+        # series' count in this batch. The service itemises at most 20
+        # rejected points a batch: when it listed fewer than it rejected for
+        # a reason, the unlisted ones belong to the series only if the batch
+        # held one series (`sole`); otherwise the count is a lower bound.
+        listed: dict[str, int] = {}
+        per_series: dict[tuple[tuple[str, str, Labels], str], list[Rejection]] = {}
         for r in rejections:
-            more = counts.get(r.reason, 1)
+            listed[r.reason] = listed.get(r.reason, 0) + 1
+            per_series.setdefault((r.series, r.reason), []).append(r)
+        for (series, reason), rs in per_series.items():
+            key = ("rejected", series, reason)
+            if key in self._warned:
+                continue
+            n = len(rs)
+            unlisted = counts.get(reason, n) - listed[reason]
+            if unlisted > 0 and sole == series:
+                n += unlisted
+                unlisted = 0
+            how = f"{n} point(s)" if unlisted <= 0 else f"at least {n} point(s)"
+            more = (
+                ""
+                if unlisted <= 0
+                else f" ({counts[reason]} {reason} in that batch, {listed[reason]} itemised)"
+            )
             self._note_once(
-                ("rejected", r.series, r.reason),
+                key,
                 RejectedPointsWarning,
-                f"steplog: {more} point(s) rejected: {_describe(r)}; "
+                f"steplog: {how} of this series rejected{more}: {_describe(rs[0])}; "
                 "later rejections of this series for this reason are counted in "
                 "stats.rejected and listed by rejections()",
             )
@@ -1755,6 +1886,17 @@ def _merge_stats(a: WriterStats, b: WriterStats) -> WriterStats:
         else:
             merged[f.name] = x if x else y
     return WriterStats(**merged)
+
+
+def _sole_series(request: pb.IngestRequest | None) -> tuple[str, str, Labels] | None:
+    """The (run, name, labels) of a batch's only series, if it held one."""
+    if request is None:
+        return None
+    series = request.batch.series
+    if len(series) != 1:
+        return None
+    rs = series[0]
+    return (rs.run_id, rs.series.name, tuple(sorted(rs.series.labels.items())))
 
 
 def _float_column(values: Any) -> array[float]:

@@ -8,6 +8,7 @@ else is a unary call that raises a typed steplog error on failure.
 from __future__ import annotations
 
 import builtins
+import operator
 import os
 import sys
 import time
@@ -294,13 +295,12 @@ class Run:
     def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
         """Add a row to table `name` (Azure's `log_row`): each keyword is a
         column, `None` a missing cell. Rows are buffered and sent many to a
-        message; a column's type is fixed by its first value."""
-        rows = self.__dict__.get("_row_buffers")
-        if rows is None:  # first row of this Run object: no import on later calls
-            from steplog._tables import row_buffers
-
-            rows = self.__dict__["_row_buffers"] = row_buffers(self._client.writer)
-        rows.add(self._proto.run_id, name, self._labels, description or "", kwargs, time.time())
+        message; a column's type is fixed by its first value. Only the cells'
+        types are checked here (the error names the column) and the values
+        appended; the background writer encodes the rows."""
+        self._client.writer.log_row(
+            self._proto.run_id, name, self._labels, kwargs, time.time(), description or ""
+        )
 
     def log_table(
         self,
@@ -312,17 +312,14 @@ class Run:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         """Log rows given as columns, {"col": [v0, v1, ...]} (Azure's
-        `log_table`; numpy arrays too); with `steps`, one step per row."""
-        from steplog._tables import row_buffers, table_series
+        `log_table`; numpy arrays too); with `steps`, one step per row. The
+        columns are checked and copied here, encoded in the background, in
+        order with the rows `log_row` added before."""
+        from steplog._tables import table_item
 
-        writer = self._client.writer
-        rows = row_buffers(writer)
-        series_labels = self._series_labels(labels)
-        rows.drain((self.id, name, series_labels))  # rows logged before keep their place
-        for series in table_series(
-            name, series_labels, value, description, steps, rows.max_message_bytes
-        ):
-            writer.log_series(self.id, series)
+        item = table_item(name, value, description, steps, time.time())
+        if item.points:
+            self._client.writer.log_item(self.id, name, self._series_labels(labels), "table", item)
 
     def log_confusion_matrix(
         self,
@@ -382,11 +379,11 @@ class Run:
         step: int | None,
         labels: Mapping[str, str] | None,
     ) -> None:
-        from steplog._tables import evaluation_series
+        from steplog._tables import evaluation_item
 
-        self._client.writer.log_series(
-            self.id,
-            evaluation_series(schema, name, self._series_labels(labels), value, description, step),
+        item = evaluation_item(schema, value, description, step, time.time())
+        self._client.writer.log_item(
+            self.id, name, self._series_labels(labels), "evaluations", item
         )
 
     # -- images and files (steplog._uploads) ------------------------------------------------
@@ -405,27 +402,25 @@ class Run:
         JPEG, GIF or WebP); `plot` a matplotlib figure (or pyplot), rendered
         to PNG. Returns at once: the image is sent in the background with the
         metrics, under the same step rules; the service checks the bytes and
-        reports a bad image as a rejected point (INVALID_IMAGE)."""
-        import hashlib
-
+        reports a bad image as a rejected point (INVALID_IMAGE). Here the
+        bytes are only read (or rendered); the background writer hashes and
+        encodes them."""
+        from steplog._buffers import ImageItem
         from steplog._uploads import image_bytes
-        from steplog.v1 import data_pb2
 
-        data = image_bytes(path, plot)
-        points = data_pb2.ImagePoints(
-            times=[time.time()],
-            images=[data_pb2.Image(data=data, sha256=hashlib.sha256(data).hexdigest())],
-        )
         if step is not None:
-            points.steps.append(step)
-        series = data_pb2.SeriesData(
-            name=name,
-            labels=dict(self._series_labels(labels)),
-            description=description,
-            images=points,
-        )
+            try:
+                step = operator.index(step)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"image {name!r}: step must be an integer, not {type(step).__name__}",
+                    field="step",
+                ) from None
+        item = ImageItem(image_bytes(path, plot), time.time(), step, description)
+        series_labels = self._series_labels(labels)
+        bound = item.encoded_bound(name, series_labels)
         try:
-            self._client.writer.log_series(self.id, series)
+            self._client.writer.log_item(self.id, name, series_labels, "images", item, bound)
         except ValueError as exc:  # larger than a batch may be
             raise InvalidArgumentError(f"image {name!r}: {exc}", field="path") from None
 

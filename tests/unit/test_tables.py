@@ -5,7 +5,6 @@ and columnar messages."""
 from __future__ import annotations
 
 import struct
-import threading
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -26,8 +25,6 @@ from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 
-# Rows logged "now". The FakeWriter's linger is ~11 days, so the linger timer
-# leaves them alone however long after import a test runs.
 NOW = time.time()
 DBL, I64, STR, BLN = (
     data_pb2.COLUMN_TYPE_DOUBLE,
@@ -445,93 +442,84 @@ def test_log_table_checks_its_value() -> None:
     assert list(series.table.steps) == [5, 6, 7] and series.description == "d"
 
 
-# -- the client: log_row buffers -------------------------------------------------------
+# -- the client: log_row items (encoded by the writer's thread) ---------------------------
 
 
-class FakeWriter:
-    """What RowBuffers needs of the BatchWriter: log_series (and the hook)."""
-
-    def __init__(self, hook: bool = True, flush_interval: float = 1e6) -> None:
-        self.sent: list[tuple[str, data_pb2.SeriesData]] = []
-        self.arrived = threading.Event()
-        self.hooks: list[Any] = []
-        self.settings = type(
-            "S", (), {"flush_interval": flush_interval, "max_batch_bytes": 4 << 20}
-        )()
-        if hook:
-            self.add_flush_hook = self.hooks.append
-
-    def log_series(self, run_id: str, series: data_pb2.SeriesData) -> None:
-        self.sent.append((run_id, series))
-        self.arrived.set()
-
-    def flush(self) -> None:
-        for hook in self.hooks:
-            hook()
-
-    def rows(self) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {}
-        for _, s in self.sent:
-            for k, v in table_columns(s.table).items():
-                out.setdefault(k, []).extend(v)
-        return out
+def rows_of(messages: Sequence[data_pb2.SeriesData]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for s in messages:
+        for k, v in table_columns(s.table).items():
+            out.setdefault(k, []).extend(v)
+    return out
 
 
-def test_rows_are_buffered_until_flush() -> None:
-    writer = FakeWriter()
-    rows = _tables.RowBuffers(writer)
-    assert rows.buffered and writer.hooks == [rows.drain]
+def add_row(item: _tables.RowsItem, row: dict[str, Any]) -> bool:
+    names = tuple(row)
+    if names != item.names:
+        _tables.check_row_names("t", names)
+    return item.add(names, row.values(), NOW, _tables.row_cost("t", row))
+
+
+def test_rows_are_appended_as_values_and_encoded_later() -> None:
+    item = _tables.RowsItem("desc")
     for i in range(10):
-        rows.add("r", "t", (), "", {"epoch": i, "loss": 1.0 / (i + 1)}, NOW)
-    assert writer.sent == []
-    writer.flush()
-    assert len(writer.sent) == 1
-    assert writer.rows() == {"epoch": list(range(10)), "loss": [1.0 / (i + 1) for i in range(10)]}
+        add_row(item, {"epoch": i, "loss": 1.0 / (i + 1)})
+    assert item.points == 10 and item.flat[:2] == [0, 1.0]  # values, no message yet
+    (msg,) = item.encode("t", (("rank", "0"),), 1 << 20)
+    assert msg.name == "t" and dict(msg.labels) == {"rank": "0"} and msg.description == "desc"
+    assert rows_of([msg]) == {"epoch": list(range(10)), "loss": [1.0 / (i + 1) for i in range(10)]}
 
 
 def test_growing_column_set_reads_missing_before() -> None:
-    writer = FakeWriter()
-    rows = _tables.RowBuffers(writer)
-    rows.add("r", "t", (), "", {"a": 1}, NOW)
-    rows.add("r", "t", (), "", {"a": 2, "b": "x"}, NOW)
-    rows.add("r", "t", (), "", {"b": "y"}, NOW)
-    writer.flush()
-    assert writer.rows() == {"a": [1, 2, None], "b": [None, "x", "y"]}
+    item = _tables.RowsItem("")
+    add_row(item, {"a": 1})
+    add_row(item, {"a": 2, "b": "x"})
+    add_row(item, {"b": "y"})
+    assert rows_of(item.encode("t", (), 1 << 20)) == {"a": [1, 2, None], "b": [None, "x", "y"]}
 
 
-def test_rows_go_out_when_full_or_old() -> None:
-    writer = FakeWriter()
-    rows = _tables.RowBuffers(writer)
-    for i in range(_tables.MAX_ROWS):
-        rows.add("r", "t", (), "", {"i": i}, NOW)
-    assert len(writer.sent) == 1 and writer.sent[0][1].table.row_count == _tables.MAX_ROWS
-    rows.add("r", "t", (), "", {"i": 0}, NOW)
-    rows.add("r", "t", (), "", {"i": 1}, NOW + rows.linger)
-    assert len(writer.sent) == 2 and writer.sent[1][1].table.row_count == 2
+def test_a_rows_item_is_full_at_max_rows_or_cells() -> None:
+    item = _tables.RowsItem("")
+    full = [add_row(item, {"i": i}) for i in range(_tables.MAX_ROWS)]
+    assert full[-1] and not any(full[:-1])
+    wide = _tables.RowsItem("")
+    row = {f"c{j}": j for j in range(1000)}
+    n = 0
+    while not add_row(wide, row):
+        n += 1
+    assert (n + 1) * 1000 >= _tables.MAX_CELLS > n * 1000
 
 
-def test_timer_sends_rows_that_stop_arriving() -> None:
-    writer = FakeWriter(flush_interval=0.01)
-    rows = _tables.RowBuffers(writer)
-    rows.add("r", "t", (), "", {"i": 1}, time.time())
-    assert writer.arrived.wait(10), "the linger timer did not hand the row over"
-    assert writer.rows() == {"i": [1]}
+def test_a_large_rows_item_is_split_by_bytes() -> None:
+    item = _tables.RowsItem("")
+    for i in range(1000):
+        add_row(item, {"s": "z" * 100, "i": i})
+    parts = item.encode("t", (), 20_000)
+    assert len(parts) > 1 and all(p.ByteSize() <= 20_000 for p in parts)
+    assert rows_of(parts)["i"] == list(range(1000))
 
 
-def test_without_a_flush_hook_every_row_goes_out_at_once() -> None:
-    writer = FakeWriter(hook=False)
-    rows = _tables.RowBuffers(writer)
-    assert not rows.buffered
-    rows.add("r", "t", (("rank", "0"),), "desc", {"i": 1}, NOW)
-    rows.add("r", "t", (("rank", "0"),), "desc", {"i": 2}, NOW)
-    assert [s.table.row_count for _, s in writer.sent] == [1, 1]
-    assert dict(writer.sent[0][1].labels) == {"rank": "0"}
-    assert writer.sent[0][1].description == "desc"
-
-
-def test_bad_cells_fail_at_the_callers_line() -> None:
-    rows = _tables.RowBuffers(FakeWriter())
+def test_row_cost_counts_string_bytes_and_checks_cells() -> None:
+    small = _tables.row_cost("t", {"a": 1.0, "b": 2})
+    assert _tables.row_cost("t", {"a": 1.0, "b": "x" * 4000}) >= small + 4000
+    assert _tables.row_cost("t", {"a": 1.0, "b": "é" * 1000}) >= small + 4000
     with pytest.raises(InvalidArgumentError, match="column 'x' value must be"):
-        rows.add("r", "t", (), "", {"x": [1, 2]}, NOW)
+        _tables.row_cost("t", {"x": [1, 2]})
     with pytest.raises(InvalidArgumentError, match="column name"):
-        rows.add("r", "t", (), "", {"": 1}, NOW)
+        _tables.check_row_names("t", ("",))
+
+
+def test_table_and_evaluation_items_copy_and_check_on_the_callers_thread() -> None:
+    value = {"a": [1, 2], "s": ["x", "y"]}
+    item = _tables.table_item("t", value, "d", [5, 6], NOW)
+    value["a"].append(3)  # the caller's list changes later: the item does not
+    (msg,) = item.encode("t", (), 1 << 20)
+    assert rows_of([msg]) == {"a": [1, 2], "s": ["x", "y"]} and list(msg.table.steps) == [5, 6]
+    assert item.cost >= 4 * _tables.CELL_BYTES + 2
+    doc: dict[str, Any] = {"data": {"class_labels": ["a"], "matrix": [[1]]}}
+    ev = _tables.evaluation_item("confusion_matrix", doc, "", 3, NOW)
+    doc["data"]["matrix"] = [[2]]
+    (em,) = ev.encode("cm", (), 1 << 20)
+    assert '"matrix": [[1]]' in em.evaluations.documents[0] and list(em.evaluations.steps) == [3]
+    with pytest.raises(InvalidArgumentError, match="not JSON"):
+        _tables.evaluation_item("confusion_matrix", {"x": object()}, "", None, NOW)

@@ -1044,3 +1044,139 @@ def test_bulk_columns_from_numpy(fake: FakeTransport, writers: list[BatchWriter]
     assert fake.service.points[("r1", "big", ())] == [(2**40, 1.0), (2**62, 2.0)]
     with pytest.raises(ValueError):
         w.log_scalars("r1", "loss", (), [1.0, 2.0], [1], None)
+
+
+# ------------------------------------- the training thread does only appends
+
+
+class _RecordingProtos:
+    """Stands in for the data_pb2 module inside steplog._tables and
+    steplog._buffers: every message they build is recorded with its thread."""
+
+    def __init__(self) -> None:
+        self.built: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(data_pb2, name)
+        if not (isinstance(real, type) and name[:1].isupper()):
+            return real
+        built = self.built
+
+        def make(*args: Any, **kwargs: Any) -> Any:
+            built.append((name, threading.current_thread().name))
+            return real(*args, **kwargs)
+
+        return make
+
+
+def test_log_calls_build_no_protobuf_on_the_callers_thread(
+    fake: FakeTransport, writers: list[BatchWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steplog import _buffers, _tables
+
+    protos = _RecordingProtos()
+    monkeypatch.setattr(_tables, "data_pb2", protos)
+    monkeypatch.setattr(_buffers, "data_pb2", protos)
+    w = make(writers, fake, flush_interval=60.0)  # nothing is due on its own
+    n = 2 * _tables.MAX_ROWS + 5  # more than one message's worth of rows
+    for i in range(n):
+        w.log_row("r1", "tbl", (), {"i": i, "loss": 1.0 / (i + 1), "tag": f"t{i}"}, 1.0)
+    w.log_table_rows("r1", "tbl", (), {"i": [n, n + 1]})
+    w.log_item(
+        "r1",
+        "cm",
+        (),
+        "evaluations",
+        _tables.evaluation_item(
+            "confusion_matrix", {"data": {"class_labels": ["a"], "matrix": [[1]]}}, "", 1, 1.0
+        ),
+    )
+    image = _buffers.ImageItem(b"\x89PNG fake", 1.0, 3, "")
+    w.log_item("r1", "img", (), "images", image, image.encoded_bound("img", ()))
+    me = threading.current_thread().name
+    assert [b for b in protos.built if b[1] == me] == []  # nothing encoded here
+    assert w.flush(WAIT)
+    assert protos.built and {t for _, t in protos.built} == {"steplog-writer"}
+    assert [b for b in protos.built if b[1] == me] == []
+    # Nothing lost, nothing reordered: every row once, in order.
+    tables = []
+    for _, s in fake.service.points[("r1", "tbl", ())]:
+        if not tables or tables[-1] is not s:
+            tables.append(s)
+    from steplog._decoders import table_columns
+
+    assert [v for s in tables for v in table_columns(s.table)["i"]] == list(range(n + 2))
+    assert max(s.table.row_count for s in tables) <= _tables.MAX_ROWS
+    assert len(stored(fake, "cm")) == 1 and len(stored(fake, "img")) == 1
+    assert w.stats.points_logged == w.stats.points_acked == n + 2 + 1 + 1
+    # One sender thread per stream (the image stream has its own); no timer thread.
+    assert not [t for t in threading.enumerate() if t.name == "steplog-rows"]
+
+
+def test_rows_wait_for_the_flush_interval_or_a_flush_not_a_timer_thread(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake, flush_interval=0.05)
+    w.log_row("r1", "tbl", (), {"i": 1}, 1.0)
+    # The writer's own timer (the flush interval) sends the row: no flush call.
+    assert fake.wait_for(lambda: len(fake.service.points[("r1", "tbl", ())]) == 1)
+    w2 = make(writers, fake, flush_interval=60.0)
+    for i in range(3):
+        w2.log_row("r2", "tbl", (), {"i": i}, 1.0)
+    assert w2.stats.points_buffered == 3 and w2.stats.bytes_in_memory > 0
+    assert w2.flush(WAIT)  # flush hands the rows over (one message)
+    sent = fake.service.points[("r2", "tbl", ())]
+    assert len(sent) == 3 and sent[0][1].table.row_count == 3
+
+
+def test_rows_count_against_the_memory_bound_and_drop_oldest_whole(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    fake.hold_acks = True
+    fake.down = True
+    w = make(writers, fake, max_buffered_bytes=64 * 1024, on_full="drop_oldest")
+    with pytest.warns(DroppedPointsWarning):
+        for i in range(2000):
+            w.log_row("r1", "tbl", (), {"i": i, "s": "x" * 100}, 1.0)
+    st = w.stats
+    assert st.dropped > 0 and st.bytes_in_memory <= 64 * 1024 + 1024
+    assert st.points_logged == 2000
+
+
+def test_a_bad_cell_fails_at_the_call_and_leaves_the_table_intact(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    from steplog.errors import InvalidArgumentError
+
+    w = make(writers, fake)
+    w.log_row("r1", "tbl", (), {"i": 1}, 1.0)
+    with pytest.raises(InvalidArgumentError, match="column 'x' value must be"):
+        w.log_row("r1", "tbl", (), {"x": [1, 2]}, 1.0)
+    with pytest.raises(InvalidArgumentError, match="column name"):
+        w.log_row("r1", "tbl", (), {"": 1}, 1.0)
+    w.log_row("r1", "tbl", (), {"i": 2}, 1.0)
+    assert w.flush(WAIT)
+    assert len(fake.service.points[("r1", "tbl", ())]) == 2
+    assert w.stats.points_logged == w.stats.points_acked == 2
+
+
+def test_rejection_warnings_count_per_series(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake)
+    for name in ("a", "b"):
+        w.log_scalar("r1", name, (), 1.0, 10, 1.0)
+    assert w.flush(WAIT)
+    with pytest.warns(RejectedPointsWarning) as caught:
+        for i in range(3):
+            w.log_scalar("r1", "a", (), 1.0, i, 1.0)  # 3 rejected in series a
+        w.log_scalar("r1", "b", (), 1.0, 1, 1.0)  # 1 rejected in series b, same batch
+        assert w.flush(WAIT)
+    messages = [str(c.message) for c in caught]
+    assert len(messages) == 2, messages
+    heads = {m.split(" at step")[0] for m in messages}
+    assert heads == {
+        "steplog: 3 point(s) of this series rejected: a of run r1",  # not 4, the batch's count
+        "steplog: 1 point(s) of this series rejected: b of run r1",
+    }
+    assert w.stats.rejected == 4
