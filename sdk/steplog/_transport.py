@@ -508,8 +508,8 @@ class ChannelSettings:
                 "tls_cert and tls_key (STEPLOG_TLS_CERT and STEPLOG_TLS_KEY) together",
                 field="tls_cert" if cert is None else "tls_key",
             )
-        if tls is None:
-            tls = _flag(env.get("STEPLOG_TLS", ""), "STEPLOG_TLS")
+        if tls is None and env.get("STEPLOG_TLS", "").strip():
+            tls = _flag(env["STEPLOG_TLS"], "STEPLOG_TLS")
         if tls is False and (ca is not None or cert is not None or secure_scheme):
             raise InvalidArgumentError(
                 "TLS is turned off (tls=False / STEPLOG_TLS=false) but a CA, a client "

@@ -5,21 +5,46 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    from steplog._transport import ChannelSettings
+
+
+def _settings(ns: argparse.Namespace) -> ChannelSettings:
+    """The connection settings from the flags, else STEPLOG_* (as the client)."""
+    from steplog._transport import ChannelSettings
+    from steplog.client import resolve_url
+
+    token = None
+    if ns.token_file:
+        token = Path(ns.token_file).read_text().strip()
+    return ChannelSettings.resolve(
+        resolve_url(ns.url),
+        token=token,
+        tls=True if ns.tls else None,
+        tls_ca=ns.tls_ca,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        allow_insecure_token=True if ns.allow_insecure_token else None,
+    )
 
 
 def _sync(ns: argparse.Namespace) -> int:
     from steplog._spool import replay_spool
     from steplog._transport import GrpcTransport
-    from steplog.client import resolve_url
+    from steplog.errors import InvalidArgumentError
 
-    url = resolve_url(ns.url)
     spool = Path(ns.spool)
     if not spool.is_dir():
         print(f"steplog sync: {spool} is not a directory", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(url) as channel:
+    try:
+        settings = _settings(ns)
+    except (InvalidArgumentError, OSError) as exc:
+        print(f"steplog sync: {exc}", file=sys.stderr)
+        return 2
+    with settings.open() as channel:
         transport = GrpcTransport(channel)
         report = replay_spool(
             spool,
@@ -51,6 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     sync.add_argument("spool", help="the spool directory (STEPLOG_SPOOL_DIR of the offline run)")
     sync.add_argument("--url", default=None, help="service address (default STEPLOG_URL)")
+    sync.add_argument(
+        "--token-file", default=None, help="file holding the token (default STEPLOG_TOKEN)"
+    )
+    sync.add_argument(
+        "--tls", action="store_true", help="TLS with the system CAs (default STEPLOG_TLS)"
+    )
+    sync.add_argument("--tls-ca", default=None, help="CA bundle, PEM (default STEPLOG_TLS_CA)")
+    sync.add_argument(
+        "--tls-cert", default=None, help="client certificate, PEM (default STEPLOG_TLS_CERT)"
+    )
+    sync.add_argument("--tls-key", default=None, help="client key, PEM (default STEPLOG_TLS_KEY)")
+    sync.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="send the token in plaintext to a host that is not loopback "
+        "(default STEPLOG_ALLOW_INSECURE_TOKEN)",
+    )
     sync.add_argument("--remove", action="store_true", help="delete files fully acknowledged")
     sync.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ns = parser.parse_args(argv)

@@ -302,3 +302,33 @@ def test_progress_settings() -> None:
         _parse({"STEPLOG_PROGRESS_SERIES": " , "})
     with pytest.raises(config.ConfigError, match="STEPLOG_PROGRESS_MAX_SERIES"):
         _parse({"STEPLOG_PROGRESS_MAX_SERIES": "-1"})
+
+
+def test_run_names_can_be_hashed(loop: asyncio.AbstractEventLoop) -> None:
+    """--progress-run-names false: experiment and run labels carry a keyed
+    hash, the same for the same name (alerts keep their series); the names
+    appear nowhere in the exposition."""
+    snap = Snapshot(db_now=1000.0, runs=[run(points=3)], series=[series("loss", 0.5, 1)])
+    _, registry, _ = make(
+        Source(snap), loop, Clock(), patterns=("loss",), run_names=False, name_key=b"pepper"
+    )
+    text = generate_latest(registry).decode()
+    assert "mnist" not in text
+    hidden = {
+        "workspace": "default",
+        "experiment": progress.hashed_name("mnist", b"pepper"),
+        "run": progress.hashed_name("mnist_1", b"pepper"),
+    }
+    assert hidden["run"].startswith("h-") and len(hidden["run"]) == 18
+    assert registry.get_sample_value("steplog_run_points", hidden) == 3
+    assert value(registry, {**hidden, "series": "loss", "series_labels": ""}) == 0.5
+    # keyed: another key gives other labels; no key still hides the name
+    assert progress.hashed_name("mnist", b"other") != hidden["experiment"]
+    assert progress.hashed_name("mnist") != "mnist"
+
+
+def test_run_names_setting() -> None:
+    assert _parse({}).progress_run_names is True
+    assert _parse({"STEPLOG_PROGRESS_RUN_NAMES": "false"}).progress_run_names is False
+    with pytest.raises(config.ConfigError, match="STEPLOG_PROGRESS_RUN_NAMES"):
+        _parse({"STEPLOG_PROGRESS_RUN_NAMES": "maybe"})
