@@ -9,7 +9,10 @@ client-controlled ever reaches a key: names and paths live in the database.
   store itself refuses bytes that do not match the address, and with
   If-None-Match: * where the store supports it, so an existing object is not
   rewritten (a new version on a versioned bucket). A bounded set of recently
-  stored hashes skips even that request for resends.
+  stored hashes skips even that request for resends; an entry is trusted for
+  `known_ttl_s` from the start of the call that stored it, less than the
+  blob sweep's grace period, so a blob the sweep deleted is stored again
+  (ingest/blob_sweep.py says why that suffices).
 - Streams (files) are hashed as they arrive and become one PutObject when
   they fit in a part, else a multipart upload with a few parts in flight.
   The upload is completed only after the stream's SHA-256 matched the
@@ -38,7 +41,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -101,6 +104,8 @@ class BlobSettings:
     connect_timeout: float = 3.0
     read_timeout: float = 60.0
     max_attempts: int = 3
+    # How long a blob this process stored is taken as still there without asking.
+    known_ttl_s: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> BlobSettings:
@@ -112,6 +117,7 @@ class BlobSettings:
             region=config.s3_region,
             part_bytes=config.s3_part_bytes,
             concurrency=config.s3_concurrency,
+            known_ttl_s=min(60.0, config.blob_sweep_grace_s / 4),
         )
 
 
@@ -119,6 +125,13 @@ class BlobSettings:
 class StoredBlob:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class ListedBlob:
+    sha256: str
+    size: int
+    last_modified: datetime
 
 
 def _is_code(exc: BaseException, *codes: str) -> bool:
@@ -144,7 +157,8 @@ class BlobStore:
         self._stack = contextlib.AsyncExitStack()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._part_slots = asyncio.Semaphore(_PARTS_IN_FLIGHT_TOTAL)
-        self._known: dict[str, None] = {}
+        # sha256 -> time.monotonic() at the start of the call that stored it.
+        self._known: dict[str, float] = {}
         self._if_none_match = True
         self._sweeper: asyncio.Task[None] | None = None
         # Multipart uploads whose abort failed (S3 was down): retried until done.
@@ -262,8 +276,13 @@ class BlobStore:
 
     # -- small blobs -------------------------------------------------------------------
 
+    def _is_known(self, sha256: str) -> bool:
+        at = self._known.get(sha256)
+        return at is not None and time.monotonic() - at < self.settings.known_ttl_s
+
     async def stat(self, sha256: str) -> int | None:
         """The stored size of a blob, or None when it is not stored."""
+        started = time.monotonic()
         key = blob_key(sha256)
         try:
             head = await self._call(
@@ -271,14 +290,17 @@ class BlobStore:
             )
         except BlobNotFound:
             return None
-        self._remember(sha256)
+        self._remember(sha256, started)
         return int(head["ContentLength"])
 
-    async def put(self, sha256: str, data: bytes, content_type: str = "") -> None:
+    async def put(
+        self, sha256: str, data: bytes, content_type: str = "", since: float | None = None
+    ) -> None:
         """Store bytes under their address. `sha256` must be their hash: the
         store checks it (x-amz-checksum-sha256) and refuses other bytes."""
-        if sha256 in self._known:
+        if self._is_known(sha256):
             return
+        started = time.monotonic() if since is None else since
         key = blob_key(sha256)
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         extra: dict[str, str] = {"ContentType": content_type} if content_type else {}
@@ -308,11 +330,12 @@ class BlobStore:
                     raise
                 raise StoreUnavailable(f"object store refused put_object: {exc}") from exc
             break
-        self._remember(sha256)
+        self._remember(sha256, started)
 
-    def _remember(self, sha256: str) -> None:
+    def _remember(self, sha256: str, at: float) -> None:
         known = self._known
-        known[sha256] = None
+        known.pop(sha256, None)
+        known[sha256] = at
         if len(known) > _KNOWN_HASHES:
             del known[next(iter(known))]
 
@@ -349,14 +372,23 @@ class BlobStore:
         size_hint: int = 0,
         max_bytes: int,
         content_type: str = "",
+        on_address: Callable[[str], Awaitable[None]] | None = None,
     ) -> StoredBlob:
         """Store a stream of unknown length under its content address.
+
+        `on_address(sha256)` is awaited once the address is known and before
+        anything is written to it or asked about it: at the start when the
+        hash is declared, else after the whole stream arrived (the blob sweep's
+        touch).
 
         Raises ApiError DATA_LOSS when the stream does not hash to
         `expected_sha256` (or is shorter or longer than `size_hint`, when
         given), INVALID_ARGUMENT past `max_bytes`; StoreUnavailable when S3
         fails. Whatever the failure, nothing becomes visible."""
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        if on_address is not None and expected_sha256:
+            await on_address(expected_sha256)
         hasher = hashlib.sha256()
         hashing: asyncio.Future[None] | None = None
         staged = not expected_sha256
@@ -407,9 +439,11 @@ class BlobStore:
                     f"the received bytes hash to {digest}, not the declared {expected_sha256}",
                     "sha256",
                 )
+            if on_address is not None and not expected_sha256:
+                await on_address(digest)
             if upload is None:
                 # One part's worth: a single verified PUT straight to the address.
-                await self.put(digest, b"".join(pending), content_type)
+                await self.put(digest, b"".join(pending), content_type, since=started)
                 return StoredBlob(digest, total)
             if pending:
                 await upload.add(b"".join(pending))
@@ -417,7 +451,7 @@ class BlobStore:
             upload = None
             if staged:
                 await self._promote(key, digest, total, content_type)
-            self._remember(digest)
+            self._remember(digest, started)
             return StoredBlob(digest, total)
         except BaseException:
             if hashing is not None:
@@ -487,6 +521,33 @@ class BlobStore:
             )
         except (StoreUnavailable, BlobNotFound) as exc:
             log.warning("could not delete staging object %s (the sweep will): %s", key, exc)
+
+    async def list_blobs(self, token: str = "") -> tuple[list[ListedBlob], str]:
+        """One page of the stored blobs (content addresses only) and the
+        token of the next page ('' after the last)."""
+        extra = {"ContinuationToken": token} if token else {}
+        listed = await self._call(
+            "list_objects_v2",
+            lambda c: c.list_objects_v2(
+                Bucket=self.settings.bucket, Prefix="blobs/sha256/", MaxKeys=1000, **extra
+            ),
+        )
+        out: list[ListedBlob] = []
+        for obj in listed.get("Contents", []):
+            parts = str(obj["Key"]).split("/")
+            sha = "".join(parts[2:]) if len(parts) == 4 else ""
+            if _SHA256.match(sha):
+                out.append(ListedBlob(sha, int(obj.get("Size", 0)), obj["LastModified"]))
+        next_token = listed.get("NextContinuationToken") if listed.get("IsTruncated") else ""
+        return out, str(next_token or "")
+
+    async def delete_blob(self, sha256: str) -> None:
+        """Delete a blob (the blob sweep; nothing else deletes blobs)."""
+        key = blob_key(sha256)
+        self._known.pop(sha256, None)
+        await self._call(
+            "delete_object", lambda c: c.delete_object(Bucket=self.settings.bucket, Key=key)
+        )
 
     async def sweep(self, older_than: timedelta = STALE_UPLOAD_AGE) -> int:
         """Abort multipart uploads and delete staging objects older than

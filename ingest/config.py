@@ -120,6 +120,20 @@ class Config:
     # `steplog sync` of it): a batch that arrives after its writer expired is
     # taken as new (stored again) or refused as a gap.
     writer_retention_s: float = 30 * 86400.0
+    # Quotas per workspace (ingest/quotas.py), 0 = unlimited; overridden per
+    # workspace by `steplog-ingest quota set`. The rates are per process:
+    # each of `quota_replicas` processes allows quota / quota_replicas.
+    quota_points_per_s: int = 0
+    quota_bytes_per_s: int = 0
+    quota_runs: int = 0
+    quota_series: int = 0
+    quota_stored_bytes: int = 0
+    quota_replicas: int = 1
+    # The sweep of unreferenced blobs (ingest/blob_sweep.py): every this many
+    # seconds (0 = off), deleting blobs no row references and no writer
+    # touched for the grace period (longer than any upload or batch takes).
+    blob_sweep_interval_s: float = 0.0
+    blob_sweep_grace_s: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number >= 0")
     return value
 
 
@@ -273,6 +294,17 @@ _HELP = {
         "seconds a writer's progress is kept after its last batch (exactly once);"
         " longer than any client spools and replays"
     ),
+    "quota_points_per_s": "points per second a workspace may send (0: unlimited)",
+    "quota_bytes_per_s": "request bytes per second a workspace may send (0: unlimited)",
+    "quota_runs": "most runs a workspace may hold (0: unlimited)",
+    "quota_series": "most series a workspace may hold (0: unlimited)",
+    "quota_stored_bytes": "most image and file bytes a workspace may hold (0: unlimited)",
+    "quota_replicas": "service processes sharing the rate quotas (each allows quota / this)",
+    "blob_sweep_interval_s": "seconds between sweeps of unreferenced blobs (0: no sweep)",
+    "blob_sweep_grace_s": (
+        "seconds a blob stays after its last use before the sweep may delete it;"
+        " longer than any upload or batch takes"
+    ),
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -287,6 +319,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "health_port": _port,
     "s3_part_bytes": _part_bytes,
     "max_response_bytes": lambda text: _at_least(text, 65536),
+    "quota_points_per_s": _non_negative_int,
+    "quota_bytes_per_s": _non_negative_int,
+    "quota_runs": _non_negative_int,
+    "quota_series": _non_negative_int,
+    "quota_stored_bytes": _non_negative_int,
+    "blob_sweep_interval_s": lambda text: _non_negative_float(text),
 }
 
 

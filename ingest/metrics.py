@@ -130,6 +130,35 @@ class Metrics:
             registry=r,
         )
 
+        # -- quotas and the blob sweep (ingest/quotas.py, ingest/blob_sweep.py) ---------
+        self.quota_exceeded = Counter(
+            "steplog_quota_exceeded_total",
+            "Requests or points refused because a workspace quota was spent, by quota "
+            "(points_per_s, bytes_per_s: a request answered RESOURCE_EXHAUSTED with RetryInfo; "
+            "runs, series, stored_bytes: a run, series, image batch or file refused).",
+            ["quota"],
+            registry=r,
+        )
+        for quota in ("points_per_s", "bytes_per_s", "runs", "series", "stored_bytes"):
+            self.quota_exceeded.labels(quota)
+        self.blob_sweeps = Counter(
+            "steplog_blob_sweep_runs_total",
+            "Sweeps of unreferenced blobs, by outcome (done; skipped: another process "
+            "was sweeping; failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.blob_sweep_deleted = Counter(
+            "steplog_blob_sweep_deleted_total",
+            "Blobs deleted by the sweep (no row referenced them for the grace period).",
+            registry=r,
+        )
+        self.blob_sweep_deleted_bytes = Counter(
+            "steplog_blob_sweep_deleted_bytes_total",
+            "Bytes of the blobs deleted by the sweep.",
+            registry=r,
+        )
+
         # -- stores --------------------------------------------------------------------
         self.db_seconds = Histogram(
             "steplog_db_operation_duration_seconds",

@@ -22,7 +22,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ingest import addresses, artifacts_store, metrics_http, progress, tables_store, timescale
+from ingest import (
+    addresses,
+    artifacts_store,
+    blob_sweep,
+    metrics_http,
+    progress,
+    tables_store,
+    timescale,
+)
+from ingest import quotas as quota_mod
 from ingest import tls as tls_config
 from ingest.addresses import GetAddrInfo
 from ingest.auth import Audit, AuthInterceptor, TokenVerifier
@@ -136,6 +145,7 @@ class Service:
     points: timescale.PointStore | None = None
     blobs: BlobStore | None = None
     queries: QueryServicer | None = None
+    quotas: quota_mod.Quotas | None = None
     _metrics_server: metrics_http.MetricsServer | None = None
     _health_server: grpc.aio.Server | None = None
     tls: bool = False
@@ -163,16 +173,39 @@ class Service:
         applied = await timescale.migrate(self.pool)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        metadata = timescale.MetadataStore(self.pool, cfg.heartbeat_timeout_s)
+        # Quotas per workspace (ingest/quotas.py): the rates here, the hard
+        # limits in the stores' transactions.
+        quota_defaults, self.quotas = self._quotas(self.pool)
+        on_quota = self.metrics.quota_exceeded.labels
+        metadata = timescale.MetadataStore(
+            self.pool,
+            cfg.heartbeat_timeout_s,
+            quota_defaults,
+            lambda quota: on_quota(quota).inc(),
+        )
         # Idle writers' progress expires after the retention (exactly once).
         sweeper = timescale.WriterSweeper(self.pool, cfg.writer_retention_s)
         sweeper.start()
         self._closers.append(sweeper.close)
-        self.points = timescale.PointStore(cfg.max_series_per_run)
+        self.points = timescale.PointStore(
+            cfg.max_series_per_run, quota_defaults, lambda quota: on_quota(quota).inc()
+        )
         self.blobs = BlobStore(BlobSettings.from_config(cfg), self.metrics)
         await self.blobs.start()
         self._closers.append(self.blobs.close)
-        # Stores a batch's image blobs before queueing it (artifacts_store.py).
+        # Unreferenced blobs deleted every blob_sweep_interval_s (one replica at a time).
+        blob_sweeper = blob_sweep.BlobSweeper(
+            self.pool,
+            self.blobs,
+            self.metrics,
+            cfg.blob_sweep_interval_s,
+            cfg.blob_sweep_grace_s,
+        )
+        blob_sweeper.start()
+        self._closers.append(blob_sweeper.close)
+        # Checks the runs, quota and touches a batch's image blobs, then stores
+        # them, before queueing it (artifacts_store.py).
+        gate = artifacts_store.BlobGate(self.pool, self.quotas)
         self.pipeline = artifacts_store.BlobFirstPipeline(
             self.blobs,
             cfg.database_url,
@@ -182,6 +215,7 @@ class Service:
             queue_batches=cfg.queue_batches,
             group_points=cfg.group_commit_points,
             queue_bytes=cfg.queue_bytes,
+            gate=gate,
         )
         limits = Limits(
             max_labels=cfg.max_labels,
@@ -196,7 +230,13 @@ class Service:
         )
         tables_store.register(self.points, self.queries, self.pool, limits)
         artifacts = artifacts_store.register(
-            self.points, self.queries, self.pool, self.blobs, cfg.max_message_bytes - 2**20
+            self.points,
+            self.queries,
+            self.pool,
+            self.blobs,
+            cfg.max_message_bytes - 2**20,
+            quota_defaults,
+            lambda quota: on_quota(quota).inc(),
         )
 
         options = [
@@ -241,12 +281,13 @@ class Service:
                 inflight_bytes=cfg.service_inflight_bytes,
                 wait_s=cfg.backpressure_timeout_s,
                 decode_threads=cfg.decode_threads,
+                quotas=self.quotas,
             ),
             server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(self.queries, server)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(artifacts, self.blobs, cfg.max_artifact_bytes), server
+            ArtifactServicer(artifacts, self.blobs, cfg.max_artifact_bytes, gate=gate), server
         )
         for extra in _extensions:
             closer = await extra(self, server)
@@ -288,6 +329,29 @@ class Service:
             security = "TLS, client certificates required" if cfg.tls_client_ca else "TLS"
         log.info("serving on %s (port %d, %s, auth=%s)", cfg.listen, self.port, security, cfg.auth)
         return self.port
+
+    def _quotas(self, pool: asyncpg.Pool) -> tuple[quota_mod.Limits, quota_mod.Quotas]:
+        """The quota settings, and the rate buckets reading overrides from pool."""
+        cfg = self.config
+        defaults = quota_mod.Limits(
+            points_per_s=cfg.quota_points_per_s,
+            bytes_per_s=cfg.quota_bytes_per_s,
+            runs=cfg.quota_runs,
+            series=cfg.quota_series,
+            stored_bytes=cfg.quota_stored_bytes,
+        )
+
+        async def overrides(workspace: str) -> Any:
+            async with timescale.acquire(pool) as conn:
+                return await quota_mod.load_overrides(conn, workspace)
+
+        counter = self.metrics.quota_exceeded
+        return defaults, quota_mod.Quotas(
+            defaults,
+            replicas=cfg.quota_replicas,
+            loader=overrides,
+            on_exceeded=lambda quota: counter.labels(quota).inc(),
+        )
 
     def _start_metrics(self, host: str) -> None:
         cfg = self.config

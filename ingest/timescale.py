@@ -36,6 +36,17 @@ from ingest.batch import (
 from ingest.errors import ApiError, StoreUnavailable, invalid, not_found, precondition
 from ingest.model import RunStatus, check_transition, merge_properties
 from ingest.order import Accepted, SeriesState
+from ingest.quotas import (
+    RUNS,
+    SERIES,
+    STORED_BYTES,
+    Limits,
+    QuotaExceeded,
+    Usage,
+    add_usage,
+    hard_limit_message,
+    lock_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +329,18 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
 class MetadataStore:
     """Experiments and runs."""
 
-    def __init__(self, pool: asyncpg.Pool, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        heartbeat_timeout_s: float,
+        quota_defaults: Limits | None = None,
+        on_quota_exceeded: Any = None,
+    ) -> None:
         self.pool = pool
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # The runs quota per workspace (ingest/quotas.py).
+        self.quota_defaults = quota_defaults or Limits()
+        self.on_quota_exceeded = on_quota_exceeded
 
     def _tx(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         return acquire(self.pool, transaction=True)
@@ -482,6 +502,18 @@ class MetadataStore:
                 raise precondition(
                     "experiment_name", f"experiment {experiment!r} is archived; reactivate it first"
                 )
+            usage = (await lock_usage(conn, [workspace], self.quota_defaults))[workspace]
+            if usage.limits.runs and usage.runs >= usage.limits.runs:
+                if self.on_quota_exceeded is not None:
+                    self.on_quota_exceeded(RUNS)
+                raise QuotaExceeded(
+                    RUNS,
+                    hard_limit_message(
+                        RUNS, workspace, usage.runs, usage.limits.runs, "no new run is created"
+                    ),
+                )
+            usage.runs += 1
+            await add_usage(conn, [usage])
             await conn.execute(
                 "INSERT INTO runs (run_id, workspace, experiment_id, number, display_name,"
                 " description, run_type, parent_run_id, root_run_id, status, tags, properties,"
@@ -995,8 +1027,16 @@ class PointStore:
     """Group commits of decoded batches: writer high-water marks, series
     state, and points, in one transaction."""
 
-    def __init__(self, max_series_per_run: int) -> None:
+    def __init__(
+        self,
+        max_series_per_run: int,
+        quota_defaults: Limits | None = None,
+        on_quota_exceeded: Any = None,
+    ) -> None:
         self.max_series_per_run = max_series_per_run
+        # Hard quotas per workspace (ingest/quotas.py): series and stored bytes.
+        self.quota_defaults = quota_defaults or Limits()
+        self.on_quota_exceeded = on_quota_exceeded
         # Non-scalar kinds register a writer: async fn(conn, accepted) -> rows.
         self.kind_writers: dict[int, Any] = {}
         # Kinds whose points are checked against stored series state beyond
@@ -1014,7 +1054,9 @@ class PointStore:
             chunks = [c for b in live for c in b.chunks if c.alive.any()]
             if chunks:
                 await self._check_runs(conn, live)
-                states = await self._lock_series(conn, live, stats)
+                # Usage rows locked after the series rows (quotas.lock_usage).
+                usage: dict[str, Usage] = {}
+                states = await self._lock_series(conn, live, stats, usage)
                 for kind, check in self.kind_checks.items():
                     items = [
                         (c, states[c.key], b.outcome)
@@ -1024,6 +1066,8 @@ class PointStore:
                     ]
                     if items:
                         await check(conn, items)
+                if usage:
+                    self._enforce_stored_bytes(live, usage)
                 accepted: list[Accepted] = []
                 for batch in live:
                     for chunk in batch.chunks:
@@ -1036,6 +1080,9 @@ class PointStore:
                         if acc is not None and acc.index.size:
                             accepted.append(acc)
                 stats.rows = await self._write_points(conn, accepted)
+                if usage:
+                    _charge_images(live, accepted, usage)
+                    await add_usage(conn, list(usage.values()))
                 await self._save_states(conn, states)
                 await conn.execute(
                     "UPDATE runs SET last_seen = now() WHERE run_id = ANY($1::text[])"
@@ -1160,20 +1207,34 @@ class PointStore:
                     )
 
     async def _lock_series(
-        self, conn: asyncpg.Connection, live: Sequence[DecodedBatch], stats: GroupStats
+        self,
+        conn: asyncpg.Connection,
+        live: Sequence[DecodedBatch],
+        stats: GroupStats,
+        usage: dict[str, Usage],
     ) -> dict[tuple[str, str, str], SeriesState]:
         """Fetch and lock the state of every series in the group, creating the
-        new ones from their first chunk."""
+        new ones from their first chunk. Then lock the usage rows of the
+        workspaces that get new series or images (filled into `usage`)."""
         first: dict[tuple[str, str, str], Chunk] = {}
+        workspace_of: dict[tuple[str, str, str], str] = {}
         for b in live:
             for c in b.chunks:
                 if c.alive.any() and c.key not in first:
                     first[c.key] = c
+                    workspace_of[c.key] = b.workspace
         keys = sorted(first)
         states = await self._select_for_update(conn, keys)
         missing = [k for k in keys if k not in states]
+        counted = {workspace_of[k] for k in missing} | {
+            b.workspace for b in live for c in b.chunks if c.kind == KIND_IMAGE and c.alive.any()
+        }
+        if counted:
+            usage.update(await lock_usage(conn, counted, self.quota_defaults))
         if missing:
             missing = await self._enforce_series_limit(conn, missing, first, live)
+        if missing:
+            missing = self._enforce_series_quota(missing, workspace_of, first, live, usage)
         if missing:
             chunks = [first[k] for k in missing]
             created = await conn.fetch(
@@ -1195,7 +1256,10 @@ class PointStore:
             )
             stats.new_series += len(created)
             for r in created:
-                states[(r["run_id"], r["name"], r["labels_key"])] = _state(r, new=True)
+                key = (r["run_id"], r["name"], r["labels_key"])
+                states[key] = _state(r, new=True)
+                if (u := usage.get(workspace_of[key])) is not None:
+                    u.series += 1
             raced = [k for k in missing if k not in states]
             if raced:
                 # Another service process created them a moment ago: lock theirs.
@@ -1253,6 +1317,79 @@ class PointStore:
                             steps=False,
                         )
         return allowed
+
+    def _quota_exceeded(self, quota: str) -> None:
+        if self.on_quota_exceeded is not None:
+            self.on_quota_exceeded(quota)
+
+    def _enforce_series_quota(
+        self,
+        missing: list[tuple[str, str, str]],
+        workspace_of: Mapping[tuple[str, str, str], str],
+        first: Mapping[tuple[str, str, str], Chunk],
+        live: Sequence[DecodedBatch],
+        usage: Mapping[str, Usage],
+    ) -> list[tuple[str, str, str]]:
+        """The workspace's series quota: new series past it are rejected
+        LIMIT_EXCEEDED (the series the workspace has keep taking points)."""
+        planned: dict[str, int] = {}
+        allowed: list[tuple[str, str, str]] = []
+        refused: dict[tuple[str, str, str], str] = {}
+        for k in missing:
+            ws = workspace_of[k]
+            u = usage.get(ws)
+            n = planned.get(ws, 0)
+            if u is None or not u.limits.series or u.series + n < u.limits.series:
+                planned[ws] = n + 1
+                allowed.append(k)
+            else:
+                refused[k] = hard_limit_message(
+                    SERIES, ws, u.series, u.limits.series, "no new series is created"
+                )
+        if refused:
+            self._quota_exceeded(SERIES)
+            for b in live:
+                for c in b.chunks:
+                    message = refused.get(c.key)
+                    if message is not None:
+                        b.outcome.reject(c, None, LIMIT_EXCEEDED, message, steps=False)
+        return allowed
+
+    def _enforce_stored_bytes(
+        self, live: Sequence[DecodedBatch], usage: Mapping[str, Usage]
+    ) -> None:
+        """The workspace's stored-bytes quota: image points that would pass it
+        are rejected LIMIT_EXCEEDED, a whole chunk at a time, in batch order."""
+        planned: dict[str, int] = {}
+        hit = False
+        for b in live:
+            u = usage.get(b.workspace)
+            if u is None or not u.limits.stored_bytes:
+                continue
+            for c in b.chunks:
+                if c.kind != KIND_IMAGE or not c.payload or not c.alive.any():
+                    continue
+                n = _image_bytes(c, np.flatnonzero(c.alive).tolist())
+                held = u.stored_bytes + planned.get(b.workspace, 0)
+                if held + n > u.limits.stored_bytes:
+                    hit = True
+                    b.outcome.reject(
+                        c,
+                        None,
+                        LIMIT_EXCEEDED,
+                        hard_limit_message(
+                            STORED_BYTES,
+                            b.workspace,
+                            held,
+                            u.limits.stored_bytes,
+                            f"these images ({n} bytes) are not stored",
+                        ),
+                        steps=False,
+                    )
+                else:
+                    planned[b.workspace] = planned.get(b.workspace, 0) + n
+        if hit:
+            self._quota_exceeded(STORED_BYTES)
 
     async def _write_points(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
         numeric = [
@@ -1325,6 +1462,24 @@ class PointStore:
             [s.last_text for s in changed],
             [s.point_count for s in changed],
         )
+
+
+def _image_bytes(chunk: Chunk, index: Iterable[int]) -> int:
+    payload = chunk.payload or []
+    return sum(int(getattr(payload[i], "size", 0)) for i in index)
+
+
+def _charge_images(
+    live: Sequence[DecodedBatch], accepted: Sequence[Accepted], usage: Mapping[str, Usage]
+) -> None:
+    """Count the accepted image points' bytes in their workspaces' usage."""
+    workspace_of = {id(c): b.workspace for b in live for c in b.chunks}
+    for a in accepted:
+        if a.chunk.kind != KIND_IMAGE:
+            continue
+        u = usage.get(workspace_of.get(id(a.chunk), ""))
+        if u is not None:
+            u.stored_bytes += _image_bytes(a.chunk, a.index.tolist())
 
 
 class QueryStore:

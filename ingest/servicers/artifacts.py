@@ -1,6 +1,10 @@
 """ArtifactService: the files of a run, streamed to and from S3.
 
-Upload: a header, then chunks. The bytes go to S3 as they arrive (one PUT,
+Upload: a header, then chunks. Before any byte goes to S3 the run must
+exist in the workspace and be active, and the declared size must fit in the
+workspace's stored-bytes quota (`BlobGate.check_upload`); the blob is
+touched for the sweep as soon as its address is known. The caller's token
+and role were checked before the handler ran. The bytes go to S3 as they arrive (one PUT,
 or a multipart upload) under their content address; the file is recorded
 only after the whole stream hashed to the declared SHA-256 and the blob is
 stored. A failure at any point (a bad hash, a size over the limit, the
@@ -21,7 +25,7 @@ from typing import Any
 import grpc
 
 from ingest import model
-from ingest.artifacts_store import ArtifactStore, conflict
+from ingest.artifacts_store import ArtifactStore, BlobGate, conflict
 from ingest.blobs import BlobNotFound, BlobStore
 from ingest.checks import CONTROL as _CONTROL
 from ingest.errors import ApiError, StoreUnavailable, invalid, not_found
@@ -105,11 +109,13 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
         blobs: BlobStore,
         max_bytes: int,
         chunk_bytes: int = 1024 * 1024,
+        gate: BlobGate | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
+        self.gate = gate
 
     @handle_errors
     async def UploadArtifact(
@@ -138,12 +144,15 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
                 )
             if not h.overwrite:
                 raise conflict(path, existing["sha256"])
+        if self.gate is not None:
+            await self.gate.check_upload(workspace, run_id, h.size)
         blob = await self.blobs.upload(
             _chunks(requests),
             expected_sha256=expected,
             size_hint=h.size,
             max_bytes=self.max_bytes,
             content_type=ctype,
+            on_address=self.gate.touch if self.gate is not None else None,
         )
         row, unchanged = await self.store.record(workspace, run_id, path, blob, ctype, h.overwrite)
         return pb.UploadArtifactResponse(artifact=artifact_to_proto(row), unchanged=unchanged)

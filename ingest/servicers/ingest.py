@@ -11,6 +11,11 @@ stream is not read: gRPC flow control pushes back on the client. A request
 that waits longer than `wait_s` for room is shed: RESOURCE_EXHAUSTED with a
 google.rpc.RetryInfo detail.
 
+Rate quotas (ingest/quotas.py). A decoded request takes its points and its
+size on the wire from its workspace's buckets before it is submitted (and
+so before any of its blobs is stored); over a quota it waits a moment, or is
+answered RESOURCE_EXHAUSTED with RetryInfo saying when to resend.
+
 The event loop. The two methods are registered raw (`add_to_server`): the
 handler gets the request's bytes, so parsing a large message, decoding and
 validating it (image hashes and checksums included) run in a small thread
@@ -41,6 +46,7 @@ from ingest.decode import decode_batch
 from ingest.errors import ApiError, StoreUnavailable, invalid
 from ingest.metrics import Metrics
 from ingest.pipeline import ACK_BYTES, ByteBudget, Overloaded, Pipeline, batch_cost
+from ingest.quotas import Quotas, RateLimited
 from ingest.servicers.common import abort_with, rich_status
 from ingest.timescale import CommitResult
 from ingest.validate import Limits
@@ -141,7 +147,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         inflight_bytes: int = 1024 * 1024 * 1024,
         wait_s: float = 30.0,
         decode_threads: int = 2,
+        quotas: Quotas | None = None,
     ) -> None:
+        self.quotas = quotas
         self.pipeline = pipeline
         self.limits = limits
         self.metrics = metrics
@@ -182,12 +190,15 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def Write(self, request: bytes | pb.WriteRequest, context: Ctx) -> pb.WriteResponse:
         charge = _Charge((("service", self.inflight),))
         try:
-            await charge.reserve(_size(request), self.wait_s)
+            wire = _size(request)
+            await charge.reserve(wire, self.wait_s)
             batch, cost = await self._decode(request, pb.WriteRequest)
             del request
             charge.resize(max(cost, charge.n))
+            if self.quotas is not None:
+                await self.quotas.admit(batch.workspace, batch.points, wire)
             result = await (await self.pipeline.submit(batch, cost=cost, wait=self.wait_s))
-        except (Overloaded, ApiError, StoreUnavailable) as exc:
+        except (Overloaded, RateLimited, ApiError, StoreUnavailable) as exc:
             await self._abort(context, exc)
             raise  # unreachable: abort raises
         finally:
@@ -222,11 +233,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             try:
                 async for request in request_iterator:
                     charge = _Charge(budgets)
-                    await charge.reserve(_size(request), self.wait_s)
+                    wire = _size(request)
+                    await charge.reserve(wire, self.wait_s)
                     try:
                         batch, cost = await self._decode(request, pb.IngestRequest)
                         del request  # the decoded batch holds what is needed
                         charge.resize(max(cost, charge.n))
+                        if self.quotas is not None:
+                            await self.quotas.admit(batch.workspace, batch.points, wire)
                         if batch.writer_id not in writers:
                             writers.add(batch.writer_id)
                             self._writer_joined(batch.writer_id)
@@ -294,6 +308,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if isinstance(exc, Overloaded):
             self.metrics.shed.labels(exc.bound).inc()
             await context.abort_with_status(rpc_status.to_status(overloaded_status(exc)))
+        if isinstance(exc, RateLimited):
+            await context.abort_with_status(rpc_status.to_status(overloaded_status(exc)))
         await abort_with(context, exc)
 
     def _writer_joined(self, writer_id: str) -> None:
@@ -309,7 +325,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self.metrics.active_writers.set(len(self._writers))
 
 
-def overloaded_status(exc: Overloaded) -> Any:
+def overloaded_status(exc: Overloaded | RateLimited) -> Any:
     """RESOURCE_EXHAUSTED with a RetryInfo detail: "slow down, try again in ..."."""
     status = rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     delay = duration_pb2.Duration()
