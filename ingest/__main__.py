@@ -359,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--example", action="store_true", help="run the example script once healthy")
     dev.add_argument("--exit-after-example", action="store_true", help=argparse.SUPPRESS)
     dev.add_argument("--keep-stack", action="store_true", help="leave the stack running on exit")
-    from ingest import tokens
+    from ingest import blob_sweep, quotas, tokens
 
     tokens.add_cli(sub)
+    quotas.add_cli(sub)
+    blob_sweep.add_cli(sub)
     args = sys.argv[1:] if argv is None else argv
     if not args or (args[0].startswith("--") and "dev" not in args and "serve" not in args):
         args = ["serve", *args]
@@ -373,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dev(ns)
     if ns.command == "token":
         return tokens.run_cli(ns)
+    if ns.command == "quota":
+        return quotas.run_cli(ns)
+    if ns.command == "sweep-blobs":
+        return blob_sweep.run_cli(ns)
     return _serve(ns)
 
 

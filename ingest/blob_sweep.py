@@ -60,6 +60,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -291,3 +292,67 @@ class BlobSweeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+# -- `steplog-ingest sweep-blobs [--dry-run]` ----------------------------------------------
+
+
+def add_cli(sub: Any) -> None:
+    from ingest import config as config_mod
+
+    sweep = sub.add_parser(
+        "sweep-blobs",
+        help="delete blobs no row references (once; the service does it every"
+        " --blob-sweep-interval-s)",
+        description="Delete from S3 the blobs that no image point or file references and"
+        " that no upload touched within --blob-sweep-grace-s (give it the service's value)."
+        " Reads the same settings as `serve`. Exits 1 when another process is sweeping.",
+    )
+    config_mod.add_arguments(sweep)
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+
+
+def run_cli(ns: Any) -> int:
+    import sys
+
+    from ingest import config as config_mod
+    from ingest import timescale
+    from ingest.blobs import BlobSettings
+
+    try:
+        cfg = config_mod.from_sources(ns)
+    except config_mod.ConfigError as exc:
+        print(f"steplog-ingest sweep-blobs: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        metrics = Metrics(process=False)
+        pool = await timescale.connect_pool(cfg.database_url, 3)
+        blobs = BlobStore(BlobSettings.from_config(cfg), metrics)
+        try:
+            await timescale.migrate(pool)
+            await blobs.start()
+            result = await sweep_once(
+                pool, blobs, cfg.blob_sweep_grace_s, dry_run=ns.dry_run, metrics=metrics
+            )
+        finally:
+            await blobs.close()
+            await pool.close()
+        if result is None:
+            print("steplog-ingest sweep-blobs: another process is sweeping", file=sys.stderr)
+            return 1
+        verb = "would delete" if ns.dry_run else "deleted"
+        print(
+            f"{result.listed} blobs listed; {verb} {result.deleted}"
+            f" ({result.deleted_bytes} bytes); kept {result.referenced} referenced and"
+            f" {result.recent} recent" + (f"; {result.failed} failed" if result.failed else "")
+        )
+        return 0 if not result.failed else 1
+
+    try:
+        return asyncio.run(run())
+    except (StoreUnavailable, OSError) as exc:
+        print(f"steplog-ingest sweep-blobs: {config_mod.scrub(str(exc), cfg)}", file=sys.stderr)
+        return 1

@@ -362,3 +362,94 @@ async def show(conn: Any, workspace: str | None) -> list[Any]:
             workspace,
         )
     )
+
+
+# -- `steplog-ingest quota set|show` ------------------------------------------------------
+
+
+def _quota_value(text: str) -> int | None:
+    if text.strip().lower() == "default":
+        return None
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0 (0: unlimited), or 'default'")
+    return value
+
+
+def add_cli(sub: Any) -> None:
+    """The `quota` subcommands, on the configured database."""
+    import argparse
+
+    quota = sub.add_parser(
+        "quota",
+        help="set and show per-workspace quotas (on the configured database)",
+        description="Per-workspace overrides of the service's --quota-* settings. A value is"
+        " a number (0: unlimited) or 'default' (the service's setting). Hard quotas (runs,"
+        " series, stored bytes) apply at once; rates within "
+        f"{LIMITS_TTL_S:.0f} s. Migrations are applied first.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url", default=None, help="PostgreSQL URL (env STEPLOG_DATABASE_URL)"
+    )
+    actions = quota.add_subparsers(dest="quota_command", required=True)
+    setter = actions.add_parser("set", parents=[common], help="set a workspace's quotas")
+    setter.add_argument("--workspace", required=True)
+    for name in QUOTA_NAMES:
+        setter.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            type=_quota_value,
+            help=f"the {describe_quota(name)} (a number, 0: unlimited, or 'default')",
+        )
+    show_cmd = actions.add_parser(
+        "show", parents=[common], help="show overrides and usage per workspace"
+    )
+    show_cmd.add_argument("--workspace", default=None, help="only this workspace")
+
+
+def run_cli(ns: Any) -> int:
+    import os
+    import sys
+
+    from ingest import timescale
+    from ingest.config import Config
+    from ingest.errors import StoreUnavailable
+
+    url = ns.database_url or os.environ.get("STEPLOG_DATABASE_URL") or Config.database_url
+
+    async def run() -> int:
+        pool = await timescale.connect_pool(url, 2)
+        try:
+            await timescale.migrate(pool)
+            async with pool.acquire() as conn:
+                if ns.quota_command == "set":
+                    from ingest import model
+
+                    workspace = model.workspace_name(ns.workspace)
+                    values = {n: getattr(ns, n) for n in QUOTA_NAMES if hasattr(ns, n)}
+                    await set_overrides(conn, workspace, values)
+                    rows = await show(conn, workspace)
+                else:
+                    rows = await show(conn, ns.workspace)
+            _print(rows)
+            return 0
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(run())
+    except (StoreUnavailable, OSError, ApiError) as exc:
+        print(f"steplog-ingest quota: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print(rows: Sequence[Any]) -> None:
+    header = ["workspace", *QUOTA_NAMES, "used_runs", "used_series", "used_stored_bytes"]
+    print("\t".join(header))
+    for r in rows:
+        cells = [r["workspace"]]
+        cells += ["default" if r[n] is None else str(r[n]) for n in QUOTA_NAMES]
+        cells += [str(r[n] or 0) for n in ("used_runs", "used_series", "used_stored_bytes")]
+        print("\t".join(cells))
