@@ -10,6 +10,7 @@ BENCHES = [
     "bench.w1_firehose",
     "bench.bench_rows",
     "bench.bench_blobs",
+    "bench.delivery",
 ]
 
 
