@@ -3,7 +3,9 @@
 A container health probe (the Docker image's HEALTHCHECK) built on the
 standard grpc.health.v1 check the service answers. ADDRESS is HOST:PORT; when
 it is left out, the address comes from STEPLOG_LISTEN (the service's own
-setting), and a wildcard host (0.0.0.0, ::) is dialled on loopback.
+setting), and a wildcard host (0.0.0.0, ::) is dialled on loopback; with
+STEPLOG_HEALTH_PORT set (the plaintext health-only port a TLS service opens
+for probes), that port is dialled instead of the gRPC one.
 
 Exit codes: 0 the service (or --service NAME) reports SERVING; 1 anything
 else (NOT_SERVING while shutting down, unknown service, nothing listening,
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +37,17 @@ def probe_address(listen: str) -> str:
     if not port.isdigit():
         raise ValueError(f"{listen!r} has no numeric port")
     return f"{_WILDCARDS.get(host, host)}:{port}"
+
+
+def default_address(env: Mapping[str, str]) -> str:
+    """The probe's address from the service's own settings."""
+    address = probe_address(env.get("STEPLOG_LISTEN") or DEFAULT_LISTEN)
+    health_port = (env.get("STEPLOG_HEALTH_PORT") or "0").strip()
+    if not health_port.isdigit():
+        raise ValueError(f"STEPLOG_HEALTH_PORT={health_port!r} is not a port number")
+    if int(health_port):
+        address = f"{address.rpartition(':')[0]}:{int(health_port)}"
+    return address
 
 
 def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
@@ -92,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.timeout <= 0:
         parser.error("--timeout must be > 0")
     try:
-        address = ns.address or probe_address(os.environ.get("STEPLOG_LISTEN") or DEFAULT_LISTEN)
+        address = ns.address or default_address(os.environ)
     except ValueError as exc:
-        parser.error(f"STEPLOG_LISTEN: {exc}")
+        parser.error(f"STEPLOG_LISTEN / STEPLOG_HEALTH_PORT: {exc}")
     serving, seen = check(address, ns.service, ns.timeout)
     target = f"{address} ({ns.service})" if ns.service else address
     print(f"{target}: {seen}")

@@ -7,6 +7,13 @@ selectors, names and grace periods agree with each other and with the
 service's configuration; the image runs the console script pyproject.toml
 defines. Where kubectl or promtool is installed, they render or check the
 files too.
+
+Security defaults: compose and Kubernetes run with tokens (auth=token) and
+TLS on the gRPC port and /metrics (basic auth), their secrets (database
+password, token pepper, certificates, /metrics users) come from Secrets or
+deploy/.env, never from the files themselves, and nothing under deploy/
+(but deploy/local, the loopback development stack) opts in to running
+without authentication.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 PROMETHEUS = DEPLOY / "prometheus"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 STEPLOG_SERVICES = ("steplog-1", "steplog-2")
+ENV_EXAMPLE = DEPLOY / ".env.example"
+CERT_SCRIPT = DEPLOY / "certs" / "make-dev-certs.sh"
+# Manifests applied on their own, not by kustomization.yaml.
+K8S_OPTIONAL = {"secret.example.yaml", "certificate.yaml"}
 
 # Every setting the service reads: STEPLOG_<FIELD_UPPER> for each Config field.
 SETTINGS = {"STEPLOG_" + f.name.upper() for f in fields(config.Config)}
@@ -90,6 +101,10 @@ def test_the_deploy_files_exist() -> None:
         "prometheus/prometheus.k8s.yml",
         "k8s/kustomization.yaml",
         "k8s/secret.example.yaml",
+        "k8s/certificate.yaml",
+        ".env.example",
+        "certs/make-dev-certs.sh",
+        "certs/generated/.gitignore",
     ):
         assert (DEPLOY / rel).is_file(), rel
 
@@ -222,10 +237,43 @@ def test_dockerfile_env_exposes_and_healthcheck_agree_with_the_service() -> None
 # --- compose ------------------------------------------------------------------
 
 
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[?-][^}]*)?\}")
+
+
+def env_example() -> dict[str, str]:
+    """The variables deploy/.env must set, with a stand-in value each."""
+    names = [
+        line.split("=", 1)[0]
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    return {name: f"example-{name.lower()}" for name in names}
+
+
 def compose() -> dict[str, Any]:
-    doc = yaml.safe_load(COMPOSE.read_text())
+    """compose.yaml as compose reads it, with deploy/.env's variables filled in."""
+    values = env_example()
+    text = COMPOSE.read_text().replace("$$", "\0")
+
+    def fill(match: re.Match[str]) -> str:
+        assert match.group(1) in values, f"${{{match.group(1)}}} is not in deploy/.env.example"
+        return values[match.group(1)]
+
+    doc = yaml.safe_load(_INTERPOLATION.sub(fill, text).replace("\0", "$$"))
     assert isinstance(doc, dict)
     return doc
+
+
+def test_compose_secrets_come_from_the_env_file_and_are_required() -> None:
+    """The database password, the token pepper and the /metrics password are
+    not in compose.yaml: `${VAR:?}` makes compose refuse to start without them."""
+    text = COMPOSE.read_text()
+    for name in env_example():
+        assert f"${{{name}:?}}" in text, f"{name} must be required (${{{name}:?}})"
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert line.endswith("="), f".env.example ships no secret value: {line}"
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()
 
 
 def compose_env(service: dict[str, Any]) -> dict[str, str]:
@@ -259,14 +307,23 @@ def test_compose_runs_two_replicas_on_their_own_host_ports() -> None:
     for name in STEPLOG_SERVICES:
         svc = services[name]
         cfg = checked_config(compose_env(svc), name)
-        assert cfg.allow_unauthenticated_non_loopback and cfg.auth == "none"
+        assert cfg.auth == "token" and not cfg.allow_unauthenticated_non_loopback
+        assert cfg.token_pepper == "example-steplog_token_pepper"
+        # TLS on the gRPC port and /metrics, from the certs one-shot's folder
+        mounts = dict(str(v).rsplit(":", 2)[:2] for v in svc["volumes"])
+        assert mounts["./certs/generated"] == "/certs"
+        for path in (cfg.tls_cert, cfg.tls_key, cfg.metrics_tls_cert, cfg.metrics_tls_key):
+            assert path.startswith("/certs/"), path
+        assert cfg.metrics_basic_auth.startswith("/certs/")
+        assert cfg.health_port and cfg.health_port != port_of(cfg.listen)
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
         assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile"
         assert (COMPOSE.parent / svc["build"]["context"] / "pyproject.toml").is_file()
         ports = published(svc)
         targets = {container for _, _, container in ports}
         assert targets == {port_of(cfg.listen), cfg.metrics_port}, name
         for host_ip, host_port, _ in ports:
-            # Unauthenticated: published on the host's loopback only.
+            # Published on the host's loopback only, by default (README).
             assert host_ip == "127.0.0.1", f"{name} publishes {host_port} beyond loopback"
             host_ports.append(host_port)
         grace = duration_s(svc["stop_grace_period"])
@@ -325,6 +382,16 @@ def test_compose_prometheus_scrapes_every_replica_with_the_shipped_rules() -> No
     doc = yaml.safe_load(host_file.read_text())
     for rules in doc["rule_files"]:
         assert (host_file.parent / rules).is_file()
+    # HTTPS with basic auth, with the CA and password the certs one-shot makes
+    assert mounts["/certs"] == "./certs/generated"
+    for job in doc["scrape_configs"]:
+        assert job["scheme"] == "https"
+        assert job["tls_config"]["ca_file"] == "/certs/ca.crt"
+        assert job["basic_auth"]["password_file"] == "/certs/prometheus-password"
+        assert "password" not in job["basic_auth"], "never a password in the file"
+    certs = services["certs"]
+    assert certs["entrypoint"][1] == "/work/make-dev-certs.sh"
+    assert "./certs:/work" in certs["volumes"]
     static = [sc for job in doc["scrape_configs"] for sc in job["static_configs"]]
     targets = {t for sc in static for t in sc["targets"]}
     expected = set()
@@ -356,10 +423,25 @@ def k8s_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
                 yield path, doc
 
 
-def k8s(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in k8s_docs() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def k8s(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        doc
+        for _, doc in k8s_docs()
+        if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def mounted_secrets() -> dict[str, str]:
+    """Secret name -> where the container mounts it."""
+    pod = k8s("Deployment")["spec"]["template"]["spec"]
+    by_volume = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    return {
+        by_volume[m["name"]]: m["mountPath"]
+        for m in container()["volumeMounts"]
+        if m["name"] in by_volume
+    }
 
 
 def container() -> dict[str, Any]:
@@ -374,7 +456,7 @@ def k8s_env() -> dict[str, str]:
     env: dict[str, str] = {}
     sources = {
         ("ConfigMap", k8s("ConfigMap")["metadata"]["name"]): k8s("ConfigMap")["data"],
-        ("Secret", k8s("Secret")["metadata"]["name"]): k8s("Secret")["stringData"],
+        ("Secret", "steplog-ingest"): k8s("Secret", "steplog-ingest")["stringData"],
     }
     for ref in container()["envFrom"]:
         kind = "ConfigMap" if "configMapRef" in ref else "Secret"
@@ -406,17 +488,48 @@ def test_k8s_manifests_have_kinds_names_and_one_namespace() -> None:
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "NetworkPolicy",
+        "Certificate",
     }
 
 
 def test_k8s_steplog_variables_are_real_settings() -> None:
     cfg = k8s_config()
     assert cfg.listen.startswith("0.0.0.0:")
-    assert cfg.auth == "none" and cfg.allow_unauthenticated_non_loopback
+    assert cfg.auth == "token" and not cfg.allow_unauthenticated_non_loopback
     # The Secret holds the secrets, the ConfigMap does not.
     data = k8s("ConfigMap")["data"]
-    for secret in ("STEPLOG_DATABASE_URL", "STEPLOG_S3_ACCESS_KEY", "STEPLOG_S3_SECRET_KEY"):
-        assert secret not in data and secret in k8s("Secret")["stringData"]
+    secret = k8s("Secret", "steplog-ingest")["stringData"]
+    for name in (
+        "STEPLOG_DATABASE_URL",
+        "STEPLOG_S3_ACCESS_KEY",
+        "STEPLOG_S3_SECRET_KEY",
+        "STEPLOG_TOKEN_PEPPER",
+    ):
+        assert name not in data and name in secret
+    assert "CHANGE-ME" in secret["STEPLOG_DATABASE_URL"], "the template holds no real password"
+
+
+def test_k8s_tls_and_metrics_auth_come_from_mounted_secrets() -> None:
+    cfg = k8s_config()
+    mounts = mounted_secrets()
+    tls_dir = mounts["steplog-ingest-tls"]
+    assert cfg.tls_cert == f"{tls_dir}/tls.crt" and cfg.tls_key == f"{tls_dir}/tls.key"
+    assert (cfg.metrics_tls_cert, cfg.metrics_tls_key) == (cfg.tls_cert, cfg.tls_key)
+    assert cfg.metrics_basic_auth == mounts["steplog-metrics-auth"] + "/users"
+    assert "users" in k8s("Secret", "steplog-metrics-auth")["stringData"]
+    # mTLS is one uncommented line away, from the same Secret (cert-manager's ca.crt)
+    assert f'# STEPLOG_TLS_CLIENT_CA: "{tls_dir}/ca.crt"' in (K8S / "configmap.yaml").read_text()
+    pod = k8s("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    for m in container()["volumeMounts"]:
+        if m["mountPath"] in mounts.values():
+            assert m["readOnly"] is True and "subPath" not in m, "renewals must show up"
+    # cert-manager's Certificate fills that Secret, for the names clients dial
+    cert = k8s("Certificate")["spec"]
+    assert cert["secretName"] == "steplog-ingest-tls"
+    svc = k8s("Service")["metadata"]
+    assert f"{svc['name']}.{svc['namespace']}.svc.cluster.local" in cert["dnsNames"]
+    assert "server auth" in cert["usages"]
 
 
 def test_k8s_ports_match_listen_and_metrics_port() -> None:
@@ -424,9 +537,10 @@ def test_k8s_ports_match_listen_and_metrics_port() -> None:
     grpc_port, metrics_port = port_of(cfg.listen), cfg.metrics_port
     c = container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port, "health": cfg.health_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == grpc_port, f"{probe} must use the native gRPC probe"
+        # kubelet's gRPC probe speaks no TLS: the plaintext health-only port
+        assert c[probe]["grpc"]["port"] == cfg.health_port, f"{probe}: native gRPC probe"
         assert "service" not in c[probe]["grpc"], "the whole server's health, as the service sets"
 
     svc = k8s("Service")["spec"]
@@ -439,10 +553,11 @@ def test_k8s_ports_match_listen_and_metrics_port() -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port
     assert annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/scheme"] == "https"
 
     rules = k8s("NetworkPolicy")["spec"]["ingress"]
     allowed = {p["port"] for rule in rules for p in rule["ports"]}
-    assert allowed == {grpc_port, metrics_port}
+    assert allowed == {grpc_port, metrics_port}, "the health port is for kubelet only"
 
 
 def test_k8s_service_is_headless_and_selects_the_pods() -> None:
@@ -509,7 +624,7 @@ def test_k8s_pod_runs_the_image_as_its_non_root_user() -> None:
 def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests - {"secret.example.yaml"}
+    assert set(kustomization["resources"]) == manifests - K8S_OPTIONAL
 
 
 def test_kubectl_kustomize_renders_the_manifests() -> None:
@@ -526,6 +641,10 @@ def test_prometheus_k8s_config_keeps_annotated_pods_on_their_metrics_port() -> N
     (job,) = doc["scrape_configs"]
     for rules in doc["rule_files"]:
         assert (PROMETHEUS / rules).is_file()
+    # HTTPS with basic auth; pods are scraped by IP, verified by the Service name
+    assert job["scheme"] == "https"
+    assert job["tls_config"]["server_name"] in k8s("Certificate")["spec"]["dnsNames"]
+    assert "ca_file" in job["tls_config"] and "password_file" in job["basic_auth"]
     relabel = job["relabel_configs"]
     annotations = k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
 
@@ -547,6 +666,52 @@ def test_prometheus_k8s_config_keeps_annotated_pods_on_their_metrics_port() -> N
 
 
 # --- the non-loopback opt-in and the probe's address ----------------------------
+
+
+def test_nothing_in_deploy_runs_without_authentication() -> None:
+    """auth=none stays with the loopback development stack (deploy/local)."""
+    for path in sorted(DEPLOY.rglob("*")):
+        if not path.is_file() or path.is_relative_to(DEPLOY / "local") or path.suffix == ".md":
+            continue
+        text = path.read_text(errors="replace")
+        for line in text.splitlines():
+            code = line.split("#", 1)[0]
+            assert "ALLOW_UNAUTHENTICATED_NON_LOOPBACK" not in code, f"{path}: {line}"
+            assert not re.search(r"STEPLOG_AUTH\W+none", code), f"{path}: {line}"
+
+
+def test_the_dev_certificate_script_makes_what_the_service_and_prometheus_use(
+    tmp_path: Path,
+) -> None:
+    from ingest import tls
+    from ingest.metrics_http import parse_basic_auth
+
+    assert shutil.which("openssl"), "openssl is missing (Debian: openssl)"
+    out = tmp_path / "generated"
+    env = {"PATH": "/usr/bin:/bin", "METRICS_PASSWORD": "a-long-random-password"}
+    done = subprocess.run(["sh", str(CERT_SCRIPT), str(out)], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    cfg = config.Config(tls_cert=str(out / "server.crt"), tls_key=str(out / "server.key"))
+    assert tls.server_credentials(cfg) is not None
+    users = parse_basic_auth(str(out / "metrics-users"))
+    assert users["prometheus"].matches((out / "prometheus-password").read_text())
+    text = (out / "server.crt").read_bytes()
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.crt")],
+        capture_output=True,
+    )
+    assert verify.returncode == 0 and text
+    names = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(out / "server.crt")],
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in (*STEPLOG_SERVICES, "localhost", "127.0.0.1"):
+        assert name in names
+    # a second run keeps what exists
+    before = (out / "server.crt").read_bytes()
+    assert subprocess.run(["sh", str(CERT_SCRIPT), str(out)], env=env).returncode == 0
+    assert (out / "server.crt").read_bytes() == before
 
 
 def test_unauthenticated_non_loopback_is_off_unless_asked_for() -> None:
@@ -576,6 +741,13 @@ def test_the_service_refuses_a_public_address_without_the_opt_in() -> None:
 )
 def test_healthcheck_dials_wildcards_on_loopback(listen: str, address: str) -> None:
     assert healthcheck.probe_address(listen) == address
+
+
+def test_healthcheck_dials_the_health_port_when_there_is_one() -> None:
+    env = {"STEPLOG_LISTEN": "0.0.0.0:50051", "STEPLOG_HEALTH_PORT": "50052"}
+    assert healthcheck.default_address(env) == "127.0.0.1:50052"
+    assert healthcheck.default_address({"STEPLOG_LISTEN": "0.0.0.0:50051"}) == "127.0.0.1:50051"
+    assert healthcheck.default_address({**env, "STEPLOG_HEALTH_PORT": "0"}) == "127.0.0.1:50051"
 
 
 def test_healthcheck_rejects_a_bad_listen_setting(monkeypatch: pytest.MonkeyPatch) -> None:
