@@ -268,6 +268,11 @@ def _dev(ns: argparse.Namespace) -> int:
             where = addresses.join_host_port(ports.metrics_host, port)
             print(f"steplog: metrics on http://{where}/metrics")
         print(f"steplog: export STEPLOG_URL={url}")
+        if env.get("STEPLOG_AUTH", "none") == "none":
+            print(
+                "steplog: no authentication (loopback only); to turn it on: STEPLOG_AUTH=token, "
+                "`steplog-ingest token create`, STEPLOG_TOKEN (README: Security)"
+            )
         if ns.example:
             cenv = dict(env)
             cenv["STEPLOG_URL"] = url
