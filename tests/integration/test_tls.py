@@ -27,7 +27,7 @@ from ingest.metrics_http import make_hash
 from steplog import Experiment, Run
 from steplog._transport import ChannelSettings
 from steplog.client import Client
-from steplog.errors import ServiceError
+from steplog.errors import PermissionDeniedError, ServiceError, UnauthenticatedError
 from steplog.v1 import experiment_service_pb2 as ex
 from steplog.v1 import run_service_pb2, run_service_pb2_grpc
 from tests.support import ServiceProcess, free_port
@@ -260,3 +260,83 @@ def test_metrics_over_https_needs_basic_auth(tls: Setup) -> None:
     log = tls.log.read_text()
     assert METRICS_PASSWORD not in log
     assert "pbkdf2_sha256$" not in log
+
+
+# -- tokens over TLS (auth=token), and over plaintext loopback -------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_tls(
+    service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Setup, str]]:
+    import asyncio
+
+    from ingest.tokens import create_token
+
+    env = {**service_env, "STEPLOG_AUTH": "token", "STEPLOG_TOKEN_PEPPER": "tls-test-pepper"}
+    token = asyncio.run(
+        create_token(
+            env["STEPLOG_DATABASE_URL"], "tls-ws", "writer", "tls test", pepper="tls-test-pepper"
+        )
+    )
+    for setup in _start(env, tmp_path_factory.mktemp("token-tls"), mutual=False):
+        yield setup, token
+
+
+def test_a_token_over_tls_logs_a_run(token_tls: tuple[Setup, str]) -> None:
+    setup, token = token_tls
+    name = f"tls-{uuid.uuid4().hex[:10]}"
+    run = Experiment(
+        name, "tls-ws", url=setup.url, token=token, tls_ca=setup.ca.cert_path
+    ).start_logging()
+    for step in range(20):
+        run.log("loss", 1.0 / (step + 1), step=step)
+    assert run.flush(60)
+    assert run.get_metrics()["loss"] == [1.0 / (s + 1) for s in range(20)]
+    run.complete()
+    # the token never reaches the log
+    assert token not in setup.log.read_text()
+
+
+def test_without_the_token_tls_alone_is_not_enough(token_tls: tuple[Setup, str]) -> None:
+    setup, _ = token_tls
+    with pytest.raises(UnauthenticatedError):
+        Experiment("never", "tls-ws", url=setup.url, token="", tls_ca=setup.ca.cert_path)
+    with pytest.raises((UnauthenticatedError, PermissionDeniedError)):
+        Experiment(
+            "never",
+            "tls-ws",
+            url=setup.url,
+            token="stl_AAAAAAAAAAAA_" + "B" * 43,
+            tls_ca=setup.ca.cert_path,
+        )
+
+
+def test_a_token_over_plaintext_loopback_logs_a_run(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    import asyncio
+
+    from ingest.tokens import create_token
+
+    env = {**service_env, "STEPLOG_AUTH": "token", "STEPLOG_TOKEN_PEPPER": "plain-pepper"}
+    token = asyncio.run(
+        create_token(env["STEPLOG_DATABASE_URL"], "plain-ws", "writer", pepper="plain-pepper")
+    )
+    with ServiceProcess(env, log_path=tmp_path / "service.log") as service:
+        url = f"127.0.0.1:{service.port}"
+        _log_a_run_in(url, "plain-ws", token=token)
+        with pytest.raises(UnauthenticatedError):
+            Experiment("never", "plain-ws", url=url, token="")
+
+
+def _log_a_run_in(url: str, workspace: str, **connection: object) -> None:
+    run = Experiment(
+        f"tok-{uuid.uuid4().hex[:10]}",
+        workspace,
+        url=url,
+        **connection,  # type: ignore[arg-type]
+    ).start_logging()
+    run.log("loss", 0.5, step=0)
+    assert run.flush(60)
+    assert run.get_metrics() == {"loss": 0.5}
