@@ -984,6 +984,8 @@ class Fuzzer:
         rng = c.rng
         run = rng.choice(self.ctx.victim_runs)
         bad = hostile_string(rng, rng.choice(["nul", "control", "huge", "unicode"]))
+        if re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", bad):  # a short unicode draw can be plain ASCII
+            bad += "\u00e9"
         batch = ip.Batch(writer_id=c.writer(), sequence=1)
         batch.series.add(run_id=run).series.name = "m"
         batch.series[0].series.scalars.values.append(1.0)
