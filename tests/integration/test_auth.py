@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import steplog.v1
-from ingest import tokens
+from ingest import auth, tokens
 from ingest.devstack import StackInfo
 from steplog.v1 import (
     artifact_service_pb2 as art,
@@ -88,6 +88,7 @@ class Env:
     info: StackInfo
     tokens: dict[str, str]  # cell -> token text
     channel: grpc.Channel
+    deletable_experiment_id: str = ""  # an experiment without runs (DeleteExperiment)
 
     def call(self, method: str, request: Any, token: str | None, timeout: float = 20.0) -> Any:
         return invoke(self.channel, method, request, metadata(token), timeout)
@@ -201,6 +202,12 @@ def _scalars(run_id: str, name: str, steps: list[int]) -> ing.RunSeries:
 def _seed(e: Env) -> None:
     """An experiment, a run with a series and a file, in WS (by the writer)."""
     w = e.tokens["writer"]
+    made = e.call(
+        "/steplog.v1.ExperimentService/GetOrCreateExperiment",
+        exp.GetOrCreateExperimentRequest(name="exp-deletable"),
+        w,
+    )
+    e.deletable_experiment_id = made.experiment.experiment_id
     e.call(
         "/steplog.v1.RunService/CreateRun",
         run.CreateRunRequest(experiment_name=EXPERIMENT, run_id=RUN),
@@ -352,6 +359,9 @@ def request_for(method: str, e: Env, workspace: str = WS) -> Any:
         "/steplog.v1.TokenService/CreateToken": lambda: tok.CreateTokenRequest(
             workspace=ws, name="denied", role=tok.TOKEN_ROLE_ADMIN
         ),
+        "/steplog.v1.ExperimentService/DeleteExperiment": lambda: RPCS[
+            "/steplog.v1.ExperimentService/DeleteExperiment"
+        ].input(workspace=ws, experiment_id=e.deletable_experiment_id),
         "/steplog.v1.TokenService/ListTokens": lambda: tok.ListTokensRequest(workspace=ws),
         "/steplog.v1.TokenService/RevokeToken": lambda: tok.RevokeTokenRequest(
             workspace=ws, token_id=victim_id(e)
@@ -360,14 +370,19 @@ def request_for(method: str, e: Env, workspace: str = WS) -> Any:
     return requests[method]()
 
 
-WRITE_METHODS = {
-    name
-    for name in RPCS
-    if name.rsplit("/", 1)[1].startswith(
-        ("GetOrCreate", "Update", "Archive", "Reactivate", "Create", "Add", "Heartbeat", "Rewind")
-    )
-    or name.endswith(("/Ingest", "/Write", "/UploadArtifact"))
-}
+def expected_role(name: str) -> str:
+    """The role an RPC should need, from its name (checked against ingest/auth.py)."""
+    method = name.rsplit("/", 1)[1]
+    if "/steplog.v1.TokenService/" in name or method.startswith("Delete"):
+        return "admin"
+    writes = ("GetOrCreate", "Update", "Archive", "Reactivate", "Create", "Add", "Heartbeat")
+    if method.startswith((*writes, "Rewind")) or method in ("Ingest", "Write", "UploadArtifact"):
+        return "writer"
+    return "reader"
+
+
+WRITE_METHODS = {name for name in RPCS if expected_role(name) == "writer"}
+ADMIN_METHODS = {name for name in RPCS if expected_role(name) == "admin"}
 TOKEN_METHODS = {name for name in RPCS if "/steplog.v1.TokenService/" in name}
 
 
@@ -465,8 +480,9 @@ CELLS: dict[str, tuple[str | None, set[str] | None, grpc.StatusCode]] = {
     "expired_token": ("expired", None, UNAUTH),
     "revoked_token": ("revoked", None, UNAUTH),
     "other_workspace": ("other_workspace", None, DENIED),
-    "reader_writes": ("reader", WRITE_METHODS | TOKEN_METHODS, DENIED),
-    "writer_manages_tokens": ("writer", TOKEN_METHODS, DENIED),
+    "reader_writes": ("reader", WRITE_METHODS | ADMIN_METHODS, DENIED),
+    # TokenService, and any other admin-only RPC
+    "writer_manages_tokens": ("writer", ADMIN_METHODS, DENIED),
 }
 
 
@@ -474,9 +490,11 @@ def test_the_matrix_covers_every_rpc(env: Env) -> None:
     assert len(RPCS) >= 25
     for method in RPCS:  # a new RPC needs a request here (and a role in ingest/auth.py)
         assert request_for(method, env) is not None
-    assert "/steplog.v1.TokenService/RevokeToken" in TOKEN_METHODS
+    assert TOKEN_METHODS <= ADMIN_METHODS and len(TOKEN_METHODS) == 3
     assert "/steplog.v1.RunService/GetRun" not in WRITE_METHODS
-    assert len(WRITE_METHODS) == 14
+    assert len(WRITE_METHODS) == 13
+    for method in RPCS:
+        assert auth.METHOD_ROLES[method].value == expected_role(method), method
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -518,7 +536,7 @@ def test_health_is_open_and_reflection_needs_a_token(env: Env) -> None:
 
 # -- the positive cells -----------------------------------------------------------------
 
-READ_METHODS = set(RPCS) - WRITE_METHODS - TOKEN_METHODS
+READ_METHODS = set(RPCS) - WRITE_METHODS - ADMIN_METHODS
 
 
 @pytest.mark.parametrize("role", ["reader", "writer", "admin"])
