@@ -323,6 +323,7 @@ class Context:
     workspace: str
     valid_runs: list[str]
     victim_runs: list[str]  # hostile metadata calls (rewind, status) go here
+    file_runs: list[str]  # the artifact cases' runs: never finished by a hostile call
     completed_run: str
     foreign_run: str  # a run of FOREIGN_WORKSPACE
     experiment: str
@@ -705,6 +706,7 @@ class Fuzzer:
         exp = f"fuzz-{self.seed}-{uuid.uuid4().hex[:8]}"
         valid = [self._run("default", exp) for _ in range(4)]
         victims = [self._run("default", exp) for _ in range(4)]
+        files = [self._run("default", exp) for _ in range(2)]
         completed = self._run("default", exp)
         self._call(
             "UpdateRunStatus",
@@ -713,7 +715,7 @@ class Fuzzer:
             ),
         )
         foreign = self._run(FOREIGN_WORKSPACE, exp)
-        return Context("default", valid, victims, completed, foreign, exp)
+        return Context("default", valid, victims, files, completed, foreign, exp)
 
     # -- the run
     def run(
@@ -1343,7 +1345,7 @@ class Fuzzer:
 
     def _case_artifacts(self, c: _Case) -> None:
         rng, ctx = c.rng, self.ctx
-        run = rng.choice(ctx.victim_runs)
+        run = rng.choice(ctx.file_runs)
         data = rng.randbytes(rng.choice([0, 1, 100, 5000]))
         digest = hashlib.sha256(data).hexdigest()
         path = f"f/{c.index}-{rng.randrange(1 << 20)}.bin"
@@ -1421,7 +1423,7 @@ class Fuzzer:
             ]
             got = c.stream("UploadArtifact", list(parts))
             if got is None:
-                c.finding("UploadArtifact", "a valid upload failed")
+                c.finding("UploadArtifact", f"a valid upload failed: {c.last_error}")
             return
         c.stream("UploadArtifact", list(parts), expect, ok_allowed=not refuse)
 
