@@ -237,7 +237,10 @@ class TokenVerifier:
         try:
             found = await self.store.lookup(token_id)
         except BaseException as exc:
-            fut.set_exception(exc)
+            # The loading call was cancelled (its client left) or failed: the
+            # calls waiting on it get a retryable error, not the cancellation.
+            failure = exc if isinstance(exc, Exception) else StoreUnavailable("lookup interrupted")
+            fut.set_exception(failure)
             fut.exception()  # retrieved: waiters re-raise it, nobody else
             raise
         finally:
@@ -568,6 +571,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return _rewrap(handler, _refuse(self.audit, method, denied))
         except StoreUnavailable as exc:
             return _rewrap(handler, _unavailable(exc))
+        except Exception as exc:  # a bug or an odd database state: refuse, say little
+            log.error("token check failed for %s: %s", method, type(exc).__name__, exc_info=True)
+            return _rewrap(handler, _unavailable(StoreUnavailable(type(exc).__name__)))
         recheck = text if method.startswith(STEPLOG_PREFIX) else None
         return _rewrap(handler, _Scoped(self, method, principal, recheck))
 

@@ -227,8 +227,12 @@ class TokenStore:
         return _row(r), False
 
     async def lookup(self, token_id_: str) -> tuple[TokenRow, bytes] | None:
-        """The row and stored hash of a token id, or None."""
-        r = await self.pool.fetchrow("SELECT * FROM tokens WHERE token_id = $1", token_id_)
+        """The row and stored hash of a token id, or None. A database that
+        cannot be reached is StoreUnavailable (the caller gets UNAVAILABLE)."""
+        from ingest.timescale import acquire
+
+        async with acquire(self.pool) as conn:
+            r = await conn.fetchrow("SELECT * FROM tokens WHERE token_id = $1", token_id_)
         return None if r is None else (_row(r), bytes(r["secret_hash"]))
 
     async def touch(self, token_id_: str, every_s: float = 60.0) -> None:

@@ -237,3 +237,25 @@ def test_verifier_single_flight_and_bound() -> None:
         await v.close()
 
     asyncio.run(main())
+
+
+def test_a_cancelled_lookup_fails_its_waiters_retryably() -> None:
+    from ingest.errors import StoreUnavailable
+
+    async def main() -> None:
+        store = FakeStore()
+        store.gate = asyncio.Event()
+        v = auth.TokenVerifier(store)  # type: ignore[arg-type]
+        text = store.add()
+        loader = asyncio.create_task(v.verify(text))
+        await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(v.verify(text))
+        await asyncio.sleep(0.01)
+        loader.cancel()
+        with pytest.raises(StoreUnavailable):
+            await waiter
+        store.gate.set()
+        assert (await v.verify(text)).workspace == "team-a"  # the next call looks it up again
+        assert store.lookups == 2
+
+    asyncio.run(main())
