@@ -89,6 +89,7 @@ METHOD_ROLES: dict[str, Role] = {
             "UpdateExperimentTags": _W,
             "ArchiveExperiment": _W,
             "ReactivateExperiment": _W,
+            "DeleteExperiment": _A,  # irreversible: not for a training job's token
         },
         "RunService": {
             "CreateRun": _W,

@@ -14,7 +14,8 @@ broke. The invariants are the ones a chart drawn from the document relies on:
   labels strings;
 - predictions: bin_averages, bin_errors and bin_counts of equal length,
   bin_edges one longer;
-- residuals: bin_edges one longer than bin_counts.
+- residuals: bin_edges one longer than bin_counts, both flat lists of numbers
+  (counts may be fractions, as in Azure ML's example).
 
 The schema type is also the series' value type: a series holds one schema,
 fixed by its first document, like every other kind.
@@ -309,8 +310,10 @@ def _residuals(data: dict[str, Any], may_have_bools: bool) -> None:
         )
     if _numbers(edges, "bin_edges", schema, "numbers", may_have_bools).ndim != 1:
         raise DocumentError(schema, "numbers", "'bin_edges' must be a flat list of numbers")
-    if _counts(counts, "bin_counts", schema, "counts_integers", may_have_bools).ndim != 1:
-        raise DocumentError(schema, "counts_integers", "'bin_counts' must be a flat list")
+    # Numbers, not only integers: Azure ML's own example has bin_counts
+    # [0.88, 20, 30, 50.99] (weighted or normalised histograms).
+    if _numbers(counts, "bin_counts", schema, "numbers", may_have_bools).ndim != 1:
+        raise DocumentError(schema, "numbers", "'bin_counts' must be a flat list of numbers")
 
 
 _CHECKS = {

@@ -439,6 +439,87 @@ class MetadataStore:
                 raise not_found("name", f"experiment {name!r} does not exist")
             return row
 
+    async def delete_experiment(self, workspace: str, experiment_id: int) -> tuple[str, int]:
+        """Delete an experiment, its runs and everything they logged, in one
+        transaction; refused while a run is not terminal (Azure ML's rule).
+        The workspace's usage counters go down by what was deleted. Returns
+        the experiment's name and how many runs went with it."""
+        async with self._tx() as conn:
+            # Locks in CreateRun's order (a parent run, then the experiment,
+            # then usage; ingest: series, then usage): the runs there are,
+            # then the experiment row, which keeps new runs out, then the runs
+            # again to see any created meanwhile.
+            await conn.execute(
+                "SELECT 1 FROM runs WHERE workspace = $1 AND experiment_id = $2 FOR UPDATE",
+                workspace,
+                experiment_id,
+            )
+            exp = await conn.fetchrow(
+                "SELECT name FROM experiments WHERE workspace = $1 AND experiment_id = $2"
+                " FOR UPDATE",
+                workspace,
+                experiment_id,
+            )
+            if exp is None:
+                raise not_found(
+                    "experiment_id",
+                    f"experiment id {experiment_id} does not exist in workspace {workspace!r}",
+                )
+            runs = await conn.fetch(
+                "SELECT run_id, status FROM runs WHERE experiment_id = $1 FOR UPDATE",
+                experiment_id,
+            )
+            terminal = {s.value for s in RunStatus if s.terminal}
+            active = [r for r in runs if r["status"] not in terminal]
+            if active:
+                raise precondition(
+                    "experiment_id",
+                    f"experiment {exp['name']!r} has {len(active)} run(s) not yet finished "
+                    f"(for example {active[0]['run_id']!r}, {active[0]['status']}); complete, "
+                    "fail or cancel them before deleting the experiment",
+                )
+            run_ids = [r["run_id"] for r in runs]
+            series = [
+                r["series_id"]
+                for r in await conn.fetch(
+                    "SELECT series_id FROM series WHERE run_id = ANY($1::text[])", run_ids
+                )
+            ]
+            image_bytes = await conn.fetchval(
+                "SELECT COALESCE(sum(size), 0) FROM image_points"
+                " WHERE series_id = ANY($1::bigint[])",
+                series,
+            )
+            file_bytes = await conn.fetchval(
+                "SELECT COALESCE(sum(size), 0) FROM artifacts WHERE run_id = ANY($1::text[])",
+                run_ids,
+            )
+            for table in (
+                "scalar_points",
+                "text_points",
+                "table_rows",
+                "evaluation_points",
+                "image_points",
+                "table_columns",
+            ):
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE series_id = ANY($1::bigint[])", series
+                )
+            await conn.execute("DELETE FROM series WHERE run_id = ANY($1::text[])", run_ids)
+            await conn.execute("DELETE FROM artifacts WHERE run_id = ANY($1::text[])", run_ids)
+            await conn.execute("DELETE FROM runs WHERE experiment_id = $1", experiment_id)
+            await conn.execute("DELETE FROM experiments WHERE experiment_id = $1", experiment_id)
+            await conn.execute(
+                "UPDATE workspace_usage SET runs = greatest(runs - $2, 0),"
+                " series = greatest(series - $3, 0),"
+                " stored_bytes = greatest(stored_bytes - $4, 0) WHERE workspace = $1",
+                workspace,
+                len(run_ids),
+                len(series),
+                int(image_bytes) + int(file_bytes),
+            )
+            return str(exp["name"]), len(run_ids)
+
     # -- runs ----------------------------------------------------------------
 
     async def create_run(
@@ -579,6 +660,7 @@ class MetadataStore:
         run_type: str,
         status: RunStatus | None,
         limit: int,
+        property_keys: Sequence[str] = (),
     ) -> list[Row]:
         where = ["r.workspace = $1"]
         args: list[Any] = [workspace]
@@ -601,6 +683,9 @@ class MetadataStore:
         if properties:
             args.append(dict(properties))
             where.append(f"r.properties @> ${len(args)}::jsonb")
+        if property_keys:
+            args.append(list(property_keys))
+            where.append(f"r.properties ?& ${len(args)}::text[]")
         if run_type:
             args.append(run_type)
             where.append(f"r.run_type = ${len(args)}")

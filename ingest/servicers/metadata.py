@@ -117,6 +117,22 @@ class ExperimentServicer(ex_grpc.ExperimentServiceServicer):
         )
         return ex.ReactivateExperimentResponse(experiment=experiment_to_proto(row))
 
+    @handle_errors
+    async def DeleteExperiment(
+        self, request: ex.DeleteExperimentRequest, context: Ctx
+    ) -> ex.DeleteExperimentResponse:
+        workspace = model.workspace_name(request.workspace)
+        raw = request.experiment_id
+        if not raw:
+            raise invalid("experiment_id", "experiment_id is required")
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            raise invalid(
+                "experiment_id",
+                f"experiment_id must be the decimal id the service returned, not {raw[:40]!r}",
+            )
+        name, runs = await self.store.delete_experiment(workspace, int(raw))
+        return ex.DeleteExperimentResponse(name=name, deleted_runs=runs)
+
 
 class RunServicer(rs_grpc.RunServiceServicer):
     def __init__(self, store: MetadataStore) -> None:
@@ -182,6 +198,7 @@ class RunServicer(rs_grpc.RunServiceServicer):
             request.run_type,
             status_from_proto(request.status),
             min(request.limit or 1000, 10_000),
+            [model.tag_key(k, "property_keys") for k in request.property_keys],
         )
         return rs.ListRunsResponse(runs=[run_to_proto(r) for r in rows])
 

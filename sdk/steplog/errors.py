@@ -15,6 +15,12 @@ class SteplogError(Exception):
     """Base class of every steplog error."""
 
 
+class NotApplicableError(SteplogError, NotImplementedError):
+    """An Azure ML method that does not belong to a run-history service
+    (models, environments, snapshots, compute, job submission). The message
+    names the steplog way to do it, where there is one."""
+
+
 class ServiceError(SteplogError):
     """The service answered with an error status."""
 

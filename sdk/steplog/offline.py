@@ -31,8 +31,8 @@ class OfflineRun:
     def tag(self, key: str, value: str | None = None) -> None:
         self._tags[key] = value
 
-    def set_tags(self, tags: Mapping[str, str | None]) -> None:
-        self._tags.update(tags)
+    def set_tags(self, tags: Mapping[str, str | None] | str) -> None:
+        self._tags.update({tags: None} if isinstance(tags, str) else tags)
 
     def get_tags(self) -> dict[str, str | None]:
         return dict(self._tags)
@@ -43,10 +43,21 @@ class OfflineRun:
     def get_properties(self) -> dict[str, str]:
         return dict(self._properties)
 
-    def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+    def remove_tags(self, tags: Any) -> dict[str, str | None]:
+        for key in [tags] if isinstance(tags, str) else list(tags):
+            self._tags.pop(key, None)
+        return dict(self._tags)
+
+    def get_metrics(
+        self,
+        name: str | None = None,
+        recursive: bool = False,
+        run_type: str | None = None,
+        populate: bool = False,
+    ) -> dict[str, Any]:
         return {}
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout_seconds: float | None = 300, **kwargs: Any) -> bool:
         return True
 
     def complete(self, *args: Any, **kwargs: Any) -> None:

@@ -17,9 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
+from steplog import _azure
 from steplog.client import Client, Connection, get_client
 from steplog.errors import FailedPreconditionError, InvalidArgumentError
-from steplog.experiment import Experiment, tags_from_proto, tags_to_proto
+from steplog.experiment import Experiment, Workspace, _client_of, tags_from_proto, tags_to_proto
 from steplog.v1 import common_pb2
 from steplog.v1 import run_service_pb2 as rs
 
@@ -68,6 +69,33 @@ def distributed_labels() -> dict[str, str]:
     return {}
 
 
+# What get_detailed_status says about a status that is not Running.
+_STATUS_DETAILS = {
+    "NotStarted": "The run was created and has not started.",
+    "Queued": "The run is waiting to start.",
+    "Finalizing": "The run's code has finished; it is being finalized.",
+    "CancelRequested": "Cancellation was requested.",
+    "NotResponding": "No data or heartbeat from the run recently.",
+}
+
+# Run.add_type_provider: run type -> factory(experiment, run) -> Run.
+_TYPE_PROVIDERS: dict[str, Any] = {}
+
+
+def _rehydrate(runs: list[Run], experiment: Experiment | None) -> list[Run]:
+    if not _TYPE_PROVIDERS:
+        return runs
+    return [
+        _TYPE_PROVIDERS[r.type](experiment or r.experiment, r) if r.type in _TYPE_PROVIDERS else r
+        for r in runs
+    ]
+
+
+def _datastore(method: str, datastore_name: str | None) -> None:
+    if datastore_name is not None:
+        _azure.ignored(method, "datastore_name", "steplog stores run files in its one object store")
+
+
 def _freeze(labels: Mapping[str, str] | None) -> Labels:
     if not labels:
         return ()
@@ -82,10 +110,12 @@ class Run:
         self,
         experiment: Experiment | None = None,
         run_id: str | None = None,
+        outputs: str | None = None,
         *,
         _proto: common_pb2.Run | None = None,
         _client: Client | None = None,
         labels: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         if _proto is None:
             if run_id is None:
@@ -106,6 +136,15 @@ class Run:
         # An offline run (Run.get_context with STEPLOG_OFFLINE): status, tags
         # and properties go to the spool, in order with the points; no call.
         self._offline = False
+        # Azure's `outputs`: a directory uploaded as run files at the end.
+        self._outputs = outputs
+        # Run.get_context(used_for_context_manager=True): `with run:` only
+        # flushes (and marks the run Failed on an exception); the process that
+        # created the run completes it.
+        self._attached = False
+        for key in sorted(kwargs):
+            if not key.startswith("_"):
+                _azure.ignored("Run", key, "not a steplog run setting")
 
     @classmethod
     def _create(
@@ -122,6 +161,7 @@ class Run:
         properties: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         status: int = common_pb2.RUN_STATUS_RUNNING,
+        outputs: str | None = None,
     ) -> Run:
         reply = client.call(
             client.runs.CreateRun,
@@ -138,7 +178,7 @@ class Run:
                 status=status,  # type: ignore[arg-type]
             ),
         )
-        run = cls(_proto=reply.run, _client=client, labels=labels)
+        run = cls(outputs=outputs, _proto=reply.run, _client=client, labels=labels)
         if run.status == "Running":
             client.heartbeat.add(run.id)
         return run
@@ -269,16 +309,50 @@ class Run:
             description,
         )
 
+    def log_metric(
+        self,
+        name: str,
+        value: float | int | str | bool,
+        description: str = "",
+        step: int | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """The same as log(): the spelling Azure ML's start_logging example uses."""
+        self.log(name, value, description, step, labels=labels)
+
     def log_list(
         self,
         name: str,
-        value: Sequence[float | int],
+        value: Sequence[float | int | str],
         description: str = "",
         *,
         labels: Mapping[str, str] | None = None,
     ) -> None:
-        """Log a list of values as an unstepped series (Azure's `log_list`)."""
-        values = [float(v) for v in value]
+        """Log a list of values as an unstepped series (Azure's `log_list`):
+        all numbers, or all strings (a text series)."""
+        values: list[float] | list[str]
+        items = list(value)
+        if items and all(isinstance(v, str) for v in items):
+            values = [str(v) for v in items]
+        else:
+            numbers: list[float] = []
+            for i, v in enumerate(items):
+                if isinstance(v, str):
+                    raise InvalidArgumentError(
+                        f"metric {name!r}: log_list values must be all numbers or all strings; "
+                        f"value {i} is the string {v!r} among numbers",
+                        field="value",
+                    )
+                try:
+                    numbers.append(float(v))
+                except (TypeError, ValueError):
+                    raise InvalidArgumentError(
+                        f"metric {name!r}: value {i} must be a number or a string, not "
+                        f"{type(v).__name__}",
+                        field="value",
+                    ) from None
+            values = numbers
         now = time.time()
         self._client.writer.log_scalars(
             self.id,
@@ -428,6 +502,7 @@ class Run:
         self,
         name: str,
         path_or_stream: Any,
+        datastore_name: str | None = None,
         *,
         overwrite: bool = False,
         wait: bool = True,
@@ -441,26 +516,46 @@ class Run:
         is its FileInfo); with wait=False returns at once and uploads in the
         background. Retries while the service or its storage is unavailable
         (up to `timeout`); AlreadyExistsError when `name` holds other
-        content, unless overwrite."""
+        content, unless overwrite. `datastore_name` is ignored (steplog has
+        one object store)."""
+        _datastore("Run.upload_file", datastore_name)
         return self._upload([name], [path_or_stream], overwrite, wait, timeout, show_progress)[0]
 
     def upload_files(
         self,
         names: Sequence[str],
         paths: Sequence[Any],
+        return_artifacts: bool = False,
+        timeout_seconds: float | None = None,
+        datastore_name: str | None = None,
         *,
         overwrite: bool = False,
         wait: bool = True,
         timeout: float | None = None,
         show_progress: bool | None = None,
     ) -> list[Any]:
-        """Upload several files at once (names[i] from paths[i]), in parallel."""
-        return self._upload(names, paths, overwrite, wait, timeout, show_progress)
+        """Upload several files at once (names[i] from paths[i]), in parallel.
+        Returns their `Upload`s; with return_artifacts, the stored files'
+        `FileInfo`s (name, size, sha256, content type) instead. The wait is
+        bounded by timeout_seconds (or `timeout`)."""
+        if len(names) != len(paths):
+            raise InvalidArgumentError(
+                f"{len(names)} names for {len(paths)} paths; they must pair up", field="names"
+            )
+        _datastore("Run.upload_files", datastore_name)
+        limit = timeout_seconds if timeout_seconds is not None else timeout
+        uploads = self._upload(
+            names, paths, overwrite, wait or return_artifacts, limit, show_progress
+        )
+        if return_artifacts:
+            return [u.result() for u in uploads]
+        return uploads
 
     def upload_folder(
         self,
         name: str,
         path: str | os.PathLike[str],
+        datastore_name: str | None = None,
         *,
         overwrite: bool = False,
         wait: bool = True,
@@ -471,6 +566,7 @@ class Run:
         (symbolic links to directories are not followed)."""
         from pathlib import Path
 
+        _datastore("Run.upload_folder", datastore_name)
         root = Path(path)
         if not root.is_dir():
             raise NotADirectoryError(f"no directory at {root}")
@@ -517,6 +613,7 @@ class Run:
         self,
         name: str,
         output_file_path: str | os.PathLike[str] | None = None,
+        _validate_checksum: bool = False,
         *,
         timeout: float | None = None,
     ) -> str:
@@ -539,33 +636,58 @@ class Run:
         self,
         prefix: str | None = None,
         output_directory: str | os.PathLike[str] | None = None,
+        output_paths: Sequence[str | os.PathLike[str]] | None = None,
+        batch_size: int = 100,
         append_prefix: bool = True,
+        timeout_seconds: float | None = None,
         *,
         show_progress: bool | None = None,
     ) -> list[str]:
         """Download the files whose names start with `prefix` (all without one)
         into output_directory (default: the current directory), keeping their
         relative paths; with append_prefix=False the prefix is cut from them.
-        Returns the local paths."""
+        `output_paths`: one local path per file instead (in the order of
+        get_file_names(), unique, as many as there are files). At most
+        `batch_size` downloads run at once; `timeout_seconds` bounds each
+        file's retries. Returns the local paths."""
         from concurrent.futures import ThreadPoolExecutor
         from pathlib import Path, PurePosixPath
 
         from steplog._uploads import WORKERS, Progress, download, inside, list_files
 
+        if batch_size < 1:
+            raise InvalidArgumentError("batch_size must be >= 1", field="batch_size")
         files = list_files(self._client, self.id, prefix or "")
         base = Path(output_directory) if output_directory is not None else Path.cwd()
-        targets = []
-        for f in files:
-            relative = f.path
-            if prefix and not append_prefix:
-                relative = relative[len(prefix) :].lstrip("/") or PurePosixPath(f.path).name
-            targets.append(inside(base, relative))
+        targets: list[Path] = []
+        if output_paths is not None:
+            wanted = [Path(p) for p in output_paths]
+            if len(wanted) != len(files):
+                raise InvalidArgumentError(
+                    f"{len(wanted)} output_paths for {len(files)} files", field="output_paths"
+                )
+            if len(set(wanted)) != len(wanted):
+                raise InvalidArgumentError("output_paths must be unique", field="output_paths")
+            targets = [base / p if output_directory is not None else p for p in wanted]
+        else:
+            for f in files:
+                relative = f.path
+                if prefix and not append_prefix:
+                    relative = relative[len(prefix) :].lstrip("/") or PurePosixPath(f.path).name
+                targets.append(inside(base, relative))
         progress = Progress(sum(f.size for f in files), len(files), "download", show_progress)
         try:
-            with ThreadPoolExecutor(WORKERS) as pool:
+            with ThreadPoolExecutor(max(1, min(WORKERS, batch_size))) as pool:
                 list(
                     pool.map(
-                        lambda ft: download(self._client, self.id, ft[0].path, ft[1], progress),
+                        lambda ft: download(
+                            self._client,
+                            self.id,
+                            ft[0].path,
+                            ft[1],
+                            progress,
+                            timeout=timeout_seconds,
+                        ),
                         zip(files, targets, strict=True),
                     )
                 )
@@ -573,15 +695,27 @@ class Run:
             progress.close()
         return [str(t) for t in targets]
 
+    def get_all_logs(self, destination: str | os.PathLike[str] | None = None) -> list[str]:
+        """steplog captures no driver logs; the run's files under "logs/" (where
+        Azure ML kept them) are downloaded into `destination` (default: a
+        directory named after the run id). Returns the local paths."""
+        from pathlib import Path
+
+        target = Path(destination) if destination is not None else Path(self.id)
+        target.mkdir(parents=True, exist_ok=True)
+        return self.download_files(prefix="logs/", output_directory=target)
+
     def get_file_names(self) -> list[str]:
         """The names of this run's files, sorted."""
         from steplog._uploads import list_files
 
         return [f.path for f in list_files(self._client, self.id)]
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything logged so far is acknowledged; False on timeout."""
-        return self._client.flush(timeout)
+    def flush(self, timeout_seconds: float | None = 300, *, timeout: float | None = None) -> bool:
+        """Wait until everything logged so far is acknowledged, at most
+        `timeout_seconds` (Azure's name and default, 300; None: no limit;
+        `timeout` is steplog's older keyword); False on timeout."""
+        return self._client.flush(timeout if timeout is not None else timeout_seconds)
 
     def rejections(self) -> builtins.list[Any]:
         """Points of this run the service did not store, with the reason
@@ -610,16 +744,33 @@ class Run:
         )
         return int(reply.hidden_points)
 
-    def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+    def get_metrics(
+        self,
+        name: str | None = None,
+        recursive: bool = False,
+        run_type: str | None = None,
+        populate: bool = False,
+    ) -> dict[str, Any]:
         """Azure's shape: {name: value} for a metric logged once, {name: [values]}
         for one logged several times; with recursive, {run_id: {...}} over this
-        run and all its descendants. Waits for this process's logged points,
-        then reads everything in pages (each response bounded by the service's
-        max_response_bytes) and returns it whole."""
+        run and all its descendants. `run_type`: only runs of that type (with
+        recursive, the runs of the subtree that have it; without, this run's
+        metrics if it has it, else {}). `populate` changes nothing: steplog
+        always returns tables and evaluation documents whole. Waits for this
+        process's logged points, then reads everything in pages (each response
+        bounded by the service's max_response_bytes) and returns it whole."""
         from steplog.query import get_metrics
 
         self.flush()
-        return get_metrics(self._client, self.id, name, recursive)
+        if run_type is not None and not recursive and self.type != run_type:
+            return {}
+        metrics = get_metrics(self._client, self.id, name, recursive)
+        if run_type is not None and recursive:
+            keep = {r.id for r in self.get_children(recursive=True, type=run_type)}
+            if self.type == run_type:
+                keep.add(self.id)
+            metrics = {k: v for k, v in metrics.items() if k in keep}
+        return metrics
 
     def get_series(
         self,
@@ -646,11 +797,15 @@ class Run:
     def tag(self, key: str, value: str | None = None) -> None:
         self.set_tags({key: value})
 
-    def set_tags(self, tags: Mapping[str, str | None]) -> None:
-        self._update_tags(tags, [])
+    def set_tags(self, tags: Mapping[str, str | None] | str) -> None:
+        """Add or change tags; others are untouched. A plain string is a tag
+        without a value."""
+        self._update_tags({tags: None} if isinstance(tags, str) else tags, [])
 
-    def remove_tags(self, tags: Iterable[str] | str) -> None:
+    def remove_tags(self, tags: Iterable[str] | str) -> dict[str, str | None]:
+        """Remove these tags (absent ones are no error); returns the tags left."""
         self._update_tags({}, [tags] if isinstance(tags, str) else list(tags))
+        return self.tags
 
     def _spool_operation(self, kind: str, request: Any) -> None:
         """Offline: the operation goes to the spool after the points logged
@@ -755,9 +910,21 @@ class Run:
     def start(self) -> None:
         self._move("Running")
 
+    def _upload_outputs(self) -> None:
+        """Azure's `outputs` directory: its files become run files at the end."""
+        if not self._outputs or self._offline:
+            return
+        from pathlib import Path
+
+        folder = Path(self._outputs)
+        if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+            self.upload_folder(Path(self._outputs).as_posix().strip("/"), folder, overwrite=True)
+
     def complete(self, _set_status: bool = True, *, flush_timeout: float | None = None) -> None:
-        """Flush what was logged, then mark the run Completed."""
-        self.flush(flush_timeout)
+        """Flush what was logged (and upload the `outputs` directory, if one
+        was given), then mark the run Completed."""
+        self.flush(timeout=flush_timeout)
+        self._upload_outputs()
         if _set_status:
             self._move("Completed")
 
@@ -768,7 +935,8 @@ class Run:
         _set_status: bool = True,
     ) -> None:
         """Flush, then mark the run Failed with an error message and code."""
-        self.flush()
+        self.flush(None)
+        self._upload_outputs()
         if isinstance(error_details, BaseException):
             message = "".join(traceback.format_exception_only(error_details)).strip()
             code = error_code or type(error_details).__name__
@@ -779,7 +947,8 @@ class Run:
             self._move("Failed", message, code)
 
     def cancel(self) -> None:
-        self.flush()
+        self.flush(None)
+        self._upload_outputs()
         self._move("Canceled")
 
     def get_status(self) -> str:
@@ -801,17 +970,35 @@ class Run:
             "status": self.status,
             "parentRunId": p.parent_run_id or None,
             "startTimeUtc": _iso(p.start_time),
-            "endTimeUtc": _iso(p.end_time),
             "createdTimeUtc": _iso(p.created_time),
             "properties": dict(p.properties),
             "tags": tags_from_proto(p.tags),
             "inputDatasets": [],
             "outputDatasets": [],
+            "runDefinition": {},
             "logFiles": {},
+            "submittedBy": p.properties.get("steplog.submitted_by", ""),
         }
+        end = _iso(p.end_time)
+        if end is not None:  # as in Azure, absent while the run has not finished
+            details["endTimeUtc"] = end
         if p.HasField("error"):
             details["error"] = {"error": {"code": p.error.code, "message": p.error.message}}
         return details
+
+    def get_detailed_status(self) -> dict[str, Any]:
+        """{"status": ..., "details": ...}: the status as get_status(), and for
+        a run that is not Running a sentence on what it is waiting for."""
+        status = self.get_status()
+        result: dict[str, Any] = {"status": status}
+        detail = _STATUS_DETAILS.get(status)
+        if detail:
+            result["details"] = detail
+        return result
+
+    def get_details_with_logs(self) -> dict[str, Any]:
+        """get_details(); steplog captures no log files, so "logFiles" is {}."""
+        return self.get_details()
 
     def wait_for_completion(
         self,
@@ -838,6 +1025,8 @@ class Run:
                 raise TimeoutError(f"run {self.id} is still {status} after {timeout}s")
             time.sleep(delay)
             delay = min(delay * 2, poll_interval)
+        if wait_post_processing:
+            self.flush(None)
         details = self.get_details()
         if raise_on_error and self.status == "Failed":
             err = details.get("error", {}).get("error", {})
@@ -855,8 +1044,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status in TERMINAL_STATUSES:
-            self.flush()
+        if self.status in TERMINAL_STATUSES or (self._attached and exc is None):
+            self.flush(None)
             return
         if exc is None:
             self.complete()
@@ -890,6 +1079,7 @@ class Run:
             tags=tags,
             properties=properties,
             labels=dict(self._labels),
+            outputs=outputs,
         )
         child._experiment = self._experiment
         return child
@@ -918,11 +1108,14 @@ class Run:
         self,
         recursive: bool = False,
         tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
-        properties: Mapping[str, str] | None = None,
+        properties: Mapping[str, str] | Iterable[str] | str | None = None,
         type: str | None = None,
         status: str | None = None,
         _rehydrate_runs: bool = True,
     ) -> Iterable[Run]:
+        """Children (with recursive, all descendants), newest first. `tags`
+        and `properties`: a key (the run has it), keys, or a dict."""
+        values, keys = _azure.property_filter(properties)
         reply = self._client.call(
             self._client.runs.ListRuns,
             rs.ListRunsRequest(
@@ -930,12 +1123,14 @@ class Run:
                 parent_run_id=self.id,
                 recursive=recursive,
                 tags=tags_to_proto(tags),
-                properties=dict(properties or {}),
+                properties=values,
+                property_keys=keys,
                 run_type=type or "",
                 status=_status_value(status) if status else 0,  # type: ignore[arg-type]
             ),
         )
-        return [Run(_proto=r, _client=self._client, labels=dict(self._labels)) for r in reply.runs]
+        runs = [Run(_proto=r, _client=self._client, labels=dict(self._labels)) for r in reply.runs]
+        return _rehydrate(runs, self._experiment) if _rehydrate_runs else runs
 
     # -- class-level ----------------------------------------------------------------
 
@@ -944,12 +1139,14 @@ class Run:
         experiment: Experiment,
         type: str | None = None,
         tags: Mapping[str, str | None] | Iterable[str] | str | None = None,
-        properties: Mapping[str, str] | None = None,
+        properties: Mapping[str, str] | Iterable[str] | str | None = None,
         status: str | None = None,
         include_children: bool = False,
         _rehydrate_runs: bool = True,
     ) -> list[Run]:
-        """Runs of an experiment, newest first."""
+        """Runs of an experiment, newest first (at most 1,000: the service's
+        page). `tags` and `properties`: a key (the run has it), keys, or a dict."""
+        values, keys = _azure.property_filter(properties)
         client = experiment._client
         reply = client.call(
             client.runs.ListRuns,
@@ -958,28 +1155,55 @@ class Run:
                 experiment_name=experiment.name,
                 recursive=include_children,
                 tags=tags_to_proto(tags),
-                properties=dict(properties or {}),
+                properties=values,
+                property_keys=keys,
                 run_type=type or "",
                 status=_status_value(status) if status else 0,  # type: ignore[arg-type]
             ),
         )
-        return [Run(experiment, _proto=r, _client=client) for r in reply.runs]
+        runs = [Run(experiment, _proto=r, _client=client) for r in reply.runs]
+        return _rehydrate(runs, experiment) if _rehydrate_runs else runs
+
+    @staticmethod
+    def add_type_provider(runtype: str, run_factory: Any) -> None:
+        """Register `run_factory(experiment, run) -> Run` for runs whose type
+        is `runtype`; Run.list and get_children call it (Azure passes a RunDto,
+        steplog the base Run)."""
+        _TYPE_PROVIDERS[runtype] = run_factory
+
+    @staticmethod
+    def list_by_compute(
+        compute: Any, type: Any = None, tags: Any = None, properties: Any = None, status: Any = None
+    ) -> Any:
+        _azure.not_applicable(
+            "Run.list_by_compute",
+            "steplog knows no compute targets; tag runs (run.tag('compute', name)) and use "
+            "Run.list(experiment, tags={'compute': name}).",
+        )
 
     @staticmethod
     def get(
-        run_id: str,
+        workspace: Workspace | str | None = None,
+        run_id: str | None = None,
         *,
         url: str | None = None,
-        workspace: str | None = None,
         **connection: Unpack[Connection],
     ) -> Run:
-        """The run with this id (NotFoundError if there is none). Connection
-        arguments: see steplog.client.Connection."""
-        return Run(run_id=run_id, _client=get_client(url, workspace, **connection))
+        """The run with this id (NotFoundError if there is none): Azure's
+        `Run.get(workspace, run_id)`, or steplog's short form `Run.get(run_id)`
+        (one string is the run id, in STEPLOG_WORKSPACE). `workspace` is a
+        steplog.Workspace or a workspace name. Connection arguments: see
+        steplog.client.Connection."""
+        if run_id is None:
+            if not isinstance(workspace, str):
+                raise InvalidArgumentError("run_id is required", field="run_id")
+            run_id, workspace = workspace, None
+        return Run(run_id=run_id, _client=_client_of(workspace, url, connection))
 
     @staticmethod
     def get_context(
         allow_offline: bool = True,
+        used_for_context_manager: bool = False,
         *,
         url: str | None = None,
         workspace: str | None = None,
@@ -1008,11 +1232,12 @@ class Run:
             run._offline = True
             return run
         if run_id:
-            run = Run.get(run_id, url=url, workspace=workspace, **connection)
+            run = Run.get(workspace, run_id, url=url, **connection)
             if run.status in TERMINAL_STATUSES:
                 raise FailedPreconditionError(
                     f"STEPLOG_RUN_ID names run {run_id!r}, which is {run.status}", field="run_id"
                 )
+            run._attached = used_for_context_manager
             return run
         if not allow_offline:
             raise InvalidArgumentError(
@@ -1021,3 +1246,85 @@ class Run:
         from steplog.offline import OfflineRun
 
         return OfflineRun()  # type: ignore[return-value]
+
+    @staticmethod
+    def get_submitted_run(**kwargs: Any) -> Run:
+        """Deprecated in Azure ML: Run.get_context()."""
+        import warnings
+
+        warnings.warn(
+            "Run.get_submitted_run is deprecated; use Run.get_context()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Run.get_context(**kwargs)
+
+    # -- Azure ML methods outside a run history -------------------------------------
+
+    def clean(self) -> builtins.list[str]:
+        _azure.not_applicable(
+            "Run.clean", "steplog has no compute targets; remove local files yourself."
+        )
+
+    def get_environment(self) -> Any:
+        _azure.not_applicable(
+            "Run.get_environment",
+            "Record what you need as properties: run.add_properties({'python': ...}).",
+        )
+
+    def get_secret(self, name: str) -> str:
+        _azure.not_applicable(
+            "Run.get_secret", "Read secrets from your environment or secret manager."
+        )
+
+    def get_secrets(self, secrets: Sequence[str]) -> dict[str, Any]:
+        _azure.not_applicable(
+            "Run.get_secrets", "Read secrets from your environment or secret manager."
+        )
+
+    def get_snapshot_id(self) -> str:
+        _azure.not_applicable(
+            "Run.get_snapshot_id",
+            "steplog keeps no code snapshots; store code with run.upload_folder('code', path).",
+        )
+
+    def restore_snapshot(self, snapshot_id: str | None = None, path: str | None = None) -> str:
+        _azure.not_applicable(
+            "Run.restore_snapshot",
+            "steplog keeps no code snapshots; run.download_files(prefix='code/') restores "
+            "files stored with upload_folder.",
+        )
+
+    def take_snapshot(self, file_or_folder_path: str) -> str:
+        _azure.not_applicable(
+            "Run.take_snapshot",
+            "steplog keeps no code snapshots; run.upload_folder('code', path) stores the files.",
+        )
+
+    def register_model(
+        self,
+        model_name: str,
+        model_path: str | None = None,
+        tags: Any = None,
+        properties: Any = None,
+        model_framework: str | None = None,
+        model_framework_version: str | None = None,
+        description: str | None = None,
+        datasets: Any = None,
+        sample_input_dataset: Any = None,
+        sample_output_dataset: Any = None,
+        resource_configuration: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        _azure.not_applicable(
+            "Run.register_model",
+            "steplog has no model registry; store the model with run.upload_file("
+            "'outputs/model.pkl', path) and register it in your registry.",
+        )
+
+    def submit_child(self, config: Any, tags: Any = None, **kwargs: Any) -> Run:
+        _azure.not_applicable(
+            "Run.submit_child",
+            "Create the child with run.child_run() and start the script yourself with "
+            "STEPLOG_RUN_ID=<child id>: Run.get_context() in it attaches to the child.",
+        )

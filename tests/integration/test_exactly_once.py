@@ -252,8 +252,8 @@ def test_writers_are_per_workspace(
     a, b = replicas
     tag = uuid.uuid4().hex[:8]
     ws_a, ws_b = f"team-a-{tag}", f"team-b-{tag}"
-    run_a = Experiment(experiment_name, url=a.address, workspace=ws_a).start_logging()
-    run_b = Experiment(experiment_name, url=a.address, workspace=ws_b).start_logging()
+    run_a = Experiment(ws_a, experiment_name, url=a.address).start_logging()
+    run_b = Experiment(ws_b, experiment_name, url=a.address).start_logging()
     writer = f"shared-{uuid.uuid4().hex}"
     sa, sb = stub(a.address), stub(b.address)
     for s in range(1, 6):

@@ -77,7 +77,7 @@ def test_run_lifecycle_and_details(url: str, experiment_name: str) -> None:
     assert details["runId"] == run.id
     assert details["status"] == "Running"
     assert details["displayName"] == "first"
-    assert details["startTimeUtc"] is not None and details["endTimeUtc"] is None
+    assert details["startTimeUtc"] is not None and "endTimeUtc" not in details
     run.complete()
     assert run.get_status() == "Completed"
     details = run.get_details()
@@ -180,12 +180,12 @@ def test_unknown_ids_and_workspaces(url: str, experiment_name: str) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     # Another workspace cannot see the run.
     with pytest.raises(NotFoundError):
-        Run.get(run.id, url=url, workspace="other-team")
+        Run.get("other-team", run.id, url=url)
     with pytest.raises(InvalidArgumentError) as err:
         Run.get("bad id!", url=url)
     assert err.value.field == "run_id"
     with pytest.raises(InvalidArgumentError) as err:
-        Experiment("x", url=url, workspace="Bad Workspace")
+        Experiment("Bad Workspace", "x", url=url)
     assert err.value.field == "workspace"
 
 

@@ -331,3 +331,52 @@ class ReactivateExperimentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReactivateExperimentResponse: _TypeAlias = ReactivateExperimentResponse  # noqa: Y015
+
+@_typing.final
+class DeleteExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    experiment_id: _builtins.str
+    """The experiment's id as the service returned it (Experiment.experiment_id),
+    a decimal integer.
+    """
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteExperimentRequest: _TypeAlias = DeleteExperimentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DELETED_RUNS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the deleted experiment had."""
+    deleted_runs: _builtins.int
+    """How many runs (including child runs) were deleted with it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        deleted_runs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_runs", b"deleted_runs", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteExperimentResponse: _TypeAlias = DeleteExperimentResponse  # noqa: Y015

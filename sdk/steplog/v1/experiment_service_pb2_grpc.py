@@ -66,6 +66,11 @@ class ExperimentServiceStub:
                 request_serializer=steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentRequest.SerializeToString,
                 response_deserializer=steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentResponse.FromString,
                 _registered_method=True)
+        self.DeleteExperiment = channel.unary_unary(
+                '/steplog.v1.ExperimentService/DeleteExperiment',
+                request_serializer=steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentRequest.SerializeToString,
+                response_deserializer=steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentServiceServicer:
@@ -115,6 +120,21 @@ class ExperimentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteExperiment(self, request, context):
+        """Deletes the experiment with this id (Experiment.experiment_id) for good:
+        the experiment, all its runs at any depth, and everything they logged
+        (points, tables, evaluations, image points, file records), in one
+        transaction. Azure ML's rule: refused with FAILED_PRECONDITION (field
+        "experiment_id") while any of its runs is in a non-terminal status
+        (anything but Completed, Failed, Canceled); finish or cancel them first.
+        NOT_FOUND when the workspace has no experiment with this id. The name is
+        free again afterwards. Blobs that no row references any more are removed
+        later by the blob sweep (steplog-ingest sweep-blobs), not by this call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +167,11 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
                     servicer.ReactivateExperiment,
                     request_deserializer=steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentRequest.FromString,
                     response_serializer=steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentResponse.SerializeToString,
+            ),
+            'DeleteExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteExperiment,
+                    request_deserializer=steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentRequest.FromString,
+                    response_serializer=steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +338,33 @@ class ExperimentService:
             '/steplog.v1.ExperimentService/ReactivateExperiment',
             steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentRequest.SerializeToString,
             steplog_dot_v1_dot_experiment__service__pb2.ReactivateExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steplog.v1.ExperimentService/DeleteExperiment',
+            steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentRequest.SerializeToString,
+            steplog_dot_v1_dot_experiment__service__pb2.DeleteExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

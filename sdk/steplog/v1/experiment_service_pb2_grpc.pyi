@@ -47,6 +47,17 @@ class ExperimentServiceStub:
     """Hides the experiment from the default listing. Runs stay readable."""
     ReactivateExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.ReactivateExperimentRequest, _experiment_service_pb2.ReactivateExperimentResponse]
     """Undoes ArchiveExperiment."""
+    DeleteExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.DeleteExperimentRequest, _experiment_service_pb2.DeleteExperimentResponse]
+    """Deletes the experiment with this id (Experiment.experiment_id) for good:
+    the experiment, all its runs at any depth, and everything they logged
+    (points, tables, evaluations, image points, file records), in one
+    transaction. Azure ML's rule: refused with FAILED_PRECONDITION (field
+    "experiment_id") while any of its runs is in a non-terminal status
+    (anything but Completed, Failed, Canceled); finish or cancel them first.
+    NOT_FOUND when the workspace has no experiment with this id. The name is
+    free again afterwards. Blobs that no row references any more are removed
+    later by the blob sweep (steplog-ingest sweep-blobs), not by this call.
+    """
 
 @_typing.type_check_only
 class ExperimentServiceAsyncStub(ExperimentServiceStub):
@@ -67,6 +78,17 @@ class ExperimentServiceAsyncStub(ExperimentServiceStub):
     """Hides the experiment from the default listing. Runs stay readable."""
     ReactivateExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.ReactivateExperimentRequest, _experiment_service_pb2.ReactivateExperimentResponse]  # type: ignore[assignment]
     """Undoes ArchiveExperiment."""
+    DeleteExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.DeleteExperimentRequest, _experiment_service_pb2.DeleteExperimentResponse]  # type: ignore[assignment]
+    """Deletes the experiment with this id (Experiment.experiment_id) for good:
+    the experiment, all its runs at any depth, and everything they logged
+    (points, tables, evaluations, image points, file records), in one
+    transaction. Azure ML's rule: refused with FAILED_PRECONDITION (field
+    "experiment_id") while any of its runs is in a non-terminal status
+    (anything but Completed, Failed, Canceled); finish or cancel them first.
+    NOT_FOUND when the workspace has no experiment with this id. The name is
+    free again afterwards. Blobs that no row references any more are removed
+    later by the blob sweep (steplog-ingest sweep-blobs), not by this call.
+    """
 
 class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Experiments: get-or-create by name, list, tag, archive and reactivate.
@@ -120,5 +142,22 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.ReactivateExperimentResponse, _abc.Awaitable[_experiment_service_pb2.ReactivateExperimentResponse]]:
         """Undoes ArchiveExperiment."""
+
+    @_abc_1.abstractmethod
+    def DeleteExperiment(
+        self,
+        request: _experiment_service_pb2.DeleteExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.DeleteExperimentResponse, _abc.Awaitable[_experiment_service_pb2.DeleteExperimentResponse]]:
+        """Deletes the experiment with this id (Experiment.experiment_id) for good:
+        the experiment, all its runs at any depth, and everything they logged
+        (points, tables, evaluations, image points, file records), in one
+        transaction. Azure ML's rule: refused with FAILED_PRECONDITION (field
+        "experiment_id") while any of its runs is in a non-terminal status
+        (anything but Completed, Failed, Canceled); finish or cancel them first.
+        NOT_FOUND when the workspace has no experiment with this id. The name is
+        free again afterwards. Blobs that no row references any more are removed
+        later by the blob sweep (steplog-ingest sweep-blobs), not by this call.
+        """
 
 def add_ExperimentServiceServicer_to_server(servicer: ExperimentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from steplog.v1 import common_pb2 as steplog_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csteplog/v1/run_service.proto\x12\nsteplog.v1\x1a\x17steplog/v1/common.proto\"\xdd\x02\n\x10\x43reateRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x10\n\x08run_type\x18\x06 \x01(\t\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x1d\n\x04tags\x18\x08 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12@\n\nproperties\x18\t \x03(\x0b\x32,.steplog.v1.CreateRunRequest.PropertiesEntry\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.steplog.v1.RunStatus\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x11\x43reateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rGetRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\xc2\x02\n\x0fListRunsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x15\n\rparent_run_id\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x1d\n\x04tags\x18\x05 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12?\n\nproperties\x18\x06 \x03(\x0b\x32+.steplog.v1.ListRunsRequest.PropertiesEntry\x12\x10\n\x08run_type\x18\x07 \x01(\t\x12%\n\x06status\x18\x08 \x01(\x0e\x32\x15.steplog.v1.RunStatus\x12\r\n\x05limit\x18\t \x01(\x05\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.steplog.v1.Run\"q\n\x14UpdateRunTagsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12!\n\x08set_tags\x18\x03 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12\x13\n\x0bremove_keys\x18\x04 \x03(\t\"5\n\x15UpdateRunTagsResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\xb8\x01\n\x17\x41\x64\x64RunPropertiesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12G\n\nproperties\x18\x03 \x03(\x0b\x32\x33.steplog.v1.AddRunPropertiesRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x18\x41\x64\x64RunPropertiesResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\x87\x01\n\x16UpdateRunStatusRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.steplog.v1.RunStatus\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.steplog.v1.RunError\"7\n\x17UpdateRunStatusResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"6\n\x10HeartbeatRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0f\n\x07run_ids\x18\x02 \x03(\t\"<\n\x11HeartbeatResponse\x12\'\n\x08statuses\x18\x01 \x03(\x0e\x32\x15.steplog.v1.RunStatus\"R\n\x10RewindRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05names\x18\x04 \x03(\t\":\n\x11RewindRunResponse\x12\x15\n\rhidden_points\x18\x01 \x01(\x03\x12\x0e\n\x06series\x18\x02 \x01(\x05\x32\x83\x05\n\nRunService\x12H\n\tCreateRun\x12\x1c.steplog.v1.CreateRunRequest\x1a\x1d.steplog.v1.CreateRunResponse\x12?\n\x06GetRun\x12\x19.steplog.v1.GetRunRequest\x1a\x1a.steplog.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.steplog.v1.ListRunsRequest\x1a\x1c.steplog.v1.ListRunsResponse\x12T\n\rUpdateRunTags\x12 .steplog.v1.UpdateRunTagsRequest\x1a!.steplog.v1.UpdateRunTagsResponse\x12]\n\x10\x41\x64\x64RunProperties\x12#.steplog.v1.AddRunPropertiesRequest\x1a$.steplog.v1.AddRunPropertiesResponse\x12Z\n\x0fUpdateRunStatus\x12\".steplog.v1.UpdateRunStatusRequest\x1a#.steplog.v1.UpdateRunStatusResponse\x12H\n\tHeartbeat\x12\x1c.steplog.v1.HeartbeatRequest\x1a\x1d.steplog.v1.HeartbeatResponse\x12H\n\tRewindRun\x12\x1c.steplog.v1.RewindRunRequest\x1a\x1d.steplog.v1.RewindRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csteplog/v1/run_service.proto\x12\nsteplog.v1\x1a\x17steplog/v1/common.proto\"\xdd\x02\n\x10\x43reateRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x10\n\x08run_type\x18\x06 \x01(\t\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x1d\n\x04tags\x18\x08 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12@\n\nproperties\x18\t \x03(\x0b\x32,.steplog.v1.CreateRunRequest.PropertiesEntry\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.steplog.v1.RunStatus\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x11\x43reateRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rGetRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\xd9\x02\n\x0fListRunsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x15\n\rparent_run_id\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x1d\n\x04tags\x18\x05 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12?\n\nproperties\x18\x06 \x03(\x0b\x32+.steplog.v1.ListRunsRequest.PropertiesEntry\x12\x10\n\x08run_type\x18\x07 \x01(\t\x12%\n\x06status\x18\x08 \x01(\x0e\x32\x15.steplog.v1.RunStatus\x12\r\n\x05limit\x18\t \x01(\x05\x12\x15\n\rproperty_keys\x18\n \x03(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.steplog.v1.Run\"q\n\x14UpdateRunTagsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12!\n\x08set_tags\x18\x03 \x03(\x0b\x32\x0f.steplog.v1.Tag\x12\x13\n\x0bremove_keys\x18\x04 \x03(\t\"5\n\x15UpdateRunTagsResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\xb8\x01\n\x17\x41\x64\x64RunPropertiesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12G\n\nproperties\x18\x03 \x03(\x0b\x32\x33.steplog.v1.AddRunPropertiesRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x18\x41\x64\x64RunPropertiesResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"\x87\x01\n\x16UpdateRunStatusRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.steplog.v1.RunStatus\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.steplog.v1.RunError\"7\n\x17UpdateRunStatusResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.steplog.v1.Run\"6\n\x10HeartbeatRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0f\n\x07run_ids\x18\x02 \x03(\t\"<\n\x11HeartbeatResponse\x12\'\n\x08statuses\x18\x01 \x03(\x0e\x32\x15.steplog.v1.RunStatus\"R\n\x10RewindRunRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05names\x18\x04 \x03(\t\":\n\x11RewindRunResponse\x12\x15\n\rhidden_points\x18\x01 \x01(\x03\x12\x0e\n\x06series\x18\x02 \x01(\x05\x32\x83\x05\n\nRunService\x12H\n\tCreateRun\x12\x1c.steplog.v1.CreateRunRequest\x1a\x1d.steplog.v1.CreateRunResponse\x12?\n\x06GetRun\x12\x19.steplog.v1.GetRunRequest\x1a\x1a.steplog.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.steplog.v1.ListRunsRequest\x1a\x1c.steplog.v1.ListRunsResponse\x12T\n\rUpdateRunTags\x12 .steplog.v1.UpdateRunTagsRequest\x1a!.steplog.v1.UpdateRunTagsResponse\x12]\n\x10\x41\x64\x64RunProperties\x12#.steplog.v1.AddRunPropertiesRequest\x1a$.steplog.v1.AddRunPropertiesResponse\x12Z\n\x0fUpdateRunStatus\x12\".steplog.v1.UpdateRunStatusRequest\x1a#.steplog.v1.UpdateRunStatusResponse\x12H\n\tHeartbeat\x12\x1c.steplog.v1.HeartbeatRequest\x1a\x1d.steplog.v1.HeartbeatResponse\x12H\n\tRewindRun\x12\x1c.steplog.v1.RewindRunRequest\x1a\x1d.steplog.v1.RewindRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,33 +49,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRUNRESPONSE']._serialized_start=541
   _globals['_GETRUNRESPONSE']._serialized_end=587
   _globals['_LISTRUNSREQUEST']._serialized_start=590
-  _globals['_LISTRUNSREQUEST']._serialized_end=912
+  _globals['_LISTRUNSREQUEST']._serialized_end=935
   _globals['_LISTRUNSREQUEST_PROPERTIESENTRY']._serialized_start=370
   _globals['_LISTRUNSREQUEST_PROPERTIESENTRY']._serialized_end=419
-  _globals['_LISTRUNSRESPONSE']._serialized_start=914
-  _globals['_LISTRUNSRESPONSE']._serialized_end=963
-  _globals['_UPDATERUNTAGSREQUEST']._serialized_start=965
-  _globals['_UPDATERUNTAGSREQUEST']._serialized_end=1078
-  _globals['_UPDATERUNTAGSRESPONSE']._serialized_start=1080
-  _globals['_UPDATERUNTAGSRESPONSE']._serialized_end=1133
-  _globals['_ADDRUNPROPERTIESREQUEST']._serialized_start=1136
-  _globals['_ADDRUNPROPERTIESREQUEST']._serialized_end=1320
+  _globals['_LISTRUNSRESPONSE']._serialized_start=937
+  _globals['_LISTRUNSRESPONSE']._serialized_end=986
+  _globals['_UPDATERUNTAGSREQUEST']._serialized_start=988
+  _globals['_UPDATERUNTAGSREQUEST']._serialized_end=1101
+  _globals['_UPDATERUNTAGSRESPONSE']._serialized_start=1103
+  _globals['_UPDATERUNTAGSRESPONSE']._serialized_end=1156
+  _globals['_ADDRUNPROPERTIESREQUEST']._serialized_start=1159
+  _globals['_ADDRUNPROPERTIESREQUEST']._serialized_end=1343
   _globals['_ADDRUNPROPERTIESREQUEST_PROPERTIESENTRY']._serialized_start=370
   _globals['_ADDRUNPROPERTIESREQUEST_PROPERTIESENTRY']._serialized_end=419
-  _globals['_ADDRUNPROPERTIESRESPONSE']._serialized_start=1322
-  _globals['_ADDRUNPROPERTIESRESPONSE']._serialized_end=1378
-  _globals['_UPDATERUNSTATUSREQUEST']._serialized_start=1381
-  _globals['_UPDATERUNSTATUSREQUEST']._serialized_end=1516
-  _globals['_UPDATERUNSTATUSRESPONSE']._serialized_start=1518
-  _globals['_UPDATERUNSTATUSRESPONSE']._serialized_end=1573
-  _globals['_HEARTBEATREQUEST']._serialized_start=1575
-  _globals['_HEARTBEATREQUEST']._serialized_end=1629
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1631
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1691
-  _globals['_REWINDRUNREQUEST']._serialized_start=1693
-  _globals['_REWINDRUNREQUEST']._serialized_end=1775
-  _globals['_REWINDRUNRESPONSE']._serialized_start=1777
-  _globals['_REWINDRUNRESPONSE']._serialized_end=1835
-  _globals['_RUNSERVICE']._serialized_start=1838
-  _globals['_RUNSERVICE']._serialized_end=2481
+  _globals['_ADDRUNPROPERTIESRESPONSE']._serialized_start=1345
+  _globals['_ADDRUNPROPERTIESRESPONSE']._serialized_end=1401
+  _globals['_UPDATERUNSTATUSREQUEST']._serialized_start=1404
+  _globals['_UPDATERUNSTATUSREQUEST']._serialized_end=1539
+  _globals['_UPDATERUNSTATUSRESPONSE']._serialized_start=1541
+  _globals['_UPDATERUNSTATUSRESPONSE']._serialized_end=1596
+  _globals['_HEARTBEATREQUEST']._serialized_start=1598
+  _globals['_HEARTBEATREQUEST']._serialized_end=1652
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1654
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1714
+  _globals['_REWINDRUNREQUEST']._serialized_start=1716
+  _globals['_REWINDRUNREQUEST']._serialized_end=1798
+  _globals['_REWINDRUNRESPONSE']._serialized_start=1800
+  _globals['_REWINDRUNRESPONSE']._serialized_end=1858
+  _globals['_RUNSERVICE']._serialized_start=1861
+  _globals['_RUNSERVICE']._serialized_end=2504
 # @@protoc_insertion_point(module_scope)

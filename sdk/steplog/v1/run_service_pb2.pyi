@@ -188,6 +188,7 @@ class ListRunsRequest(_message.Message):
     RUN_TYPE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PROPERTY_KEYS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     experiment_name: _builtins.str
     """The experiment to list. Required unless parent_run_id is set."""
@@ -211,6 +212,12 @@ class ListRunsRequest(_message.Message):
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only runs carrying all these properties with these values."""
 
+    @_builtins.property
+    def property_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only runs carrying every one of these property keys, whatever their
+        values (Azure ML's `properties="key"` filter).
+        """
+
     def __init__(
         self,
         *,
@@ -223,10 +230,11 @@ class ListRunsRequest(_message.Message):
         run_type: _builtins.str = ...,
         status: _common_pb2.RunStatus.ValueType = ...,
         limit: _builtins.int = ...,
+        property_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_name", b"experiment_name", "limit", b"limit", "parent_run_id", b"parent_run_id", "properties", b"properties", "recursive", b"recursive", "run_type", b"run_type", "status", b"status", "tags", b"tags", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_name", b"experiment_name", "limit", b"limit", "parent_run_id", b"parent_run_id", "properties", b"properties", "property_keys", b"property_keys", "recursive", b"recursive", "run_type", b"run_type", "status", b"status", "tags", b"tags", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
