@@ -64,6 +64,8 @@ BURST_S = 1.0
 LIMITS_TTL_S = 10.0
 # Workspaces whose buckets are kept (least recently used go first).
 MAX_BUCKETS = 10_000
+# A wait shorter than this is not waited.
+_SLACK_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class Quotas:
             buckets = [(q, self._bucket(workspace, q, per_s, now), n) for q, per_s, n in active]
             delays = [(b.delay(n, now), q) for q, b, n in buckets]
             delay, quota = max(delays)
-            if delay <= 0:
+            if delay <= _SLACK_S:
                 for _, b, n in buckets:
                     b.take(n, now)
                 return
