@@ -69,6 +69,24 @@ def distributed_labels() -> dict[str, str]:
     return {}
 
 
+# The property that get_details() reports as "submittedBy" (Azure ML's
+# system properties are set at creation too): STEPLOG_SUBMITTED_BY, else the
+# local user name.
+SUBMITTED_BY = "steplog.submitted_by"
+
+
+def _submitter() -> str:
+    who = os.environ.get("STEPLOG_SUBMITTED_BY")
+    if who:
+        return who
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no user database entry (some containers)
+        return ""
+
+
 # What get_detailed_status says about a status that is not Running.
 _STATUS_DETAILS = {
     "NotStarted": "The run was created and has not started.",
@@ -174,7 +192,7 @@ class Run:
                 run_type=run_type,
                 parent_run_id=parent_run_id,
                 tags=tags_to_proto(tags),
-                properties=dict(properties or {}),
+                properties={SUBMITTED_BY: _submitter(), **dict(properties or {})},
                 status=status,  # type: ignore[arg-type]
             ),
         )
@@ -966,7 +984,7 @@ class Run:
             "description": p.description,
             "experimentName": p.experiment_name,
             "runType": p.run_type,
-            "target": "local",
+            "target": "sdk",
             "status": self.status,
             "parentRunId": p.parent_run_id or None,
             "startTimeUtc": _iso(p.start_time),
@@ -977,7 +995,7 @@ class Run:
             "outputDatasets": [],
             "runDefinition": {},
             "logFiles": {},
-            "submittedBy": p.properties.get("steplog.submitted_by", ""),
+            "submittedBy": p.properties.get(SUBMITTED_BY, ""),
         }
         end = _iso(p.end_time)
         if end is not None:  # as in Azure, absent while the run has not finished

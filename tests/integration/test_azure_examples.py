@@ -112,7 +112,8 @@ def test_get_detailed_status_example(experiment: Experiment) -> None:
     assert run.get_detailed_status() == {"status": "Canceled"}
 
 
-def test_get_details_example(experiment: Experiment) -> None:
+def test_get_details_example(experiment: Experiment, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEPLOG_SUBMITTED_BY", "Alan Turing")
     run = experiment.start_logging()
 
     details = run.get_details()
@@ -122,7 +123,8 @@ def test_get_details_example(experiment: Experiment) -> None:
     assert "endTimeUtc" not in details  # absent while the run is in progress
     for key in ("target", "properties", "inputDatasets", "outputDatasets", "logFiles"):
         assert key in details
-    assert "runDefinition" in details and "submittedBy" in details
+    assert details["target"] == "sdk"
+    assert "runDefinition" in details and details["submittedBy"] == "Alan Turing"
     run.complete()
     assert run.get_details()["endTimeUtc"].endswith("Z")
     assert run.get_details_with_logs()["logFiles"] == {}
