@@ -135,7 +135,7 @@ def test_image_batches_for_missing_or_completed_runs_store_no_blob(
 def test_sweep_deletes_unreferenced_blobs_and_keeps_referenced_ones(
     env: dict[str, str], bucket: Bucket, experiment_name: str, database_url: str
 ) -> None:
-    grace = {"STEPLOG_BLOB_SWEEP_GRACE_S": "1"}
+    grace = {"STEPLOG_BLOB_SWEEP_GRACE_S": "5"}
     with ServiceProcess(env, extra_env=grace) as svc:
         stub = ingest_stub(svc.address)
         run = new_run(svc.address, experiment_name)
@@ -156,10 +156,12 @@ def test_sweep_deletes_unreferenced_blobs_and_keeps_referenced_ones(
         assert {sha(kept_img), sha(lost_img), sha(kept_file), sha(lost_file)} <= stored
 
         # Within the grace period nothing goes.
+        stored_at = time.monotonic()
         result = sweep_cli({**env, **grace})
         assert result.returncode == 0, result.stderr
+        assert time.monotonic() - stored_at < 5, "the check ran too late to mean anything"
         assert bucket.blobs() >= {sha(lost_img), sha(lost_file)}
-        time.sleep(1.2)
+        time.sleep(max(0.0, 5.2 - (time.monotonic() - stored_at)))
         dry = sweep_cli({**env, **grace}, "--dry-run")
         assert dry.returncode == 0, dry.stderr
         assert "would delete" in dry.stdout
