@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ingest.errors import ApiError
+from ingest.errors import ApiError, StoreUnavailable
 
 # The quotas, by the names used in settings, the table and the metric label.
 POINTS_PER_S = "points_per_s"
@@ -193,7 +193,12 @@ class Quotas:
         cached = self._limits.get(workspace)
         if cached is not None and now - cached[0] < LIMITS_TTL_S:
             return cached[1]
-        row = await self._loader(workspace)
+        try:
+            row = await self._loader(workspace)
+        except StoreUnavailable:
+            # The database is away: the last known limits (or the settings)
+            # hold until it is back; the write itself fails on its own.
+            return cached[1] if cached is not None else self.defaults
         limits = self.defaults.with_overrides(row)
         if len(self._limits) >= MAX_BUCKETS:
             self._limits.clear()

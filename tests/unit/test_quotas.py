@@ -156,3 +156,22 @@ def test_quota_settings_parse() -> None:
         config.from_sources(env={"STEPLOG_QUOTA_RUNS": "-1"})
     with pytest.raises(config.ConfigError, match="STEPLOG_QUOTA_REPLICAS"):
         config.from_sources(env={"STEPLOG_QUOTA_REPLICAS": "0"})
+
+
+def test_a_database_outage_keeps_the_last_known_limits() -> None:
+    from ingest.errors import StoreUnavailable
+
+    clock = Clock()
+    down = [False]
+
+    async def loader(workspace: str) -> Any:
+        if down[0]:
+            raise StoreUnavailable("database unavailable")
+        return {"points_per_s": 10}
+
+    q = Quotas(Limits(points_per_s=1000), loader=loader, clock=clock)
+    assert run(q.limits("w")).points_per_s == 10
+    down[0] = True
+    clock.now += 11
+    assert run(q.limits("w")).points_per_s == 10
+    assert run(q.limits("new")).points_per_s == 1000
