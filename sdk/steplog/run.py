@@ -750,7 +750,7 @@ class Run:
         """Resume from a checkpoint at `step`: points after it are hidden from
         queries (kept for audit) and logging may continue from it. Returns how
         many points were hidden."""
-        self.flush()
+        self.flush(None)
         reply = self._client.call(
             self._client.runs.RewindRun,
             rs.RewindRunRequest(
@@ -779,7 +779,7 @@ class Run:
         bounded by the service's max_response_bytes) and returns it whole."""
         from steplog.query import get_metrics
 
-        self.flush()
+        self.flush(None)
         if run_type is not None and not recursive and self.type != run_type:
             return {}
         metrics = get_metrics(self._client, self.id, name, recursive)
@@ -806,7 +806,7 @@ class Run:
         infinities and NaNs survive. Follows the service's pages."""
         from steplog.query import read_series
 
-        self.flush()
+        self.flush(None)
         merged = dict(self._series_labels(labels))
         return read_series(self._client, self.id, name, merged, start_step, end_step, max_points)
 
@@ -941,7 +941,7 @@ class Run:
     def complete(self, _set_status: bool = True, *, flush_timeout: float | None = None) -> None:
         """Flush what was logged (and upload the `outputs` directory, if one
         was given), then mark the run Completed."""
-        self.flush(timeout=flush_timeout)
+        self.flush(flush_timeout)  # None: until everything is acknowledged
         self._upload_outputs()
         if _set_status:
             self._move("Completed")
@@ -1118,8 +1118,15 @@ class Run:
                     "count must equal len(tag_values) when both are given", field="count"
                 )
             return [self.child_run(tags={tag_key: v}) for v in tag_values]
+        if tag_key is not None:
+            raise InvalidArgumentError(
+                "tag_values is required with tag_key (give count, or tag_key and tag_values)",
+                field="tag_values",
+            )
         if count is None or count < 0:
-            raise InvalidArgumentError("count must be >= 0", field="count")
+            raise InvalidArgumentError(
+                "give count (>= 0), or tag_key and tag_values", field="count"
+            )
         return [self.child_run() for _ in range(count)]
 
     def get_children(

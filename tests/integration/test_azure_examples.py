@@ -663,3 +663,65 @@ def test_run_function_many_processes_append_rows(
         mine = [i for i, k in zip(items, table["worker"], strict=True) if k == w]
         assert mine == list(range(w * per, (w + 1) * per))
     assert run.get_metrics()["results"]["score"][0] == items[0] / 7
+
+
+# -- the rest of the documented methods, by their documented semantics --------------------------
+
+
+def test_create_children_rules(experiment: Experiment) -> None:
+    parent = experiment.start_logging()
+    # "Either count OR tag_key AND tag_values must be specified."
+    assert len(parent.create_children(count=2)) == 2
+    tagged = parent.create_children(tag_key="lr", tag_values=["0.1", "0.01"])
+    assert [c.get_tags() for c in tagged] == [{"lr": "0.1"}, {"lr": "0.01"}]
+    with pytest.raises(InvalidArgumentError):
+        parent.create_children(tag_key="lr")
+    with pytest.raises(InvalidArgumentError):
+        parent.create_children()
+
+
+def test_wait_for_completion_and_logs(experiment: Experiment, tmp_path: Path) -> None:
+    run = experiment.start_logging()
+    run.upload_file("logs/driver.txt", b"hello")
+    run.complete()
+    status = run.wait_for_completion(show_output=False, wait_post_processing=True)
+    assert status["status"] == "Completed"
+    names = run.get_all_logs(destination=str(tmp_path / "logs_here"))
+    assert [Path(n).read_text() for n in names] == ["hello"]
+    failed = experiment.start_logging()
+    failed.fail(error_details="boom", error_code="UserError")
+    with pytest.raises(FailedPreconditionError, match="boom"):
+        failed.wait_for_completion(raise_on_error=True)
+    assert failed.wait_for_completion(raise_on_error=False)["error"]["error"] == {
+        "code": "UserError",
+        "message": "boom",
+    }
+
+
+def test_add_type_provider(experiment: Experiment) -> None:
+    class HyperDriveRun(Run):
+        pass
+
+    parent = experiment.start_logging(run_type="hyperdrive")
+    Run.add_type_provider(
+        "hyperdrive", lambda exp, run: HyperDriveRun(exp, _proto=run._proto, _client=run._client)
+    )
+    try:
+        listed = Run.list(experiment)
+        assert [type(r) for r in listed] == [HyperDriveRun]
+        assert [type(r) for r in Run.list(experiment, _rehydrate_runs=False)] == [Run]
+    finally:
+        from steplog import run as run_module
+
+        run_module._TYPE_PROVIDERS.clear()
+    assert listed[0].id == parent.id
+
+
+def test_get_submitted_run_is_deprecated(
+    experiment: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = experiment.start_logging()
+    monkeypatch.setenv("STEPLOG_RUN_ID", owner.id)
+    with pytest.warns(DeprecationWarning, match="get_context"):
+        run = Run.get_submitted_run()
+    assert run.id == owner.id
