@@ -1255,6 +1255,7 @@ class Run:
             proto = common_pb2.Run(run_id=run_id, status=common_pb2.RUN_STATUS_RUNNING)
             run = Run(_proto=proto, _client=client)
             run._offline = True
+            run._attached = used_for_context_manager
             return run
         if run_id:
             run = Run.get(workspace, run_id, url=url, **connection)
