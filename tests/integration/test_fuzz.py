@@ -22,7 +22,7 @@ MESSAGES = 10_000
 SEED = 9
 RSS_BOUND_MB = 1536  # 1.5 GiB, the service process and its children
 HEALTH_BOUND_S = 2.0
-TIME_LIMIT_S = 80.0
+TIME_LIMIT_S = 150.0  # usually 50-80 s; a hard stop on a loaded machine
 
 
 def test_ten_thousand_hostile_messages(
@@ -37,7 +37,7 @@ def test_ten_thousand_hostile_messages(
         peer=peer.address,
         seed=SEED,
         pid=svc.proc.pid,
-        threads=6,
+        threads=8,
         call_timeout=20.0,
         health_every=250,
         health_bound_s=HEALTH_BOUND_S,
