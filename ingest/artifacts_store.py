@@ -468,9 +468,11 @@ class ArtifactStore:
         async with self._conn() as conn:
             await self._check_run(conn, workspace, run_id)
             row: Row | None = await conn.fetchrow(
-                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = $1 AND path = $2",
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
+                " WHERE workspace = $3 AND run_id = $1 AND path = $2",
                 run_id,
                 path,
+                workspace,
             )
             return row
 
@@ -489,14 +491,16 @@ class ArtifactStore:
         async with self._conn(transaction=True) as conn:
             await self._check_run(conn, workspace, run_id)
             row = await conn.fetchrow(
-                "INSERT INTO artifacts (run_id, path, sha256, size, content_type)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id, path) DO NOTHING"
+                "INSERT INTO artifacts (run_id, path, sha256, size, content_type, workspace)"
+                " VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (workspace, run_id, path) DO NOTHING"
                 f" RETURNING {_ARTIFACT_COLUMNS}",
                 run_id,
                 path,
                 blob.sha256,
                 blob.size,
                 content_type,
+                workspace,
             )
             if row is not None:
                 await self._charge(
@@ -505,9 +509,10 @@ class ArtifactStore:
                 return row, False
             row = await conn.fetchrow(
                 f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
-                " WHERE run_id = $1 AND path = $2 FOR UPDATE",
+                " WHERE workspace = $3 AND run_id = $1 AND path = $2 FOR UPDATE",
                 run_id,
                 path,
+                workspace,
             )
             assert row is not None
             if row["sha256"] == blob.sha256:
@@ -516,12 +521,14 @@ class ArtifactStore:
                 raise conflict(path, row["sha256"])
             updated = await conn.fetchrow(
                 "UPDATE artifacts SET sha256 = $3, size = $4, content_type = $5, updated_at = now()"
-                f" WHERE run_id = $1 AND path = $2 RETURNING {_ARTIFACT_COLUMNS}",
+                " WHERE workspace = $6 AND run_id = $1 AND path = $2"
+                f" RETURNING {_ARTIFACT_COLUMNS}",
                 run_id,
                 path,
                 blob.sha256,
                 blob.size,
                 content_type,
+                workspace,
             )
             assert updated is not None
             await self._charge(
@@ -537,10 +544,11 @@ class ArtifactStore:
             await self._check_run(conn, workspace, run_id)
             return list(
                 await conn.fetch(
-                    f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = $1"
-                    " AND starts_with(path, $2) ORDER BY path",
+                    f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE workspace = $3"
+                    " AND run_id = $1 AND starts_with(path, $2) ORDER BY path",
                     run_id,
                     prefix,
+                    workspace,
                 )
             )
 

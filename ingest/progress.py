@@ -88,6 +88,8 @@ class SeriesProgress:
     labels: Mapping[str, str]
     last_step: int
     last_value: float
+    # A run is (workspace, run_id): run ids are per workspace.
+    workspace: str
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class ProgressStore:
                 " extract(epoch FROM p.last_time) AS last_time, COALESCE(p.points, 0) AS points"
                 " FROM runs r JOIN experiments e USING (experiment_id)"
                 " LEFT JOIN LATERAL (SELECT sum(s.point_count)::bigint AS points,"
-                "   max(s.last_time) AS last_time FROM series s WHERE s.run_id = r.run_id) p"
+                "   max(s.last_time) AS last_time FROM series s"
+                "   WHERE s.workspace = r.workspace AND s.run_id = r.run_id) p"
                 "  ON true"
                 " WHERE r.status = ANY($1::text[])"
                 " ORDER BY r.created_at DESC, r.run_id"
@@ -170,10 +173,10 @@ class ProgressStore:
                 max_series,
                 timeout=t,
             )
-            run_ids = [r["run_id"] for r in runs]
+            run_keys = [(r["workspace"], r["run_id"]) for r in runs]
             total_series = int(
                 await conn.fetchval(
-                    "SELECT count(*) FROM series s JOIN runs r USING (run_id)"
+                    "SELECT count(*) FROM series s JOIN runs r USING (workspace, run_id)"
                     " WHERE r.status = ANY($1::text[]) AND s.kind = $2 AND s.value_type = $3"
                     " AND s.last_step IS NOT NULL AND s.name LIKE ANY($4::text[])",
                     active,
@@ -184,17 +187,19 @@ class ProgressStore:
                 )
             )
             series = await conn.fetch(
-                "SELECT s.run_id, s.name, s.labels, s.last_step, s.last_value"
-                " FROM series s JOIN runs r USING (run_id)"
-                " WHERE s.run_id = ANY($1::text[]) AND s.kind = $2 AND s.value_type = $3"
+                "SELECT s.workspace, s.run_id, s.name, s.labels, s.last_step, s.last_value"
+                " FROM series s JOIN runs r USING (workspace, run_id)"
+                " WHERE (s.workspace, s.run_id) IN (SELECT * FROM unnest($6::text[], $1::text[]))"
+                " AND s.kind = $2 AND s.value_type = $3"
                 " AND s.last_step IS NOT NULL AND s.name LIKE ANY($4::text[])"
                 " ORDER BY r.created_at DESC, r.run_id, s.series_id"
                 " LIMIT $5",
-                run_ids,
+                [k[1] for k in run_keys],
                 KIND_SCALAR,
                 VALUE_NUMERIC,
                 likes,
                 max_series,
+                [k[0] for k in run_keys],
                 timeout=t,
             )
         return Snapshot(
@@ -218,6 +223,7 @@ class ProgressStore:
                     labels=_labels(s["labels"]),
                     last_step=int(s["last_step"]),
                     last_value=math.nan if s["last_value"] is None else float(s["last_value"]),
+                    workspace=s["workspace"],
                 )
                 for s in series
             ],
@@ -257,7 +263,8 @@ class _View:
 
     snapshot: Snapshot
     fetched_at: float  # collector clock (monotonic)
-    rates: dict[str, float] = field(default_factory=dict)
+    # Per (workspace, run_id).
+    rates: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class ProgressCollector(Collector):
@@ -291,7 +298,7 @@ class ProgressCollector(Collector):
         self._lock = threading.Lock()
         self._view: _View | None = None
         self._inflight: concurrent.futures.Future[Snapshot] | None = None
-        self._history: dict[str, deque[tuple[float, int]]] = {}
+        self._history: dict[tuple[str, str], deque[tuple[float, int]]] = {}
 
     def _name(self, name: str) -> str:
         return name if self.run_names else hashed_name(name, self.name_key)
@@ -371,17 +378,18 @@ class ProgressCollector(Collector):
         view = _View(snap, self.clock())
         seen = set()
         for run in snap.runs:
-            seen.add(run.run_id)
-            hist = self._history.get(run.run_id)
+            key = (run.workspace, run.run_id)
+            seen.add(key)
+            hist = self._history.get(key)
             if hist is None or (hist and run.points < hist[-1][1]):
-                hist = self._history[run.run_id] = deque()
+                hist = self._history[key] = deque()
             if not hist or snap.db_now > hist[-1][0]:
                 hist.append((snap.db_now, run.points))
             while len(hist) > 2 and hist[1][0] <= snap.db_now - RATE_WINDOW_S:
                 hist.popleft()
             if len(hist) >= 2:
                 (t0, n0), (t1, n1) = hist[0], hist[-1]
-                view.rates[run.run_id] = (n1 - n0) / (t1 - t0)
+                view.rates[key] = (n1 - n0) / (t1 - t0)
         for gone in self._history.keys() - seen:
             del self._history[gone]
         return view
@@ -456,19 +464,20 @@ class ProgressCollector(Collector):
         snap = view.snapshot
         since = max(0.0, self.clock() - view.fetched_at)
         now = snap.db_now + since
-        names: dict[str, list[str]] = {}
+        names: dict[tuple[str, str], list[str]] = {}
         for run in snap.runs:
             labels = [run.workspace, self._name(run.experiment), self._name(run.run_id)]
-            names[run.run_id] = labels
+            key = (run.workspace, run.run_id)
+            names[key] = labels
             status.add_metric([*labels, run.status], 1.0)
             points.add_metric(labels, float(run.points))
-            if run.run_id in view.rates:
-                rate.add_metric(labels, view.rates[run.run_id])
+            if key in view.rates:
+                rate.add_metric(labels, view.rates[key])
             last = run.last_point_time if run.last_point_time is not None else run.started_time
             last_time.add_metric(labels, last)
             age.add_metric(labels, max(0.0, now - last))
         for s in snap.series:
-            run_labels = names.get(s.run_id)
+            run_labels = names.get((s.workspace, s.run_id))
             if run_labels is None:
                 continue
             labels = [*run_labels, s.name, flatten_labels(s.labels)]

@@ -466,7 +466,9 @@ class MetadataStore:
                     f"experiment id {experiment_id} does not exist in workspace {workspace!r}",
                 )
             runs = await conn.fetch(
-                "SELECT run_id, status FROM runs WHERE experiment_id = $1 FOR UPDATE",
+                "SELECT run_id, status FROM runs WHERE workspace = $1 AND experiment_id = $2"
+                " FOR UPDATE",
+                workspace,
                 experiment_id,
             )
             terminal = {s.value for s in RunStatus if s.terminal}
@@ -482,7 +484,10 @@ class MetadataStore:
             series = [
                 r["series_id"]
                 for r in await conn.fetch(
-                    "SELECT series_id FROM series WHERE run_id = ANY($1::text[])", run_ids
+                    "SELECT series_id FROM series"
+                    " WHERE workspace = $1 AND run_id = ANY($2::text[])",
+                    workspace,
+                    run_ids,
                 )
             ]
             image_bytes = await conn.fetchval(
@@ -491,7 +496,9 @@ class MetadataStore:
                 series,
             )
             file_bytes = await conn.fetchval(
-                "SELECT COALESCE(sum(size), 0) FROM artifacts WHERE run_id = ANY($1::text[])",
+                "SELECT COALESCE(sum(size), 0) FROM artifacts"
+                " WHERE workspace = $1 AND run_id = ANY($2::text[])",
+                workspace,
                 run_ids,
             )
             for table in (
@@ -505,9 +512,17 @@ class MetadataStore:
                 await conn.execute(
                     f"DELETE FROM {table} WHERE series_id = ANY($1::bigint[])", series
                 )
-            await conn.execute("DELETE FROM series WHERE run_id = ANY($1::text[])", run_ids)
-            await conn.execute("DELETE FROM artifacts WHERE run_id = ANY($1::text[])", run_ids)
-            await conn.execute("DELETE FROM runs WHERE experiment_id = $1", experiment_id)
+            for table in ("series", "artifacts"):
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE workspace = $1 AND run_id = ANY($2::text[])",
+                    workspace,
+                    run_ids,
+                )
+            await conn.execute(
+                "DELETE FROM runs WHERE workspace = $1 AND experiment_id = $2",
+                workspace,
+                experiment_id,
+            )
             await conn.execute("DELETE FROM experiments WHERE experiment_id = $1", experiment_id)
             await conn.execute(
                 "UPDATE workspace_usage SET runs = greatest(runs - $2, 0),"
@@ -545,9 +560,8 @@ class MetadataStore:
                         "run_id",
                     )
                 return existing, False
-            owner = await conn.fetchval("SELECT workspace FROM runs WHERE run_id = $1", run_id)
-            if owner is not None:
-                raise ApiError("ALREADY_EXISTS", f"run id {run_id!r} is taken", "run_id")
+            # Run ids are per workspace (migration 007): one used in another
+            # workspace is another run, and nothing here looks at it.
             root = run_id
             if parent_run_id:
                 parent = await self._fetch_run(
@@ -668,9 +682,10 @@ class MetadataStore:
             args.append(parent_run_id)
             if recursive:
                 where.append(
-                    f"r.run_id IN (WITH RECURSIVE d AS (SELECT run_id FROM runs WHERE "
-                    f"parent_run_id = ${len(args)} UNION ALL SELECT c.run_id FROM runs c JOIN d "
-                    "ON c.parent_run_id = d.run_id) SELECT run_id FROM d)"
+                    "r.run_id IN (WITH RECURSIVE d AS (SELECT run_id FROM runs WHERE "
+                    f"workspace = $1 AND parent_run_id = ${len(args)} UNION ALL SELECT c.run_id"
+                    " FROM runs c JOIN d ON c.workspace = $1 AND c.parent_run_id = d.run_id)"
+                    " SELECT run_id FROM d)"
                 )
             else:
                 where.append(f"r.parent_run_id = ${len(args)}")
@@ -732,7 +747,12 @@ class MetadataStore:
         async with self._tx() as conn:
             run = await self._fetch_run(conn, workspace, run_id, lock=True)
             merged = merge_properties(run["properties"], props)
-            await conn.execute("UPDATE runs SET properties = $2 WHERE run_id = $1", run_id, merged)
+            await conn.execute(
+                "UPDATE runs SET properties = $3 WHERE run_id = $1 AND workspace = $2",
+                run_id,
+                workspace,
+                merged,
+            )
             return await self._fetch_run(conn, workspace, run_id)
 
     async def update_run_status(
@@ -754,12 +774,13 @@ class MetadataStore:
                 " end_time = CASE WHEN $3 THEN now() ELSE end_time END,"
                 " error_message = COALESCE(NULLIF($4, ''), error_message),"
                 " error_code = COALESCE(NULLIF($5, ''), error_code)"
-                " WHERE run_id = $1",
+                " WHERE run_id = $1 AND workspace = $6",
                 run_id,
                 target.value,
                 target.terminal,
                 error_message,
                 error_code,
+                workspace,
             )
             return await self._fetch_run(conn, workspace, run_id)
 
@@ -789,11 +810,13 @@ class MetadataStore:
             if RunStatus(run["status"]).terminal:
                 raise precondition("run_id", f"run {run_id!r} is {run['status']}; it cannot rewind")
             series = await conn.fetch(
-                "SELECT series_id, kind, value_type FROM series WHERE run_id = $1 AND stepped"
+                "SELECT series_id, kind, value_type FROM series"
+                " WHERE workspace = $3 AND run_id = $1 AND stepped"
                 " AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
                 " ORDER BY series_id FOR UPDATE",
                 run_id,
                 list(names),
+                workspace,
             )
             hidden = 0
             for s in series:
@@ -1088,9 +1111,22 @@ class GroupStats:
 
 
 _SERIES_COLUMNS = (
-    "series_id, run_id, name, labels_key, kind, value_type, stepped, out_of_order,"
+    "series_id, workspace, run_id, name, labels_key, kind, value_type, stepped, out_of_order,"
     " last_step, last_value, last_text, point_count"
 )
+
+# A series in the write path: (workspace, run_id, name, labels_key). Run ids
+# are per workspace, so the same chunk key in two batches of one group is two
+# series when the batches' workspaces differ.
+SeriesKey = tuple[str, str, str, str]
+
+
+def _series_key(workspace: str, chunk: Chunk) -> SeriesKey:
+    return (workspace, chunk.run_id, chunk.name, chunk.labels_key)
+
+
+def _row_key(row: Mapping[str, Any]) -> SeriesKey:
+    return (row["workspace"], row["run_id"], row["name"], row["labels_key"])
 
 
 def _state(row: Mapping[str, Any], new: bool = False) -> SeriesState:
@@ -1136,18 +1172,23 @@ class PointStore:
         stats = GroupStats(batches=len(batches))
         async with conn.transaction():
             results, live = await self._sequence(conn, batches)
-            chunks = [c for b in live for c in b.chunks if c.alive.any()]
-            if chunks:
+            # The (workspace, run_id) of every chunk with points to store.
+            seen = sorted(
+                {(b.workspace, c.run_id) for b in live for c in b.chunks if c.alive.any()}
+            )
+            if seen:
                 await self._check_runs(conn, live)
                 # Usage rows locked after the series rows (quotas.lock_usage).
                 usage: dict[str, Usage] = {}
                 states = await self._lock_series(conn, live, stats, usage)
                 for kind, check in self.kind_checks.items():
                     items = [
-                        (c, states[c.key], b.outcome)
+                        (c, states[_series_key(b.workspace, c)], b.outcome)
                         for b in live
                         for c in b.chunks
-                        if c.kind == kind and c.key in states and c.alive.any()
+                        if c.kind == kind
+                        and _series_key(b.workspace, c) in states
+                        and c.alive.any()
                     ]
                     if items:
                         await check(conn, items)
@@ -1158,7 +1199,7 @@ class PointStore:
                     for chunk in batch.chunks:
                         if not chunk.alive.any():
                             continue
-                        state = states.get(chunk.key)
+                        state = states.get(_series_key(batch.workspace, chunk))
                         if state is None:
                             continue
                         acc = order.apply(chunk, state, batch.outcome)
@@ -1170,9 +1211,11 @@ class PointStore:
                     await add_usage(conn, list(usage.values()))
                 await self._save_states(conn, states)
                 await conn.execute(
-                    "UPDATE runs SET last_seen = now() WHERE run_id = ANY($1::text[])"
+                    "UPDATE runs SET last_seen = now() WHERE (workspace, run_id) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[]))"
                     " AND last_seen < now() - interval '2 seconds'",
-                    sorted({c.run_id for c in chunks}),
+                    [k[0] for k in seen],
+                    [k[1] for k in seen],
                 )
             if live:
                 await self._record_progress(conn, live)
@@ -1256,17 +1299,22 @@ class PointStore:
         )
 
     async def _check_runs(self, conn: asyncpg.Connection, live: Sequence[DecodedBatch]) -> None:
-        run_ids = sorted({c.run_id for b in live for c in b.chunks if c.alive.any()})
+        """Each chunk's run, looked up in its batch's workspace only: a run of
+        another workspace is not found, exactly like one that does not exist."""
+        keys = sorted({(b.workspace, c.run_id) for b in live for c in b.chunks if c.alive.any()})
         rows = await conn.fetch(
-            "SELECT run_id, workspace, status FROM runs WHERE run_id = ANY($1::text[])", run_ids
+            "SELECT workspace, run_id, status FROM runs WHERE (workspace, run_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
         )
-        runs = {r["run_id"]: (r["workspace"], r["status"]) for r in rows}
+        runs = {(r["workspace"], r["run_id"]): r["status"] for r in rows}
         for b in live:
             for c in b.chunks:
                 if not c.alive.any():
                     continue
-                found = runs.get(c.run_id)
-                if found is None or found[0] != b.workspace:
+                status = runs.get((b.workspace, c.run_id))
+                if status is None:
                     b.outcome.reject(
                         c,
                         None,
@@ -1274,12 +1322,12 @@ class PointStore:
                         f"run {c.run_id[:130]!r} does not exist in workspace {b.workspace!r}",
                         steps=False,
                     )
-                elif RunStatus(found[1]).terminal:
+                elif RunStatus(status).terminal:
                     b.outcome.reject(
                         c,
                         None,
                         RUN_NOT_ACTIVE,
-                        f"run {c.run_id!r} is {found[1]}; a finished run takes no more points",
+                        f"run {c.run_id!r} is {status}; a finished run takes no more points",
                         steps=False,
                     )
                 elif c.kind != KIND_SCALAR and c.kind not in self.kind_writers:
@@ -1297,21 +1345,20 @@ class PointStore:
         live: Sequence[DecodedBatch],
         stats: GroupStats,
         usage: dict[str, Usage],
-    ) -> dict[tuple[str, str, str], SeriesState]:
+    ) -> dict[SeriesKey, SeriesState]:
         """Fetch and lock the state of every series in the group, creating the
         new ones from their first chunk. Then lock the usage rows of the
         workspaces that get new series or images (filled into `usage`)."""
-        first: dict[tuple[str, str, str], Chunk] = {}
-        workspace_of: dict[tuple[str, str, str], str] = {}
+        first: dict[SeriesKey, Chunk] = {}
         for b in live:
             for c in b.chunks:
-                if c.alive.any() and c.key not in first:
-                    first[c.key] = c
-                    workspace_of[c.key] = b.workspace
+                key = _series_key(b.workspace, c)
+                if c.alive.any() and key not in first:
+                    first[key] = c
         keys = sorted(first)
         states = await self._select_for_update(conn, keys)
         missing = [k for k in keys if k not in states]
-        counted = {workspace_of[k] for k in missing} | {
+        counted = {k[0] for k in missing} | {
             b.workspace for b in live for c in b.chunks if c.kind == KIND_IMAGE and c.alive.any()
         }
         if counted:
@@ -1319,15 +1366,15 @@ class PointStore:
         if missing:
             missing = await self._enforce_series_limit(conn, missing, first, live)
         if missing:
-            missing = self._enforce_series_quota(missing, workspace_of, first, live, usage)
+            missing = self._enforce_series_quota(missing, live, usage)
         if missing:
             chunks = [first[k] for k in missing]
             created = await conn.fetch(
                 "INSERT INTO series (run_id, name, labels, labels_key, kind, value_type, stepped,"
-                " out_of_order, description)"
+                " out_of_order, description, workspace)"
                 " SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[],"
-                " $5::int2[], $6::int2[], $7::bool[], $8::bool[], $9::text[])"
-                " ON CONFLICT (run_id, name, labels_key) DO NOTHING"
+                " $5::int2[], $6::int2[], $7::bool[], $8::bool[], $9::text[], $10::text[])"
+                " ON CONFLICT (workspace, run_id, name, labels_key) DO NOTHING"
                 f" RETURNING {_SERIES_COLUMNS}",
                 [c.run_id for c in chunks],
                 [c.name for c in chunks],
@@ -1338,12 +1385,13 @@ class PointStore:
                 [c.stepped for c in chunks],
                 [bool(c.out_of_order) for c in chunks],
                 [c.description[:5000] for c in chunks],
+                [k[0] for k in missing],
             )
             stats.new_series += len(created)
             for r in created:
-                key = (r["run_id"], r["name"], r["labels_key"])
+                key = _row_key(r)
                 states[key] = _state(r, new=True)
-                if (u := usage.get(workspace_of[key])) is not None:
+                if (u := usage.get(key[0])) is not None:
                     u.series += 1
             raced = [k for k in missing if k not in states]
             if raced:
@@ -1353,47 +1401,50 @@ class PointStore:
 
     @staticmethod
     async def _select_for_update(
-        conn: asyncpg.Connection, keys: Sequence[tuple[str, str, str]]
-    ) -> dict[tuple[str, str, str], SeriesState]:
+        conn: asyncpg.Connection, keys: Sequence[SeriesKey]
+    ) -> dict[SeriesKey, SeriesState]:
         """Lock existing series rows, in series_id order (a fixed lock order
         keeps concurrent transactions from deadlocking)."""
         rows = await conn.fetch(
             f"SELECT {_SERIES_COLUMNS} FROM series"
-            " WHERE (run_id, name, labels_key) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+            " WHERE (workspace, run_id, name, labels_key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))"
             " ORDER BY series_id FOR UPDATE",
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
+            [k[3] for k in keys],
         )
-        return {(r["run_id"], r["name"], r["labels_key"]): _state(r) for r in rows}
+        return {_row_key(r): _state(r) for r in rows}
 
     async def _enforce_series_limit(
         self,
         conn: asyncpg.Connection,
-        missing: list[tuple[str, str, str]],
-        first: Mapping[tuple[str, str, str], Chunk],
+        missing: list[SeriesKey],
+        first: Mapping[SeriesKey, Chunk],
         live: Sequence[DecodedBatch],
-    ) -> list[tuple[str, str, str]]:
-        runs = sorted({k[0] for k in missing})
+    ) -> list[SeriesKey]:
+        runs = sorted({k[:2] for k in missing})
         rows = await conn.fetch(
-            "SELECT run_id, count(*) AS n FROM series WHERE run_id = ANY($1::text[])"
-            " GROUP BY run_id",
-            runs,
+            "SELECT workspace, run_id, count(*) AS n FROM series WHERE (workspace, run_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[])) GROUP BY workspace, run_id",
+            [r[0] for r in runs],
+            [r[1] for r in runs],
         )
-        have = {r["run_id"]: r["n"] for r in rows}
-        allowed: list[tuple[str, str, str]] = []
-        refused: set[tuple[str, str, str]] = set()
+        have = {(r["workspace"], r["run_id"]): r["n"] for r in rows}
+        allowed: list[SeriesKey] = []
+        refused: set[SeriesKey] = set()
         for k in missing:
-            if have.get(k[0], 0) < self.max_series_per_run:
-                have[k[0]] = have.get(k[0], 0) + 1
+            run = k[:2]
+            if have.get(run, 0) < self.max_series_per_run:
+                have[run] = have.get(run, 0) + 1
                 allowed.append(k)
             else:
                 refused.add(k)
         if refused:
             for b in live:
                 for c in b.chunks:
-                    if c.key in refused:
+                    if _series_key(b.workspace, c) in refused:
                         b.outcome.reject(
                             c,
                             None,
@@ -1409,19 +1460,17 @@ class PointStore:
 
     def _enforce_series_quota(
         self,
-        missing: list[tuple[str, str, str]],
-        workspace_of: Mapping[tuple[str, str, str], str],
-        first: Mapping[tuple[str, str, str], Chunk],
+        missing: list[SeriesKey],
         live: Sequence[DecodedBatch],
         usage: Mapping[str, Usage],
-    ) -> list[tuple[str, str, str]]:
+    ) -> list[SeriesKey]:
         """The workspace's series quota: new series past it are rejected
         LIMIT_EXCEEDED (the series the workspace has keep taking points)."""
         planned: dict[str, int] = {}
-        allowed: list[tuple[str, str, str]] = []
-        refused: dict[tuple[str, str, str], str] = {}
+        allowed: list[SeriesKey] = []
+        refused: dict[SeriesKey, str] = {}
         for k in missing:
-            ws = workspace_of[k]
+            ws = k[0]
             u = usage.get(ws)
             n = planned.get(ws, 0)
             if u is None or not u.limits.series or u.series + n < u.limits.series:
@@ -1435,7 +1484,7 @@ class PointStore:
             self._quota_exceeded(SERIES)
             for b in live:
                 for c in b.chunks:
-                    message = refused.get(c.key)
+                    message = refused.get(_series_key(b.workspace, c))
                     if message is not None:
                         b.outcome.reject(c, None, LIMIT_EXCEEDED, message, steps=False)
         return allowed
@@ -1530,7 +1579,7 @@ class PointStore:
         return rows
 
     async def _save_states(
-        self, conn: asyncpg.Connection, states: Mapping[tuple[str, str, str], SeriesState]
+        self, conn: asyncpg.Connection, states: Mapping[SeriesKey, SeriesState]
     ) -> None:
         changed = [s for s in states.values() if s.changed]
         if not changed:
@@ -1587,13 +1636,16 @@ class QueryStore:
                 )
             if not recursive:
                 return [run_id]
+            # Children are runs of the same workspace (the parent key includes
+            # it); the join says so too, so the walk never leaves it.
             rows = await conn.fetch(
                 "WITH RECURSIVE d AS (SELECT run_id, 0 AS depth, created_at FROM runs"
-                " WHERE run_id = $1"
+                " WHERE workspace = $2 AND run_id = $1"
                 " UNION ALL SELECT c.run_id, d.depth + 1, c.created_at FROM runs c"
-                " JOIN d ON c.parent_run_id = d.run_id)"
+                " JOIN d ON c.workspace = $2 AND c.parent_run_id = d.run_id)"
                 " SELECT run_id FROM d ORDER BY depth, created_at",
                 run_id,
+                workspace,
             )
             return [r["run_id"] for r in rows]
 
@@ -1611,6 +1663,7 @@ class QueryStore:
 
     async def series_page(
         self,
+        workspace: str,
         run_id: str,
         names: Sequence[str],
         after: tuple[int, int],
@@ -1626,7 +1679,7 @@ class QueryStore:
                     f"SELECT * FROM (SELECT *, sum(header) OVER (ORDER BY grp, series_id) AS used,"
                     f" row_number() OVER (ORDER BY grp, series_id) AS rn FROM ("
                     f"  SELECT {self._SERIES}, {self._GROUP} AS grp, {self._HEADER} AS header"
-                    "   FROM series WHERE run_id = $1"
+                    "   FROM series WHERE workspace = $7 AND run_id = $1"
                     "   AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
                     f"  AND ({self._GROUP}, series_id) >= ($3::int, $4::bigint)"
                     f"  ORDER BY {self._GROUP}, series_id LIMIT $5::bigint) s"
@@ -1637,10 +1690,13 @@ class QueryStore:
                     after[1],
                     limit,
                     budget,
+                    workspace,
                 )
             )
 
-    async def list_series(self, run_id: str, after: int, limit: int, budget: int) -> list[Row]:
+    async def list_series(
+        self, workspace: str, run_id: str, after: int, limit: int, budget: int
+    ) -> list[Row]:
         """The series of a run in creation order from series id `after`
         (inclusive): at most `limit`, whose headers fit in `budget` bytes (at
         least one), then the next series, if any, with `take` false."""
@@ -1652,13 +1708,14 @@ class QueryStore:
                     "  FROM (SELECT *, sum(header) OVER (ORDER BY series_id) AS used,"
                     "   row_number() OVER (ORDER BY series_id) AS rn FROM ("
                     f"   SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
-                    "    WHERE run_id = $1 AND series_id >= $2::bigint"
+                    "    WHERE workspace = $5 AND run_id = $1 AND series_id >= $2::bigint"
                     "    ORDER BY series_id LIMIT $3::bigint + 1) s) t) u) v"
                     " WHERE take OR prev ORDER BY series_id",
                     run_id,
                     after,
                     limit,
                     budget,
+                    workspace,
                 )
             )
 
@@ -1673,8 +1730,8 @@ class QueryStore:
                 " s.point_count, s.last_step, s.description,"
                 " (octet_length(s.name) + 2 * octet_length(s.labels::text)"
                 " + octet_length(s.description) + 64) AS header"
-                " FROM series s JOIN runs r USING (run_id)"
-                " WHERE s.run_id = $1 AND r.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
+                " FROM series s"
+                " WHERE s.run_id = $1 AND s.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
                 run_id,
                 workspace,
                 name,

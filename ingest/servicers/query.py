@@ -186,7 +186,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             budget -= len(run.encode()) + 8
             at = (resume["g"], resume["s"]) if resume is not None else (0, 0)
             while True:
-                metas = await self.store.series_page(run, names, at, SERIES_CHUNK, max(budget, 0))
+                metas = await self.store.series_page(
+                    workspace, run, names, at, SERIES_CHUNK, max(budget, 0)
+                )
                 if not metas:
                     break
                 i = 0
@@ -305,6 +307,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         token = decode_token(request, request.page_token, {"s": int})
         run_ids = await self.store.run_ids(workspace, model.run_id(request.run_id), False)
         rows = await self.store.list_series(
+            workspace,
             run_ids[0],
             token["s"] if token is not None else 0,
             limit,

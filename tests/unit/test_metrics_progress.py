@@ -77,7 +77,7 @@ def run(
 def series(
     name: str = "loss", value: float = 0.5, step: int = 7, labels: dict[str, str] | None = None
 ) -> SeriesProgress:
-    return SeriesProgress("mnist_1", name, labels or {}, step, value)
+    return SeriesProgress("mnist_1", name, labels or {}, step, value, "default")
 
 
 def make(
@@ -197,7 +197,7 @@ def test_what_the_cap_left_out_is_reported(loop: asyncio.AbstractEventLoop) -> N
 
 
 def test_series_of_runs_not_exported_are_skipped(loop: asyncio.AbstractEventLoop) -> None:
-    orphan = SeriesProgress("other_run", "loss", {}, 1, 1.0)
+    orphan = SeriesProgress("other_run", "loss", {}, 1, 1.0, "default")
     source = Source(Snapshot(db_now=1.0, runs=[run()], series=[orphan]))
     _, registry, _ = make(source, loop, Clock())
     text = generate_latest(registry).decode()
