@@ -199,7 +199,10 @@ class Run(_message.Message):
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Globally unique run id (client-chosen or service-assigned)."""
+    """Run id (client-chosen or service-assigned), unique inside its workspace:
+    a run is (workspace, run_id), and the same id in another workspace is
+    another run that this one knows nothing of.
+    """
     workspace: _builtins.str
     experiment_name: _builtins.str
     number: _builtins.int
