@@ -378,12 +378,13 @@ def scalar_scenario(
     with database(stack) as db:
         log = STACK_ROOT / f"{name}.service.log"
         replicas = [Replica(info, db, log) for _ in range(2)]
-        for r in replicas:
-            r.start()
-        lb = Nginx(STACK_ROOT / "nginx" / name, [r.address for r in replicas]).start()
+        lb = Nginx(STACK_ROOT / "nginx" / name, [r.address for r in replicas])
         steps = points // clients // (len(STEPPED) + len(UNSTEPPED))
         logged = steps * (len(STEPPED) + len(UNSTEPPED)) * clients
         try:
+            for r in replicas:
+                r.start()
+            lb.start()
             t0 = time.monotonic()
             procs, out = _spawn(
                 scalar_client, [(lb.address, name, steps, duration) for _ in range(clients)]
@@ -494,9 +495,9 @@ def run_s3_stop(stack: LocalStack, info: StackInfo, images: int, files: int) -> 
     name = "s3_stop"
     with database(stack) as db:
         replica = Replica(info, db, STACK_ROOT / f"{name}.service.log")
-        replica.start()
         duration = 40.0
         try:
+            replica.start()
             t0 = time.monotonic()
             procs, out = _spawn(
                 blob_client,
