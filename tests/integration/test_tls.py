@@ -287,7 +287,7 @@ def test_a_token_over_tls_logs_a_run(token_tls: tuple[Setup, str]) -> None:
     setup, token = token_tls
     name = f"tls-{uuid.uuid4().hex[:10]}"
     run = Experiment(
-        name, "tls-ws", url=setup.url, token=token, tls_ca=setup.ca.cert_path
+        "tls-ws", name, url=setup.url, token=token, tls_ca=setup.ca.cert_path
     ).start_logging()
     for step in range(20):
         run.log("loss", 1.0 / (step + 1), step=step)
@@ -301,11 +301,11 @@ def test_a_token_over_tls_logs_a_run(token_tls: tuple[Setup, str]) -> None:
 def test_without_the_token_tls_alone_is_not_enough(token_tls: tuple[Setup, str]) -> None:
     setup, _ = token_tls
     with pytest.raises(UnauthenticatedError):
-        Experiment("never", "tls-ws", url=setup.url, token="", tls_ca=setup.ca.cert_path)
+        Experiment("tls-ws", "never", url=setup.url, token="", tls_ca=setup.ca.cert_path)
     with pytest.raises((UnauthenticatedError, PermissionDeniedError)):
         Experiment(
-            "never",
             "tls-ws",
+            "never",
             url=setup.url,
             token="stl_AAAAAAAAAAAA_" + "B" * 43,
             tls_ca=setup.ca.cert_path,
@@ -327,13 +327,13 @@ def test_a_token_over_plaintext_loopback_logs_a_run(
         url = f"127.0.0.1:{service.port}"
         _log_a_run_in(url, "plain-ws", token=token)
         with pytest.raises(UnauthenticatedError):
-            Experiment("never", "plain-ws", url=url, token="")
+            Experiment("plain-ws", "never", url=url, token="")
 
 
 def _log_a_run_in(url: str, workspace: str, **connection: object) -> None:
     run = Experiment(
-        f"tok-{uuid.uuid4().hex[:10]}",
         workspace,
+        f"tok-{uuid.uuid4().hex[:10]}",
         url=url,
         **connection,  # type: ignore[arg-type]
     ).start_logging()
