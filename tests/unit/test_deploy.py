@@ -755,3 +755,13 @@ def test_healthcheck_rejects_a_bad_listen_setting(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit) as exc:
         healthcheck.main([])
     assert exc.value.code == 2
+
+
+def test_deploy_sweeps_unreferenced_blobs() -> None:
+    """deploy/ gives each database its own bucket, so the sweep of blobs no row
+    references is on there (it is off by default: a bucket shared by several
+    databases would lose blobs the other databases reference)."""
+    assert k8s_config().blob_sweep_interval_s > 0
+    for name in STEPLOG_SERVICES:
+        cfg = checked_config(compose_env(compose()["services"][name]), f"compose service {name}")
+        assert cfg.blob_sweep_interval_s > 0
