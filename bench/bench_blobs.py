@@ -19,13 +19,17 @@ up better than a ratio of medians on a machine whose load drifts:
     python -m bench.bench_blobs [--images 2000] [--file-mb 1024] [--repeats 3]
 
 Prints `IMAGES images_per_s=... ceiling=... ratio=...` and
-`FILES mb_per_s=... ceiling_mb_per_s=... ratio=...`.
+`FILES mb_per_s=... ceiling_mb_per_s=... ratio=... hash_mb_per_s=...
+hash_then_ceiling_mb_per_s=...`: the last two are one SHA-256 pass over the
+file (the client hashes before it uploads) and what a hash pass followed by
+the ceiling's upload would reach, which bounds the client's upload.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import tempfile
 import time
@@ -37,15 +41,16 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from bench.common import bench_stack, median, service, sql
-from ingest.blobs import _PARTS_IN_FLIGHT
+from bench.common import bench_stack, median, png, service, sql
 from ingest.config import Config
 from ingest.devstack import StackInfo
-from tests.imagegen import png
 
 MiB = 1024 * 1024
 CONCURRENCY = Config.s3_concurrency
 PART_BYTES = Config.s3_part_bytes
+# Parts of one file upload the service keeps in flight (a constant of
+# ingest/blobs.py, not a setting): the ceiling's multipart upload keeps as many.
+PARTS_IN_FLIGHT = 4
 
 
 def images(n: int, seed: int) -> list[bytes]:
@@ -96,7 +101,7 @@ async def ceiling_file(info: StackInfo, path: Path, size: int) -> float:
         start = time.perf_counter()
         created = await c.create_multipart_upload(Bucket=info.s3_bucket, Key=key)
         upload_id = created["UploadId"]
-        room = asyncio.Semaphore(_PARTS_IN_FLIGHT)
+        room = asyncio.Semaphore(PARTS_IN_FLIGHT)
         parts: list[asyncio.Task[dict[str, Any]]] = []
 
         async def part(number: int, body: bytes) -> dict[str, Any]:
@@ -154,6 +159,23 @@ def upload(url: str, path: Path) -> float:
     return size / MiB / elapsed
 
 
+def hash_rate(path: Path) -> float:
+    """MB/s of one SHA-256 pass over the file, as the client makes before an
+    upload (the upload's header carries the hash, so that pass cannot
+    overlap the upload)."""
+    h = hashlib.sha256()
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return path.stat().st_size / MiB / (time.perf_counter() - start)
+
+
+def serial(a: float, b: float) -> float:
+    """The rate of two passes over the same bytes one after the other."""
+    return 1.0 / (1.0 / a + 1.0 / b)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=2000)
@@ -164,6 +186,7 @@ def main() -> None:
     ceil_i: list[float] = []
     ours_f: list[float] = []
     ceil_f: list[float] = []
+    hash_f: list[float] = []
     with (
         bench_stack() as (_stack, info, db),
         service(info, db) as svc,
@@ -195,8 +218,11 @@ def main() -> None:
                 f.write(os.urandom(64))
             ours_f.append(upload(svc.address, path))
             ceil_f.append(asyncio.run(ceiling_file(info, path, ns.file_mb * MiB)))
+            hash_f.append(hash_rate(path))
             print(
-                f"  file run {r + 1}: {ours_f[-1]:.0f} MB/s, ceiling {ceil_f[-1]:.0f} MB/s",
+                f"  file run {r + 1}: {ours_f[-1]:.0f} MB/s, ceiling {ceil_f[-1]:.0f} MB/s,"
+                f" sha256 {hash_f[-1]:.0f} MB/s, hash then ceiling"
+                f" {serial(hash_f[-1], ceil_f[-1]):.0f} MB/s",
                 flush=True,
             )
     ratio_i = median([a / b for a, b in zip(ours_i, ceil_i, strict=True)])
@@ -207,7 +233,9 @@ def main() -> None:
     )
     print(
         f"FILES mb_per_s={median(ours_f):.0f} ceiling_mb_per_s={median(ceil_f):.0f}"
-        f" ratio={ratio_f:.2f} file_mb={ns.file_mb} repeats={ns.repeats}"
+        f" ratio={ratio_f:.2f} hash_mb_per_s={median(hash_f):.0f}"
+        f" hash_then_ceiling_mb_per_s={median(list(map(serial, hash_f, ceil_f))):.0f}"
+        f" file_mb={ns.file_mb} repeats={ns.repeats}"
     )
 
 

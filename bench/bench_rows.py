@@ -5,31 +5,32 @@ as the service's one pipeline worker per writer does.
 
     python -m bench.bench_rows [--rows 1000000] [--repeat 3] [--numeric]
 
-Uses a stack of its own (STEPLOG_BENCH_ROWS_STACK, default
-/tmp/steplog-bench-rows) and starts the service as a subprocess. Prints one
-line per repetition and the medians:
-`ROWS rows_per_s=... ceiling_rows_per_s=... ratio=...`.
+Uses the shared bench stack (.steplog/bench, a fresh database) and starts the
+service as a subprocess. Prints one line per repetition and the medians:
+`ROWS rows_per_s=... ceiling_rows_per_s=... ratio=...`, and where a row's
+cost goes, as CPU time per row measured from /proc over the log_row phase
+(so other work on the machine does not count): `client_cpu_us` (this
+process: the training loop and the client's sender), `service_cpu_us` (the
+service and its children), `postgres_cpu_us` (the stack's PostgreSQL, every
+backend), and `loop_us` (wall time of the training loop alone, per call).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 
-from ingest.devstack import LocalStack
+from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service
 from ingest.tables import BOOL, DOUBLE, INT64, STRING
 from ingest.tables_store import TABLE_ROW_COLUMNS, Cells, copy_payload, encode_table_rows
-from tests.support import ServiceProcess
 
 COPY_ROWS = 10_000  # rows per COPY (and commit) in the ceiling
 
@@ -86,9 +87,10 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[int, Cells]:
     return out
 
 
-def through_log_row(address: str, cols: dict[str, list[Any]]) -> tuple[float, str]:
+def through_log_row(address: str, cols: dict[str, list[Any]]) -> tuple[float, float, str]:
     """rows/s through log_row, called with 10 keywords as a training loop
-    calls it, until every row is acknowledged; and the run id."""
+    calls it, until every row is acknowledged; seconds of the loop alone;
+    and the run id."""
     from steplog import Experiment
 
     run = Experiment(f"bench-rows-{uuid.uuid4().hex[:8]}", url=address).start_logging()
@@ -126,11 +128,12 @@ def through_log_row(address: str, cols: dict[str, list[Any]]) -> tuple[float, st
                 mfu=c9[i],
                 scale=c10[i],
             )
+    loop = time.perf_counter() - start
     if not run.flush(600):
         raise SystemExit("rows were not acknowledged within 600 s")
     elapsed = time.perf_counter() - start
     run.complete()
-    return n / elapsed, run.id
+    return n / elapsed, loop, run.id
 
 
 async def fresh_table(database_url: str) -> None:
@@ -171,16 +174,7 @@ async def ceiling(database_url: str, cols: dict[str, list[Any]], series_id: int)
             np.full(m, time.time()), series_id, np.arange(s, s + m, dtype=np.int64), cells_of(part)
         )
         payloads.append(copy_payload([body]))
-    conn = await asyncpg.connect(database_url)
-    try:
-        start = time.perf_counter()
-        for payload in payloads:
-            await conn.copy_to_table(
-                "table_rows", source=io.BytesIO(payload), columns=TABLE_ROW_COLUMNS, format="binary"
-            )
-        elapsed = time.perf_counter() - start
-    finally:
-        await conn.close()
+    elapsed = await copy_ceiling(database_url, "table_rows", TABLE_ROW_COLUMNS, payloads, 1)
     return n / elapsed
 
 
@@ -191,37 +185,50 @@ def main() -> None:
     parser.add_argument("--numeric", action="store_true", help="10 numeric columns, no string")
     args = parser.parse_args()
 
-    root = Path(os.environ.get("STEPLOG_BENCH_ROWS_STACK", "/tmp/steplog-bench-rows"))
-    stack = LocalStack(root)
-    info = stack.start()
-    database = f"bench_rows_{uuid.uuid4().hex[:8]}"
-    database_url = stack.create_database(database)
-    env = info.env()
-    env["STEPLOG_DATABASE_URL"] = database_url
     cols = columns_of(args.rows, args.numeric)
     rates: list[float] = []
     ceilings: list[float] = []
-    try:
-        with ServiceProcess(env, log_path=root / "bench-rows-service.log") as svc:
-            for i in range(args.repeat):
-                asyncio.run(fresh_table(database_url))
-                ceil = asyncio.run(ceiling(database_url, cols, 900_000_000 + i))
-                asyncio.run(fresh_table(database_url))
-                rate, run_id = through_log_row(svc.address, cols)
-                stored = asyncio.run(stored_rows(database_url, run_id))
-                if stored != args.rows:
-                    raise SystemExit(f"stored {stored} rows of {args.rows}")
-                rates.append(rate)
-                ceilings.append(ceil)
-                print(
-                    f"  rep {i + 1}: log_row {rate:,.0f} rows/s, ceiling {ceil:,.0f} rows/s, "
-                    f"ratio {rate / ceil:.2f} ({stored} rows stored)",
-                    flush=True,
-                )
-    finally:
-        stack.drop_database(database)
+    costs: list[tuple[float, float, float, float]] = []
+    with bench_stack() as (stack, info, database_url), service(info, database_url) as svc:
+        assert svc.proc is not None
+        postgres = postmaster_pid(stack)
+        for i in range(args.repeat):
+            asyncio.run(fresh_table(database_url))
+            ceil = asyncio.run(ceiling(database_url, cols, 900_000_000 + i))
+            asyncio.run(fresh_table(database_url))
+            before = (os.times(), cpu_seconds(svc.proc.pid), cpu_seconds(postgres))
+            rate, loop, run_id = through_log_row(svc.address, cols)
+            after = (os.times(), cpu_seconds(svc.proc.pid), cpu_seconds(postgres))
+            stored = asyncio.run(stored_rows(database_url, run_id))
+            if stored != args.rows:
+                raise SystemExit(f"stored {stored} rows of {args.rows}")
+            us = 1e6 / args.rows
+            client = (after[0].user + after[0].system) - (before[0].user + before[0].system)
+            cost = (
+                client * us,
+                (after[1] - before[1]) * us,
+                (after[2] - before[2]) * us,
+                loop * us,
+            )
+            rates.append(rate)
+            ceilings.append(ceil)
+            costs.append(cost)
+            print(
+                f"  rep {i + 1}: log_row {rate:,.0f} rows/s, ceiling {ceil:,.0f} rows/s, "
+                f"ratio {rate / ceil:.2f} ({stored} rows stored); per row: "
+                f"client_cpu_us={cost[0]:.2f} service_cpu_us={cost[1]:.2f} "
+                f"postgres_cpu_us={cost[2]:.2f} loop_us={cost[3]:.2f}",
+                flush=True,
+            )
     rate, ceil = statistics.median(rates), statistics.median(ceilings)
-    print(f"ROWS rows_per_s={rate:.0f} ceiling_rows_per_s={ceil:.0f} ratio={rate / ceil:.2f}")
+    ratio = statistics.median([a / b for a, b in zip(rates, ceilings, strict=True)])
+    client, svc_us, pg_us, loop_us = (statistics.median(c[k] for c in costs) for k in range(4))
+    print(
+        f"ROWS rows_per_s={rate:.0f} ceiling_rows_per_s={ceil:.0f} ratio={ratio:.2f}"
+        f" ratios={','.join(f'{a / b:.2f}' for a, b in zip(rates, ceilings, strict=True))}"
+        f" client_cpu_us={client:.2f} service_cpu_us={svc_us:.2f} postgres_cpu_us={pg_us:.2f}"
+        f" loop_us={loop_us:.2f} rows={args.rows} repeats={args.repeat} cpus={os.cpu_count()}"
+    )
 
 
 if __name__ == "__main__":
