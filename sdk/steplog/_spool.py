@@ -339,7 +339,7 @@ class _Record:
 def _is_outage(err: TransportError) -> bool:
     """The service cannot take anything now (retried without a bound in
     steplog._retry): later records must wait too, or they would overtake."""
-    rule = RETRY_TABLE.get(err.code)
+    rule = RETRY_TABLE.get(err.retry_code)  # a lost stream counts as UNAVAILABLE
     return err.retryable and rule is not None and rule.attempts is None
 
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import Message
 
-from steplog._retry import should_retry
+from steplog._retry import retry_code, should_retry
 from steplog.errors import InvalidArgumentError, SteplogError
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc
@@ -58,11 +58,23 @@ class TransportError(SteplogError):
     def retryable(self) -> bool:
         """Worth a first retry (steplog._retry: RESOURCE_EXHAUSTED only with
         RetryInfo); how many more is the caller's count."""
-        return should_retry(self.code, retry_info=self.retry_after is not None)
+        return self.retry_again(1)
+
+    @property
+    def retry_code(self) -> grpc.StatusCode:
+        """The code the retry table treats this as (UNAVAILABLE for a lost
+        stream or connection, steplog._retry.is_transport_loss); consecutive
+        failures are counted under it."""
+        return retry_code(self.code, self.message)
 
     def retry_again(self, failures: int) -> bool:
         """Worth another try after `failures` consecutive failures."""
-        return should_retry(self.code, retry_info=self.retry_after is not None, failures=failures)
+        return should_retry(
+            self.code,
+            retry_info=self.retry_after is not None,
+            failures=failures,
+            details=self.message,
+        )
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> TransportError:

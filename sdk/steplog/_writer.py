@@ -31,19 +31,23 @@ what that commit decided (the service keeps it for a writer's last batches):
 each batch's result is counted once, from the first ack of it that arrives.
 
 Errors follow the one retry table (steplog._retry): UNAVAILABLE and
-DEADLINE_EXCEEDED are retried until close; RESOURCE_EXHAUSTED only with
-RetryInfo, never sooner than its delay; ABORTED (a gap) five times, then the
-window goes on under a new writer id; INTERNAL and UNKNOWN three times. After
-that, or at once for any other code, the service has refused the oldest batch
-in flight (the stream ends at the batch it refuses): that batch alone is set
-aside, written to the spool when a spool directory is configured (fix the
-cause, then `steplog sync` it) or else counted as dropped, counted in
-`stats.refused`, stored as `stats.last_error`, warned about once per code (a
-DeliveryError at the next flush/close in strict mode); the batches behind it
-were not committed and go on under a new writer id, so it holds nothing back.
-UNAUTHENTICATED and PERMISSION_DENIED refuse every batch alike: the whole
-window is set aside at once. A permanently broken token therefore costs one
-warning and a stream of spooled (or dropped) batches, never a hang.
+DEADLINE_EXCEEDED are retried until close, and so is a stream that was lost
+under the call (INTERNAL "Stream removed ... RST_STREAM", as a load balancer
+reports a dead replica: steplog._retry.is_transport_loss); RESOURCE_EXHAUSTED
+only with RetryInfo, never sooner than its delay; ABORTED (a gap) five times,
+then the window goes on under a new writer id; an INTERNAL or UNKNOWN the
+service sent three times. After that, or at once for any other code, the
+service has refused the oldest batch in flight (the stream ends at the batch
+it refuses): that batch alone is set aside, written to the spool (the spool
+directory, or its default; fix the cause, then `steplog sync` it; dropped
+only when the spool cannot be written), counted in `stats.refused` (and in
+`stats.dropped` if it could not be saved), stored as `stats.last_error`,
+warned about once per code (a DeliveryError at the next flush/close in
+strict mode), and the next flush()/close() returns False; the batches behind
+it were not committed and go on under a new writer id, so it holds nothing
+back. UNAUTHENTICATED and PERMISSION_DENIED refuse every batch alike: the
+whole window is set aside at once. A permanently broken token therefore
+costs one warning and a stream of spooled batches, never a hang.
 
 Memory bound, in bytes. `max_buffered_bytes` (STEPLOG_MAX_BUFFERED_BYTES,
 256 MiB) counts what buffered points and in-memory batches hold: a numeric
@@ -69,9 +73,11 @@ of times.
 
 flush/close share one deadline; both are safe to call twice. close runs at
 interpreter exit (`exit_timeout`). If close times out with data undelivered,
-that data goes to the spool when a spool directory is configured (a warning
-names it), else it is counted as dropped; close may overrun its timeout by up
-to one second to finish that. In a forked child the parent's data stays the
+that data goes to the spool (the spool directory, or its default; a warning
+names it), or is counted as dropped when the spool cannot be written; close
+may overrun its timeout by up to one second to finish that. flush() and
+close() return False after any point was refused or dropped since the last
+one that returned. In a forked child the parent's data stays the
 parent's: the child starts empty, with a new writer id, fresh locks and a
 lazily started thread, and asks the transport to reconnect.
 """
@@ -220,8 +226,9 @@ class WriterSettings:
     """How the background writer buffers, batches and retries.
 
     `flush_interval`: seconds a point may wait before its batch is sent.
-    `spool_dir`: needed by on_full="spool" and offline (default_spool_dir()
-    when None); when set, it also receives data that could not be delivered.
+    `spool_dir` (default_spool_dir() when None): the spool of on_full="spool"
+    and offline, and where refused batches and what close() could not
+    deliver go.
     `exit_timeout`: the close() timeout used at interpreter exit."""
 
     # The memory bound: bytes of buffered and unacknowledged data in memory
@@ -502,6 +509,7 @@ class BatchWriter:
         self._dropped_unspooled = 0  # of those: over the bound, the spool unwritable
         self._blocked = 0  # log calls that waited the whole max_block_s
         self._refused = 0  # points in batches the service refused whole
+        self._losses_reported = 0  # refused + dropped when flush/close last said so
         self._spooled = 0
         self._batches_sent = 0
         self._batches_acked = 0
@@ -996,7 +1004,9 @@ class BatchWriter:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every point logged before this call is acknowledged by
         the service (offline: written to the spool and fsynced). False on
-        timeout, or if some of those points could not be delivered. In strict
+        timeout, if some of those points could not be delivered, or if any
+        point was refused or dropped since the last flush()/close() (so a
+        loss is never followed by True without a False in between). In strict
         mode, raises what the sender recorded (rejections, delivery errors)."""
         deadline = None if timeout is None else monotonic() + timeout
         ok = self._flush_until(deadline)
@@ -1004,9 +1014,19 @@ class BatchWriter:
         if child is not None:
             ok = child.flush(_remaining(deadline)) and ok
         with self._lock:
+            ok = self._take_losses() and ok
             notes = self._take_notes()
         self._deliver(notes, stacklevel=3)
         return ok
+
+    def _take_losses(self) -> bool:
+        """(lock held) True unless points were refused or dropped since the
+        last flush()/close() that said so: every loss makes the next one
+        return False, even when the batch was given up before it began."""
+        losses = self._refused + self._dropped
+        clean = losses == self._losses_reported
+        self._losses_reported = losses
+        return clean
 
     def _flush_until(self, deadline: float | None) -> bool:
         with self._cond:
@@ -1065,6 +1085,7 @@ class BatchWriter:
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
             thread.join(None if remaining is None else remaining + _STOP_GRACE)
         with self._lock:
+            ok = self._take_losses() and ok
             ok = ok and self._buffered == 0 and not self._outbox and not self._unacked
             self._close_result = ok
             notes = self._take_notes()
@@ -1553,17 +1574,20 @@ class BatchWriter:
             error = TransportError(grpc.StatusCode.UNAVAILABLE, "the service ended the stream")
         with self._lock:
             self._last_error = str(error)
-        failures = self._failures[error.code] = self._failures.get(error.code, 0) + 1
+        # Counted under the table's code: a stream a proxy reset (INTERNAL
+        # "Stream removed ... RST_STREAM") is transport loss, as UNAVAILABLE.
+        key = error.retry_code
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
         if error.code == grpc.StatusCode.ABORTED:
             if self._unacked and not error.retry_again(failures):
                 # The service keeps seeing a gap we cannot fill: resend
                 # what is unacknowledged under a fresh sequence space.
-                self._failures.pop(error.code, None)
+                self._failures.pop(key, None)
                 self._new_id(next(iter(self._unacked)) - 1)
         elif error.retry_again(failures):
             pass  # reconnect after the backoff; resend the window
         elif self._unacked:
-            self._failures.pop(error.code, None)
+            self._failures.pop(key, None)
             if error.code in STREAM_WIDE_CODES:
                 self._fail_unacked(error)
             else:
@@ -1587,7 +1611,7 @@ class BatchWriter:
         ordinal, entry = next(iter(self._unacked.items()))
         del self._unacked[ordinal]
         self._inflight_bytes -= entry.nbytes
-        saved = self._save([entry]) if self._has_spool_dir() else []
+        saved = self._save([entry])  # the spool directory, or its default
         with self._cond:
             self._new_id(ordinal)
             if entry.request is not None:
@@ -1602,7 +1626,7 @@ class BatchWriter:
                 )
             else:
                 self._dropped += entry.points
-                where = "dropped (no spool directory)"
+                where = f"dropped: the spool cannot be written ({self._last_error})"
             message = (
                 f"steplog: the service refused a batch of {entry.points} points "
                 f"({error.code.name}: {error.message}); it was {where}; the batches behind it "
@@ -1623,7 +1647,7 @@ class BatchWriter:
         self._unacked.clear()
         self._inflight_bytes = 0
         points = sum(e.points for e in entries)
-        saved = self._save(entries) if self._has_spool_dir() else []
+        saved = self._save(entries)  # the spool directory, or its default
         first_outbox = self._outbox[0].ordinal if self._outbox else None
         with self._cond:
             self._new_id((first_outbox or self._ordinal + 1) - 1)
@@ -1640,7 +1664,7 @@ class BatchWriter:
                 f"saved {spooled} points to {self._settings.resolved_spool_dir()} "
                 "(`steplog sync` sends them once the cause is fixed)"
                 if spooled
-                else f"dropped {lost} points"
+                else f"dropped {lost} points (the spool cannot be written: {self._last_error})"
             )
             message = (
                 f"steplog: the service refused batches ({error.code.name}: {error.message}); "
@@ -1660,10 +1684,6 @@ class BatchWriter:
         self._epoch_base = epoch_base
 
     # ---------------------------------------------------------------- spool
-
-    def _has_spool_dir(self) -> bool:
-        s = self._settings
-        return s.spool_dir is not None or s.offline or self._spill or self._spool is not None
 
     def _spool_writer(self) -> SpoolWriter:
         if self._spool is None:
@@ -1824,7 +1844,7 @@ class BatchWriter:
                         self._spool.restamp(e.ref, self._writer_id, e.ordinal - self._epoch_base)
         self._unacked.clear()
         points = sum(e.points for e in pending)
-        saved = self._save(pending) if pending and self._has_spool_dir() else []
+        saved = self._save(pending) if pending else []  # the spool directory, or its default
         spooled = sum(e.points for e in saved)
         if self._spool is not None:
             with contextlib.suppress(OSError):
@@ -1844,7 +1864,7 @@ class BatchWriter:
                     f"{spooled} were saved to {self._settings.resolved_spool_dir()} "
                     "(send them with `steplog sync`)"
                     if spooled
-                    else "they were dropped"
+                    else f"they were dropped (the spool cannot be written: {self._last_error})"
                 )
                 if lost and spooled:
                     where += f"; {lost} could not be saved"

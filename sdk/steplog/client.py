@@ -10,17 +10,20 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 
-from steplog._transport import ChannelSettings, PemSource
-from steplog.errors import InvalidArgumentError, from_rpc_error
+from steplog._transport import Backoff, ChannelSettings, PemSource, TransportError
+from steplog.errors import InvalidArgumentError, SteplogError, from_rpc_error
 from steplog.v1 import (
+    experiment_service_pb2,
     experiment_service_pb2_grpc,
     ingest_service_pb2_grpc,
     query_service_pb2_grpc,
+    run_service_pb2,
     run_service_pb2_grpc,
 )
 
@@ -38,6 +41,43 @@ _CHANNEL_OPTIONS = [
     # calls over them instead of pinning the process to the first.
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
 ]
+
+
+# Backoff between attempts of a unary call (seconds; Client.call).
+CALL_BACKOFF_INITIAL = 0.1
+CALL_BACKOFF_MAX = 2.0
+
+
+def resend_safe(request: Any) -> bool:
+    """Whether sending `request` again after its answer was lost changes
+    nothing more than the first time (checked against the service's store).
+
+    Everything the client sends is, except: DeleteExperiment (a resend after
+    the delete answers NOT_FOUND) and ReactivateExperiment with a new name
+    (the old name is gone after the first). CreateRun is idempotent only
+    with a run id (`with_client_run_id` gives it one); UpdateRunStatus into
+    a terminal status is refused the second time, which `Client.call`
+    recognises as done."""
+    if isinstance(request, experiment_service_pb2.DeleteExperimentRequest):
+        return False
+    if isinstance(request, experiment_service_pb2.ReactivateExperimentRequest):
+        return not request.new_name
+    if isinstance(request, run_service_pb2.CreateRunRequest):
+        return bool(request.run_id)
+    return True
+
+
+def with_client_run_id(request: Any) -> Any:
+    """A CreateRunRequest without a run id gets one here, in the form the
+    service would have given it (`<experiment[:100]>_<20 hex digits>`), so
+    that a resend finds the run the first attempt created instead of making
+    a second one. Any other request is returned as it is."""
+    if not isinstance(request, run_service_pb2.CreateRunRequest) or request.run_id:
+        return request
+    named = run_service_pb2.CreateRunRequest()
+    named.CopyFrom(request)
+    named.run_id = f"{request.experiment_name[:100]}_{uuid.uuid4().hex[:20]}"
+    return named
 
 
 def resolve_url(url: str | None) -> str:
@@ -86,12 +126,62 @@ class Client:
         self.queries = query_service_pb2_grpc.QueryServiceStub(self.channel)
 
     def call(self, method: Callable[..., T], request: Any, timeout: float = 30.0) -> T:
-        """A unary call; errors become steplog exceptions (with code and field)."""
+        """A unary call; errors become steplog exceptions (with code and field).
+
+        Failures are retried by the one table (steplog._retry) within
+        `timeout`, with jittered backoff (CALL_BACKOFF_INITIAL doubling up to
+        CALL_BACKOFF_MAX, at least the service's RetryInfo): UNAVAILABLE
+        (also a load balancer's HTTP 502 while a replica is down), a lost
+        stream or connection, RESOURCE_EXHAUSTED with RetryInfo, an INTERNAL
+        or UNKNOWN the service sent (3 attempts). Each attempt gets what is
+        left of `timeout`; the last error is raised when it is spent. Only
+        requests the service applies idempotently are sent twice (see
+        `resend_safe`); a status change that the lost answer had already
+        made is recognised as done (`_applied_before`)."""
         self._check_fork()
+        request = with_client_run_id(request)
+        deadline = time.monotonic() + timeout
+        backoff = Backoff(CALL_BACKOFF_INITIAL, CALL_BACKOFF_MAX)
+        failures = 0
+        while True:
+            remaining = max(0.001, deadline - time.monotonic())
+            try:
+                return method(request, timeout=remaining, wait_for_ready=True)
+            except grpc.RpcError as err:
+                failure = TransportError.from_rpc_error(err)
+                if failures:
+                    done = self._applied_before(request, failure, deadline)
+                    if done is not None:
+                        return cast(T, done)
+                failures += 1
+                if not (resend_safe(request) and failure.retry_again(failures)):
+                    raise from_rpc_error(err) from None
+                delay = backoff.next_delay(failure.retry_after)
+                if time.monotonic() + delay >= deadline:
+                    raise from_rpc_error(err) from None
+            time.sleep(delay)
+
+    def _applied_before(self, request: Any, failure: TransportError, deadline: float) -> Any:
+        """A resent status change refused as FAILED_PRECONDITION ("run is
+        Completed, a terminal state; it cannot become Completed") because
+        the first attempt was applied and only its answer was lost: the
+        response it would have had (the run as it is), else None."""
+        if not (
+            isinstance(request, run_service_pb2.UpdateRunStatusRequest)
+            and failure.code == grpc.StatusCode.FAILED_PRECONDITION
+        ):
+            return None
         try:
-            return method(request, timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            run = self.runs.GetRun(
+                run_service_pb2.GetRunRequest(workspace=request.workspace, run_id=request.run_id),
+                timeout=max(0.001, deadline - time.monotonic()),
+                wait_for_ready=True,
+            ).run
+        except grpc.RpcError:
+            return None
+        if run.status != request.status:
+            return None
+        return run_service_pb2.UpdateRunStatusResponse(run=run)
 
     def _check_fork(self) -> None:
         # A gRPC channel must not be used across fork(): a child opens its own.
@@ -159,16 +249,16 @@ class Heartbeat:
             self._runs.discard(run_id)
 
     def _loop(self) -> None:
-        from steplog.v1 import run_service_pb2
-
         while not self._wake.wait(self.interval):
             with self._lock:
                 runs = sorted(self._runs)
             if not runs:
                 continue
-            # A failed beat is retried by the next one; data also counts as a beat.
-            with contextlib.suppress(grpc.RpcError):
-                self._client.runs.Heartbeat(
+            # Retried within 10 s (Client.call); a beat that still fails is
+            # made up for by the next one; data also counts as a beat.
+            with contextlib.suppress(SteplogError):
+                self._client.call(
+                    self._client.runs.Heartbeat,
                     run_service_pb2.HeartbeatRequest(
                         workspace=self._client.workspace, run_ids=runs
                     ),

@@ -159,7 +159,7 @@ class FakeStream:
             _, code, commit_first, *hint = failure
             if commit_first:  # committed, but the ack is lost with the connection
                 t.service.commit(batch)
-            self.die(TransportError(code, "injected", hint[0] if hint else None))
+            self.die(TransportError(code, t.failure_message, hint[0] if hint else None))
             return
         try:
             duplicate, result = t.service.commit(batch)
@@ -187,7 +187,8 @@ class FakeStream:
 class FakeTransport:
     """Implements the Transport protocol. `failures`: (after n more sends, code,
     commit before failing[, RetryInfo delay]) entries, consumed in order.
-    `refuse`: a batch -> the code the service refuses it with, or None."""
+    `refuse`: a batch -> the code the service refuses it with, or None.
+    `failure_message`: the details of the injected failures."""
 
     def __init__(self, service: FakeService | None = None) -> None:
         self.service = service or FakeService()
@@ -196,6 +197,7 @@ class FakeTransport:
         self.hold_acks = False
         self.failures: list[tuple[int, grpc.StatusCode, bool] | tuple[Any, ...]] = []
         self.refuse: Callable[[pb.Batch], grpc.StatusCode | None] | None = None
+        self.failure_message = "injected"
         self.opened = 0
         self.sent: list[tuple[int, str, int]] = []
         self.sent_at: list[float] = []
@@ -242,6 +244,14 @@ def settings(**kw: Any) -> WriterSettings:
     base: dict[str, Any] = {"flush_interval": 0.01, "backoff_initial": 0.001, "backoff_max": 0.01}
     base.update(kw)
     return WriterSettings(**base)
+
+
+@pytest.fixture(autouse=True)
+def default_spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default spool directory (refused batches and what close() could
+    not deliver go there without a spool_dir), inside the test's folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "steplog" / "spool"
 
 
 @pytest.fixture
@@ -499,7 +509,8 @@ def test_on_full_drop_oldest_drops_and_counts(
     assert len(caught) == 1  # warned once
     assert w.stats.dropped == 50
     fake.down = False
-    assert w.flush(WAIT)
+    assert w.flush(WAIT) is False  # the drop is reported by the next flush
+    assert w.flush(WAIT)  # once
     values = stored(fake)
     # Which 50 go depends on how far the sender got before the bound (points
     # already in a sequenced batch are never dropped); the newest always stay.
@@ -538,7 +549,7 @@ def test_the_memory_bound_counts_bytes_of_images_and_text(
     assert st.bytes_in_memory <= bound * 3 // 2
     assert w.image_stats is not None and w.image_stats.bytes_in_memory <= bound // 2
     fake.down = False
-    assert w.flush(WAIT)
+    assert w.flush(WAIT) is False  # what was dropped is reported
     kept = fake.service.points[("r1", "frames", ())]
     assert 0 < len(kept) < 20 and len(stored(fake, "note")) < 20
 
@@ -630,13 +641,33 @@ def test_close_timeout_saves_undelivered_data_to_the_spool(
     assert stored(fake) == [float(i) for i in range(10)]
 
 
-def test_close_timeout_without_spool_counts_dropped(fake: FakeTransport) -> None:
+def test_close_timeout_without_a_spool_dir_saves_to_the_default_one(
+    fake: FakeTransport, default_spool_dir: Path
+) -> None:
     fake.down = True
-    w = BatchWriter(fake, "ws", settings(strict=True))
+    w = BatchWriter(fake, "ws", settings())
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    with pytest.warns(DeliveryWarning, match="steplog sync"):
+        assert w.close(0.1) is False
+    assert w.stats.spooled == 1 and w.stats.dropped == 0
+    fake.down = False
+    assert replay_spool(default_spool_dir, fake).accepted == 1
+
+
+def test_close_timeout_with_the_spool_unwritable_counts_dropped(
+    fake: FakeTransport, tmp_path: Path
+) -> None:
+    fake.down = True
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("the spool cannot be created under a file")
+    w = BatchWriter(fake, "ws", settings(strict=True, spool_dir=not_a_dir / "spool"))
     w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
     from steplog._writer import DeliveryError
 
-    with pytest.raises(DeliveryError):
+    with (
+        pytest.warns(DeliveryWarning, match="cannot write the spool"),
+        pytest.raises(DeliveryError, match="spool cannot be written"),
+    ):
         w.close(0.1)
     assert w.stats.dropped == 1
 
@@ -693,16 +724,17 @@ def _wait_check_at_zero(w: BatchWriter) -> bool:
 # ---------------------------------------------------------- non-retryable
 
 
-def test_non_retryable_error_drops_in_flight_and_continues_under_new_id(
-    fake: FakeTransport, writers: list[BatchWriter]
+def test_non_retryable_error_spools_in_flight_and_continues_under_new_id(
+    fake: FakeTransport, writers: list[BatchWriter], default_spool_dir: Path
 ) -> None:
     fake.failures = [(0, grpc.StatusCode.PERMISSION_DENIED, False)]
-    w = make(writers, fake)
+    w = make(writers, fake)  # no spool_dir: the default one
     first_id = w.writer_id
     w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
-    with pytest.warns(DeliveryWarning, match="PERMISSION_DENIED"):
+    with pytest.warns(DeliveryWarning, match="PERMISSION_DENIED.*saved 1 points"):
         assert w.flush(WAIT) is False
-    assert w.stats.dropped == 1
+    assert w.stats.refused == 1 and w.stats.dropped == 0
+    assert spool_files(default_spool_dir)
     w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
     assert w.flush(WAIT)
     assert w.writer_id != first_id
@@ -998,6 +1030,53 @@ def test_internal_is_retried_a_few_times_then_the_batch_is_spooled_and_reported(
     assert stored(fake) == [1.0]
 
 
+STREAM_REMOVED = "Stream removed (RST_STREAM (Received RST_STREAM with error code 0))"
+
+
+def test_a_stream_reset_under_the_call_is_retried_like_unavailable_and_nothing_is_lost(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    """A load balancer whose replica died resets the client's stream: gRPC
+    reports INTERNAL "Stream removed ... RST_STREAM". That is transport loss,
+    not the service refusing the batch: resent (the same batch, committed
+    or not before the reset) as long as it takes, not three times."""
+    fake.failure_message = STREAM_REMOVED
+    fake.failures = [(0, grpc.StatusCode.INTERNAL, i % 2 == 0) for i in range(8)]
+    w = make(writers, fake, max_batch_points=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(100):
+            w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+        assert w.flush(WAIT) is True
+    assert not [c for c in caught if issubclass(c.category, DeliveryWarning)]
+    assert stored(fake) == [float(i) for i in range(100)]  # each once, in order
+    st = w.stats
+    assert st.refused == st.dropped == 0 and st.points_acked == 100
+    assert st.reconnects >= 8 and not fake.failures
+    assert len(set(fake.service.committed)) == len(fake.service.committed) == 10
+
+
+def test_flush_is_false_after_a_batch_refused_before_it_began(
+    fake: FakeTransport, writers: list[BatchWriter], default_spool_dir: Path
+) -> None:
+    """The batch was given up (and spooled, no spool_dir given) while the
+    script kept logging; the flush that follows says so, once."""
+    fake.refuse = _poison
+    w = make(writers, fake)
+    with pytest.warns(DeliveryWarning, match="INVALID_ARGUMENT.*saved to"):
+        w.log_scalar("r1", "poison", (), 1.0, 1, 1.0)
+        with w._cond:
+            assert w._cond.wait_for(lambda: w._refused == 1, WAIT)
+        w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
+        assert w.flush(WAIT) is False
+    assert w.flush(WAIT) is True  # nothing new was lost
+    assert stored(fake) == [2.0]
+    assert w.stats.refused == 1 and w.stats.dropped == 0
+    fake.refuse = None
+    assert replay_spool(default_spool_dir, fake).accepted == 1
+    assert stored(fake, "poison") == [1.0]
+
+
 def test_resource_exhausted_is_retried_only_with_retry_info_and_after_its_delay(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
@@ -1012,7 +1091,7 @@ def test_resource_exhausted_is_retried_only_with_retry_info_and_after_its_delay(
     w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
     with pytest.warns(DeliveryWarning, match="RESOURCE_EXHAUSTED"):
         assert w.flush(WAIT) is False
-    assert len(fake.sent_at) == 3 and w.stats.refused == 1 and w.stats.dropped == 1
+    assert len(fake.sent_at) == 3 and w.stats.refused == 1 and w.stats.dropped == 0  # spooled
     w.log_scalar("r1", "loss", (), 3.0, 3, 1.0)
     assert w.flush(WAIT)
     assert stored(fake) == [1.0, 3.0]
