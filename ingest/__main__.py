@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_cli(sub)
     quotas.add_cli(sub)
     blob_sweep.add_cli(sub)
-    args = sys.argv[1:] if argv is None else argv
+    args = tokens.cli_args(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("--") and "dev" not in args and "serve" not in args):
         args = ["serve", *args]
     ns = parser.parse_args(args)

@@ -23,7 +23,8 @@ servicer:
    revoke or an expiry ends open streams too.
 
 Verified tokens are cached in memory (bounded, `auth_cache_ttl_s`, 15 s by
-default): a revoke takes effect within that time on every replica. The
+default): a revoke takes effect within that time on every replica (an entry's
+age counts from the start of the lookup that read it). The
 last-used time is written at most once a minute per token, off the request's
 path.
 
@@ -194,7 +195,7 @@ class _Entry:
 
     row: tokens.TokenRow | None
     secret_hash: bytes
-    fetched: float  # monotonic
+    fetched: float  # monotonic: when the lookup that read it started
     touched: float  # wall time of the last recorded use (0: never)
 
 
@@ -235,6 +236,10 @@ class TokenVerifier:
             return await asyncio.shield(loading)
         fut: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._loading[token_id] = fut
+        # The entry is as old as the lookup's start, not its end: a revoke that
+        # commits while a slow lookup is in flight still takes effect within
+        # the TTL of its commit.
+        started = self.clock()
         try:
             found = await self.store.lookup(token_id)
         except BaseException as exc:
@@ -247,13 +252,13 @@ class TokenVerifier:
         finally:
             self._loading.pop(token_id, None)
         if found is None:
-            fresh = _Entry(None, b"", self.clock(), 0.0)
+            fresh = _Entry(None, b"", started, 0.0)
         else:
             row, secret_hash = found
             touched = row.last_used_at.timestamp() if row.last_used_at else 0.0
             if entry is not None:
                 touched = max(touched, entry.touched)
-            fresh = _Entry(row, secret_hash, self.clock(), touched)
+            fresh = _Entry(row, secret_hash, started, touched)
         self._cache[token_id] = fresh
         self._cache.move_to_end(token_id)
         while len(self._cache) > self.max_entries:

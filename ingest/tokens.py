@@ -1,7 +1,9 @@
 """Bearer tokens: their text, their hash, and the table that keeps them.
 
 A token's text is `stl_<token_id>_<secret>`: the token id (12 URL-safe
-characters) is the lookup key, stored in clear and safe to log; the secret
+characters, never a leading '-' in a new one, so it can be passed to the
+`token revoke` command as it is) is the lookup key, stored in clear and safe
+to log; the secret
 (32 random bytes, base64url, 43 characters) is stored only as
 HMAC-SHA256(pepper, secret), or SHA-256 when no pepper is set, and compared
 in constant time. The text is returned once, at creation, and never again.
@@ -113,8 +115,14 @@ def matches(secret: str, stored: bytes, pepper: str = "") -> bool:
 
 
 def new_token() -> tuple[str, str, str]:
-    """(token_id, secret, text) of a fresh random token."""
-    token_id = secrets.token_urlsafe(9)  # 9 bytes -> 12 characters
+    """(token_id, secret, text) of a fresh random token.
+
+    The id never starts with '-': a command line would take it for an option
+    (`steplog-ingest token revoke -Q2x...` failed, for one id in 64)."""
+    while True:
+        token_id = secrets.token_urlsafe(9)  # 9 bytes -> 12 characters
+        if not token_id.startswith("-"):
+            break
     secret = secrets.token_urlsafe(SECRET_BYTES)  # 32 bytes -> 43 characters
     return token_id, secret, f"{PREFIX}{token_id}_{secret}"
 
@@ -245,14 +253,63 @@ class TokenStore:
         )
 
 
+# The token commands (and create_token with a URL) wait at most this long for
+# any lock: a running service holds a token's row for the milliseconds of its
+# last-used update, a starting one the migration lock while it migrates.
+# Longer is an error that says so, never a command that hangs.
+CLI_LOCK_TIMEOUT_S = 10.0
+
+
+async def _connect(url: str) -> asyncpg.Pool:
+    """A small pool whose sessions give up on a lock after CLI_LOCK_TIMEOUT_S."""
+    from ingest.errors import StoreUnavailable
+    from ingest.timescale import UNAVAILABLE_ERRORS
+
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=2,
+            command_timeout=60,
+            server_settings={
+                "lock_timeout": f"{int(CLI_LOCK_TIMEOUT_S * 1000)}ms",
+                "application_name": "steplog-ingest token",
+            },
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+async def migrations_pending(pool: asyncpg.Pool) -> bool:
+    """Whether a migration of ingest/migrations is not applied yet (read
+    without taking the migration lock, which a starting service may hold)."""
+    from importlib import resources
+
+    versions = {
+        f.name.removesuffix(".sql")
+        for f in resources.files("ingest.migrations").iterdir()
+        if f.name.endswith(".sql")
+    }
+    try:
+        rows = await pool.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        return True
+    return not versions <= {r["version"] for r in rows}
+
+
 @asynccontextmanager
 async def _store(pool_or_url: asyncpg.Pool | str, pepper: str) -> AsyncIterator[TokenStore]:
     if isinstance(pool_or_url, str):
         from ingest import timescale
 
-        pool = await timescale.connect_pool(pool_or_url, 2)
+        pool = await _connect(pool_or_url)
         try:
-            await timescale.migrate(pool)
+            # A current schema is left alone: no migration lock, no DDL beside
+            # a running service (a revoke must not wait behind one starting).
+            if await migrations_pending(pool):
+                await timescale.migrate(pool)
             yield TokenStore(pool, pepper)
         finally:
             await pool.close()
@@ -316,7 +373,36 @@ def add_cli(sub: Any) -> None:
     listing.add_argument("--workspace", default=None, help="only this workspace")
     listing.add_argument("--active", action="store_true", help="leave out revoked tokens")
     revoke = actions.add_parser("revoke", parents=[common], help="revoke a token by its id")
-    revoke.add_argument("token_id", help="the id shown by `token list` (stl_<id>_...)")
+    revoke.add_argument(
+        "token_id",
+        help="the id shown by `token list` (stl_<id>_...); one that starts with '-' is"
+        " taken as it is too",
+    )
+
+
+# Options of `token revoke` that take a value (an id-like value after one is its value).
+_REVOKE_VALUED = ("--database-url", "--token-pepper")
+
+
+def cli_args(args: list[str]) -> list[str]:
+    """The command line with a `token revoke` id that starts with '-' moved
+    behind '--', so argparse does not take it for an option (ids made before
+    new ones stopped starting with '-'). Anything else is left as it is."""
+    start = next(
+        (k + 2 for k in range(len(args) - 1) if args[k : k + 2] == ["token", "revoke"]), None
+    )
+    if start is None or "--" in args[start:]:
+        return args
+    for k in range(start, len(args)):
+        arg, prev = args[k], args[k - 1]
+        if not (arg.startswith("-") and _TOKEN_ID.fullmatch(arg)):
+            continue
+        if any(o.startswith(arg) for o in (*_REVOKE_VALUED, "--help")):
+            continue  # an abbreviated option, as argparse allows
+        if len(prev) > 2 and "=" not in prev and any(o.startswith(prev) for o in _REVOKE_VALUED):
+            continue  # the value of --database-url / --token-pepper
+        return [*args[:k], *args[k + 1 :], "--", arg]
+    return args
 
 
 def run_cli(ns: Any) -> int:
@@ -386,6 +472,13 @@ def run_cli(ns: Any) -> int:
     except ApiError as exc:
         print(
             f"steplog-ingest token: {exc.field + ': ' if exc.field else ''}{exc.message}",
+            file=sys.stderr,
+        )
+        return 1
+    except asyncpg.LockNotAvailableError:
+        print(
+            f"steplog-ingest token: the database {redact_url(url)} is busy: a lock stayed"
+            f" taken for {CLI_LOCK_TIMEOUT_S:g} s (a service applying migrations?); try again",
             file=sys.stderr,
         )
         return 1
