@@ -4,15 +4,24 @@ a user runs, and SQL to count what is stored (each point exactly once)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench.chaos import Nginx
 from steplog import Experiment
+from steplog._writer import DeliveryWarning
 from tests.sql import stored_points
 from tests.support import ServiceProcess, free_port
 
@@ -203,3 +212,131 @@ def test_sync_into_a_run_that_cannot_take_the_data_exits_non_zero_and_says_why(
     assert "RUN_NOT_ACTIVE: 1000" in out.stdout, out.stdout
     assert "1000 point(s) rejected" in out.stderr, out.stderr
     assert stored_points(database_url, run.id) == []
+
+
+class StreamCutter:
+    """A TCP proxy between nginx and the service that loses streams as a
+    dying replica does. The first `cuts` connections that carry more than
+    `after_bytes` toward the service (an Ingest stream with a batch, not a
+    health check or a unary call) are killed right after the service's
+    response headers went through, before its acknowledgement: nginx has
+    answered the client's stream already, so it resets it (RST_STREAM), and
+    gRPC reports INTERNAL "Stream removed". While `refuse` is set, every
+    new connection is reset at once (nginx answers HTTP 502)."""
+
+    def __init__(self, backend: str, *, cuts: int, after_bytes: int) -> None:
+        self.backend = backend
+        self.cuts_left = cuts
+        self.after_bytes = after_bytes
+        self.cut = 0
+        self.refuse = False
+        self.refused = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            if self.refuse:
+                self.refused += 1
+                _reset(client)
+                continue
+            host, _, port = self.backend.rpartition(":")
+            upstream = socket.create_connection((host, int(port)), timeout=30)
+            upstream.settimeout(None)
+            sent = [0]
+            threading.Thread(target=self._up, args=(client, upstream, sent), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, sent), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, sent: list[int]) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                sent[0] += len(data)
+                upstream.sendall(data)
+        _reset(client, upstream)
+
+    def _down(self, upstream: socket.socket, client: socket.socket, sent: list[int]) -> None:
+        """Forward the service's HTTP/2 frames one by one (9-byte header:
+        length, type, flags, stream id), to cut after a HEADERS frame."""
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                buffer += data
+                while len(buffer) >= 9:
+                    size = 9 + int.from_bytes(buffer[:3], "big")
+                    if len(buffer) < size:
+                        break
+                    frame, buffer = buffer[:size], buffer[size:]
+                    client.sendall(frame)
+                    kind, stream = frame[3], int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+                    if kind == 0x1 and stream and sent[0] > self.after_bytes:
+                        with self._lock:
+                            cut = self.cuts_left > 0
+                            if cut:
+                                self.cuts_left -= 1
+                                self.cut += 1
+                        if cut:
+                            _reset(client, upstream)
+                            return
+        _reset(client, upstream)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _reset(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+def test_streams_a_load_balancer_resets_lose_nothing_and_complete_rides_out_its_502s(
+    url: str, experiment_name: str, database_url: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The client behind nginx `grpc_pass` (as in bench/chaos.py kill9_lb):
+    the same batch's stream is reset five times in a row after the service
+    committed it and before its acknowledgement reached the client (a
+    stream-level loss, not a refusal: resent until acknowledged, stored
+    once); then, while `complete()` is called, nginx answers 502 for 2 s
+    (no replica): the call is retried within its timeout and succeeds."""
+    spool = tmp_path / "spool"
+    monkeypatch.setenv("STEPLOG_SPOOL_DIR", str(spool))
+    monkeypatch.setenv("STEPLOG_MAX_BATCH_POINTS", "2000")
+    monkeypatch.setenv("STEPLOG_BACKOFF_MAX", "0.5")
+    monkeypatch.setenv("STEPLOG_HEARTBEAT_INTERVAL", "3600")
+    cutter = StreamCutter(url, cuts=5, after_bytes=8192)
+    lb = Nginx(tmp_path / "nginx", [cutter.address])
+    try:
+        lb.start()
+        run = Experiment(experiment_name, url=lb.address).start_logging()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(6000):
+                for name in NAMES:
+                    run.log(name, step * 0.5 + len(name), step=step)
+            flushed = run.flush(120)
+        delivery = [str(c.message) for c in caught if issubclass(c.category, DeliveryWarning)]
+        assert flushed and not delivery, delivery
+        stats = run.writer_stats()
+        assert cutter.cut == 5, stats
+        assert stats.refused == stats.dropped == 0 and stats.reconnects >= 5, stats
+        assert stored_points(database_url, run.id) == expected(range(6000))  # each once
+
+        cutter.refuse = True
+        threading.Timer(2.0, setattr, (cutter, "refuse", False)).start()
+        started = time.monotonic()
+        run.complete()
+        assert time.monotonic() - started >= 1.5  # it waited the outage out
+        assert cutter.refused >= 1
+        assert run.get_status() == "Completed"
+        assert not list(spool.glob("*.spool.sqlite"))  # nothing was set aside
+    finally:
+        lb.stop()
+        cutter.close()
