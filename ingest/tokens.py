@@ -348,7 +348,8 @@ def add_cli(sub: Any) -> None:
         "token",
         help="create, list and revoke bearer tokens (on the configured database)",
         description="Manage the bearer tokens the service checks with --auth token. "
-        "Migrations are applied first.",
+        "Pending migrations are applied first; a lock is waited for"
+        f" {CLI_LOCK_TIMEOUT_S:g} s at most.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
