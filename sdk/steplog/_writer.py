@@ -1605,9 +1605,10 @@ class BatchWriter:
     def _refuse_oldest(self, error: TransportError) -> None:
         """The service refused the oldest batch in flight (the stream ends at
         the batch it refuses; those before it were acknowledged). Set it aside
-        (spooled when a spool directory is configured, else dropped) and
-        report it; the batches behind it were not committed, so they are
-        resent under a new writer id whose sequence 1 is the next batch."""
+        (spooled, in the default directory when none is set; dropped only
+        when the spool cannot be written) and report it; the batches behind
+        it were not committed, so they are resent under a new writer id whose
+        sequence 1 is the next batch."""
         ordinal, entry = next(iter(self._unacked.items()))
         del self._unacked[ordinal]
         self._inflight_bytes -= entry.nbytes
