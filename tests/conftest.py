@@ -15,6 +15,21 @@ from ingest.devstack import LocalStack, StackInfo
 from tests.support import ROOT, ServiceProcess
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Spools that tests cause without naming a directory (refused batches,
+    what close() could not deliver) land in this session's own folder, not in
+    ~/.cache/steplog/spool of whoever runs the suite; service subprocesses
+    and client subprocesses inherit it."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     root = Path(os.environ.get("STEPLOG_TEST_STACK", ROOT / ".steplog" / "test-stack"))
