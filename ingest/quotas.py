@@ -420,6 +420,8 @@ def run_cli(ns: Any) -> int:
     import os
     import sys
 
+    import asyncpg
+
     from ingest import timescale
     from ingest.config import Config
     from ingest.errors import StoreUnavailable
@@ -427,26 +429,31 @@ def run_cli(ns: Any) -> int:
     url = ns.database_url or os.environ.get("STEPLOG_DATABASE_URL") or Config.database_url
 
     async def run() -> int:
-        pool = await timescale.connect_pool(url, 2)
-        try:
-            await timescale.migrate(pool)
-            async with pool.acquire() as conn:
-                if ns.quota_command == "set":
-                    from ingest import model
+        async with (
+            timescale.command_pool(url, "steplog-ingest quota") as pool,
+            pool.acquire() as conn,
+        ):
+            if ns.quota_command == "set":
+                from ingest import model
 
-                    workspace = model.workspace_name(ns.workspace)
-                    values = {n: getattr(ns, n) for n in QUOTA_NAMES if hasattr(ns, n)}
-                    await set_overrides(conn, workspace, values)
-                    rows = await show(conn, workspace)
-                else:
-                    rows = await show(conn, ns.workspace)
-            _print(rows)
-            return 0
-        finally:
-            await pool.close()
+                workspace = model.workspace_name(ns.workspace)
+                values = {n: getattr(ns, n) for n in QUOTA_NAMES if hasattr(ns, n)}
+                await set_overrides(conn, workspace, values)
+                rows = await show(conn, workspace)
+            else:
+                rows = await show(conn, ns.workspace)
+        _print(rows)
+        return 0
 
     try:
         return asyncio.run(run())
+    except asyncpg.LockNotAvailableError:
+        print(
+            f"steplog-ingest quota: the database is busy: a lock stayed taken for"
+            f" {timescale.CLI_LOCK_TIMEOUT_S:g} s (a service applying migrations?); try again",
+            file=sys.stderr,
+        )
+        return 1
     except (StoreUnavailable, OSError, ApiError) as exc:
         print(f"steplog-ingest quota: {exc}", file=sys.stderr)
         return 1

@@ -295,6 +295,57 @@ async def connect_pool(url: str, size: int) -> asyncpg.Pool:
     return pool
 
 
+# Commands that run beside live services (token, quota) wait at most this long
+# for any lock: a running service holds a row for the milliseconds of an
+# update, a starting one the migration lock while it migrates. Longer is an
+# error that says so, never a command that hangs.
+CLI_LOCK_TIMEOUT_S = 10.0
+
+
+async def migrations_pending(pool: asyncpg.Pool) -> bool:
+    """Whether a migration of ingest/migrations is not applied yet (read
+    without taking the migration lock, which a starting service may hold)."""
+    versions = {
+        f.name.removesuffix(".sql")
+        for f in resources.files("ingest.migrations").iterdir()
+        if f.name.endswith(".sql")
+    }
+    try:
+        rows = await pool.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        return True
+    return not versions <= {r["version"] for r in rows}
+
+
+@asynccontextmanager
+async def command_pool(url: str, application_name: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool for a command run beside live services: its sessions give
+    up on a lock after CLI_LOCK_TIMEOUT_S, and migrations are applied only when
+    some are pending (a current schema takes no migration lock, so a command
+    never waits behind a service that is starting)."""
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=2,
+            command_timeout=60,
+            init=_init_connection,
+            server_settings={
+                "lock_timeout": f"{int(CLI_LOCK_TIMEOUT_S * 1000)}ms",
+                "application_name": application_name,
+            },
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    assert pool is not None
+    try:
+        if await migrations_pending(pool):
+            await migrate(pool)
+        yield pool
+    finally:
+        await pool.close()
+
+
 async def migrate(pool: asyncpg.Pool) -> list[str]:
     """Apply the versioned SQL migrations in ingest/migrations not yet applied.
 

@@ -29,6 +29,7 @@ import asyncpg
 
 from ingest import model
 from ingest.errors import invalid, not_found
+from ingest.timescale import CLI_LOCK_TIMEOUT_S
 
 PREFIX = "stl_"
 TOKEN_ID_CHARS = 12
@@ -253,66 +254,13 @@ class TokenStore:
         )
 
 
-# The token commands (and create_token with a URL) wait at most this long for
-# any lock: a running service holds a token's row for the milliseconds of its
-# last-used update, a starting one the migration lock while it migrates.
-# Longer is an error that says so, never a command that hangs.
-CLI_LOCK_TIMEOUT_S = 10.0
-
-
-async def _connect(url: str) -> asyncpg.Pool:
-    """A small pool whose sessions give up on a lock after CLI_LOCK_TIMEOUT_S."""
-    from ingest.errors import StoreUnavailable
-    from ingest.timescale import UNAVAILABLE_ERRORS
-
-    try:
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=2,
-            command_timeout=60,
-            server_settings={
-                "lock_timeout": f"{int(CLI_LOCK_TIMEOUT_S * 1000)}ms",
-                "application_name": "steplog-ingest token",
-            },
-        )
-    except UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
-    assert pool is not None
-    return pool
-
-
-async def migrations_pending(pool: asyncpg.Pool) -> bool:
-    """Whether a migration of ingest/migrations is not applied yet (read
-    without taking the migration lock, which a starting service may hold)."""
-    from importlib import resources
-
-    versions = {
-        f.name.removesuffix(".sql")
-        for f in resources.files("ingest.migrations").iterdir()
-        if f.name.endswith(".sql")
-    }
-    try:
-        rows = await pool.fetch("SELECT version FROM schema_migrations")
-    except asyncpg.UndefinedTableError:
-        return True
-    return not versions <= {r["version"] for r in rows}
-
-
 @asynccontextmanager
 async def _store(pool_or_url: asyncpg.Pool | str, pepper: str) -> AsyncIterator[TokenStore]:
     if isinstance(pool_or_url, str):
         from ingest import timescale
 
-        pool = await _connect(pool_or_url)
-        try:
-            # A current schema is left alone: no migration lock, no DDL beside
-            # a running service (a revoke must not wait behind one starting).
-            if await migrations_pending(pool):
-                await timescale.migrate(pool)
+        async with timescale.command_pool(pool_or_url, "steplog-ingest token") as pool:
             yield TokenStore(pool, pepper)
-        finally:
-            await pool.close()
     else:
         yield TokenStore(pool_or_url, pepper)
 
