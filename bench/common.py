@@ -58,6 +58,7 @@ class ServiceProcess:
         port: int | None = None,
         metrics_port: int = 0,
         log_path: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         # A port picked here may be taken before the service binds it: a first
         # start then retries on another (a restart keeps the address clients know).
@@ -70,6 +71,8 @@ class ServiceProcess:
         self.env["STEPLOG_LISTEN"] = self.address
         self.env["STEPLOG_METRICS_PORT"] = str(metrics_port)
         self.env.setdefault("STEPLOG_SHUTDOWN_GRACE_S", "2")
+        if extra_env:
+            self.env.update(extra_env)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
