@@ -56,7 +56,7 @@ from google.protobuf.message import Message
 from ingest import tokens
 from ingest.errors import ApiError, StoreUnavailable
 from ingest.metrics import Metrics
-from ingest.servicers.common import abort_with
+from ingest.servicers.common import abort_with, rewrap_handler
 from ingest.tokens import Role, TokenStore
 
 if TYPE_CHECKING:
@@ -701,27 +701,7 @@ def _unavailable(exc: StoreUnavailable) -> _Refusal:
 
 
 def _rewrap(handler: Handler, wrap: _Scoped | _Refusal) -> Handler:
-    common = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap.unary_request(handler.unary_unary), **common
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap.unary_request(handler.unary_stream), **common
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap.stream_request(handler.stream_unary), **common
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            wrap.stream_request(handler.stream_stream), **common
-        )
-    return handler
+    return rewrap_handler(handler, wrap.unary_request, wrap.stream_request)
 
 
 def _peer(context: Any) -> str:

@@ -144,3 +144,33 @@ def run_to_proto(row: Mapping[str, Any]) -> common_pb2.Run:
         properties=row["properties"],
         last_seen_time=timestamp(row["last_seen"]),
     )
+
+
+Behavior = Callable[..., Any]
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary_request: Callable[[Behavior], Behavior],
+    stream_request: Callable[[Behavior], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same RPC method handler with its behaviour wrapped: `unary_request`
+    wraps methods that take one request (unary and server-streaming),
+    `stream_request` those that take a request stream. Interceptors use it
+    to run checks inside the call, before the servicer sees a request."""
+    common = {
+        "request_deserializer": request_deserializer or handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary), **common)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream), **common)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary), **common)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            stream_request(handler.stream_stream), **common
+        )
+    return handler

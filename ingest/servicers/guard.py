@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from ingest.checks import check_strings
 from ingest.errors import ApiError, invalid
-from ingest.servicers.common import abort_with
+from ingest.servicers.common import abort_with, rewrap_handler
 
 if TYPE_CHECKING:
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
@@ -124,28 +124,12 @@ def guard(handler: Handler, type_name: str, walk: bool) -> Handler:
     deserializer = handler.request_deserializer
     if deserializer is None:
         return handler
-    deserialize = _deserializer(deserializer, type_name)
-    common = {
-        "request_deserializer": deserialize,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary_request(handler.unary_unary, walk), **common
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _unary_request(handler.unary_stream, walk), **common
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _stream_request(handler.stream_unary, walk), **common
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _stream_request(handler.stream_stream, walk), **common
-        )
-    return handler
+    return rewrap_handler(
+        handler,
+        lambda behavior: _unary_request(behavior, walk),
+        lambda behavior: _stream_request(behavior, walk),
+        request_deserializer=_deserializer(deserializer, type_name),
+    )
 
 
 def _type_name(deserializer: Any, method: str) -> str:
