@@ -30,6 +30,7 @@ class _SeriesKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SeriesKind
     SERIES_KIND_TABLE: _SeriesKind.ValueType  # 2
     SERIES_KIND_IMAGE: _SeriesKind.ValueType  # 3
     SERIES_KIND_EVALUATION: _SeriesKind.ValueType  # 4
+    SERIES_KIND_HISTOGRAM: _SeriesKind.ValueType  # 5
 
 class SeriesKind(_SeriesKind, metaclass=_SeriesKindEnumTypeWrapper):
     """The data model of points, shared by ingest and queries. Batches are
@@ -44,6 +45,7 @@ SERIES_KIND_SCALAR: SeriesKind.ValueType  # 1
 SERIES_KIND_TABLE: SeriesKind.ValueType  # 2
 SERIES_KIND_IMAGE: SeriesKind.ValueType  # 3
 SERIES_KIND_EVALUATION: SeriesKind.ValueType  # 4
+SERIES_KIND_HISTOGRAM: SeriesKind.ValueType  # 5
 Global___SeriesKind: _TypeAlias = SeriesKind  # noqa: Y015
 
 class _StepPolicy:
@@ -342,6 +344,112 @@ class EvaluationPoints(_message.Message):
 Global___EvaluationPoints: _TypeAlias = EvaluationPoints  # noqa: Y015
 
 @_typing.final
+class HistogramPoints(_message.Message):
+    """Histogram points: one histogram per point, columnar. Point i has
+    bins[i] bins; its edges and counts are the next bins[i] + 1 entries of
+    `edges` and the next bins[i] entries of `counts` (the points' arrays
+    concatenated in point order). Bin j of a point holds the values v with
+    edges[j] <= v < edges[j + 1]; its last bin also holds v == its last edge
+    (numpy.histogram's convention).
+
+    The service rejects a point (REJECT_REASON_INVALID_HISTOGRAM, the message
+    naming the field and the rule; the other points of the batch are kept) when:
+    - bins[i] is 0, or larger than the service's STEPLOG_MAX_HISTOGRAM_BINS
+      (default 10000; REJECT_REASON_LIMIT_EXCEEDED then): so one point is at
+      most 16 * bins + 40 bytes;
+    - its edges are not finite, or not strictly increasing;
+    - a count, underflow, overflow or nan_count is negative, NaN or infinite.
+    When the lengths do not fit together (sum(bins) + n edges, sum(bins)
+    counts, 0 or n of steps, times, underflow, overflow, nan_count) the whole
+    series is rejected with REJECT_REASON_INVALID_HISTOGRAM, before anything
+    of it is decoded.
+
+    Counts are doubles: integer counts of raw values (exact up to 2^53), or
+    weights. Every raw value is counted once: in a bin, in underflow (below
+    the first edge, -Inf included), in overflow (above the last edge, +Inf
+    included) or in nan_count, so for unweighted values sum(counts) +
+    underflow + overflow + nan_count is the number of values.
+
+    Steps follow the rules of every kind (StepPolicy, RejectReason): a
+    histogram is one point of its series, so a second histogram at the same
+    step of a strict series is REJECT_REASON_STEP_CONFLICT, and a smaller step
+    REJECT_REASON_STEP_NOT_INCREASING. Read them back with ReadSeries (by step
+    range, in pages) or GetMetrics.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    TIMES_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    UNDERFLOW_FIELD_NUMBER: _builtins.int
+    OVERFLOW_FIELD_NUMBER: _builtins.int
+    NAN_COUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Steps: empty for an unstepped series, else n non-negative steps."""
+
+    @_builtins.property
+    def times(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Wall-clock times in seconds since the Unix epoch: empty (the service
+        uses its receive time) or n entries.
+        """
+
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The number of bins of each point: n entries, each 1..the service's limit.
+        n is the number of points of the series in this message.
+        """
+
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Bin edges of every point, concatenated: sum(bins) + n entries, finite,
+        strictly increasing within each point.
+        """
+
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Bin counts of every point, concatenated: sum(bins) entries, finite and
+        >= 0.
+        """
+
+    @_builtins.property
+    def underflow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per point, finite and >= 0; empty means 0 for every point.
+        Values below the point's first edge (-Inf included).
+        """
+
+    @_builtins.property
+    def overflow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Values above the point's last edge (+Inf included)."""
+
+    @_builtins.property
+    def nan_count(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """NaN values."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        times: _abc.Iterable[_builtins.float] | None = ...,
+        bins: _abc.Iterable[_builtins.int] | None = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        counts: _abc.Iterable[_builtins.float] | None = ...,
+        underflow: _abc.Iterable[_builtins.float] | None = ...,
+        overflow: _abc.Iterable[_builtins.float] | None = ...,
+        nan_count: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "counts", b"counts", "edges", b"edges", "nan_count", b"nan_count", "overflow", b"overflow", "steps", b"steps", "times", b"times", "underflow", b"underflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramPoints: _TypeAlias = HistogramPoints  # noqa: Y015
+
+@_typing.final
 class SeriesData(_message.Message):
     """The points of one series."""
 
@@ -375,6 +483,7 @@ class SeriesData(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     EVALUATIONS_FIELD_NUMBER: _builtins.int
+    HISTOGRAMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The series name: 1..255 characters, no control characters."""
     description: _builtins.str
@@ -395,6 +504,8 @@ class SeriesData(_message.Message):
     def images(self) -> Global___ImagePoints: ...
     @_builtins.property
     def evaluations(self) -> Global___EvaluationPoints: ...
+    @_builtins.property
+    def histograms(self) -> Global___HistogramPoints: ...
     def __init__(
         self,
         *,
@@ -406,12 +517,13 @@ class SeriesData(_message.Message):
         table: Global___TableColumns | None = ...,
         images: Global___ImagePoints | None = ...,
         evaluations: Global___EvaluationPoints | None = ...,
+        histograms: Global___HistogramPoints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluations", b"evaluations", "images", b"images", "points", b"points", "scalars", b"scalars", "table", b"table"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluations", b"evaluations", "histograms", b"histograms", "images", b"images", "points", b"points", "scalars", b"scalars", "table", b"table"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "evaluations", b"evaluations", "images", b"images", "labels", b"labels", "name", b"name", "points", b"points", "scalars", b"scalars", "step_policy", b"step_policy", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "evaluations", b"evaluations", "histograms", b"histograms", "images", b"images", "labels", b"labels", "name", b"name", "points", b"points", "scalars", b"scalars", "step_policy", b"step_policy", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_points: _TypeAlias = _typing.Literal["scalars", "table", "images", "evaluations"]  # noqa: Y015
+    _WhichOneofReturnType_points: _TypeAlias = _typing.Literal["scalars", "table", "images", "evaluations", "histograms"]  # noqa: Y015
     _WhichOneofArgType_points: _TypeAlias = _typing.Literal["points", b"points"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_points) -> _WhichOneofReturnType_points | None: ...
 

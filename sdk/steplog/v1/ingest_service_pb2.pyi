@@ -32,8 +32,8 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_INVALID_LABELS: _RejectReason.ValueType  # 2
     """Bad label key or value, or too many labels."""
     REJECT_REASON_KIND_MISMATCH: _RejectReason.ValueType  # 3
-    """The series exists with another kind (scalar, table, image, evaluation)
-    or value type (numeric, text).
+    """The series exists with another kind (scalar, table, image, evaluation,
+    histogram) or value type (numeric, text).
     """
     REJECT_REASON_STEP_MODE_MISMATCH: _RejectReason.ValueType  # 4
     """Stepped and unstepped points mixed in one series."""
@@ -57,6 +57,10 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """An evaluation document that breaks its schema."""
     REJECT_REASON_INVALID_IMAGE: _RejectReason.ValueType  # 14
     """An image whose bytes, type or size are wrong."""
+    REJECT_REASON_INVALID_HISTOGRAM: _RejectReason.ValueType  # 15
+    """A histogram whose bins, edges or counts break a rule of HistogramPoints
+    (the message names the field and the rule).
+    """
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
     """Why points were rejected."""
@@ -67,8 +71,8 @@ REJECT_REASON_INVALID_NAME: RejectReason.ValueType  # 1
 REJECT_REASON_INVALID_LABELS: RejectReason.ValueType  # 2
 """Bad label key or value, or too many labels."""
 REJECT_REASON_KIND_MISMATCH: RejectReason.ValueType  # 3
-"""The series exists with another kind (scalar, table, image, evaluation)
-or value type (numeric, text).
+"""The series exists with another kind (scalar, table, image, evaluation,
+histogram) or value type (numeric, text).
 """
 REJECT_REASON_STEP_MODE_MISMATCH: RejectReason.ValueType  # 4
 """Stepped and unstepped points mixed in one series."""
@@ -92,6 +96,10 @@ REJECT_REASON_INVALID_EVALUATION: RejectReason.ValueType  # 13
 """An evaluation document that breaks its schema."""
 REJECT_REASON_INVALID_IMAGE: RejectReason.ValueType  # 14
 """An image whose bytes, type or size are wrong."""
+REJECT_REASON_INVALID_HISTOGRAM: RejectReason.ValueType  # 15
+"""A histogram whose bins, edges or counts break a rule of HistogramPoints
+(the message names the field and the rule).
+"""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 @_typing.final

@@ -96,10 +96,11 @@ class GetMetricsResponse(_message.Message):
     series may be split over pages: a later page repeats the run_id and the
     series' name, labels and description, and carries its next points. To
     reassemble, concatenate the pieces of each (run_id, name, labels) in page
-    order: for scalars, images and evaluations, the arrays; for a table, its
-    rows (row_count adds up; a column missing from a piece, because it was
-    added later, has no cells in that piece's rows). A run with no matching
-    series appears with no series.
+    order: for scalars, images, evaluations and histograms, the arrays (a
+    piece never splits a histogram, so its bins still say which edges and
+    counts belong to which point); for a table, its rows (row_count adds up; a
+    column missing from a piece, because it was added later, has no cells in
+    that piece's rows). A run with no matching series appears with no series.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -177,9 +178,9 @@ class ReadSeriesRequest(_message.Message):
       first NaN. When that makes more than max_points points, first points are
       dropped before extremes and NaNs; then (max_points < 3) the order of
       preference is NaN, largest, smallest.
-    - text scalars, tables, images and evaluations: max_points points spread
-      evenly over the range, its first and last point included (max_points 1:
-      the first).
+    - text scalars, tables, images, evaluations and histograms: max_points
+      points spread evenly over the range, its first and last point included
+      (max_points 1: the first).
     """
     include_bytes: _builtins.bool
     """For image series: include the bytes."""

@@ -38,8 +38,8 @@ class QueryServiceStub:
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
     with one exception: a page always holds at least one point (or series), so
-    a single point larger than the bound (an evaluation document, a table row or
-    an image with its bytes, each up to its own ingest limit), or a series whose
+    a single point larger than the bound (an evaluation document, a table row,
+    a histogram or an image with its bytes, each up to its own ingest limit), or a series whose
     name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
@@ -86,8 +86,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
     with one exception: a page always holds at least one point (or series), so
-    a single point larger than the bound (an evaluation document, a table row or
-    an image with its bytes, each up to its own ingest limit), or a series whose
+    a single point larger than the bound (an evaluation document, a table row,
+    a histogram or an image with its bytes, each up to its own ingest limit), or a series whose
     name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
@@ -130,8 +130,8 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     Bounded responses: every response is at most max_response_bytes when
     encoded (a service setting, STEPLOG_MAX_RESPONSE_BYTES, 4 MiB by default),
     with one exception: a page always holds at least one point (or series), so
-    a single point larger than the bound (an evaluation document, a table row or
-    an image with its bytes, each up to its own ingest limit), or a series whose
+    a single point larger than the bound (an evaluation document, a table row,
+    a histogram or an image with its bytes, each up to its own ingest limit), or a series whose
     name, labels and description are, comes alone in its page.
     Each response also holds at most page_size points (series for ListSeries).
     Clients SHOULD accept messages up to the service's max_message_bytes
