@@ -5,8 +5,8 @@ steplog._transport.ChannelSettings: every channel here comes from it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -234,6 +234,22 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # The status each run had in the last beat's answer (RunStatus
+        # numbers), and who wants to hear when it changes: Run.should_stop()
+        # and Run.on_cancel_requested() read these, with no call of their own.
+        self._seen: dict[str, int] = {}
+        self._listeners: dict[str, list[Callable[[int], None]]] = {}
+
+    def seen_status(self, run_id: str) -> int | None:
+        """The run's status in the last heartbeat answer (None before one)."""
+        with self._lock:
+            return self._seen.get(run_id)
+
+    def listen(self, run_id: str, fn: Callable[[int], None]) -> None:
+        """Call `fn(status)` on the heartbeat thread whenever a beat's answer
+        brings another status for the run than the one before."""
+        with self._lock:
+            self._listeners.setdefault(run_id, []).append(fn)
 
     def add(self, run_id: str) -> None:
         with self._lock:
@@ -256,14 +272,32 @@ class Heartbeat:
                 continue
             # Retried within 10 s (Client.call); a beat that still fails is
             # made up for by the next one; data also counts as a beat.
-            with contextlib.suppress(SteplogError):
-                self._client.call(
+            try:
+                reply = self._client.call(
                     self._client.runs.Heartbeat,
                     run_service_pb2.HeartbeatRequest(
                         workspace=self._client.workspace, run_ids=runs
                     ),
                     timeout=10,
                 )
+            except SteplogError:
+                continue
+            self._note(runs, list(reply.statuses))
+
+    def _note(self, runs: list[str], statuses: list[int]) -> None:
+        """Remember each run's status; tell its listeners when it changed
+        (outside the lock; a listener's exception is logged, never raised)."""
+        calls: list[tuple[Callable[[int], None], int]] = []
+        with self._lock:
+            for run_id, status in zip(runs, statuses, strict=False):
+                if self._seen.get(run_id) != status:
+                    self._seen[run_id] = status
+                    calls.extend((fn, status) for fn in self._listeners.get(run_id, ()))
+        for fn, status in calls:
+            try:
+                fn(status)
+            except Exception:  # a user's callback must not end the heartbeat
+                logging.getLogger("steplog").exception("a run status callback raised")
 
 
 _clients: dict[tuple[str, str, ChannelSettings], Client] = {}

@@ -11,9 +11,10 @@ import builtins
 import operator
 import os
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -972,6 +973,45 @@ class Run:
     def get_status(self) -> str:
         self.refresh()
         return self.status
+
+    # -- being asked to stop (early termination) -----------------------------------
+
+    _STOP_STATUSES = frozenset(
+        {common_pb2.RUN_STATUS_CANCEL_REQUESTED, common_pb2.RUN_STATUS_CANCELED}
+    )
+
+    def should_stop(self) -> bool:
+        """True once the service has asked this run to stop: its status is
+        CancelRequested (its parent's early-termination policy, or anyone's
+        UpdateRunStatus) or Canceled. Makes no call, so a training loop may
+        ask every step: it reads the status the last heartbeat brought back
+        (every STEPLOG_HEARTBEAT_INTERVAL seconds, 30 by default) and the one
+        this object last fetched. The run joins the heartbeat when asked."""
+        if self._proto.status in self._STOP_STATUSES:
+            return True
+        if self._offline:
+            return False
+        self._client.heartbeat.add(self.id)
+        return self._client.heartbeat.seen_status(self.id) in self._STOP_STATUSES
+
+    def on_cancel_requested(self, fn: Callable[[Run], None]) -> None:
+        """Call `fn(run)` once, when the service first reports this run
+        CancelRequested or Canceled: on the heartbeat thread (keep it short;
+        set a flag the training loop reads), or at once on this thread when
+        should_stop() is already True. An exception in `fn` is logged."""
+        fired = threading.Event()
+
+        def listener(status: int) -> None:
+            if status in self._STOP_STATUSES and not fired.is_set():
+                fired.set()
+                fn(self)
+
+        if self.should_stop():
+            fired.set()
+            fn(self)
+            return
+        if not self._offline:
+            self._client.heartbeat.listen(self.id, listener)
 
     def get_details(self) -> dict[str, Any]:
         """The fields of Azure ML's get_details()."""
