@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from steplog.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,291 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _MetricGoal:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MetricGoalEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricGoal.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METRIC_GOAL_UNSPECIFIED: _MetricGoal.ValueType  # 0
+    """invalid in a policy"""
+    METRIC_GOAL_MAXIMIZE: _MetricGoal.ValueType  # 1
+    METRIC_GOAL_MINIMIZE: _MetricGoal.ValueType  # 2
+
+class MetricGoal(_MetricGoal, metaclass=_MetricGoalEnumTypeWrapper):
+    """Whether larger or smaller values of the primary metric are better."""
+
+METRIC_GOAL_UNSPECIFIED: MetricGoal.ValueType  # 0
+"""invalid in a policy"""
+METRIC_GOAL_MAXIMIZE: MetricGoal.ValueType  # 1
+METRIC_GOAL_MINIMIZE: MetricGoal.ValueType  # 2
+Global___MetricGoal: _TypeAlias = MetricGoal  # noqa: Y015
+
+@_typing.final
+class EarlyTerminationPolicy(_message.Message):
+    """Azure ML's early-termination policies, with their documented semantics:
+
+    - An interval is one logged value of the primary metric: a child's k-th
+      point (in step order) of its series named `primary_metric` with exactly
+      the labels `primary_metric_labels` is its interval k (1-based).
+    - The policy is applied at interval N when N is a multiple of
+      evaluation_interval and N >= delay_evaluation.
+    - A child is evaluated when it reaches such an N (once per N). It is
+      compared with every child of the same parent (any status) that has
+      reached N too, using their first N values only.
+    - A child's best so far at N is the best (largest for MAXIMIZE, smallest
+      for MINIMIZE) of its first N values. NaN and infinite values count as
+      intervals but never as a best or in an average; a child without a
+      finite value among its first N is not compared at N.
+    - A child alone at N is never cancelled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PrimaryMetricLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PRIMARY_METRIC_FIELD_NUMBER: _builtins.int
+    PRIMARY_METRIC_LABELS_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    EVALUATION_INTERVAL_FIELD_NUMBER: _builtins.int
+    DELAY_EVALUATION_FIELD_NUMBER: _builtins.int
+    BANDIT_FIELD_NUMBER: _builtins.int
+    MEDIAN_STOPPING_FIELD_NUMBER: _builtins.int
+    TRUNCATION_SELECTION_FIELD_NUMBER: _builtins.int
+    primary_metric: _builtins.str
+    """The metric name (required, as logged by the children)."""
+    goal: Global___MetricGoal.ValueType
+    """Required."""
+    evaluation_interval: _builtins.int
+    """Apply the policy every this many intervals (0: 1). At most 1e9."""
+    delay_evaluation: _builtins.int
+    """The first interval the policy may be applied at is the first multiple
+    of evaluation_interval that is >= delay_evaluation (>= 0, at most 1e9).
+    """
+    @_builtins.property
+    def primary_metric_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels of the primary metric's series (empty: the series without
+        labels; for a distributed child, for example {"rank": "0"}).
+        """
+
+    @_builtins.property
+    def bandit(self) -> Global___BanditPolicy: ...
+    @_builtins.property
+    def median_stopping(self) -> Global___MedianStoppingPolicy: ...
+    @_builtins.property
+    def truncation_selection(self) -> Global___TruncationSelectionPolicy: ...
+    def __init__(
+        self,
+        *,
+        primary_metric: _builtins.str = ...,
+        primary_metric_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        goal: Global___MetricGoal.ValueType = ...,
+        evaluation_interval: _builtins.int = ...,
+        delay_evaluation: _builtins.int = ...,
+        bandit: Global___BanditPolicy | None = ...,
+        median_stopping: Global___MedianStoppingPolicy | None = ...,
+        truncation_selection: Global___TruncationSelectionPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bandit", b"bandit", "median_stopping", b"median_stopping", "policy", b"policy", "truncation_selection", b"truncation_selection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandit", b"bandit", "delay_evaluation", b"delay_evaluation", "evaluation_interval", b"evaluation_interval", "goal", b"goal", "median_stopping", b"median_stopping", "policy", b"policy", "primary_metric", b"primary_metric", "primary_metric_labels", b"primary_metric_labels", "truncation_selection", b"truncation_selection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_policy: _TypeAlias = _typing.Literal["bandit", "median_stopping", "truncation_selection"]  # noqa: Y015
+    _WhichOneofArgType_policy: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_policy) -> _WhichOneofReturnType_policy | None: ...
+
+Global___EarlyTerminationPolicy: _TypeAlias = EarlyTerminationPolicy  # noqa: Y015
+
+@_typing.final
+class BanditPolicy(_message.Message):
+    """Cancels a child whose best so far Y is not within the slack of B, the best
+    of the compared children's bests so far at the interval.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLACK_FACTOR_FIELD_NUMBER: _builtins.int
+    SLACK_AMOUNT_FIELD_NUMBER: _builtins.int
+    slack_factor: _builtins.float
+    """Ratio s. MAXIMIZE: cancelled when Y * (1 + s) < B. MINIMIZE: when
+    Y > B * (1 + s).
+    """
+    slack_amount: _builtins.float
+    """Absolute a. MAXIMIZE: cancelled when Y < B - a. MINIMIZE: Y > B + a."""
+    def __init__(
+        self,
+        *,
+        slack_factor: _builtins.float = ...,
+        slack_amount: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slack", b"slack", "slack_amount", b"slack_amount", "slack_factor", b"slack_factor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slack", b"slack", "slack_amount", b"slack_amount", "slack_factor", b"slack_factor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_slack: _TypeAlias = _typing.Literal["slack_factor", "slack_amount"]  # noqa: Y015
+    _WhichOneofArgType_slack: _TypeAlias = _typing.Literal["slack", b"slack"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_slack) -> _WhichOneofReturnType_slack | None: ...
+
+Global___BanditPolicy: _TypeAlias = BanditPolicy  # noqa: Y015
+
+@_typing.final
+class MedianStoppingPolicy(_message.Message):
+    """Cancels a child whose best so far is strictly worse than the median of the
+    compared children's running averages (mean of their finite values among
+    the first N), its own included.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MedianStoppingPolicy: _TypeAlias = MedianStoppingPolicy  # noqa: Y015
+
+@_typing.final
+class TruncationSelectionPolicy(_message.Message):
+    """Ranks the compared children (n of them) by best so far and cancels the
+    child when it is among the worst floor(n * truncation_percentage / 100);
+    a tie is ranked in the evaluated child's favour.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUNCATION_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    truncation_percentage: _builtins.int
+    """1..99."""
+    def __init__(
+        self,
+        *,
+        truncation_percentage: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["truncation_percentage", b"truncation_percentage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruncationSelectionPolicy: _TypeAlias = TruncationSelectionPolicy  # noqa: Y015
+
+@_typing.final
+class SetEarlyTerminationPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    run_id: _builtins.str
+    """The parent run (the sweep) whose children the policy judges."""
+    @_builtins.property
+    def policy(self) -> Global___EarlyTerminationPolicy:
+        """Unset: remove the policy."""
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        policy: Global___EarlyTerminationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetEarlyTerminationPolicyRequest: _TypeAlias = SetEarlyTerminationPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetEarlyTerminationPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___EarlyTerminationPolicy:
+        """As stored (evaluation_interval 0 comes back as 1); unset when removed."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___EarlyTerminationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetEarlyTerminationPolicyResponse: _TypeAlias = SetEarlyTerminationPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetEarlyTerminationPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEarlyTerminationPolicyRequest: _TypeAlias = GetEarlyTerminationPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetEarlyTerminationPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___EarlyTerminationPolicy:
+        """Unset when the run has no policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___EarlyTerminationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEarlyTerminationPolicyResponse: _TypeAlias = GetEarlyTerminationPolicyResponse  # noqa: Y015
 
 @_typing.final
 class CreateRunRequest(_message.Message):

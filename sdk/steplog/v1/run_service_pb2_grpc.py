@@ -75,6 +75,16 @@ class RunServiceStub:
                 request_serializer=steplog_dot_v1_dot_run__service__pb2.RewindRunRequest.SerializeToString,
                 response_deserializer=steplog_dot_v1_dot_run__service__pb2.RewindRunResponse.FromString,
                 _registered_method=True)
+        self.SetEarlyTerminationPolicy = channel.unary_unary(
+                '/steplog.v1.RunService/SetEarlyTerminationPolicy',
+                request_serializer=steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyRequest.SerializeToString,
+                response_deserializer=steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetEarlyTerminationPolicy = channel.unary_unary(
+                '/steplog.v1.RunService/GetEarlyTerminationPolicy',
+                request_serializer=steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyRequest.SerializeToString,
+                response_deserializer=steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -141,6 +151,30 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEarlyTerminationPolicy(self, request, context):
+        """Attaches an early-termination policy to a parent run (a sweep), or
+        replaces or removes it. The service then evaluates the policy itself as
+        the children's points of the primary metric are committed (no client
+        polls), and moves each child that falls behind to CANCEL_REQUESTED,
+        recording why in two of the child's properties:
+        "steplog.early_termination.reason" (a sentence with the numbers) and
+        "steplog.early_termination.interval" (the interval, decimal). A child
+        learns it from its heartbeat's HeartbeatResponse.statuses (or GetRun) and
+        should stop and set its status to CANCELED. Only intervals a child
+        reaches after the call are evaluated. NOT_FOUND for an unknown run;
+        INVALID_ARGUMENT (naming the field) for an invalid policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEarlyTerminationPolicy(self, request, context):
+        """The parent run's policy (unset in the answer when it has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +217,16 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.RewindRun,
                     request_deserializer=steplog_dot_v1_dot_run__service__pb2.RewindRunRequest.FromString,
                     response_serializer=steplog_dot_v1_dot_run__service__pb2.RewindRunResponse.SerializeToString,
+            ),
+            'SetEarlyTerminationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEarlyTerminationPolicy,
+                    request_deserializer=steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyRequest.FromString,
+                    response_serializer=steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyResponse.SerializeToString,
+            ),
+            'GetEarlyTerminationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEarlyTerminationPolicy,
+                    request_deserializer=steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyRequest.FromString,
+                    response_serializer=steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +446,60 @@ class RunService:
             '/steplog.v1.RunService/RewindRun',
             steplog_dot_v1_dot_run__service__pb2.RewindRunRequest.SerializeToString,
             steplog_dot_v1_dot_run__service__pb2.RewindRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEarlyTerminationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steplog.v1.RunService/SetEarlyTerminationPolicy',
+            steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyRequest.SerializeToString,
+            steplog_dot_v1_dot_run__service__pb2.SetEarlyTerminationPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEarlyTerminationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steplog.v1.RunService/GetEarlyTerminationPolicy',
+            steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyRequest.SerializeToString,
+            steplog_dot_v1_dot_run__service__pb2.GetEarlyTerminationPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,21 @@ class RunServiceStub:
     """Resumes a run from a checkpoint: hides points with step > step from
     queries (they are kept for audit) and lets logging continue from there.
     """
+    SetEarlyTerminationPolicy: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.SetEarlyTerminationPolicyRequest, _run_service_pb2.SetEarlyTerminationPolicyResponse]
+    """Attaches an early-termination policy to a parent run (a sweep), or
+    replaces or removes it. The service then evaluates the policy itself as
+    the children's points of the primary metric are committed (no client
+    polls), and moves each child that falls behind to CANCEL_REQUESTED,
+    recording why in two of the child's properties:
+    "steplog.early_termination.reason" (a sentence with the numbers) and
+    "steplog.early_termination.interval" (the interval, decimal). A child
+    learns it from its heartbeat's HeartbeatResponse.statuses (or GetRun) and
+    should stop and set its status to CANCELED. Only intervals a child
+    reaches after the call are evaluated. NOT_FOUND for an unknown run;
+    INVALID_ARGUMENT (naming the field) for an invalid policy.
+    """
+    GetEarlyTerminationPolicy: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetEarlyTerminationPolicyRequest, _run_service_pb2.GetEarlyTerminationPolicyResponse]
+    """The parent run's policy (unset in the answer when it has none)."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -87,6 +102,21 @@ class RunServiceAsyncStub(RunServiceStub):
     """Resumes a run from a checkpoint: hides points with step > step from
     queries (they are kept for audit) and lets logging continue from there.
     """
+    SetEarlyTerminationPolicy: _aio.UnaryUnaryMultiCallable[_run_service_pb2.SetEarlyTerminationPolicyRequest, _run_service_pb2.SetEarlyTerminationPolicyResponse]  # type: ignore[assignment]
+    """Attaches an early-termination policy to a parent run (a sweep), or
+    replaces or removes it. The service then evaluates the policy itself as
+    the children's points of the primary metric are committed (no client
+    polls), and moves each child that falls behind to CANCEL_REQUESTED,
+    recording why in two of the child's properties:
+    "steplog.early_termination.reason" (a sentence with the numbers) and
+    "steplog.early_termination.interval" (the interval, decimal). A child
+    learns it from its heartbeat's HeartbeatResponse.statuses (or GetRun) and
+    should stop and set its status to CANCELED. Only intervals a child
+    reaches after the call are evaluated. NOT_FOUND for an unknown run;
+    INVALID_ARGUMENT (naming the field) for an invalid policy.
+    """
+    GetEarlyTerminationPolicy: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetEarlyTerminationPolicyRequest, _run_service_pb2.GetEarlyTerminationPolicyResponse]  # type: ignore[assignment]
+    """The parent run's policy (unset in the answer when it has none)."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs: create (top-level and child), read, list, tags, properties, lifecycle."""
@@ -162,5 +192,32 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resumes a run from a checkpoint: hides points with step > step from
         queries (they are kept for audit) and lets logging continue from there.
         """
+
+    @_abc_1.abstractmethod
+    def SetEarlyTerminationPolicy(
+        self,
+        request: _run_service_pb2.SetEarlyTerminationPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.SetEarlyTerminationPolicyResponse, _abc.Awaitable[_run_service_pb2.SetEarlyTerminationPolicyResponse]]:
+        """Attaches an early-termination policy to a parent run (a sweep), or
+        replaces or removes it. The service then evaluates the policy itself as
+        the children's points of the primary metric are committed (no client
+        polls), and moves each child that falls behind to CANCEL_REQUESTED,
+        recording why in two of the child's properties:
+        "steplog.early_termination.reason" (a sentence with the numbers) and
+        "steplog.early_termination.interval" (the interval, decimal). A child
+        learns it from its heartbeat's HeartbeatResponse.statuses (or GetRun) and
+        should stop and set its status to CANCELED. Only intervals a child
+        reaches after the call are evaluated. NOT_FOUND for an unknown run;
+        INVALID_ARGUMENT (naming the field) for an invalid policy.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEarlyTerminationPolicy(
+        self,
+        request: _run_service_pb2.GetEarlyTerminationPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetEarlyTerminationPolicyResponse, _abc.Awaitable[_run_service_pb2.GetEarlyTerminationPolicyResponse]]:
+        """The parent run's policy (unset in the answer when it has none)."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
