@@ -356,7 +356,7 @@ class HistogramPoints(_message.Message):
     naming the field and the rule; the other points of the batch are kept) when:
     - bins[i] is 0, or larger than the service's STEPLOG_MAX_HISTOGRAM_BINS
       (default 10000; REJECT_REASON_LIMIT_EXCEEDED then): so one point is at
-      most 16 * bins + 40 bytes;
+      most 16 * bins + 64 bytes in a query response;
     - its edges are not finite, or not strictly increasing;
     - a count, underflow, overflow or nan_count is negative, NaN or infinite.
     When the lengths do not fit together (sum(bins) + n edges, sum(bins)
