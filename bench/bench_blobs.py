@@ -49,7 +49,7 @@ MiB = 1024 * 1024
 CONCURRENCY = Config.s3_concurrency
 PART_BYTES = Config.s3_part_bytes
 # Parts of one file upload the service keeps in flight (a constant of
-# ingest/blobs.py, not a setting): the ceiling's multipart upload keeps as many.
+# ingest/store/blobs.py, not a setting): the ceiling's multipart upload keeps as many.
 PARTS_IN_FLIGHT = 4
 
 

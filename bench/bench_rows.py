@@ -29,8 +29,8 @@ import asyncpg
 import numpy as np
 
 from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service
-from ingest.tables import BOOL, DOUBLE, INT64, STRING
-from ingest.tables_store import TABLE_ROW_COLUMNS, Cells, copy_payload, encode_table_rows
+from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
+from ingest.store.tables import TABLE_ROW_COLUMNS, Cells, copy_payload, encode_table_rows
 
 COPY_ROWS = 10_000  # rows per COPY (and commit) in the ceiling
 

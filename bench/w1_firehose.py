@@ -3,7 +3,7 @@ logging K metric names x S steps through the public client API in a plain
 loop, timed until every point is acknowledged; the stored count verified by
 SQL. In the same invocation, after the service has stopped, the ceiling: the
 same rows, encoded before the clock starts with the service's own encoder
-(`ingest.timescale.encode_scalar_copy`), sent straight into the same empty
+(`ingest.store.timescale.encode_scalar_copy`), sent straight into the same empty
 hypertable with asyncpg's binary `copy_to_table` from 1, 2 and 4 connections
 (each printed); the best of the three is the ceiling.
 
@@ -28,7 +28,7 @@ import asyncpg
 import numpy as np
 
 from bench.common import bench_stack, copy_ceiling, scrape, service, sql
-from ingest.timescale import SCALAR_COLUMNS, encode_scalar_copy
+from ingest.store.timescale import SCALAR_COLUMNS, encode_scalar_copy
 
 
 def _writer(url: str, experiment: str, names: int, steps: int, ready: Any, out: Any) -> None:

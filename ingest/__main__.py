@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--example", action="store_true", help="run the example script once healthy")
     dev.add_argument("--exit-after-example", action="store_true", help=argparse.SUPPRESS)
     dev.add_argument("--keep-stack", action="store_true", help="leave the stack running on exit")
-    from ingest import blob_sweep, quotas, tokens
+    from ingest.store import blob_sweep, quotas, tokens
 
     tokens.add_cli(sub)
     quotas.add_cli(sub)

@@ -120,7 +120,7 @@ class Config:
     # `steplog sync` of it): a batch that arrives after its writer expired is
     # taken as new (stored again) or refused as a gap.
     writer_retention_s: float = 30 * 86400.0
-    # Quotas per workspace (ingest/quotas.py), 0 = unlimited; overridden per
+    # Quotas per workspace (ingest/store/quotas.py), 0 = unlimited; overridden per
     # workspace by `steplog-ingest quota set`. The rates are per process:
     # each of `quota_replicas` processes allows quota / quota_replicas.
     quota_points_per_s: int = 0
@@ -129,7 +129,7 @@ class Config:
     quota_series: int = 0
     quota_stored_bytes: int = 0
     quota_replicas: int = 1
-    # The sweep of unreferenced blobs (ingest/blob_sweep.py): every this many
+    # The sweep of unreferenced blobs (ingest/store/blob_sweep.py): every this many
     # seconds (0 = off), deleting blobs no row references and no writer
     # touched for the grace period (longer than any upload or batch takes).
     blob_sweep_interval_s: float = 0.0

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from ingest.batch import INVALID_IMAGE, LIMIT_EXCEEDED, Chunk, Outcome
+from ingest.core.batch import INVALID_IMAGE, LIMIT_EXCEEDED, Chunk, Outcome
 
 PNG = "image/png"
 JPEG = "image/jpeg"

@@ -22,33 +22,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ingest import (
-    addresses,
-    artifacts_store,
-    blob_sweep,
-    metrics_http,
-    progress,
-    tables_store,
-    timescale,
-)
-from ingest import quotas as quota_mod
+from ingest import addresses
 from ingest import tls as tls_config
 from ingest.addresses import GetAddrInfo
-from ingest.auth import Audit, AuthInterceptor, TokenVerifier
-from ingest.blobs import BlobSettings, BlobStore
+from ingest.api import ingest as ingest_servicer
+from ingest.api.artifacts import ArtifactServicer
+from ingest.api.auth import Audit, AuthInterceptor, TokenVerifier
+from ingest.api.guard import RequestGuard
+from ingest.api.interceptors import MetricsInterceptor
+from ingest.api.metadata import ExperimentServicer
+from ingest.api.query import QueryServicer
+from ingest.api.sweeps import SweepRunServicer
+from ingest.api.tokens import TokenServicer
 from ingest.config import Config, describe, scrub
-from ingest.errors import StoreUnavailable
-from ingest.interceptors import MetricsInterceptor
-from ingest.metrics import Metrics
-from ingest.pipeline import Pipeline
-from ingest.servicers import ingest as ingest_servicer
-from ingest.servicers.artifacts import ArtifactServicer
-from ingest.servicers.guard import RequestGuard
-from ingest.servicers.metadata import ExperimentServicer, RunServicer
-from ingest.servicers.query import QueryServicer
-from ingest.servicers.tokens import TokenServicer
-from ingest.tokens import TokenStore
-from ingest.validate import Limits
+from ingest.core.errors import StoreUnavailable
+from ingest.core.validate import Limits
+from ingest.observe import metrics_http, progress
+from ingest.observe.metrics import Metrics
+from ingest.store import artifacts as artifacts_store
+from ingest.store import blob_sweep, timescale
+from ingest.store import quotas as quota_mod
+from ingest.store import tables as tables_store
+from ingest.store.blobs import BlobSettings, BlobStore
+from ingest.store.sweeps import SweepStore
+from ingest.store.tokens import TokenStore
+from ingest.write.pipeline import Pipeline
+from ingest.write.sweeps import EarlyTermination
 from steplog.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
@@ -173,7 +172,7 @@ class Service:
         applied = await timescale.migrate(self.pool)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        # Quotas per workspace (ingest/quotas.py): the rates here, the hard
+        # Quotas per workspace (ingest/store/quotas.py): the rates here, the hard
         # limits in the stores' transactions.
         quota_defaults, self.quotas = self._quotas(self.pool)
         on_quota = self.metrics.quota_exceeded.labels
@@ -253,7 +252,7 @@ class Service:
             ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
         ]
         # Outer to inner: metrics (denied calls counted too); auth=token: the
-        # token, role and workspace (ingest/auth.py) before anything reads a
+        # token, role and workspace (ingest/api/auth.py) before anything reads a
         # request; RequestGuard: malformed requests and bad strings -> INVALID_ARGUMENT.
         token_store = TokenStore(self.pool, cfg.token_pepper)
         verifier = TokenVerifier(token_store, ttl_s=cfg.auth_cache_ttl_s)
@@ -270,7 +269,16 @@ class Service:
         experiment_service_pb2_grpc.add_ExperimentServiceServicer_to_server(
             ExperimentServicer(metadata), server
         )
-        run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(metadata), server)
+        # Early termination of sweeps: evaluated after each commit of a
+        # child's points (ingest/write/sweeps.py).
+        sweep_store = SweepStore(self.pool)
+        evaluator = EarlyTermination(sweep_store)
+        await evaluator.start()
+        self._closers.append(evaluator.close)
+        self.pipeline.on_committed = evaluator.committed
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(
+            SweepRunServicer(metadata, sweep_store, evaluator), server
+        )
         # Registered raw: large requests are parsed off the event loop.
         ingest_servicer.add_to_server(
             ingest_servicer.IngestServicer(

@@ -37,8 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import steplog.v1
-from ingest import auth, tokens
+from ingest.api import auth
 from ingest.devstack import StackInfo
+from ingest.store import tokens
 from steplog.v1 import (
     artifact_service_pb2 as art,
 )
@@ -372,7 +373,7 @@ def request_for(method: str, e: Env, workspace: str = WS) -> Any:
 
 
 def expected_role(name: str) -> str:
-    """The role an RPC should need, from its name (checked against ingest/auth.py)."""
+    """The role an RPC should need, from its name (checked against ingest/api/auth.py)."""
     method = name.rsplit("/", 1)[1]
     if "/steplog.v1.TokenService/" in name or method.startswith("Delete"):
         return "admin"
@@ -489,7 +490,7 @@ CELLS: dict[str, tuple[str | None, set[str] | None, grpc.StatusCode]] = {
 
 def test_the_matrix_covers_every_rpc(env: Env) -> None:
     assert len(RPCS) >= 25
-    for method in RPCS:  # a new RPC needs a request here (and a role in ingest/auth.py)
+    for method in RPCS:  # a new RPC needs a request here (and a role in ingest/api/auth.py)
         assert request_for(method, env) is not None
     assert TOKEN_METHODS <= ADMIN_METHODS and len(TOKEN_METHODS) == 3
     assert "/steplog.v1.RunService/GetRun" not in WRITE_METHODS

@@ -22,8 +22,8 @@ import grpc
 import pytest
 from aiobotocore.session import get_session
 
-from ingest.blobs import blob_key
 from ingest.devstack import LocalStack, StackInfo
+from ingest.store.blobs import blob_key
 from steplog import AlreadyExistsError, Experiment, InvalidArgumentError, NotFoundError, Run
 from steplog._transport import Rejection
 from steplog.client import Client

@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 import pytest
 
-from ingest import timescale
-from ingest.batch import REASON_NAMES
-from ingest.progress import ProgressStore
+from ingest.core.batch import REASON_NAMES
+from ingest.observe.progress import ProgressStore
+from ingest.store import timescale
 from steplog import Experiment, Run
 from steplog.client import Client
 from steplog.v1 import data_pb2, run_service_pb2

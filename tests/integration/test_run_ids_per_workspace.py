@@ -24,8 +24,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ingest import tokens
 from ingest.devstack import LocalStack
+from ingest.store import tokens
 from steplog.v1 import (
     artifact_service_pb2 as art,
 )
@@ -478,7 +478,11 @@ async def _old_schema_with_data(url: str) -> None:
     """Migrations 001-006 applied as the service at schema v6 applied them,
     then runs, series, points, a file and a writer written at that schema."""
     files = sorted(
-        (f for f in resources.files("ingest.migrations").iterdir() if f.name.endswith(".sql")),
+        (
+            f
+            for f in resources.files("ingest.store.migrations").iterdir()
+            if f.name.endswith(".sql")
+        ),
         key=lambda f: f.name,
     )
     old = [f for f in files if f.name < "007"]

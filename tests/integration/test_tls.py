@@ -23,7 +23,7 @@ import pytest
 
 from ingest import healthcheck
 from ingest.healthcheck import wait_healthy
-from ingest.metrics_http import make_hash
+from ingest.observe.metrics_http import make_hash
 from steplog import Experiment, Run
 from steplog._transport import ChannelSettings
 from steplog.client import Client
@@ -271,7 +271,7 @@ def token_tls(
 ) -> Iterator[tuple[Setup, str]]:
     import asyncio
 
-    from ingest.tokens import create_token
+    from ingest.store.tokens import create_token
 
     env = {**service_env, "STEPLOG_AUTH": "token", "STEPLOG_TOKEN_PEPPER": "tls-test-pepper"}
     token = asyncio.run(
@@ -317,7 +317,7 @@ def test_a_token_over_plaintext_loopback_logs_a_run(
 ) -> None:
     import asyncio
 
-    from ingest.tokens import create_token
+    from ingest.store.tokens import create_token
 
     env = {**service_env, "STEPLOG_AUTH": "token", "STEPLOG_TOKEN_PEPPER": "plain-pepper"}
     token = asyncio.run(

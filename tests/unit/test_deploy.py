@@ -684,7 +684,7 @@ def test_the_dev_certificate_script_makes_what_the_service_and_prometheus_use(
     tmp_path: Path,
 ) -> None:
     from ingest import tls
-    from ingest.metrics_http import parse_basic_auth
+    from ingest.observe.metrics_http import parse_basic_auth
 
     assert shutil.which("openssl"), "openssl is missing (Debian: openssl)"
     out = tmp_path / "generated"

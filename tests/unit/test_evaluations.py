@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest import batch as b
-from ingest.decode import decode_batch
-from ingest.evaluations import SCHEMA_CODES, Document, DocumentError, parse
-from ingest.validate import Limits
+from ingest.core import batch as b
+from ingest.core.decode import decode_batch
+from ingest.core.evaluations import SCHEMA_CODES, Document, DocumentError, parse
+from ingest.core.validate import Limits
 from steplog import _tables, evaluation
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ingest import images
-from ingest.artifacts_store import store_image_blobs
-from ingest.batch import (
+from ingest.api.artifacts import artifact_path, path_prefix, sha256_field
+from ingest.core.batch import (
     INVALID_IMAGE,
     KIND_IMAGE,
     LIMIT_EXCEEDED,
@@ -23,10 +23,10 @@ from ingest.batch import (
     DecodedBatch,
     Outcome,
 )
-from ingest.blobs import MIN_PART_BYTES, blob_key, part_size
-from ingest.errors import ApiError, StoreUnavailable
+from ingest.core.errors import ApiError, StoreUnavailable
 from ingest.images import ImageError, ImageInfo, check, normalize_content_type, sniff
-from ingest.servicers.artifacts import artifact_path, path_prefix, sha256_field
+from ingest.store.artifacts import store_image_blobs
+from ingest.store.blobs import MIN_PART_BYTES, blob_key, part_size
 from steplog._uploads import check_name, image_bytes, inside, source_of
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2

@@ -8,7 +8,7 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ingest.metrics import S3_ERROR_KINDS, Metrics, s3_error_kind
+from ingest.observe.metrics import S3_ERROR_KINDS, Metrics, s3_error_kind
 
 
 @pytest.fixture

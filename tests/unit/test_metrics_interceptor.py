@@ -14,8 +14,8 @@ import grpc.aio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest.interceptors import MetricsInterceptor, split_method
-from ingest.metrics import Metrics
+from ingest.api.interceptors import MetricsInterceptor, split_method
+from ingest.observe.metrics import Metrics
 
 SERVICE = "steplog.v1.TestService"
 

@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ingest import config, progress
-from ingest.metrics import Metrics
-from ingest.progress import (
+from ingest import config
+from ingest.observe import progress
+from ingest.observe.metrics import Metrics
+from ingest.observe.progress import (
     ProgressCollector,
     RunProgress,
     SeriesProgress,

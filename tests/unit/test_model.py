@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ingest import model
-from ingest.errors import ApiError
-from ingest.model import RunStatus as S
+from ingest.core import model
+from ingest.core.errors import ApiError
+from ingest.core.model import RunStatus as S
 
 
 @pytest.mark.parametrize(

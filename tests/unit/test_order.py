@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ingest import batch as b
-from ingest.order import SeriesState, apply
+from ingest.core import batch as b
+from ingest.core.order import SeriesState, apply
 
 
 def chunk(

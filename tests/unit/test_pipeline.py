@@ -12,11 +12,13 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest.batch import INVALID_VALUE, DecodedBatch
-from ingest.decode import decode_batch
-from ingest.errors import StoreUnavailable
-from ingest.metrics import Metrics
-from ingest.pipeline import (
+from ingest.core.batch import INVALID_VALUE, DecodedBatch
+from ingest.core.decode import decode_batch
+from ingest.core.errors import StoreUnavailable
+from ingest.core.validate import Limits
+from ingest.observe.metrics import Metrics
+from ingest.store.timescale import CommitResult, GroupStats, SequenceGap
+from ingest.write.pipeline import (
     COMMIT_TRIES,
     ByteBudget,
     Overloaded,
@@ -24,8 +26,6 @@ from ingest.pipeline import (
     batch_cost,
     classify,
 )
-from ingest.timescale import CommitResult, GroupStats, SequenceGap
-from ingest.validate import Limits
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 

@@ -24,12 +24,12 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import batch as b
-from ingest import order
-from ingest.checks import CONTROL
-from ingest.decode import decode_batch
-from ingest.errors import ApiError
-from ingest.validate import MAX_TIME, MIN_TIME, Limits
+from ingest.core import batch as b
+from ingest.core import order
+from ingest.core.checks import CONTROL
+from ingest.core.decode import decode_batch
+from ingest.core.errors import ApiError
+from ingest.core.validate import MAX_TIME, MIN_TIME, Limits
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 

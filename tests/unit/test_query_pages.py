@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ingest.errors import ApiError
-from ingest.servicers.query import MAX_PAGE_POINTS, decode_token, encode_token, page_size
+from ingest.api.query import MAX_PAGE_POINTS, decode_token, encode_token, page_size
+from ingest.core.errors import ApiError
 from steplog.query import merge_series, merge_tables
 from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as qs

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ingest import config
-from ingest.quotas import (
+from ingest.store.quotas import (
     BYTES_PER_S,
     POINTS_PER_S,
     Limits,
@@ -159,7 +159,7 @@ def test_quota_settings_parse() -> None:
 
 
 def test_a_database_outage_keeps_the_last_known_limits() -> None:
-    from ingest.errors import StoreUnavailable
+    from ingest.core.errors import StoreUnavailable
 
     clock = Clock()
     down = [False]

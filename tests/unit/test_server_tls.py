@@ -13,7 +13,7 @@ import pytest
 
 from ingest import config, tls
 from ingest.config import Config
-from ingest.metrics_http import BasicAuth, PasswordHash, make_hash, parse_basic_auth
+from ingest.observe.metrics_http import BasicAuth, PasswordHash, make_hash, parse_basic_auth
 from tests.tlscerts import CertificateAuthority
 
 

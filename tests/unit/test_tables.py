@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest import batch as b
-from ingest import tables_store
-from ingest.decode import decode_batch
-from ingest.tables import BOOL, DOUBLE, INT64, STRING, TableBlock, resolve_types
-from ingest.timescale import PG_EPOCH
-from ingest.validate import Limits
+from ingest.core import batch as b
+from ingest.core.decode import decode_batch
+from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, TableBlock, resolve_types
+from ingest.core.validate import Limits
+from ingest.store import tables as tables_store
+from ingest.store.timescale import PG_EPOCH
 from steplog import _tables
 from steplog._decoders import table_columns
 from steplog.errors import InvalidArgumentError

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ingest import auth, tokens
-from ingest.tokens import Role, TokenRow
+from ingest.api import auth
+from ingest.store import tokens
+from ingest.store.tokens import Role, TokenRow
 
 
 def test_a_new_token_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:

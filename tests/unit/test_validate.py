@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from ingest import batch as b
-from ingest.decode import decode_batch, labels_key
-from ingest.errors import ApiError
-from ingest.validate import Limits
+from ingest.core import batch as b
+from ingest.core.decode import decode_batch, labels_key
+from ingest.core.errors import ApiError
+from ingest.core.validate import Limits
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 
@@ -246,7 +246,7 @@ def test_examples_stop_at_the_byte_bound() -> None:
 
 
 def _field_of(message: object) -> str:
-    from ingest.checks import check_strings
+    from ingest.core.checks import check_strings
 
     with pytest.raises(ApiError) as err:
         check_strings(message)  # type: ignore[arg-type]
@@ -274,7 +274,7 @@ def test_check_strings_names_the_field() -> None:
 
 
 def test_check_strings_lets_free_text_hold_newlines() -> None:
-    from ingest.checks import check_strings
+    from ingest.core.checks import check_strings
     from steplog.v1 import common_pb2, run_service_pb2
 
     check_strings(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.batch import INVALID_NAME, STEP_NOT_INCREASING, Chunk, DecodedBatch, Outcome
-from ingest.timescale import (
+from ingest.core.batch import INVALID_NAME, STEP_NOT_INCREASING, Chunk, DecodedBatch, Outcome
+from ingest.store.timescale import (
     MAX_OUTCOME_BYTES,
     classify_sequences,
     decode_outcome,

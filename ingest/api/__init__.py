@@ -1,0 +1,1 @@
+"""The gRPC servicers and interceptors; proto <-> domain conversion happens here."""

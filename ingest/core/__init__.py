@@ -1,0 +1,1 @@
+"""The domain: kinds, batches, decoding, validation, step order, the data model. Pure."""

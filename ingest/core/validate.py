@@ -1,0 +1,156 @@
+"""Validation of decoded chunks, with a reason per point. Pure.
+
+Whole-series problems (a bad name, bad labels) reject every point of the
+chunk; point problems (a negative step, a bad time, an oversize string)
+reject only those points. The valid points of a batch are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ingest.core.batch import (
+    INVALID_LABELS,
+    INVALID_NAME,
+    INVALID_STEP,
+    INVALID_VALUE,
+    KIND_EVALUATION,
+    KIND_IMAGE,
+    KIND_TABLE,
+    LIMIT_EXCEEDED,
+    RUN_NOT_FOUND,
+    Chunk,
+    Outcome,
+)
+from ingest.core.checks import CONTROL, clip, label_key_ok
+from ingest.core.evaluations import validate_evaluations
+from ingest.core.model import run_id_ok
+from ingest.core.tables import validate_table
+from ingest.images import validate_images
+
+MAX_NAME = 255
+MAX_LABEL_VALUE = 256
+# Wall times must fall between 1970 and 2200.
+MIN_TIME = 0.0
+MAX_TIME = 7258118400.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_labels: int = 16
+    max_text_value_chars: int = 4096
+    # Tables: distinct columns per request and per series, rows per request
+    # (per series); evaluation documents: bytes each.
+    max_table_columns: int = 1000
+    max_table_rows: int = 100_000
+    max_evaluation_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    # One batch: series and points decoded; the rest is rejected LIMIT_EXCEEDED
+    # without being decoded (together they bound the memory a batch costs).
+    max_series_per_batch: int = 100_000
+    max_points_per_batch: int = 1_000_000
+
+
+def name_problem(name: str) -> str | None:
+    if not name:
+        return "series name is empty"
+    if len(name) > MAX_NAME:
+        return f"series name is {len(name)} characters; the limit is {MAX_NAME}"
+    if CONTROL.search(name):
+        return "series name contains a control character"
+    return None
+
+
+def labels_problem(labels: Mapping[str, str], limits: Limits) -> str | None:
+    if len(labels) > limits.max_labels:
+        return f"{len(labels)} labels; the limit is {limits.max_labels}"
+    for key, value in labels.items():
+        if not label_key_ok(key):
+            return f"label key {clip(key, 70)!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}"
+        if len(value) > MAX_LABEL_VALUE:
+            return f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters"
+        if CONTROL.search(value):
+            return f"label {key!r} value contains a control character"
+    return None
+
+
+def series_problem(
+    run_id: str, name: str, labels: Mapping[str, str], description: str, limits: Limits
+) -> tuple[int, str] | None:
+    """(reason, message) for a series that cannot be stored at all, or None.
+
+    Checked before anything of the series is decoded. A run id that cannot
+    be one (NUL, control characters, too long) names no run, so its points
+    are RUN_NOT_FOUND here, without asking the database; a NUL in the
+    description (PostgreSQL text cannot hold it) rejects the series'
+    points with INVALID_VALUE."""
+    if not run_id_ok(run_id):
+        return (
+            RUN_NOT_FOUND,
+            f"run id {clip(run_id, 60)!r} is not a run id (1..128 characters of letters, "
+            "digits, '_', '-' and '.'), so no such run exists",
+        )
+    problem = name_problem(name)
+    if problem:
+        return INVALID_NAME, problem
+    problem = labels_problem(labels, limits)
+    if problem:
+        return INVALID_LABELS, problem
+    if "\x00" in description:
+        return INVALID_VALUE, "series description contains a NUL character"
+    return None
+
+
+def validate_chunk(
+    chunk: Chunk, outcome: Outcome, limits: Limits, series_checked: bool = False
+) -> None:
+    """Reject what is invalid in the chunk; leave the rest alive.
+
+    series_checked: decode already ran `series_problem` on this series (and
+    `table_structure_problem` on a table)."""
+    if not series_checked:
+        found = series_problem(chunk.run_id, chunk.name, chunk.labels, chunk.description, limits)
+        if found is not None:
+            outcome.reject(chunk, None, found[0], found[1], steps=False)
+            return
+    if chunk.stepped:
+        negative = chunk.steps < 0
+        if negative.any():
+            outcome.reject(chunk, negative, INVALID_STEP, "step must be >= 0")
+    bad_time = ~((chunk.times >= MIN_TIME) & (chunk.times <= MAX_TIME))
+    if bad_time.any():
+        outcome.reject(chunk, bad_time, INVALID_VALUE, "time must be seconds since 1970 (< 2200)")
+    if chunk.kind == KIND_TABLE:
+        validate_table(
+            chunk,
+            outcome,
+            limits.max_table_columns,
+            limits.max_table_rows,
+            limits.max_text_value_chars,
+            checked=series_checked,
+        )
+    elif chunk.kind == KIND_EVALUATION:
+        validate_evaluations(chunk, outcome, limits.max_evaluation_bytes)
+    elif chunk.kind == KIND_IMAGE:
+        validate_images(chunk, outcome, limits.max_image_bytes)
+    elif chunk.texts is not None:
+        _check_texts(chunk, outcome, limits.max_text_value_chars)
+
+
+def _check_texts(chunk: Chunk, outcome: Outcome, limit: int) -> None:
+    """Text values: NUL is INVALID_VALUE (it cannot be stored), over the
+    length limit LIMIT_EXCEEDED. The common case is decided in C."""
+    texts = chunk.texts or []
+    if max(map(len, texts), default=0) <= limit and "\x00" not in "".join(texts):
+        return
+    nul = np.fromiter(("\x00" in t for t in texts), dtype=np.bool_, count=len(texts))
+    if nul.any():
+        outcome.reject(chunk, nul, INVALID_VALUE, "string value contains a NUL character")
+    too_long = np.fromiter((len(t) > limit for t in texts), dtype=np.bool_, count=len(texts))
+    if too_long.any():
+        outcome.reject(
+            chunk, too_long, LIMIT_EXCEEDED, f"string value longer than {limit} characters"
+        )

@@ -1,1 +1,0 @@
-"""gRPC servicers: proto in, store calls, proto out. Errors become statuses here."""

@@ -1,0 +1,1 @@
+"""The database (TimescaleDB through asyncpg) and the blob store (S3)."""

@@ -1,0 +1,530 @@
+"""The store of table rows and evaluation documents (asyncpg).
+
+Only the write pipeline's transaction calls the writers (through
+`PointStore.kind_checks` and `PointStore.kind_writers`) and only the query
+servicer calls the readers; `register` wires them in.
+
+Storage (migrations/002): a table series' columns live in `table_columns`
+(name -> type and slot, fixed by the column's first value); each row is one
+`table_rows` row whose cells sit in typed arrays (doubles, ints, bools,
+strings) at their column's slot, a missing cell being a NULL element or past
+the end of the array. So a row carries no column names, the column set grows
+without rewriting old rows, and the rows of a request become one binary COPY
+payload built with numpy: per request, every row has the same layout, so the
+rows are one structured array; missing cells and strings are handled by
+dropping the bytes they do not use with one boolean mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from ingest.core.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
+from ingest.core.evaluations import Document
+from ingest.core.order import Accepted, SeriesState
+from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
+from ingest.core.validate import Limits
+from ingest.store.timescale import (
+    PG_EPOCH,
+    Read,
+    Window,
+    acquire,
+    hide_superseded,
+    visible_points,
+)
+from steplog.v1 import data_pb2
+
+log = logging.getLogger(__name__)
+
+Row = Mapping[str, Any]
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+TABLE_ROW_COLUMNS = ["time", "series_id", "step", "doubles", "ints", "bools", "hidden", "strings"]
+# Fixed-width array types in table_rows column order: (type, element oid, dtype).
+_FIXED = ((DOUBLE, 701, ">f8"), (INT64, 20, ">i8"), (BOOL, 16, "u1"))
+_FIXED_DTYPE = {ctype: dtype for ctype, _, dtype in _FIXED}
+_NUMPY_DTYPE = {DOUBLE: np.float64, INT64: np.int64, BOOL: np.bool_}
+_TEXT_OID = 25
+_ARRAY_FIELD = {DOUBLE: "doubles", INT64: "ints", STRING: "strings", BOOL: "bools"}
+# Bytes of padded string cells one encoding slice may hold.
+_STRING_BUDGET = 32 * 1024 * 1024
+
+
+@dataclass
+class Column:
+    """A stored column of a table series."""
+
+    name: str
+    type: int
+    slot: int
+    position: int
+
+
+@dataclass
+class Cells:
+    """The cells of one type for the rows of a request: (rows, slots)."""
+
+    values: Any  # ndarray (m, k) for fixed types; list of k lists of str for strings
+    present: npt.NDArray[np.bool_]  # (m, k)
+
+    @property
+    def slots(self) -> int:
+        return int(self.present.shape[1])
+
+
+# -- binary COPY encoding -----------------------------------------------------------
+
+
+def _row_dtype(cells: Mapping[int, Cells], widths: Sequence[int]) -> np.dtype[Any]:
+    """The layout of one row of table_rows in PostgreSQL's binary COPY format:
+    field count, then (length, value) per column; an array value is a header
+    (ndim, has-null flag, element oid, length, lower bound) and its elements
+    (length or -1, value)."""
+    fields: list[tuple[Any, ...]] = [
+        ("nfields", ">i2"),
+        ("l_time", ">i4"),
+        ("time", ">i8"),
+        ("l_sid", ">i4"),
+        ("sid", ">i8"),
+        ("l_step", ">i4"),
+        ("step", ">i8"),
+    ]
+    for ctype, _, dtype in _FIXED:
+        fields.append((f"l_{ctype}", ">i4"))
+        if ctype in cells:
+            k = cells[ctype].slots
+            fields.append((f"h_{ctype}", ">i4", (5,)))
+            fields.append((f"e_{ctype}", [("len", ">i4"), ("val", dtype)], (k,)))
+    fields += [("l_hidden", ">i4"), ("hidden", "u1"), (f"l_{STRING}", ">i4")]
+    if STRING in cells:
+        fields.append((f"h_{STRING}", ">i4", (5,)))
+        for j, w in enumerate(widths):
+            fields.append((f"sl_{j}", ">i4"))
+            if w:
+                fields.append((f"sv_{j}", f"S{w}"))
+    return np.dtype(fields)
+
+
+def _encode_slice(
+    times: npt.NDArray[np.float64],
+    series_id: int,
+    steps: npt.NDArray[np.int64],
+    cells: Mapping[int, Cells],
+) -> bytes:
+    m = times.shape[0]
+    encoded: list[list[bytes]] = []
+    lengths: list[npt.NDArray[np.int64]] = []
+    if STRING in cells:
+        sc = cells[STRING]
+        for j, column in enumerate(sc.values):
+            enc = [s.encode() for s in column]
+            lens = np.fromiter(map(len, enc), dtype=np.int64, count=m)
+            lens[~sc.present[:, j]] = 0
+            encoded.append(enc)
+            lengths.append(lens)
+    widths = [int(lens.max()) if m else 0 for lens in lengths]
+    dtype = _row_dtype(cells, widths)
+    rows = np.zeros(m, dtype=dtype)
+    rows["nfields"] = len(TABLE_ROW_COLUMNS)
+    rows["l_time"] = 8
+    rows["time"] = np.rint((times - PG_EPOCH) * 1e6).astype(np.int64)
+    rows["l_sid"] = 8
+    rows["sid"] = series_id
+    rows["l_step"] = 8
+    rows["step"] = steps
+    rows["l_hidden"] = 1
+    keep: npt.NDArray[np.bool_] | None = None
+    itemsize = dtype.itemsize
+
+    def drop(offset: int, mask: npt.NDArray[np.bool_]) -> None:
+        nonlocal keep
+        if keep is None:
+            keep = np.ones((m, itemsize), dtype=np.bool_)
+        keep[:, offset : offset + mask.shape[1]] = mask
+
+    for ctype, oid, _ in _FIXED:
+        if ctype not in cells:
+            rows[f"l_{ctype}"] = -1
+            continue
+        c = cells[ctype]
+        k = c.slots
+        width = np.dtype(_FIXED_DTYPE[ctype]).itemsize
+        el = rows[f"e_{ctype}"]
+        el["val"] = c.values
+        rows[f"h_{ctype}"] = np.array([1, 0, oid, k, 1], dtype=np.int32)
+        if c.present.all():  # the common case: constants, no mask
+            rows[f"l_{ctype}"] = 20 + (4 + width) * k
+            el["len"] = width
+            continue
+        n_present = c.present.sum(axis=1)
+        rows[f"l_{ctype}"] = 20 + 4 * k + width * n_present
+        rows[f"h_{ctype}"][:, 1] = n_present < k
+        el["len"] = np.where(c.present, width, -1)
+        mask = np.ones((m, k, 4 + width), dtype=np.bool_)
+        mask[:, :, 4:] = c.present[:, :, None]
+        drop(dtype.fields[f"e_{ctype}"][1], mask.reshape(m, -1))  # type: ignore[index]
+    if STRING not in cells:
+        rows[f"l_{STRING}"] = -1
+    else:
+        sc = cells[STRING]
+        k = sc.slots
+        rows[f"l_{STRING}"] = 20 + 4 * k + np.sum(lengths, axis=0)
+        rows[f"h_{STRING}"] = np.array([1, 0, _TEXT_OID, k, 1], dtype=np.int32)
+        rows[f"h_{STRING}"][:, 1] = (~sc.present).any(axis=1)
+        for j, (enc, lens, w) in enumerate(zip(encoded, lengths, widths, strict=True)):
+            present = sc.present[:, j]
+            rows[f"sl_{j}"] = np.where(present, lens, -1)
+            if w:
+                rows[f"sv_{j}"] = enc
+                if not (lens == w).all():  # padding to drop (not when all as wide)
+                    drop(
+                        dtype.fields[f"sv_{j}"][1],  # type: ignore[index]
+                        np.arange(w)[None, :] < lens[:, None],
+                    )
+    if keep is None:
+        return rows.tobytes()
+    flat: npt.NDArray[np.uint8] = rows.view(np.uint8).reshape(m, itemsize)
+    return flat[keep].tobytes()
+
+
+def encode_table_rows(
+    times: npt.NDArray[np.float64],
+    series_id: int,
+    steps: npt.NDArray[np.int64],
+    cells: Mapping[int, Cells],
+) -> bytes:
+    """The binary COPY rows (no header or trailer) of one request's rows.
+
+    Vectorized: one structured array per slice of rows. Strings are padded to
+    the slice's longest, so slices are cut to keep that padding bounded."""
+    m = times.shape[0]
+    if STRING not in cells or m == 0:
+        return _encode_slice(times, series_id, steps, cells)
+    sc = cells[STRING]
+    widest = max((max(map(len, column), default=0) for column in sc.values), default=0)
+    per_row = max(1, 4 * widest * max(1, sc.slots))
+    step = max(1, _STRING_BUDGET // per_row)
+    if step >= m:
+        return _encode_slice(times, series_id, steps, cells)
+    out = []
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        part = {
+            t: Cells(
+                [col[s:e] for col in c.values] if t == STRING else c.values[s:e],
+                c.present[s:e],
+            )
+            for t, c in cells.items()
+        }
+        out.append(_encode_slice(times[s:e], series_id, steps[s:e], part))
+    return b"".join(out)
+
+
+def copy_payload(rows: Sequence[bytes]) -> bytes:
+    return _COPY_HEADER + b"".join(rows) + _COPY_TRAILER
+
+
+async def _copy_source(rows: Sequence[bytes]) -> AsyncIterator[bytes]:
+    """The COPY stream piece by piece: no copy of a group's rows into one buffer."""
+    yield _COPY_HEADER
+    for part in rows:
+        yield part
+    yield _COPY_TRAILER
+
+
+# -- layout of a request's accepted rows ---------------------------------------------
+
+
+def _merge(parts: Sequence[ColumnPart], index: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+    """The cells of one column at `index`, from its parts (one type)."""
+    if len(parts) == 1:
+        return parts[0].take(index), parts[0].present[index]
+    present = np.zeros(index.shape[0], dtype=np.bool_)
+    values: Any = None
+    for p in parts:
+        got, mask = p.take(index), p.present[index]
+        if values is None:
+            values = got
+        elif isinstance(values, list):
+            values = [g if k else v for v, g, k in zip(values, got, mask.tolist(), strict=True)]
+        else:
+            values = np.where(mask, got, values)
+        present |= mask
+    return values, present
+
+
+def layout(
+    block: TableBlock,
+    index: npt.NDArray[np.int64],
+    columns: dict[str, Column],
+    new: list[Column],
+) -> dict[int, Cells]:
+    """Place the cells of rows `index` at their columns' slots, adding the
+    columns this request introduces (to `columns` and `new`)."""
+    per_type: dict[int, list[tuple[int, Any, Any]]] = {}
+    m = index.shape[0]
+    for name, parts in block.columns():
+        live = [p for p in parts if p.present[index].any()]
+        if not live:
+            continue
+        ctype = live[0].type
+        if any(p.type != ctype for p in live):
+            raise AssertionError(f"column {name!r}: types were not resolved before writing")
+        col = columns.get(name)
+        if col is None:
+            slot = sum(1 for c in columns.values() if c.type == ctype)
+            col = columns[name] = Column(name, ctype, slot, len(columns))
+            new.append(col)
+        elif col.type != ctype:
+            raise AssertionError(f"column {name!r} is {col.type}, cells are {ctype}")
+        values, present = _merge(live, index)
+        per_type.setdefault(ctype, []).append((col.slot, values, present))
+    out: dict[int, Cells] = {}
+    for ctype, entries in per_type.items():
+        k = max(slot for slot, _, _ in entries) + 1
+        present = np.zeros((m, k), dtype=np.bool_)
+        if ctype == STRING:
+            strings: list[list[str]] = [[""] * m for _ in range(k)]
+            for slot, values, mask in entries:
+                strings[slot] = values
+                present[:, slot] = mask
+            out[ctype] = Cells(strings, present)
+            continue
+        matrix: npt.NDArray[Any] = np.zeros((m, k), dtype=_NUMPY_DTYPE[ctype])
+        for slot, values, mask in entries:
+            matrix[:, slot] = values
+            present[:, slot] = mask
+        out[ctype] = Cells(matrix, present)
+    return out
+
+
+# -- the store --------------------------------------------------------------------------
+
+
+class TableStore:
+    """Writers (inside the pipeline's transaction) and readers (for queries)
+    of table and evaluation series."""
+
+    def __init__(self, pool: asyncpg.Pool, limits: Limits) -> None:
+        self.pool = pool
+        self.limits = limits
+
+    def _conn(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool)
+
+    @staticmethod
+    async def _columns(
+        conn: asyncpg.Connection, series_ids: Sequence[int]
+    ) -> dict[int, dict[str, Column]]:
+        rows = await conn.fetch(
+            "SELECT series_id, name, type, slot, position FROM table_columns"
+            " WHERE series_id = ANY($1::bigint[]) ORDER BY series_id, position",
+            list(series_ids),
+        )
+        out: dict[int, dict[str, Column]] = {}
+        for r in rows:
+            out.setdefault(r["series_id"], {})[r["name"]] = Column(
+                r["name"], r["type"], r["slot"], r["position"]
+            )
+        return out
+
+    # -- writes (the pipeline's transaction; series rows are locked) -------------
+
+    async def check_tables(
+        self, conn: asyncpg.Connection, items: Sequence[tuple[Chunk, SeriesState, Outcome]]
+    ) -> None:
+        """Before order.apply: reject cells whose type differs from their
+        column's (stored, or fixed earlier in this group), naming the column."""
+        tables = [(c, s, o) for c, s, o in items if s.kind == KIND_TABLE]
+        if not tables:
+            return
+        stored = await self._columns(conn, sorted({s.series_id for _, s, _ in tables}))
+        known: dict[int, dict[str, int]] = {
+            sid: {name: col.type for name, col in cols.items()} for sid, cols in stored.items()
+        }
+        for chunk, state, outcome in tables:
+            block = chunk.payload[0] if chunk.payload else None
+            if not isinstance(block, TableBlock):
+                continue
+            types = known.setdefault(state.series_id, {})
+            rejections, new = resolve_types(
+                block, chunk.alive, types, self.limits.max_table_columns
+            )
+            for r in rejections:
+                outcome.reject(chunk, r.rows, r.reason, r.message)
+            types.update(new)
+
+    async def write_tables(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
+        """Append the accepted rows (one binary COPY) and any new columns."""
+        columns = await self._columns(conn, sorted({a.series_id for a in accepted}))
+        new: list[tuple[int, Column]] = []
+        payload: list[bytes] = []
+        rows = 0
+        for a in accepted:
+            block = a.chunk.payload[0] if a.chunk.payload else None
+            assert isinstance(block, TableBlock)
+            await hide_superseded(conn, "table_rows", a)
+            added: list[Column] = []
+            cells = layout(block, a.index, columns.setdefault(a.series_id, {}), added)
+            new += [(a.series_id, c) for c in added]
+            payload.append(
+                encode_table_rows(
+                    a.chunk.times[a.index], a.series_id, a.chunk.steps[a.index], cells
+                )
+            )
+            rows += int(a.index.size)
+        if new:
+            await conn.execute(
+                "INSERT INTO table_columns (series_id, position, name, type, slot)"
+                " SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int2[], $5::int[])",
+                [sid for sid, _ in new],
+                [c.position for _, c in new],
+                [c.name for _, c in new],
+                [c.type for _, c in new],
+                [c.slot for _, c in new],
+            )
+        await conn.copy_to_table(
+            "table_rows", source=_copy_source(payload), columns=TABLE_ROW_COLUMNS, format="binary"
+        )
+        return rows
+
+    async def write_evaluations(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
+        """Append the accepted documents (the JSON text as validated; jsonb
+        parses it again, a cost that does not matter at these volumes)."""
+        cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        for a in accepted:
+            await hide_superseded(conn, "evaluation_points", a)
+            docs = a.chunk.payload or []
+            for i in a.index.tolist():
+                doc = docs[i]
+                assert isinstance(doc, Document)
+                for col, value in zip(
+                    cols,
+                    (
+                        datetime.fromtimestamp(float(a.chunk.times[i]), UTC),
+                        a.series_id,
+                        int(a.chunk.steps[i]),
+                        doc.schema_type,
+                        doc.schema_version,
+                        doc.text,
+                    ),
+                    strict=True,
+                ):
+                    col.append(value)
+        await conn.execute(
+            "INSERT INTO evaluation_points"
+            " (time, series_id, step, schema_type, schema_version, document)"
+            " SELECT t, s, st, ty, v, d::jsonb FROM unnest($1::timestamptz[], $2::bigint[],"
+            " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(t, s, st, ty, v, d)",
+            *cols,
+        )
+        return len(cols[0])
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read_tables(self, series: Sequence[Row], window: Window) -> Read:
+        """Visible rows of a window in step order (for an unstepped table the
+        step is the row index, so start/end select a row range). Every row
+        carries a cell of every column, so a row's encoded bytes are bounded
+        by 16 per column plus its strings."""
+        ids = [s["series_id"] for s in series]
+        async with self._conn() as conn:
+            columns = await self._columns(conn, ids)
+            header = sum(
+                len(c.name.encode()) + 24 for cols in columns.values() for c in cols.values()
+            )
+            got = await visible_points(
+                conn,
+                "table_rows",
+                [(c, c) for c in ("doubles", "ints", "strings", "bools")],
+                ids,
+                replace(window, budget=window.budget - header),
+                cost="18 + coalesce(octet_length(array_to_string(strings, '')), 0)",
+                per_point={sid: 16 * len(columns.get(sid, {})) for sid in ids},
+            )
+        out: dict[int, data_pb2.SeriesData] = {}
+        for s in series:
+            sid = s["series_id"]
+            table = table_message(got.rows.get(sid, []), columns.get(sid, {}).values(), True)
+            out[sid] = data_pb2.SeriesData(
+                name=s["name"], labels=s["labels"], description=s["description"], table=table
+            )
+        return Read(out, replace(got, used=got.used + header))
+
+    async def read_evaluations(self, series: Sequence[Row], window: Window) -> Read:
+        ids = [s["series_id"] for s in series]
+        async with self._conn() as conn:
+            got = await visible_points(
+                conn,
+                "evaluation_points",
+                [("document::text", "document")],
+                ids,
+                window,
+                cost="octet_length(document) + 24",
+            )
+        out: dict[int, data_pb2.SeriesData] = {}
+        for s in series:
+            rows = got.rows.get(s["series_id"], [])
+            points = data_pb2.EvaluationPoints(
+                steps=[r["step"] for r in rows],
+                times=[r["t"] for r in rows],
+                documents=[r["document"] for r in rows],
+            )
+            out[s["series_id"]] = data_pb2.SeriesData(
+                name=s["name"], labels=s["labels"], description=s["description"], evaluations=points
+            )
+        return Read(out, got)
+
+
+def table_message(rows: Sequence[Row], columns: Any, with_steps: bool) -> data_pb2.TableColumns:
+    """Stored rows -> TableColumns, columns in order of first appearance; a
+    cell past the end of its row's array (an older row) reads as missing."""
+    table = data_pb2.TableColumns(row_count=len(rows), times=[r["t"] for r in rows])
+    if with_steps:
+        table.steps.extend(r["step"] for r in rows)
+    for col in sorted(columns, key=lambda c: c.position):
+        field = _ARRAY_FIELD[col.type]
+        slot = col.slot
+        cells = [
+            a[slot] if a is not None and slot < len(a) else None for a in (r[field] for r in rows)
+        ]
+        out = table.columns.add(name=col.name, type=col.type)
+        present = [c is not None for c in cells]
+        if col.type == DOUBLE:
+            out.doubles.extend(0.0 if c is None else c for c in cells)
+        elif col.type == INT64:
+            out.ints.extend(0 if c is None else c for c in cells)
+        elif col.type == BOOL:
+            out.bools.extend(False if c is None else c for c in cells)
+        else:
+            out.strings.extend("" if c is None else c for c in cells)
+        if not all(present):
+            out.present.extend(present)
+    return table
+
+
+def register(points: Any, queries: Any, pool: asyncpg.Pool, limits: Limits) -> TableStore:
+    """Wire the table and evaluation kinds into the write pipeline and queries."""
+    store = TableStore(pool, limits)
+    checks = getattr(points, "kind_checks", None)
+    if checks is None:
+        # Column types need a check before order.apply; without the hook,
+        # table points are refused ("not stored yet") rather than half-checked.
+        log.warning("PointStore has no kind_checks hook: table series are not accepted")
+    else:
+        checks[KIND_TABLE] = store.check_tables
+        points.kind_writers[KIND_TABLE] = store.write_tables
+    points.kind_writers[KIND_EVALUATION] = store.write_evaluations
+    queries.readers[KIND_TABLE] = store.read_tables
+    queries.readers[KIND_EVALUATION] = store.read_evaluations
+    return store

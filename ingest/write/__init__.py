@@ -1,0 +1,1 @@
+"""The write pipeline: bounded queues and group commit over a typed store Protocol."""
