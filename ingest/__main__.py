@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the ingest service")
     config_mod.add_arguments(serve)
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    ui = sub.add_parser("ui", help="run the web UI (read-only HTTP API and page)")
+    from ingest.ui.config import add_arguments as add_ui_arguments
+
+    add_ui_arguments(ui)
     dev = sub.add_parser("dev", help="start the local stack and the service")
     dev.add_argument("--root", default=".steplog", help="folder for the stack's data")
     dev.add_argument(
@@ -378,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if ns.command == "dev":
         return _dev(ns)
+    if ns.command == "ui":
+        from ingest.ui.server import main as ui_main
+
+        return ui_main(ns)
     if ns.command == "token":
         return tokens.run_cli(ns)
     if ns.command == "quota":

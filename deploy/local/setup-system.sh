@@ -8,7 +8,9 @@ need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # kubernetes-client: `kubectl kustomize` renders deploy/k8s in the tests.
 # nginx: the gRPC load balancer (grpc_pass) of bench/chaos.py, run as a plain process.
-for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl kubernetes-client nginx; do
+# chromium: the web UI's browser tests and bench/ui.py (Playwright drives /usr/bin/chromium;
+#   Playwright's own browser download is never used).
+for pkg in postgresql-15 postgresql-client-15 prometheus nodejs npm curl kubernetes-client nginx chromium; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 # npm may come with the nodejs package of another source (it then has no npm package).

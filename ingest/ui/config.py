@@ -1,0 +1,71 @@
+"""`steplog-ingest ui` settings: its own --listen (STEPLOG_UI_LISTEN), and the
+settings it shares with `serve` (database, auth, S3, bounds): the same flags
+and STEPLOG_* variables, parsed by ingest.config (flag, then environment,
+then default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ingest import addresses
+from ingest import config as config_mod
+
+DEFAULT_LISTEN = "127.0.0.1:8765"
+# The settings `ui` shares with `serve` (same flags, same STEPLOG_* variables).
+SHARED = (
+    "database_url",
+    "db_pool_size",
+    "auth",
+    "token_pepper",
+    "auth_cache_ttl_s",
+    "allow_unauthenticated_non_loopback",
+    "heartbeat_timeout_s",
+    "max_response_bytes",
+    "s3_endpoint",
+    "s3_bucket",
+    "s3_access_key",
+    "s3_secret_key",
+    "s3_region",
+)
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    listen: str
+    service: config_mod.Config
+    link_key: bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=None,
+        help=f"HTTP address HOST:PORT (env STEPLOG_UI_LISTEN, default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    for name in SHARED:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"as for serve (env STEPLOG_{name.upper()})",
+        )
+
+
+def from_sources(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> UiConfig:
+    env = os.environ if env is None else env
+    shared = argparse.Namespace(**{k: getattr(ns, k, None) for k in SHARED})
+    service = config_mod.from_sources(shared, env)
+    listen = ns.listen or env.get("STEPLOG_UI_LISTEN") or DEFAULT_LISTEN
+    try:
+        host, _ = addresses.split_host_port(listen)
+    except addresses.AddressError as exc:
+        raise config_mod.ConfigError(f"--listen {listen!r}: {exc}") from None
+    if not host:
+        raise config_mod.ConfigError(f"--listen {listen!r}: must be HOST:PORT")
+    key = env.get("STEPLOG_UI_LINK_KEY", "")
+    return UiConfig(listen, service, key.encode() if key else secrets.token_bytes(32))
