@@ -101,6 +101,8 @@ METHOD_ROLES: dict[str, Role] = {
             "UpdateRunStatus": _W,
             "Heartbeat": _W,
             "RewindRun": _W,
+            "SetEarlyTerminationPolicy": _W,
+            "GetEarlyTerminationPolicy": _R,
         },
         "IngestService": {"Ingest": _W, "Write": _W},
         "QueryService": {"GetMetrics": _R, "ReadSeries": _R, "ListSeries": _R},

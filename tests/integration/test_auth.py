@@ -340,6 +340,12 @@ def request_for(method: str, e: Env, workspace: str = WS) -> Any:
         "/steplog.v1.RunService/RewindRun": lambda: run.RewindRunRequest(
             workspace=ws, run_id=RUN, step=1
         ),
+        "/steplog.v1.RunService/SetEarlyTerminationPolicy": lambda: (
+            run.SetEarlyTerminationPolicyRequest(workspace=ws, run_id=RUN)
+        ),
+        "/steplog.v1.RunService/GetEarlyTerminationPolicy": lambda: (
+            run.GetEarlyTerminationPolicyRequest(workspace=ws, run_id=RUN)
+        ),
         "/steplog.v1.IngestService/Ingest": lambda: [ing.IngestRequest(workspace=ws, batch=batch)],
         "/steplog.v1.IngestService/Write": lambda: ing.WriteRequest(workspace=ws, batch=batch),
         "/steplog.v1.QueryService/GetMetrics": lambda: qry.GetMetricsRequest(
@@ -935,7 +941,7 @@ def test_the_cli_revokes_without_waiting_for_a_migrating_service(env: Env) -> No
         finally:
             await conn.close()
 
-    # The migration lock, held as `timescale.migrate` holds it.
+    # The migration lock, held as `migrate.migrate` holds it.
     first = new_id("locked-1")
     revoked, took = run_async(with_lock(first, "SELECT pg_advisory_xact_lock(7324118)"))
     assert revoked.returncode == 0 and f"token {first} revoked" in revoked.stdout, revoked.stderr

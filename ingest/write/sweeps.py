@@ -1,0 +1,235 @@
+"""Early termination, applied by the service: after the pipeline commits
+points, the children whose parent carries a policy (ingest/core/
+early_termination.py) and that crossed an evaluation interval of it are
+evaluated, and those that fall behind move to CancelRequested with the
+reason in their properties.
+
+Work per commit is bounded: on the worker's thread a commit costs a set
+lookup per chunk (is its name the primary metric of some policy?); only the
+matching chunks are handed to the service's loop, where one task per
+service works through them: the child's parent policy (cached), its point
+count (one row), and only when the count crossed an evaluation interval,
+the new points of its siblings since the last evaluation (the curves are
+cached per parent, appended to, at most MAX_PARENTS parents).
+
+Several replicas: each evaluates the children whose points it committed.
+The policy names are re-read every NAMES_REFRESH_S seconds, so a policy set
+through another replica applies from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingest.core.batch import DecodedBatch
+from ingest.core.decode import labels_key
+from ingest.core.early_termination import Curve, Decision, Policy, crossed, evaluate_child
+
+log = logging.getLogger("steplog.sweeps")
+
+__all__ = ["EarlyTermination", "SweepStoreLike"]
+
+NAMES_REFRESH_S = 2.0
+POLICY_CACHE_S = 2.0  # how long a child's (parent, policy) lookup is reused
+MAX_PARENTS = 64  # parents whose children's curves stay in memory
+MAX_PENDING = 100_000  # series waiting for evaluation; more are dropped (logged)
+
+
+class SweepStoreLike(Protocol):
+    async def metric_names(self) -> frozenset[str]: ...
+
+    async def parent_policy(self, workspace: str, run_id: str) -> tuple[str, Policy] | None: ...
+
+    async def point_count(self, workspace: str, run_id: str, name: str, key: str) -> int: ...
+
+    async def curves_after(
+        self,
+        workspace: str,
+        parent_id: str,
+        name: str,
+        key: str,
+        last_steps: Mapping[str, int],
+    ) -> dict[str, list[tuple[int, float]]]: ...
+
+    async def request_cancel(
+        self, workspace: str, run_id: str, reason: str, interval: int
+    ) -> bool: ...
+
+
+@dataclass
+class _Parent:
+    policy: Policy
+    curves: dict[str, Curve] = field(default_factory=dict)
+    last_steps: dict[str, int] = field(default_factory=dict)
+
+
+class EarlyTermination:
+    def __init__(self, store: SweepStoreLike) -> None:
+        self.store = store
+        self._names: frozenset[str] = frozenset()
+        self._names_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (workspace, run, name, labels key) -> points committed since last look.
+        self._pending: dict[tuple[str, str, str, str], int] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._policies: dict[tuple[str, str], tuple[float, tuple[str, Policy] | None]] = {}
+        self._parents: OrderedDict[tuple[str, str], _Parent] = OrderedDict()
+        self.decisions: list[Decision] = []  # the cancellations made (the last 1000)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._refresh_names()
+        self._task = asyncio.create_task(self._run(), name="early-termination")
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="sweep-names")
+
+    async def close(self) -> None:
+        for task in (self._task, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def policy_changed(self, workspace: str, run_id: str, policy: Policy | None) -> None:
+        """A policy was set here: use it at once (other replicas within
+        NAMES_REFRESH_S / POLICY_CACHE_S)."""
+        if policy is not None:
+            self._names = self._names | {policy.primary_metric}
+        self._policies.clear()
+        self._parents.pop((workspace, run_id), None)
+
+    # -- the pipeline's hook (a worker's thread) ------------------------------------
+
+    def committed(self, batches: Sequence[DecodedBatch]) -> None:
+        """Called by the pipeline right after a commit, on the worker's
+        thread, before the batches are freed: pick the chunks of primary
+        metrics with new points, hand them to the service's loop."""
+        names = self._names
+        loop = self._loop
+        if not names or loop is None:
+            return
+        hits: list[tuple[tuple[str, str, str, str], int]] = []
+        for batch in batches:
+            for chunk in batch.chunks:
+                if chunk.name in names and chunk.values is not None:
+                    n = int(chunk.alive.sum())
+                    if n:
+                        hits.append(
+                            ((batch.workspace, chunk.run_id, chunk.name, chunk.labels_key), n)
+                        )
+        if hits:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(self._add, hits)
+
+    def _add(self, hits: list[tuple[tuple[str, str, str, str], int]]) -> None:
+        for key, n in hits:
+            if key not in self._pending and len(self._pending) >= MAX_PENDING:
+                log.warning("early termination: %d series waiting; dropped one", MAX_PENDING)
+                continue
+            self._pending[key] = self._pending.get(key, 0) + n
+        self._wake.set()
+
+    # -- the service's loop -----------------------------------------------------------
+
+    async def _refresh_names(self) -> None:
+        try:
+            self._names = await self.store.metric_names()
+            self._names_at = time.monotonic()
+        except Exception as exc:  # the database is away: keep the last names
+            log.warning("early termination: cannot read the policies (%s)", exc)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(NAMES_REFRESH_S)
+            await self._refresh_names()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, {}
+            for key, n in pending.items():
+                try:
+                    await self.process(key, n)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one child's failure must not stop the rest
+                    log.warning("early termination of %r failed: %s", key[1], exc)
+
+    async def _parent_policy(self, workspace: str, run_id: str) -> tuple[str, Policy] | None:
+        now = time.monotonic()
+        cached = self._policies.get((workspace, run_id))
+        if cached is not None and now - cached[0] < POLICY_CACHE_S:
+            return cached[1]
+        found = await self.store.parent_policy(workspace, run_id)
+        if len(self._policies) > 100_000:
+            self._policies.clear()
+        self._policies[(workspace, run_id)] = (now, found)
+        return found
+
+    async def process(self, key: tuple[str, str, str, str], new_points: int) -> list[Decision]:
+        """Evaluate one child series that got `new_points` points; returns
+        the cancellations made."""
+        workspace, child, name, lkey = key
+        found = await self._parent_policy(workspace, child)
+        if found is None:
+            return []
+        parent_id, policy = found
+        if policy.primary_metric != name or labels_key(dict(policy.labels)) != lkey:
+            return []
+        after = await self.store.point_count(workspace, child, name, lkey)
+        intervals = crossed(policy, max(0, after - new_points), after)
+        if not intervals:
+            return []
+        parent = await self._curves(workspace, parent_id, policy, child, after)
+        out: list[Decision] = []
+        for n in intervals:
+            d = evaluate_child(policy, parent.curves, child, n)
+            if d is None or not d.cancel:
+                continue
+            if await self.store.request_cancel(workspace, child, d.reason, n):
+                log.info("early termination: run %r cancel requested: %s", child, d.reason)
+                out.append(d)
+                self.decisions = [*self.decisions[-999:], d]
+            break
+        return out
+
+    async def _curves(
+        self, workspace: str, parent_id: str, policy: Policy, child: str, count: int
+    ) -> _Parent:
+        """The parent's children's curves, brought up to date."""
+        pkey = (workspace, parent_id)
+        parent = self._parents.get(pkey)
+        if parent is None or parent.policy != policy:
+            parent = _Parent(policy)
+        self._parents[pkey] = parent
+        self._parents.move_to_end(pkey)
+        while len(self._parents) > MAX_PARENTS:
+            self._parents.popitem(last=False)
+        lkey = labels_key(dict(policy.labels))
+        fresh = await self.store.curves_after(
+            workspace, parent_id, policy.primary_metric, lkey, parent.last_steps
+        )
+        for run_id, points in fresh.items():
+            curve = parent.curves.setdefault(run_id, Curve())
+            curve.extend(v for _, v in points)
+            parent.last_steps[run_id] = points[-1][0]
+        if len(parent.curves.get(child, ())) != count:
+            # A rewind hid points the cache still holds (or a replica's commit
+            # raced this one): read the parent's curves again from scratch.
+            parent = self._parents[pkey] = _Parent(policy)
+            fresh = await self.store.curves_after(
+                workspace, parent_id, policy.primary_metric, lkey, {}
+            )
+            for run_id, points in fresh.items():
+                parent.curves[run_id] = Curve(v for _, v in points)
+                parent.last_steps[run_id] = points[-1][0]
+        return parent
