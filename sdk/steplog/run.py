@@ -28,6 +28,8 @@ from steplog.v1 import run_service_pb2 as rs
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
 
+    from steplog.sweep import AttachedPolicy, EarlyTerminationPolicy, PrimaryMetricGoal
+
 STATUS_NAMES: dict[int, str] = {
     common_pb2.RUN_STATUS_NOT_STARTED: "NotStarted",
     common_pb2.RUN_STATUS_QUEUED: "Queued",
@@ -993,6 +995,45 @@ class Run:
             return False
         self._client.heartbeat.add(self.id)
         return self._client.heartbeat.seen_status(self.id) in self._STOP_STATUSES
+
+    def set_early_termination_policy(
+        self,
+        policy: EarlyTerminationPolicy | None,
+        *,
+        primary_metric: str = "",
+        goal: PrimaryMetricGoal | str = "maximize",
+        primary_metric_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Make this run a sweep: the service judges its children's
+        `primary_metric` with `policy` (steplog.sweep.BanditPolicy,
+        MedianStoppingPolicy, TruncationSelectionPolicy, as in Azure's
+        HyperDrive) as their points arrive, and moves those that fall behind
+        to CancelRequested, with the reason in the child's property
+        "steplog.early_termination.reason". None removes the policy.
+        Children compare the series named `primary_metric` with exactly the
+        labels `primary_metric_labels` (none by default)."""
+        from steplog import sweep
+
+        request = rs.SetEarlyTerminationPolicyRequest(
+            workspace=self._client.workspace, run_id=self.id
+        )
+        if policy is not None:
+            if not primary_metric:
+                raise InvalidArgumentError("primary_metric is required", field="primary_metric")
+            request.policy.CopyFrom(
+                sweep.policy_to_proto(policy, primary_metric, goal, primary_metric_labels)
+            )
+        self._client.call(self._client.runs.SetEarlyTerminationPolicy, request)
+
+    def get_early_termination_policy(self) -> AttachedPolicy | None:
+        """The policy set_early_termination_policy() attached (None: none)."""
+        from steplog import sweep
+
+        reply = self._client.call(
+            self._client.runs.GetEarlyTerminationPolicy,
+            rs.GetEarlyTerminationPolicyRequest(workspace=self._client.workspace, run_id=self.id),
+        )
+        return sweep.policy_from_proto(reply.policy) if reply.HasField("policy") else None
 
     def on_cancel_requested(self, fn: Callable[[Run], None]) -> None:
         """Call `fn(run)` once, when the service first reports this run
