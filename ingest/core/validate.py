@@ -29,7 +29,7 @@ from ingest.core.checks import CONTROL, clip, label_key_ok
 from ingest.core.evaluations import validate_evaluations
 from ingest.core.model import run_id_ok
 from ingest.core.tables import validate_table
-from ingest.images import validate_images
+from ingest.core.images import validate_images
 
 MAX_NAME = 255
 MAX_LABEL_VALUE = 256

@@ -57,7 +57,7 @@ from ingest.core.batch import (
 from ingest.core.errors import ApiError, StoreUnavailable, invalid, not_found, precondition
 from ingest.core.model import RunStatus
 from ingest.core.order import Accepted
-from ingest.images import ImageInfo
+from ingest.core.images import ImageInfo
 from ingest.store import quotas as q
 from ingest.store.blobs import BlobNotFound, BlobStore, StoredBlob
 from ingest.store.timescale import (

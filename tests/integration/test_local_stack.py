@@ -144,11 +144,11 @@ class Dev:
 
 def kill_postgres(stack: LocalStack, timeout: float = 30) -> None:
     """kill -9 the postmaster, and wait until it is gone (a signal is not instant)."""
-    pid = stack._pg_pid()
+    pid = stack.postgres.pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while stack._pg_pid() is not None:
+    while stack.postgres.pid() is not None:
         assert time.monotonic() < deadline, "the postmaster outlived SIGKILL"
         time.sleep(0.05)
 
@@ -312,7 +312,7 @@ def test_a_restarted_postgres_keeps_its_port(own_stack_root: Path) -> None:
     stack = LocalStack(own_stack_root)
     stack.port_wait_s = 1.0
     stack.start_postgres()
-    port = stack._port("postgres")
+    port = stack.port("postgres")
     if os.geteuid() == 0:
         # PostgreSQL runs as another user, who cannot traverse pytest's 0700 tmp
         # dirs (nor /root): the cluster lives outside, reachable, linked from root/pg.
@@ -331,7 +331,7 @@ def test_a_restarted_postgres_keeps_its_port(own_stack_root: Path) -> None:
             time.sleep(0.1)
         kill_postgres(stack)
         LocalStack(own_stack_root).start_postgres()
-        assert LocalStack(own_stack_root)._port("postgres") == port
+        assert LocalStack(own_stack_root).port("postgres") == port
     finally:
         psql.kill()
         psql.wait()
@@ -344,13 +344,13 @@ def test_a_restarted_postgres_keeps_its_port(own_stack_root: Path) -> None:
     with held_port(port), pytest.raises(StackError, match=taken):
         stack.start_postgres()
     stack.start_postgres()
-    assert stack._port("postgres") == port
+    assert stack.port("postgres") == port
 
     # After a deliberate stop() nothing points at the old port: a new one is fine.
     stack.stop()
     with held_port(port):
         stack.start_postgres()
-        assert stack._port("postgres") != port
+        assert stack.port("postgres") != port
     outside = stack.pg_dir
     nested = own_stack_root / "test-stack" / "stack.json"  # another stack inside this root
     nested.parent.mkdir()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from ingest import images
 from ingest.api.artifacts import artifact_path, path_prefix, sha256_field
+from ingest.core import images
 from ingest.core.batch import (
     INVALID_IMAGE,
     KIND_IMAGE,
@@ -24,7 +25,7 @@ from ingest.core.batch import (
     Outcome,
 )
 from ingest.core.errors import ApiError, StoreUnavailable
-from ingest.images import ImageError, ImageInfo, check, normalize_content_type, sniff
+from ingest.core.images import ImageError, ImageInfo, check, normalize_content_type, sniff
 from ingest.store.artifacts import store_image_blobs
 from ingest.store.blobs import MIN_PART_BYTES, blob_key, part_size
 from steplog._uploads import check_name, image_bytes, inside, source_of
@@ -32,7 +33,9 @@ from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
 from tests import imagegen
 
-# -- sniffing -----------------------------------------------------------------------------
+# -- format, size and corruption (images Pillow writes, and Pillow's own broken files) --------
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "images"
 
 
 @pytest.mark.parametrize(
@@ -40,20 +43,44 @@ from tests import imagegen
     [
         (imagegen.png(4, 3), "image/png", (4, 3)),
         (imagegen.png(148, 148, seed=2), "image/png", (148, 148)),
+        (imagegen.encode(imagegen.picture(7, 5, mode="L"), "PNG"), "image/png", (7, 5)),
+        (imagegen.encode(imagegen.picture(7, 5, mode="RGBA"), "PNG"), "image/png", (7, 5)),
+        (imagegen.encode(imagegen.picture(7, 5, mode="P"), "PNG"), "image/png", (7, 5)),
         (imagegen.jpeg(5, 7), "image/jpeg", (5, 7)),
+        (imagegen.encode(imagegen.picture(9, 4, mode="L"), "JPEG"), "image/jpeg", (9, 4)),
         (imagegen.gif(6, 2), "image/gif", (6, 2)),
-        (imagegen.webp_lossless(9, 3), "image/webp", (9, 3)),
-        (imagegen.webp_lossy(10, 12), "image/webp", (10, 12)),
-        (imagegen.webp_extended(300, 200), "image/webp", (300, 200)),
+        (imagegen.webp(9, 3), "image/webp", (9, 3)),
+        (imagegen.webp(10, 12, lossless=False), "image/webp", (10, 12)),
+        (imagegen.encode(imagegen.picture(30, 20, mode="RGBA"), "WEBP"), "image/webp", (30, 20)),
+        (imagegen.animated("GIF"), "image/gif", (8, 6)),
+        (imagegen.animated("PNG"), "image/png", (8, 6)),
+        (imagegen.animated("WEBP"), "image/webp", (8, 6)),
+        ((DATA / "dispose_prev.gif").read_bytes(), "image/gif", (100, 100)),
+        ((DATA / "hopper.webp").read_bytes(), "image/webp", (128, 128)),
     ],
 )
-def test_sniff_reads_format_and_size(data: bytes, content_type: str, size: tuple[int, int]) -> None:
+def test_whole_images_are_taken(data: bytes, content_type: str, size: tuple[int, int]) -> None:
     found = sniff(data)
     assert (found.content_type, found.width, found.height) == (content_type, *size)
+    info = check(data, "", 0, 0, "", 1 << 20)
+    assert (info.content_type, info.width, info.height) == (content_type, *size)
+
+
+def test_animations_count_every_frame() -> None:
+    assert sniff(imagegen.animated("GIF", frames=4)).frames == 4
+    assert sniff(imagegen.animated("PNG", frames=3)).frames == 3
 
 
 def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+_PNG = imagegen.png(16, 12, seed=5)
+_JPEG = imagegen.jpeg(16, 12)
+_GIF = imagegen.gif(16, 12)
+_WEBP = imagegen.webp(16, 12)
+_APNG = imagegen.animated("PNG", frames=3)
+_AGIF = imagegen.animated("GIF", frames=3)
 
 
 @pytest.mark.parametrize(
@@ -62,27 +89,70 @@ def _flip(data: bytes, at: int) -> bytes:
         (b"", "empty"),
         (b"GIF90a" + b"\x00" * 20, "unknown image format"),
         (b"%PDF-1.7 not an image", "unknown image format"),
-        (imagegen.png()[:-12], "truncated"),  # IEND cut off
-        (imagegen.png()[:40], "truncated"),
-        (_flip(imagegen.png(), 20), "CRC"),  # a byte of IHDR
-        (_flip(imagegen.png(), 45), "CRC"),  # a byte of the pixel data
-        (
-            b"\x89PNG\r\n\x1a\n" + imagegen.png()[33:],  # IHDR missing
-            "IHDR",
-        ),
-        (imagegen.jpeg()[:-2], "no end-of-image"),
-        (imagegen.jpeg()[:20], "truncated"),
-        (b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00\xff\xd9", "no frame header"),
-        (imagegen.gif()[:-1], "trailer"),
-        (imagegen.webp_lossless()[:-1], "RIFF size"),
-        (_flip(imagegen.webp_lossless(), 20), "signature"),
-        (_flip(imagegen.webp_lossy(), 23), "start code"),
-        (imagegen.png(0, 3), "impossible size"),
+        (imagegen.encode(imagegen.picture(4, 4), "BMP"), "unknown image format"),
+        (_PNG[:-12], "PNG is truncated"),  # IEND cut off
+        (_PNG[:-20], "PNG is truncated"),  # the last IDAT's CRC and some data
+        (_PNG[: len(_PNG) // 2], "PNG is truncated"),
+        (_PNG[:40], "PNG is truncated"),
+        (_flip(_PNG, 20), "PNG is truncated or corrupt"),  # a byte of IHDR
+        (_flip(_PNG, 45), "PNG is truncated or corrupt"),  # a byte of the pixel data
+        (_flip(_PNG, len(_PNG) - 30), "PNG is truncated or corrupt"),
+        (_APNG[: len(_APNG) * 2 // 3], "PNG is truncated"),  # a frame lost
+        (_JPEG[:-2], "JPEG is truncated"),  # no end-of-image marker
+        (_JPEG[: len(_JPEG) // 2], "JPEG is truncated"),
+        (_JPEG[:20], "JPEG"),
+        (_flip(_JPEG, 20), "JPEG"),  # a quantisation table
+        (_GIF[:-1], "GIF is truncated"),  # the trailer
+        (_GIF[: len(_GIF) // 2], "GIF is truncated"),
+        (_AGIF[: len(_AGIF) * 2 // 3], "GIF is truncated"),  # cut between frames
+        (_WEBP[:-1], "WebP is truncated"),
+        (_WEBP[: len(_WEBP) // 2], "WebP is truncated"),
+        (_flip(_WEBP, 20), "WebP is truncated or corrupt"),
+        # from Pillow's own test corpus (tests/data/images/README.md)
+        ((DATA / "broken.png").read_bytes(), "PNG is truncated or corrupt"),
+        ((DATA / "truncated_end_chunk.png").read_bytes(), "PNG is truncated"),
+        ((DATA / "truncated_jpeg.jpg").read_bytes(), "JPEG is truncated"),
     ],
 )
 def test_corrupt_and_unknown_images_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(ImageError, match=message):
-        sniff(data)
+        check(data, "", 0, 0, "", 1 << 20)
+
+
+@pytest.mark.parametrize("name", ["decompression_bomb.gif", "decompression_bomb_extents.gif"])
+def test_pillows_decompression_bombs_are_over_the_limit(name: str) -> None:
+    with pytest.raises(images.LimitError, match="too large to decode"):
+        check((DATA / name).read_bytes(), "", 0, 0, "", 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"), [("PNG", "L"), ("PNG", "RGB"), ("WEBP", "RGB"), ("GIF", "P")]
+)
+def test_a_small_file_of_too_many_pixels_is_refused_before_decoding(
+    fmt: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One colour compresses to almost nothing: a few KiB that would decode to
+    more than MAX_DECODED_BYTES. The header says so; nothing is decoded."""
+    side = 6000 if mode in ("L", "P") else 3000  # 36 MB either way
+    data = imagegen.encode(
+        Image.new(mode, (side, side)), fmt, **({"lossless": True} if fmt == "WEBP" else {})
+    )
+    assert len(data) < 100_000
+    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 32 << 20)
+    decoded: list[bytes] = []
+    monkeypatch.setattr(images, "decode", lambda data, found: decoded.append(data))
+    with pytest.raises(images.LimitError, match=f"{side}x{side} {mode}.*limit is 33554432"):
+        check(data, "", 0, 0, "", 1 << 20)
+    assert not decoded
+
+
+def test_animation_frames_count_against_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = imagegen.animated("PNG", 64, 64, frames=8)  # 8 x 64 x 64 x 4 = 131072 bytes
+    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 131_072)
+    assert check(data, "", 0, 0, "", 1 << 20).width == 64
+    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 131_071)
+    with pytest.raises(images.LimitError, match="8 frames"):
+        check(data, "", 0, 0, "", 1 << 20)
 
 
 def test_declared_fields_must_match_the_bytes() -> None:
