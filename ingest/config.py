@@ -72,6 +72,8 @@ class Config:
     max_table_columns: int = 1000
     max_table_rows: int = 100_000
     max_evaluation_bytes: int = 16 * 1024 * 1024
+    # Bins of one histogram point (16 bytes each).
+    max_histogram_bins: int = 10_000
     # Images travel inline in ingest batches; files by the chunked ArtifactService.
     max_image_bytes: int = 16 * 1024 * 1024
     max_artifact_bytes: int = 1024**4
@@ -260,6 +262,7 @@ _HELP = {
     "max_table_columns": "most columns of a table series (and in one request)",
     "max_table_rows": "most rows of one table series in one request",
     "max_evaluation_bytes": "largest evaluation document (JSON bytes)",
+    "max_histogram_bins": "most bins of one histogram point (16 bytes each)",
     "max_image_bytes": "largest image point (bytes)",
     "max_artifact_bytes": "largest file a run can upload (bytes)",
     "max_response_bytes": "largest query response (bytes, at least 65536); the rest is paged",

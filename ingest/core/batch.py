@@ -18,6 +18,7 @@ KIND_SCALAR = 1
 KIND_TABLE = 2
 KIND_IMAGE = 3
 KIND_EVALUATION = 4
+KIND_HISTOGRAM = 5
 
 VALUE_NUMERIC = 0
 VALUE_TEXT = 1
@@ -37,6 +38,7 @@ LIMIT_EXCEEDED = 11
 INVALID_TABLE = 12
 INVALID_EVALUATION = 13
 INVALID_IMAGE = 14
+INVALID_HISTOGRAM = 15
 
 REASON_NAMES = {
     INVALID_NAME: "invalid_name",
@@ -53,6 +55,7 @@ REASON_NAMES = {
     INVALID_TABLE: "invalid_table",
     INVALID_EVALUATION: "invalid_evaluation",
     INVALID_IMAGE: "invalid_image",
+    INVALID_HISTOGRAM: "invalid_histogram",
 }
 
 # Rejected points reported back per batch, and how large they may be: every
@@ -86,7 +89,8 @@ class Chunk:
     times: F64  # n wall times, seconds since the epoch
     values: F64 | None  # numeric scalars
     texts: list[str] | None  # text scalars
-    # Non-scalar payloads (tables, images, evaluations), one entry per point.
+    # Non-scalar payloads: one entry per point (images, evaluations), or one
+    # block for the chunk (a table's TableBlock, a HistogramBlock).
     payload: list[Any] | None = None
     # Points still alive (not rejected by validation or ordering).
     alive: Mask = field(default_factory=lambda: np.ones(0, dtype=np.bool_))

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from ingest.core import histograms
 from ingest.core.batch import (
     INVALID_VALUE,
     KIND_EVALUATION,
+    KIND_HISTOGRAM,
     KIND_IMAGE,
     KIND_SCALAR,
     KIND_TABLE,
@@ -73,6 +75,8 @@ def _claimed(series: data_pb2.SeriesData) -> tuple[str | None, Any, int]:
         return which, msg, int(msg.row_count)
     if which == "images":
         return which, msg, len(msg.images)
+    if which == "histograms":
+        return which, msg, len(msg.bins)
     return which, msg, len(msg.documents)
 
 
@@ -162,6 +166,10 @@ def _structure_problem(which: str, msg: Any, n: int, limits: Limits) -> tuple[in
             found = table_structure_problem(msg, n, limits.max_table_rows, limits.max_table_columns)
             if found is not None:
                 return found
+    elif which == "histograms":
+        found = histograms.structure_problem(msg, n)
+        if found is not None:
+            return found
     steps, times = len(msg.steps), len(msg.times)
     if steps not in (0, n) or times not in (0, n):
         return INVALID_VALUE, f"{n} points but {steps} steps and {times} times"
@@ -229,12 +237,19 @@ def _decode_series(
             texts=list(msg.text_values) if text else None,
             **common,
         )
-    kind = {"table": KIND_TABLE, "images": KIND_IMAGE, "evaluations": KIND_EVALUATION}[which]
+    kind = {
+        "table": KIND_TABLE,
+        "images": KIND_IMAGE,
+        "evaluations": KIND_EVALUATION,
+        "histograms": KIND_HISTOGRAM,
+    }[which]
     # Images and documents stay in the request's containers until validation
     # reads them one by one (a list of n wrappers would cost more than they do).
     payload: Any
     if which == "table":
         payload = [msg]
+    elif which == "histograms":
+        payload = [histograms.decode(msg)]
     elif which == "images":
         payload = msg.images
     else:

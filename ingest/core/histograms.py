@@ -25,12 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from ingest.core.batch import F64, I64, LIMIT_EXCEEDED, Chunk, Mask, Outcome
+from ingest.core.batch import (
+    F64,
+    I64,
+    INVALID_HISTOGRAM,
+    KIND_HISTOGRAM,
+    LIMIT_EXCEEDED,
+    Chunk,
+    Mask,
+    Outcome,
+)
 
-# steplog.v1.SeriesKind.SERIES_KIND_HISTOGRAM and
-# steplog.v1.RejectReason.REJECT_REASON_INVALID_HISTOGRAM.
-KIND_HISTOGRAM = 5
-INVALID_HISTOGRAM = 15
+__all__ = ["INVALID_HISTOGRAM", "KIND_HISTOGRAM", "HistogramBlock", "validate_histograms"]
 
 DEFAULT_MAX_BINS = 10_000
 # Encoded bytes of one stored point besides its bins: step, time, the three

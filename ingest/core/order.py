@@ -30,7 +30,7 @@ from ingest.core.batch import (
     Outcome,
 )
 
-KIND_NAMES = {1: "scalar", 2: "table", 3: "image", 4: "evaluation"}
+KIND_NAMES = {1: "scalar", 2: "table", 3: "image", 4: "evaluation", 5: "histogram"}
 
 
 @dataclass

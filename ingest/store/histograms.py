@@ -18,10 +18,13 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from ingest.core.batch import I64
+from ingest.core.batch import I64, KIND_HISTOGRAM
 from ingest.core.histograms import POINT_OVERHEAD_BYTES, HistogramBlock
 from ingest.core.order import Accepted
-from ingest.store.timescale import PG_EPOCH, Read, Window, acquire, hide_superseded, visible_points
+from ingest.store.copy import PG_EPOCH
+from ingest.store.db import acquire
+from ingest.store.points import hide_superseded
+from ingest.store.queries import Read, Window, visible_points
 from steplog.v1 import data_pb2
 
 Row = Mapping[str, Any]
@@ -39,8 +42,8 @@ COLUMNS = [
     "hidden",
 ]
 _FLOAT8_OID = 701
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 # A one-dimensional float8 array in binary COPY: the field's length, then
 # ndim, has-nulls, element type, length and lower bound; then its elements.
@@ -159,10 +162,10 @@ def encode_rows(
 
 
 async def _source(parts: Sequence[bytes]) -> AsyncIterator[bytes]:
-    yield _COPY_HEADER
+    yield COPY_HEADER
     for part in parts:
         yield part
-    yield _COPY_TRAILER
+    yield COPY_TRAILER
 
 
 def histogram_points(rows: Sequence[Row], with_steps: bool = True) -> data_pb2.HistogramPoints:
@@ -223,3 +226,11 @@ class HistogramStore:
                 name=s["name"], labels=s["labels"], description=s["description"], histograms=points
             )
         return Read(out, got)
+
+
+def register(points: Any, queries: Any, pool: asyncpg.Pool) -> HistogramStore:
+    """Wire the histogram kind into the write pipeline and queries."""
+    store = HistogramStore(pool)
+    points.kind_writers[KIND_HISTOGRAM] = store.write_histograms
+    queries.readers[KIND_HISTOGRAM] = store.read_histograms
+    return store

@@ -1,4 +1,4 @@
-"""Turns non-scalar series (tables, evaluations, images) into Python values,
+"""Turns non-scalar series (tables, evaluations, images, histograms) into Python values,
 in the shapes Azure ML's `get_metrics` returned."""
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ def decode(data: data_pb2.SeriesData) -> Any:
     if which == "images":
         refs = image_refs(data.images)
         return refs[0] if len(refs) == 1 else refs
+    if which == "histograms":
+        from steplog._histograms import as_lists, decode
+
+        points = as_lists(decode(data.histograms))
+        return points[0] if len(points) == 1 else points
     return None
 
 

@@ -29,6 +29,7 @@ from ingest.core import order
 from ingest.core.checks import CONTROL
 from ingest.core.decode import decode_batch
 from ingest.core.errors import ApiError
+from ingest.core.histograms import HistogramBlock
 from ingest.core.validate import MAX_TIME, MIN_TIME, Limits
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
@@ -186,6 +187,29 @@ def evaluation_points(draw: Any) -> data_pb2.EvaluationPoints:
 
 
 @st.composite
+def histogram_points(draw: Any) -> data_pb2.HistogramPoints:
+    n = draw(st.integers(0, 4))
+    bins = draw(lists(mostly(st.integers(1, 4), st.sampled_from([0, 2**32 - 1])), n))
+    bins = (bins + [1] * n)[:n]
+    total = sum(bins)
+    if total <= 64 and draw(mostly(st.just(True), st.just(False))):
+        n_edges = total + n
+    else:  # columns that (most likely) do not fit together
+        total, n_edges = draw(st.integers(0, 8)), draw(st.integers(0, 12))
+    edges = draw(st.lists(mostly(st.floats(-1e6, 1e6), floats), min_size=n_edges, max_size=n_edges))
+    if draw(st.booleans()):
+        edges.sort()
+    extra = draw(st.sampled_from([0, n, n, n + 1]))
+    return data_pb2.HistogramPoints(
+        steps=draw(mostly(st.just(list(range(n))), lists(int64s))),
+        bins=bins,
+        edges=edges,
+        counts=draw(st.lists(mostly(st.floats(0, 1e6), floats), min_size=total, max_size=total)),
+        nan_count=draw(st.lists(floats, min_size=extra, max_size=extra)),
+    )
+
+
+@st.composite
 def run_series(draw: Any) -> pb.RunSeries:
     series = data_pb2.SeriesData(
         name=draw(names),
@@ -193,7 +217,11 @@ def run_series(draw: Any) -> pb.RunSeries:
         description=draw(mostly(st.just(""), texts)),
         step_policy=draw(st.sampled_from([0, 1, 2, 9])),  # 9: an unknown policy
     )
-    kind = draw(st.sampled_from(["scalars", "scalars", "table", "images", "evaluations", "none"]))
+    kind = draw(
+        st.sampled_from(
+            ["scalars", "scalars", "table", "images", "evaluations", "histograms", "none"]
+        )
+    )
     if kind == "scalars":
         series.scalars.CopyFrom(draw(scalar_columns()))
     elif kind == "table":
@@ -202,6 +230,8 @@ def run_series(draw: Any) -> pb.RunSeries:
         series.images.CopyFrom(draw(image_points()))
     elif kind == "evaluations":
         series.evaluations.CopyFrom(draw(evaluation_points()))
+    elif kind == "histograms":
+        series.histograms.CopyFrom(draw(histogram_points()))
     return pb.RunSeries(run_id=draw(run_ids), series=series)
 
 
@@ -228,6 +258,8 @@ def claimed(batch: pb.Batch) -> int:
             total += len(rs.series.images.images)
         elif which == "evaluations":
             total += len(rs.series.evaluations.documents)
+        elif which == "histograms":
+            total += len(rs.series.histograms.bins)
     return total
 
 
@@ -286,6 +318,15 @@ def test_decode_accounts_for_every_point_and_keeps_only_storable_ones(batch: pb.
                 assert "\x00" not in c.texts[i] and len(c.texts[i]) <= LIMITS.max_text_value_chars
         if c.kind == b.KIND_TABLE:
             assert len(c) <= LIMITS.max_table_rows
+        if c.kind == b.KIND_HISTOGRAM:
+            block = c.payload[0] if c.payload else None
+            assert isinstance(block, HistogramBlock)
+            for i in live:
+                edges, counts = block.point(int(i))
+                assert 1 <= counts.size <= LIMITS.max_histogram_bins
+                assert np.isfinite(edges).all() and (edges[1:] > edges[:-1]).all()
+                assert np.isfinite(counts).all() and (counts >= 0).all()
+                assert np.isfinite(block.nan_count[i]) and block.nan_count[i] >= 0
     # Memory: a small multiple of the wire size, whatever the counts claimed.
     wire = batch.ByteSize()
     assert peak <= 64 * wire + 2048 * len(batch.series) + 512 * 1024, (peak, wire)
@@ -309,10 +350,16 @@ def test_arbitrary_bytes_are_a_decode_error_or_a_batch_decode_can_answer(data: b
 
 
 @SETTINGS
-@given(st.integers(1, 2**31 - 1), st.sampled_from(["table", "scalars_steps", "labels"]))
+@given(
+    st.integers(1, 2**31 - 1), st.sampled_from(["table", "scalars_steps", "labels", "histogram"])
+)
 def test_huge_claims_in_tiny_messages_allocate_nothing(count: int, shape: str) -> None:
     if shape == "table":
         series = data_pb2.SeriesData(name="t", table=data_pb2.TableColumns(row_count=count))
+    elif shape == "histogram":
+        series = data_pb2.SeriesData(
+            name="h", histograms=data_pb2.HistogramPoints(bins=[count, count], edges=[0, 1])
+        )
     elif shape == "scalars_steps":
         series = data_pb2.SeriesData(
             name="s", scalars=data_pb2.ScalarColumns(values=[1.0], steps=[0] * min(count, 50))
