@@ -18,6 +18,7 @@ from ingest.core.batch import (
     INVALID_STEP,
     INVALID_VALUE,
     KIND_EVALUATION,
+    KIND_HISTOGRAM,
     KIND_IMAGE,
     KIND_TABLE,
     LIMIT_EXCEEDED,
@@ -27,6 +28,7 @@ from ingest.core.batch import (
 )
 from ingest.core.checks import CONTROL, clip, label_key_ok
 from ingest.core.evaluations import validate_evaluations
+from ingest.core.histograms import DEFAULT_MAX_BINS, validate_histograms
 from ingest.core.model import run_id_ok
 from ingest.core.tables import validate_table
 from ingest.core.images import validate_images
@@ -47,6 +49,8 @@ class Limits:
     max_table_columns: int = 1000
     max_table_rows: int = 100_000
     max_evaluation_bytes: int = 16 * 1024 * 1024
+    # Histograms: bins of one point (16 bytes each).
+    max_histogram_bins: int = DEFAULT_MAX_BINS
     max_image_bytes: int = 16 * 1024 * 1024
     # One batch: series and points decoded; the rest is rejected LIMIT_EXCEEDED
     # without being decoded (together they bound the memory a batch costs).
@@ -134,6 +138,8 @@ def validate_chunk(
         )
     elif chunk.kind == KIND_EVALUATION:
         validate_evaluations(chunk, outcome, limits.max_evaluation_bytes)
+    elif chunk.kind == KIND_HISTOGRAM:
+        validate_histograms(chunk, outcome, limits.max_histogram_bins)
     elif chunk.kind == KIND_IMAGE:
         validate_images(chunk, outcome, limits.max_image_bytes)
     elif chunk.texts is not None:

@@ -481,6 +481,65 @@ class Run:
             self.id, name, self._series_labels(labels), "evaluations", item
         )
 
+    # -- histograms (steplog._histograms; no I/O) ------------------------------------------
+
+    def log_histogram(
+        self,
+        name: str,
+        values: Any = None,
+        *,
+        bins: Any = 64,
+        edges: Any = None,
+        counts: Any = None,
+        step: int | None = None,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log a histogram as one point of series `name`: from raw `values`
+        (any array-like, flattened; binned here with numpy) or from `edges`
+        and `counts` already computed (len(edges) == len(counts) + 1).
+
+        `bins`: a number of equal-width bins over the finite values' range
+        (default 64), "auto" (numpy's rule, at most 10,000 bins), or a
+        sequence of edges. NaN values are counted in `nan_count`, -inf/+inf
+        (and values outside given edges) in `underflow`/`overflow`. Checked
+        here (InvalidArgumentError naming the field), sent in the background,
+        under the same step rules as every other kind."""
+        from steplog._histograms import histogram_item
+
+        item = histogram_item(name, values, bins, edges, counts, step, description, time.time())
+        series_labels = self._series_labels(labels)
+        self._client.writer.log_item(
+            self.id,
+            name,
+            series_labels,
+            "histograms",
+            item,
+            item.encoded_bound(name, series_labels),
+        )
+
+    def get_histograms(
+        self,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        max_points: int = 0,
+    ) -> builtins.list[dict[str, Any]]:
+        """The histograms of series `name` with start_step <= step <= end_step
+        (unset: open), in step order: one dict per point with step, time,
+        edges and counts (numpy arrays), underflow, overflow and nan_count.
+        With max_points, at most that many, spread evenly over the range.
+        Waits for this process's logged points; follows the service's pages."""
+        from steplog._histograms import read_histograms
+
+        self.flush(None)
+        merged = dict(self._series_labels(labels))
+        return read_histograms(
+            self._client, self.id, name, merged, start_step, end_step, max_points
+        )
+
     # -- images and files (steplog._uploads) ------------------------------------------------
 
     def log_image(
