@@ -41,6 +41,7 @@ from ingest.observe import metrics_http, progress
 from ingest.observe.metrics import Metrics
 from ingest.store import artifacts as artifacts_store
 from ingest.store import blob_sweep, timescale
+from ingest.store import histograms as histogram_store
 from ingest.store import quotas as quota_mod
 from ingest.store import tables as tables_store
 from ingest.store.blobs import BlobSettings, BlobStore
@@ -222,12 +223,14 @@ class Service:
             max_table_columns=cfg.max_table_columns,
             max_table_rows=cfg.max_table_rows,
             max_evaluation_bytes=cfg.max_evaluation_bytes,
+            max_histogram_bins=cfg.max_histogram_bins,
             max_image_bytes=cfg.max_image_bytes,
         )
         self.queries = QueryServicer(
             timescale.QueryStore(self.pool), max_response_bytes=cfg.max_response_bytes
         )
         tables_store.register(self.points, self.queries, self.pool, limits)
+        histogram_store.register(self.points, self.queries, self.pool)
         artifacts = artifacts_store.register(
             self.points,
             self.queries,

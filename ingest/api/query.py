@@ -15,7 +15,14 @@ from google.protobuf.message import Message
 
 from ingest.api.common import handle_errors
 from ingest.core import model
-from ingest.core.batch import KIND_EVALUATION, KIND_IMAGE, KIND_SCALAR, KIND_TABLE, VALUE_TEXT
+from ingest.core.batch import (
+    KIND_EVALUATION,
+    KIND_HISTOGRAM,
+    KIND_IMAGE,
+    KIND_SCALAR,
+    KIND_TABLE,
+    VALUE_TEXT,
+)
 from ingest.core.errors import invalid
 from ingest.store.timescale import MAX_STEP, MIN_STEP, QueryStore, Read, Row, Window
 from steplog.v1 import data_pb2
@@ -148,6 +155,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             KIND_TABLE: "table_rows",
             KIND_IMAGE: "image_points",
             KIND_EVALUATION: "evaluation_points",
+            KIND_HISTOGRAM: "histogram_points",
         }[s["kind"]]
         return table, reader
 

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-KIND_LABELS = {1: "scalar", 2: "table", 3: "image", 4: "evaluation"}
+KIND_LABELS = {1: "scalar", 2: "table", 3: "image", 4: "evaluation", 5: "histogram"}
 
 # Tries of one group commit on transient errors, and the backoff between them.
 COMMIT_TRIES = 5
