@@ -4,7 +4,7 @@ Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 The runs and their series are created through the service (the SDK logs the
 first point of each series); the other 99,999 points of each series go
 straight into scalar_points with the binary COPY the service itself uses
-(`ingest.store.timescale.encode_scalar_copy`), so loading 20 million points
+(`ingest.store.copy.encode_scalar_copy`), so loading 20 million points
 takes seconds. Each series holds a NaN and a spike. Then, against a fresh
 `steplog-ingest ui`:
 
@@ -123,7 +123,7 @@ def load(grpc_url: str, database_url: str, runs: int, series: int, points: int) 
     """Runs through the service, then the points by binary COPY; the run ids."""
     import asyncpg
 
-    from ingest.store.timescale import SCALAR_COLUMNS, encode_scalar_copy
+    from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
     from steplog import Experiment
 
     exp = Experiment("ui-bench", url=grpc_url)

@@ -20,13 +20,17 @@ rounded to a float64 (the aggregation carries them as doubles).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import numpy as np
+import numpy.typing as npt
 
 KIND_SCALAR, KIND_TABLE, KIND_IMAGE, KIND_EVALUATION = 1, 2, 3, 4
 VALUE_TEXT = 1
@@ -40,6 +44,11 @@ MAX_WIDTH = 4096
 # Encoded bytes of one chart point in JSON (step, time, value) at most.
 POINT_BYTES = 64
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+# The block cache: series with more points than CACHE_MIN_POINTS keep up to
+# about BLOCKS summary blocks each in memory, CACHE_BYTES at most in all.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+CACHE_MIN_POINTS = 20_000
+BLOCKS = 4096
 MIN_STEP = -(2**63)
 MAX_STEP = 2**63 - 1
 
@@ -128,9 +137,11 @@ class ViewStore:
         pool: asyncpg.Pool,
         heartbeat_timeout_s: float = 300.0,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.pool = pool
         self.max_bytes = max_bytes
+        self.cache = BlockCache(pool, cache_bytes)
         self._run_sql = _RUN.replace("$HB", repr(float(heartbeat_timeout_s)))
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -326,7 +337,8 @@ class ViewStore:
         runs = [r.run_id for r in refs]
         names = [r.name for r in refs]
         return await self._fetch(
-            "SELECT s.series_id, s.run_id, s.name, s.labels, s.point_count FROM series s"
+            "SELECT s.series_id, s.run_id, s.name, s.labels, s.point_count, s.last_step,"
+            " s.out_of_order FROM series s"
             " JOIN unnest($2::text[], $3::text[]) AS q(run_id, name)"
             " ON s.run_id = q.run_id AND s.name = q.name"
             " WHERE s.workspace = $1 AND s.kind = $4 AND s.value_type <> $5"
@@ -363,20 +375,40 @@ class ViewStore:
         if series:
             width = max(1, min(width, budget_points // (4 * len(series))))
         ids = [s["series_id"] for s in series]
+        # Long series come from the block cache (computed once, grown as
+        # points arrive); short ones, and narrow zooms, from the database.
+        cached: dict[int, Blocks] = {}
+        long = [s for s in series if self.cache.fits(s)]
+        for s, b in zip(
+            long, await asyncio.gather(*(self.cache.get(s) for s in long)), strict=True
+        ):
+            if b is not None:
+                cached[s["series_id"]] = b
         # The x range: as asked, else from the first to the last visible point of any series.
-        ends = await self._fetch(
-            "SELECT x.series_id, f.step AS first_step, extract(epoch FROM f.time)::float8 AS"
-            " first_t, l.step AS last_step, extract(epoch FROM l.time)::float8 AS last_t"
-            " FROM unnest($1::bigint[]) x(series_id)"
-            " CROSS JOIN LATERAL (SELECT step, time FROM scalar_points p WHERE p.series_id ="
-            " x.series_id AND NOT hidden ORDER BY step LIMIT 1) f"
-            " CROSS JOIN LATERAL (SELECT step, time FROM scalar_points p WHERE p.series_id ="
-            " x.series_id AND NOT hidden ORDER BY step DESC LIMIT 1) l",
-            ids,
-        )
         key = "step" if x == "step" else "t"
-        lo = min((e[f"first_{key}"] for e in ends), default=0)
-        hi = max((e[f"last_{key}"] for e in ends), default=0)
+        firsts: list[float] = []
+        lasts: list[float] = []
+        for b in cached.values():
+            if b.steps.size:
+                xs = b.steps if x == "step" else b.times
+                firsts.append(float(xs.min()))
+                lasts.append(float(xs.max()))
+        others = [i for i in ids if i not in cached]
+        if others:
+            ends = await self._fetch(
+                "SELECT x.series_id, f.step AS first_step, extract(epoch FROM f.time)::float8 AS"
+                " first_t, l.step AS last_step, extract(epoch FROM l.time)::float8 AS last_t"
+                " FROM unnest($1::bigint[]) x(series_id)"
+                " CROSS JOIN LATERAL (SELECT step, time FROM scalar_points p WHERE p.series_id ="
+                " x.series_id AND NOT hidden ORDER BY step LIMIT 1) f"
+                " CROSS JOIN LATERAL (SELECT step, time FROM scalar_points p WHERE p.series_id ="
+                " x.series_id AND NOT hidden ORDER BY step DESC LIMIT 1) l",
+                others,
+            )
+            firsts += [e[f"first_{key}"] for e in ends]
+            lasts += [e[f"last_{key}"] for e in ends]
+        lo: float = min(firsts, default=0)
+        hi: float = max(lasts, default=0)
         if start is not None and math.isfinite(start):
             lo = start
         if end is not None and math.isfinite(end):
@@ -386,10 +418,20 @@ class ViewStore:
             hi = int(max(MIN_STEP, min(MAX_STEP, math.ceil(hi))))
         if hi < lo:
             raise bad("end: must be >= start")
-        full = start is None and end is None
+        points: dict[int, tuple[list[Any], list[Any], list[Any]]] = {i: ([], [], []) for i in ids}
         counts: dict[int, int] = {}
+        from_cache: set[int] = set()
+        for sid, b in cached.items():
+            got = b.downsample(x, lo, hi, width)
+            if got is not None:
+                points[sid], counts[sid] = got[0], got[1]
+                from_cache.add(sid)
+        ids = [i for i in ids if i not in from_cache]
+        full = start is None and end is None
         if full:
-            counts = {s["series_id"]: int(s["point_count"]) for s in series}
+            counts.update(
+                {s["series_id"]: int(s["point_count"]) for s in series if s["series_id"] in ids}
+            )
         elif ids:
             col = "step" if x == "step" else "time"
             args: tuple[Any, Any] = (lo, hi) if x == "step" else (_ts(lo), _ts(hi))
@@ -401,10 +443,9 @@ class ViewStore:
                 ids,
                 *args,
             )
-            counts = {r["series_id"]: int(r["n"]) for r in rows}
+            counts.update({r["series_id"]: int(r["n"]) for r in rows})
         raw_ids = [i for i in ids if counts.get(i, 0) <= 4 * width]
         agg_ids = [i for i in ids if counts.get(i, 0) > 4 * width]
-        points: dict[int, tuple[list[Any], list[Any], list[Any]]] = {i: ([], [], []) for i in ids}
         if raw_ids:
             await self._raw(raw_ids, x, lo, hi, points)
         if agg_ids:
@@ -418,7 +459,7 @@ class ViewStore:
                     "name": s["name"],
                     "labels": _tags(s["labels"]),
                     "points_in_range": counts.get(s["series_id"], 0),
-                    "downsampled": s["series_id"] in agg_ids,
+                    "downsampled": s["series_id"] in agg_ids or s["series_id"] in from_cache,
                     "steps": steps,
                     "times": times,
                     "values": values,
@@ -638,6 +679,261 @@ class ViewStore:
         if not rows:
             raise not_found(f"run {run_id!r} has no file {path!r}")
         return rows[0]
+
+
+Arr = npt.NDArray[Any]
+
+
+def _firsts(keys: Arr) -> Arr:
+    """Mask of the first element of each run of equal keys (keys sorted)."""
+    if keys.size == 0:
+        return np.zeros(0, dtype=bool)
+    out: Arr = np.concatenate([[True], keys[1:] != keys[:-1]])
+    return out
+
+
+def reduce_buckets(bucket: Arr, steps: Arr, values: Arr) -> Arr:
+    """Indices (ascending) of the points a chart keeps: in each bucket its
+    minimum and maximum (NaN left out; the first step on ties), its last
+    point and its first NaN. The points are in step order."""
+    picked = []
+    nan = np.isnan(values)
+    num = np.flatnonzero(~nan)
+    if num.size:
+        o = num[np.lexsort((steps[num], values[num], bucket[num]))]
+        picked.append(o[_firsts(bucket[o])])
+        o = num[np.lexsort((steps[num], -values[num], bucket[num]))]
+        picked.append(o[_firsts(bucket[o])])
+    o = np.lexsort((-steps, bucket))
+    picked.append(o[_firsts(bucket[o])])
+    nans = np.flatnonzero(nan)
+    if nans.size:
+        o = nans[np.lexsort((steps[nans], bucket[nans]))]
+        picked.append(o[_firsts(bucket[o])])
+    out: Arr = np.unique(np.concatenate(picked))
+    return out
+
+
+@dataclass
+class Blocks:
+    """A long series summarized in blocks of `span` steps from `origin`: the
+    points each block keeps (its minimum, maximum, last point and first NaN,
+    in step order), and the number of points in each block. Valid while the
+    series has `point_count` points up to `last_step`."""
+
+    series_id: int
+    origin: int
+    span: int
+    point_count: int
+    last_step: int
+    block: Arr
+    steps: Arr
+    times: Arr
+    values: Arr
+    block_ids: Arr
+    block_counts: Arr
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (
+            self.block,
+            self.steps,
+            self.times,
+            self.values,
+            self.block_ids,
+            self.block_counts,
+        )
+        return sum(a.nbytes for a in arrays) + 200
+
+    def downsample(
+        self, x: str, lo: float, hi: float, width: int
+    ) -> tuple[tuple[list[Any], list[Any], list[Any]], int] | None:
+        """The chart's points over [lo, hi] in `width` buckets, with the
+        points in that range; None when the range holds too few blocks for
+        the buckets to be exact (a zoom: the database answers it)."""
+        xs = self.steps if x == "step" else self.times
+        inside = (xs >= lo) & (xs <= hi)
+        blocks = np.unique(self.block[inside])
+        if blocks.size < 2 * width:
+            return None
+        if x == "step":
+            first, last = (int(lo) - self.origin) // self.span, (int(hi) - self.origin) // self.span
+            covered = (self.block_ids >= first) & (self.block_ids <= last)
+        else:
+            covered = np.isin(self.block_ids, blocks)
+        count = int(self.block_counts[covered].sum())
+        idx = np.flatnonzero(inside)
+        extent = float(hi - lo + 1) if x == "step" else float(hi - lo) or 1.0
+        bucket = np.minimum(width - 1, np.floor((xs[idx] - lo) * width / extent)).astype(np.int64)
+        keep = idx[reduce_buckets(bucket, self.steps[idx], self.values[idx])]
+        return (
+            (
+                self.steps[keep].tolist(),
+                self.times[keep].tolist(),
+                [number(v) for v in self.values[keep].tolist()],
+            ),
+            count,
+        )
+
+
+_BLOCKS_SQL = (
+    "SELECT b, count(*) AS n,"
+    " min(ARRAY[value, step, t]) FILTER (WHERE value <> 'NaN') AS lo,"
+    " max(ARRAY[value, -step, t]) FILTER (WHERE value <> 'NaN') AS hi,"
+    " max(ARRAY[step, value, t]) AS last,"
+    " min(ARRAY[step, t]) FILTER (WHERE value = 'NaN') AS nan"
+    " FROM (SELECT (step - $2::bigint) / $3::bigint AS b, step::float8 AS step, value,"
+    " extract(epoch FROM time)::float8 AS t FROM scalar_points"
+    " WHERE series_id = $1 AND NOT hidden AND step >= $4::bigint) p GROUP BY b"
+)
+
+
+class BlockCache:
+    """Blocks of long series, most recently used kept, `max_bytes` in all.
+
+    A series that only grew since its blocks were made (more points, a later
+    last step) gets its last block and the new ones computed again; any other
+    change (a rewind) recomputes it whole. Series that accept out-of-order
+    steps are never cached (a point can replace one inside an old block).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, max_bytes: int) -> None:
+        self.pool = pool
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, Blocks] = OrderedDict()
+        self._locks: dict[int, asyncio.Lock] = {}
+        self.bytes = 0
+
+    def fits(self, s: Mapping[str, Any]) -> bool:
+        return (
+            self.max_bytes > 0
+            and int(s["point_count"]) > CACHE_MIN_POINTS
+            and not s["out_of_order"]
+            and s["last_step"] is not None
+        )
+
+    async def get(self, s: Mapping[str, Any]) -> Blocks | None:
+        sid = int(s["series_id"])
+        lock = self._locks.setdefault(sid, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._get(sid, int(s["point_count"]), int(s["last_step"]))
+            finally:
+                if not lock._waiters:
+                    self._locks.pop(sid, None)
+
+    async def _get(self, sid: int, count: int, last_step: int) -> Blocks | None:
+        old = self._entries.get(sid)
+        if old is not None and old.point_count == count and old.last_step == last_step:
+            self._entries.move_to_end(sid)
+            return old
+        async with self.pool.acquire() as conn:
+            if (
+                old is not None
+                and count > old.point_count
+                and last_step > old.last_step
+                and (last_step - old.origin) // old.span < 2 * BLOCKS
+            ):
+                start = int(old.block_ids.max()) if old.block_ids.size else 0
+                fresh = await self._compute(conn, sid, old.origin, old.span, start)
+                keep = old.block < start
+                kb = old.block_ids < start
+                new = Blocks(
+                    sid,
+                    old.origin,
+                    old.span,
+                    count,
+                    last_step,
+                    np.concatenate([old.block[keep], fresh.block]),
+                    np.concatenate([old.steps[keep], fresh.steps]),
+                    np.concatenate([old.times[keep], fresh.times]),
+                    np.concatenate([old.values[keep], fresh.values]),
+                    np.concatenate([old.block_ids[kb], fresh.block_ids]),
+                    np.concatenate([old.block_counts[kb], fresh.block_counts]),
+                )
+            else:
+                head = await conn.fetchrow(
+                    "SELECT step, extract(epoch FROM time)::float8 AS t, value FROM scalar_points"
+                    " WHERE series_id = $1 AND NOT hidden ORDER BY step LIMIT 1",
+                    sid,
+                )
+                if head is None:
+                    return None
+                origin = int(head["step"])
+                span = max(1, -(-(last_step - origin + 1) // BLOCKS))
+                # The series' first point is kept too: the line starts where the data starts.
+                first = (float(origin), head["t"], head["value"])
+                fresh = await self._compute(conn, sid, origin, span, 0, first)
+                new = Blocks(
+                    sid,
+                    origin,
+                    span,
+                    count,
+                    last_step,
+                    fresh.block,
+                    fresh.steps,
+                    fresh.times,
+                    fresh.values,
+                    fresh.block_ids,
+                    fresh.block_counts,
+                )
+        self._put(new)
+        return new
+
+    def _put(self, b: Blocks) -> None:
+        old = self._entries.pop(b.series_id, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        if b.nbytes > self.max_bytes:
+            return
+        self._entries[b.series_id] = b
+        self.bytes += b.nbytes
+        while self.bytes > self.max_bytes and self._entries:
+            _, gone = self._entries.popitem(last=False)
+            self.bytes -= gone.nbytes
+
+    @staticmethod
+    async def _compute(
+        conn: asyncpg.Connection,
+        sid: int,
+        origin: int,
+        span: int,
+        first_block: int,
+        first: tuple[float, float, float] | None = None,
+    ) -> Blocks:
+        rows = await conn.fetch(_BLOCKS_SQL, sid, origin, span, origin + first_block * span)
+        kept: dict[float, tuple[int, float, float]] = {}
+        if first is not None:
+            kept[first[0]] = (0, first[1], first[2])
+        ids, counts = [], []
+        for r in rows:
+            b = int(r["b"])
+            ids.append(b)
+            counts.append(int(r["n"]))
+            if r["lo"] is not None:
+                v, st, t = r["lo"]
+                kept[st] = (b, t, v)
+                v, neg, t = r["hi"]
+                kept[-neg] = (b, t, v)
+            st, v, t = r["last"]
+            kept[st] = (b, t, v)
+            if r["nan"] is not None:
+                st, t = r["nan"]
+                kept[st] = (b, t, math.nan)
+        order = sorted(kept)
+        return Blocks(
+            sid,
+            origin,
+            span,
+            0,
+            0,
+            np.array([kept[k][0] for k in order], dtype=np.int64),
+            np.array(order, dtype=np.int64),
+            np.array([kept[k][1] for k in order], dtype=np.float64),
+            np.array([kept[k][2] for k in order], dtype=np.float64),
+            np.array(ids, dtype=np.int64),
+            np.array(counts, dtype=np.int64),
+        )
 
 
 def _ts(epoch: float) -> Any:

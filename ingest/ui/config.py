@@ -38,6 +38,8 @@ class UiConfig:
     listen: str
     service: config_mod.Config
     link_key: bytes
+    # Memory for the chart block cache (ingest/store/views.py BlockCache); 0 turns it off.
+    cache_bytes: int = 256 * 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,4 +70,13 @@ def from_sources(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -
     if not host:
         raise config_mod.ConfigError(f"--listen {listen!r}: must be HOST:PORT")
     key = env.get("STEPLOG_UI_LINK_KEY", "")
-    return UiConfig(listen, service, key.encode() if key else secrets.token_bytes(32))
+    raw = env.get("STEPLOG_UI_CACHE_BYTES", "")
+    try:
+        cache = int(raw) if raw else UiConfig.cache_bytes
+        if cache < 0:
+            raise ValueError
+    except ValueError:
+        raise config_mod.ConfigError(
+            f"STEPLOG_UI_CACHE_BYTES={raw!r}: must be a number of bytes >= 0"
+        ) from None
+    return UiConfig(listen, service, key.encode() if key else secrets.token_bytes(32), cache)

@@ -181,7 +181,9 @@ class UiServer:
                 "steplog-ingest ui: the database has no steplog schema yet; start "
                 "`steplog-ingest serve` against it once (it applies the migrations)"
             )
-        self.views = ViewStore(self.pool, cfg.heartbeat_timeout_s, cfg.max_response_bytes)
+        self.views = ViewStore(
+            self.pool, cfg.heartbeat_timeout_s, cfg.max_response_bytes, self.cfg.cache_bytes
+        )
         if cfg.auth == "token":
             from ingest.api.auth import TokenVerifier
             from ingest.store.tokens import TokenStore
