@@ -9,13 +9,13 @@ rest of Azure ML (models, environments, snapshots, compute, submission) raise
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import NoReturn
 
+from steplog import _settings
 from steplog.errors import InvalidArgumentError, NotApplicableError
 
 
@@ -50,7 +50,7 @@ def not_applicable(method: str, instead: str) -> NoReturn:
 def strict() -> bool:
     """STEPLOG_AZURE_STRICT=1: Azure ML's own rules where steplog's are wider
     (today: the experiment-name rule)."""
-    return os.environ.get("STEPLOG_AZURE_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+    return _settings.flag("STEPLOG_AZURE_STRICT")
 
 
 # Azure ML's experiment-name rule: 3 to 36 characters, starting with a letter

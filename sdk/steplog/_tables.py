@@ -8,7 +8,8 @@ types (the error names the column) and the writer extends the series'
 share one segment, one flat list); `table_item` copies log_table's columns;
 `evaluation_item` turns a document into its JSON text (the check and the
 copy of the caller's dict in one). No protobuf is built there. The writer's
-one background thread encodes the items (`encode`) when it cuts a batch:
+one background thread encodes the items (`encode`, the contract is in
+steplog._writer.items) when it cuts a batch:
 every flush interval, when a batch's worth of points is buffered, on flush,
 spill and close. Column types are decided then, per column: floats (and
 ints among floats) -> double, ints -> int64, bools -> bool, strings ->
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,15 +32,11 @@ from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
 
 Labels = tuple[tuple[str, str], ...]
-SeriesKey = tuple[str, str, Labels]
 
 # log_row's rows of a series go into one message of at most this many rows
 # or cells (a later row starts the next).
 MAX_ROWS = 8192
 MAX_CELLS = 131_072
-# A message larger than this is split by rows (the writer's batches hold 4 MiB
-# by default; half leaves room for the rest of a batch).
-DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
 
 _FLOAT_TYPES = frozenset({float, np.float64, np.float32, np.float16})
 _INT_TYPES = frozenset({int, np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32})
@@ -151,7 +147,7 @@ def fill_table(
     steps: Sequence[int] | None = None,
 ) -> data_pb2.TableColumns:
     """{column: [cells]} -> TableColumns, built in place (a message built
-    elsewhere would be copied into its SeriesData)."""
+    elsewhere would be copied into its SeriesData). Sender thread only."""
     table.row_count = len(times)
     table.times.extend(times)
     if steps is not None:
@@ -159,15 +155,6 @@ def fill_table(
     for name, values in columns.items():
         table.columns.extend(column_parts(name, values))
     return table
-
-
-def table_message(
-    columns: Mapping[str, Sequence[Any]],
-    times: Sequence[float],
-    steps: Sequence[int] | None = None,
-) -> data_pb2.TableColumns:
-    """{column: [cells]} -> TableColumns (every column as long as times)."""
-    return fill_table(data_pb2.TableColumns(), columns, times, steps)
 
 
 def _may_exceed(table: data_pb2.TableColumns, max_bytes: int) -> bool:
@@ -205,19 +192,6 @@ def table_series_messages(
             max_bytes,
         )
     return parts
-
-
-def split_messages(
-    columns: Mapping[str, Sequence[Any]],
-    times: Sequence[float],
-    steps: Sequence[int] | None,
-    max_bytes: int,
-) -> list[data_pb2.TableColumns]:
-    """TableColumns messages of at most max_bytes each (one row may exceed it)."""
-    return [
-        s.table
-        for s in table_series_messages(data_pb2.SeriesData(), columns, times, steps, max_bytes)
-    ]
 
 
 # -- deferred items: what the caller's thread queues, encoded by the sender ----------------
@@ -404,21 +378,6 @@ def table_item(
                 f"table {name!r}: {len(int_steps)} steps for {n} rows", field="steps"
             )
     return TableItem(columns, [now] * n, int_steps, description, cost)
-
-
-def table_series(
-    name: str,
-    labels: Labels,
-    value: Mapping[str, Any],
-    description: str,
-    steps: Sequence[int] | None,
-    max_message_bytes: int,
-) -> list[data_pb2.SeriesData]:
-    """log_table's value -> SeriesData messages at once, split by rows to
-    fit max_message_bytes (table_item, then its encode)."""
-    return table_item(name, value, description, steps, time.time()).encode(
-        name, labels, max_message_bytes
-    )
 
 
 # -- evaluation documents -------------------------------------------------------------------

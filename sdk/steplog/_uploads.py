@@ -22,11 +22,14 @@ Downloads run on the calling thread (it wants the file): the bytes go to a
 temporary file beside the target, are checked against the size and SHA-256
 in the header, and only then renamed into place; retryable failures start
 again. A progress bar (tqdm) shows on a terminal for many or large files.
+
+Over 500 lines because uploads and downloads share one retry loop, the
+hashing and the progress bar; the uploader's threads are closed at exit and
+reset after fork by steplog._lifecycle.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import importlib
@@ -41,7 +44,6 @@ import tempfile
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -51,7 +53,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 
-from steplog._transport import Backoff, TransportError
+from steplog import _lifecycle
+from steplog._writer.transport import Backoff, TransportError
 from steplog.errors import InvalidArgumentError, ServiceError, SteplogError, from_rpc_error
 from steplog.v1 import artifact_service_pb2 as ap
 from steplog.v1 import artifact_service_pb2_grpc
@@ -306,9 +309,6 @@ def _cancel(job: _Job) -> None:
         call.cancel()
 
 
-_LIVE: weakref.WeakSet[Uploader] = weakref.WeakSet()
-
-
 class Uploader:
     """A few daemon threads that upload files to one service; started lazily.
 
@@ -319,7 +319,7 @@ class Uploader:
         self._client = client
         self._workers = workers
         self._reset()
-        _LIVE.add(self)
+        _lifecycle.register(self)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
@@ -483,10 +483,14 @@ class Uploader:
             )
         for _ in self._threads:
             self._queue.put(None)
-        _LIVE.discard(self)
+        _lifecycle.unregister(self)
         return not left
 
-    def _after_fork_in_child(self) -> None:
+    def close_at_exit(self, timeout: float) -> None:
+        """steplog._lifecycle: what is left of the one exit deadline."""
+        self.close(timeout)
+
+    def after_fork_in_child(self) -> None:
         """The parent's uploads stay the parent's; the child starts empty."""
         self._reset()
 
@@ -650,18 +654,3 @@ def inside(base: Path, relative: str) -> Path:
     if target != root and root not in target.parents:
         raise InvalidArgumentError(f"file name {relative!r} leads outside {base}", field="name")
     return target
-
-
-def _close_all_at_exit() -> None:
-    timeout = float(os.environ.get("STEPLOG_EXIT_TIMEOUT", "30") or 30)
-    for u in list(_LIVE):
-        u.close(timeout)
-
-
-def _reset_all_after_fork() -> None:
-    for u in list(_LIVE):
-        u._after_fork_in_child()
-
-
-atexit.register(_close_all_at_exit)
-os.register_at_fork(after_in_child=_reset_all_after_fork)

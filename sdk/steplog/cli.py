@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from steplog._transport import ChannelSettings
+    from steplog._channel import ChannelSettings
 
 
 def _settings(ns: argparse.Namespace) -> ChannelSettings:
     """The connection settings from the flags, else STEPLOG_* (as the client)."""
-    from steplog._transport import ChannelSettings
+    from steplog._channel import ChannelSettings
     from steplog.client import resolve_url
 
     token = None
@@ -31,8 +31,8 @@ def _settings(ns: argparse.Namespace) -> ChannelSettings:
 
 
 def _sync(ns: argparse.Namespace) -> int:
-    from steplog._spool import replay_spool
-    from steplog._transport import GrpcTransport
+    from steplog._writer.replay import replay_spool
+    from steplog._writer.transport import GrpcTransport
     from steplog.errors import InvalidArgumentError
 
     spool = Path(ns.spool)

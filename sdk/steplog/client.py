@@ -1,7 +1,7 @@
 """The connection to a steplog service: one channel and one background writer
 per (address, workspace, connection settings) in a process, shared by every
 Experiment and Run. How channels are opened (TLS, mutual TLS, the token) is
-steplog._transport.ChannelSettings: every channel here comes from it."""
+steplog._channel.ChannelSettings: every channel here comes from it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypedDict, TypeVar, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 
-from steplog._transport import Backoff, ChannelSettings, PemSource, TransportError
+from steplog import _lifecycle, _settings
+from steplog._channel import ChannelSettings, PemSource
+from steplog._writer.transport import Backoff, TransportError
 from steplog.errors import InvalidArgumentError, SteplogError, from_rpc_error
 from steplog.v1 import (
     experiment_service_pb2,
@@ -26,6 +28,9 @@ from steplog.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from steplog._writer.writer import BatchWriter
 
 T = TypeVar("T")
 
@@ -81,7 +86,7 @@ def with_client_run_id(request: Any) -> Any:
 
 
 def resolve_url(url: str | None) -> str:
-    value = url or os.environ.get("STEPLOG_URL", "")
+    value = url or _settings.text("STEPLOG_URL")
     if not value:
         raise InvalidArgumentError(
             "no service address: pass url=... or set STEPLOG_URL (for example 127.0.0.1:50051)",
@@ -94,7 +99,7 @@ def resolve_url(url: str | None) -> str:
 
 
 def resolve_workspace(workspace: str | None) -> str:
-    return workspace or os.environ.get("STEPLOG_WORKSPACE") or DEFAULT_WORKSPACE
+    return workspace or _settings.text("STEPLOG_WORKSPACE") or DEFAULT_WORKSPACE
 
 
 class Client:
@@ -111,8 +116,12 @@ class Client:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._open_channel()
-        self._writer: Any = None
+        self._writer: BatchWriter | None = None
         self.heartbeat = Heartbeat(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A lock another thread held at fork() would stay held in the child."""
+        self._lock = threading.Lock()
 
     def new_channel(self) -> grpc.Channel:
         """A new channel with this client's settings (a forked child's writer)."""
@@ -192,21 +201,25 @@ class Client:
                     self._open_channel()
 
     @property
-    def writer(self) -> Any:
+    def writer(self) -> BatchWriter:
         """The background BatchWriter, started on first use. Its settings come
         from STEPLOG_* variables (STEPLOG_ON_FULL, STEPLOG_SPOOL_DIR,
         STEPLOG_OFFLINE, ...); offline, it writes the spool only."""
-        if self._writer is None:
+        writer = self._writer
+        if writer is None:
             with self._lock:
-                if self._writer is None:
-                    from steplog._writer import BatchWriter, GrpcTransport, WriterSettings
+                writer = self._writer
+                if writer is None:
+                    from steplog._writer.settings import WriterSettings
+                    from steplog._writer.transport import GrpcTransport
+                    from steplog._writer.writer import BatchWriter
 
                     settings = WriterSettings.from_env()
                     transport = None
                     if not settings.offline:
                         transport = GrpcTransport(self.channel, channel_factory=self.new_channel)
-                    self._writer = BatchWriter(transport, self.workspace, settings)
-        return self._writer
+                    writer = self._writer = BatchWriter(transport, self.workspace, settings)
+        return writer
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged is acknowledged and every background
@@ -214,7 +227,7 @@ class Client:
         from steplog import _uploads
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        ok = True if self._writer is None else bool(self._writer.flush(timeout))
+        ok = True if self._writer is None else self._writer.flush(timeout)
         uploads = _uploads.current_uploader(self)
         if uploads is not None:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -225,11 +238,16 @@ class Client:
 class Heartbeat:
     """Tells the service, every `interval` seconds, that this process's
     Running runs are alive, so a silent run reads as NotResponding and a
-    crashed process's run stands out. One daemon thread, started lazily."""
+    crashed process's run stands out. One daemon thread, started lazily.
+
+    It is not the writer's thread: a beat is a unary call retried for up to
+    10 s, and the writer's thread must never wait on the network (it would
+    hold both streams for that long during an outage); a run that logs
+    nothing still beats."""
 
     def __init__(self, client: Client, interval: float | None = None) -> None:
         self._client = client
-        self.interval = interval or float(os.environ.get("STEPLOG_HEARTBEAT_INTERVAL", "30"))
+        self.interval = interval or _settings.number("STEPLOG_HEARTBEAT_INTERVAL", 30.0)
         self._runs: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -263,6 +281,14 @@ class Heartbeat:
     def remove(self, run_id: str) -> None:
         with self._lock:
             self._runs.discard(run_id)
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's thread does not exist in the child and a lock it held
+        would stay held: fresh ones; the parent keeps beating for its runs."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._runs = set()
 
     def _loop(self) -> None:
         while not self._wake.wait(self.interval):
@@ -304,6 +330,17 @@ _clients: dict[tuple[str, str, ChannelSettings], Client] = {}
 _clients_lock = threading.Lock()
 
 
+def _reset_after_fork() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    for client in list(_clients.values()):
+        client._after_fork_in_child()
+        client.heartbeat._after_fork_in_child()
+
+
+_lifecycle.on_fork(_reset_after_fork)
+
+
 class Connection(TypedDict, total=False):
     """Connection keyword arguments of Experiment, Run.get, Run.get_context
     and get_client; each one left out comes from its variable.
@@ -312,7 +349,7 @@ class Connection(TypedDict, total=False):
     tls_ca (STEPLOG_TLS_CA), tls_cert / tls_key (STEPLOG_TLS_CERT /
     STEPLOG_TLS_KEY: mutual TLS), tls_server_name (STEPLOG_TLS_SERVER_NAME),
     allow_insecure_token (STEPLOG_ALLOW_INSECURE_TOKEN). PEM values are a path
-    or the PEM bytes. See steplog._transport.ChannelSettings."""
+    or the PEM bytes. See steplog._channel.ChannelSettings."""
 
     token: str
     tls: bool

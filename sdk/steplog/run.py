@@ -1,8 +1,13 @@
 """Run: one execution of a training script, after Azure ML's `Run`.
 
 Logging calls (`log`, `log_list`, ...) only append to in-memory column
-buffers; a background thread sends them (see steplog._writer). Everything
+buffers; a background thread sends them (see steplog._writer.writer). Everything
 else is a unary call that raises a typed steplog error on failure.
+
+Over 500 lines because Azure ML's `Run` is one class of about 80 public
+methods that scripts call unchanged; each method here checks its arguments
+and delegates (the writer, steplog._uploads, steplog._tables, steplog.query),
+so the class is wide, not deep.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from steplog import _azure
+from steplog import _azure, _settings
+from steplog._writer.outcomes import WriterStats
+from steplog._writer.transport import Rejection
 from steplog.client import Client, Connection, get_client
 from steplog.errors import FailedPreconditionError, InvalidArgumentError
 from steplog.experiment import Experiment, Workspace, _client_of, tags_from_proto, tags_to_proto
@@ -559,7 +566,7 @@ class Run:
         reports a bad image as a rejected point (INVALID_IMAGE). Here the
         bytes are only read (or rendered); the background writer hashes and
         encodes them."""
-        from steplog._buffers import ImageItem
+        from steplog._writer.items import ImageItem
         from steplog._uploads import image_bytes
 
         if step is not None:
@@ -797,13 +804,13 @@ class Run:
         `timeout` is steplog's older keyword); False on timeout."""
         return self._client.flush(timeout if timeout is not None else timeout_seconds)
 
-    def rejections(self) -> builtins.list[Any]:
+    def rejections(self) -> builtins.list[Rejection]:
         """Points of this run the service did not store, with the reason
         (`Rejection`: name, labels, step, reason, message). Only those this
         process logged, and only the most recent ones (the list is bounded)."""
         return [r for r in self._client.writer.rejections() if r.run_id == self.id]
 
-    def writer_stats(self) -> Any:
+    def writer_stats(self) -> WriterStats:
         """Counters of this process's background writer (logged, acknowledged,
         duplicates, rejected, dropped, spooled, reconnects, ...)."""
         return self._client.writer.stats
@@ -1382,7 +1389,7 @@ class Run:
         tls_cert, tls_key, ...: steplog.client.Connection) default to their
         STEPLOG_* variables."""
         run_id = os.environ.get("STEPLOG_RUN_ID")
-        offline = os.environ.get("STEPLOG_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        offline = _settings.flag("STEPLOG_OFFLINE")
         if run_id and offline:
             # Offline (no network): points go to the spool only, and
             # `steplog sync` replays them to the run later. No call is made,

@@ -4,6 +4,7 @@ a user runs, and SQL to count what is stored (each point exactly once)."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import signal
@@ -340,3 +341,46 @@ def test_streams_a_load_balancer_resets_lose_nothing_and_complete_rides_out_its_
     finally:
         lb.stop()
         cutter.close()
+
+
+THREADS_SCRIPT = """
+import collections, threading, sys
+from steplog import Experiment
+sys.path.insert(0, {root!r})
+from tests import imagegen
+
+run = Experiment({experiment!r}, url={url!r}).start_logging()
+for step in range(300):
+    run.log("loss", 1.0 / (step + 1), step=step)
+    run.log_row("rows", step=step, loss=0.5, tag=f"t{{step}}")
+    if step % 50 == 0:
+        run.log_table("tbl", {{"x": [1, 2, 3], "y": [0.5, 0.25, 0.125]}})
+        run.log_image("frames", imagegen.png(8, 8, seed=step), step=step)
+assert run.flush(60), run.writer_stats
+names = collections.Counter(t.name for t in threading.enumerate() if t.name.startswith("steplog"))
+print(dict(names))
+run.complete()
+"""
+
+
+def test_one_background_thread_sends_every_kind(url: str, experiment_name: str) -> None:
+    """log, log_row, log_table and log_image (the image stream included) are
+    all sent by ONE steplog-writer thread; beside it only the heartbeat and
+    the gRPC stream readers (one per open stream, receiving acknowledgements:
+    the sync gRPC API has no non-blocking receive) exist, no row timer, no
+    second writer."""
+    root = str(Path(__file__).resolve().parents[2])
+    script = THREADS_SCRIPT.format(root=root, experiment=experiment_name, url=url)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STEPLOG_HEARTBEAT_INTERVAL": "3600"},
+    )
+    assert done.returncode == 0, done.stderr
+    names: dict[str, int] = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert names.pop("steplog-writer") == 1
+    assert names.pop("steplog-heartbeat") == 1
+    assert 1 <= names.pop("steplog-ingest-reader", 0) <= 2  # the main and the image stream
+    assert names == {}

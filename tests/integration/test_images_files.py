@@ -25,7 +25,7 @@ from aiobotocore.session import get_session
 from ingest.devstack import LocalStack, StackInfo
 from ingest.store.blobs import blob_key
 from steplog import AlreadyExistsError, Experiment, InvalidArgumentError, NotFoundError, Run
-from steplog._transport import Rejection
+from steplog._writer.transport import Rejection
 from steplog.client import Client
 from steplog.v1 import artifact_service_pb2 as ap
 from steplog.v1 import artifact_service_pb2_grpc as ag

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from steplog import Experiment, Run, evaluation
-from steplog._transport import Rejection
+from steplog._writer.transport import Rejection
 from steplog.client import Client
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb

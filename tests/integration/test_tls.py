@@ -25,7 +25,7 @@ from ingest import healthcheck
 from ingest.healthcheck import wait_healthy
 from ingest.observe.metrics_http import make_hash
 from steplog import Experiment, Run
-from steplog._transport import ChannelSettings
+from steplog._channel import ChannelSettings
 from steplog.client import Client
 from steplog.errors import PermissionDeniedError, ServiceError, UnauthenticatedError
 from steplog.v1 import experiment_service_pb2 as ex

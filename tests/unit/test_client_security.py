@@ -21,7 +21,8 @@ import grpc
 import pytest
 
 from steplog import Experiment, Run
-from steplog._transport import ChannelSettings, GrpcTransport, TransportError, is_loopback_target
+from steplog._channel import ChannelSettings, is_loopback_target
+from steplog._writer.transport import GrpcTransport, TransportError
 from steplog.client import Client, get_client
 from steplog.errors import InvalidArgumentError, NotFoundError
 from steplog.v1 import ingest_service_pb2 as pb

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from steplog import client as client_module
+from steplog._channel import ChannelSettings
 from steplog._retry import is_transport_loss, retry_code, rule, should_retry
-from steplog._transport import ChannelSettings, TransportError
+from steplog._writer.transport import TransportError
 from steplog.client import Client, resend_safe, with_client_run_id
 from steplog.errors import FailedPreconditionError, ServiceError, UnavailableError
 from steplog.v1 import common_pb2

@@ -10,9 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from steplog._spool import SPOOL_SUFFIX, replay_spool, spool_files, spooled_records
-from steplog._transport import Backoff, TransportError
 from steplog._writer import BatchWriter
+from steplog._writer.replay import replay_spool
+from steplog._writer.spool import SPOOL_SUFFIX, spool_files, spooled_records
+from steplog._writer.transport import Backoff, TransportError
 from steplog.v1 import ingest_service_pb2 as pb
 from tests.unit.test_writer import WAIT, FakeTransport, settings, stored
 

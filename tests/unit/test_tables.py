@@ -386,9 +386,16 @@ def test_layout_places_cells_at_slots_and_adds_columns() -> None:
 # -- the client: columns and messages ----------------------------------------------------
 
 
+def table_series(
+    name: str, value: Any, description: str, steps: Any, max_bytes: int
+) -> list[data_pb2.SeriesData]:
+    """What the writer's thread makes of a log_table call (check, copy, encode)."""
+    return _tables.table_item(name, value, description, steps, 1.7e9).encode(name, (), max_bytes)
+
+
 def decoded(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    msg = _tables.table_message(columns, [1.7e9] * len(next(iter(columns.values()))))
-    return table_columns(msg)
+    (series,) = table_series("t", columns, "", None, 1 << 20)
+    return table_columns(series.table)
 
 
 def test_column_kinds() -> None:
@@ -425,20 +432,21 @@ def test_roundtrip_of_azure_shape() -> None:
 
 def test_large_tables_are_split_by_rows() -> None:
     columns = {"s": ["z" * 100] * 1000}
-    parts = _tables.split_messages(columns, [1.7e9] * 1000, list(range(1000)), 20_000)
-    assert len(parts) > 1 and all(p.ByteSize() <= 20_000 for p in parts)
+    messages = table_series("t", columns, "", list(range(1000)), 20_000)
+    parts = [m.table for m in messages]
+    assert len(parts) > 1 and all(m.ByteSize() <= 20_000 for m in messages)
     assert sum(p.row_count for p in parts) == 1000
     assert [s for p in parts for s in p.steps] == list(range(1000))
 
 
 def test_log_table_checks_its_value() -> None:
     with pytest.raises(InvalidArgumentError, match="different lengths"):
-        _tables.table_series("t", (), {"a": [1], "b": [1, 2]}, "", None, 1 << 20)
+        table_series("t", {"a": [1], "b": [1, 2]}, "", None, 1 << 20)
     with pytest.raises(InvalidArgumentError, match="column 'a' value must be"):
-        _tables.table_series("t", (), {"a": [[1]]}, "", None, 1 << 20)
+        table_series("t", {"a": [[1]]}, "", None, 1 << 20)
     with pytest.raises(InvalidArgumentError, match="2 steps for 1 rows"):
-        _tables.table_series("t", (), {"a": [1]}, "", [1, 2], 1 << 20)
-    (series,) = _tables.table_series("t", (), {"a": np.arange(3)}, "d", [5, 6, 7], 1 << 20)
+        table_series("t", {"a": [1]}, "", [1, 2], 1 << 20)
+    (series,) = table_series("t", {"a": np.arange(3)}, "d", [5, 6, 7], 1 << 20)
     assert list(series.table.steps) == [5, 6, 7] and series.description == "d"
 
 

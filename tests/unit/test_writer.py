@@ -22,14 +22,6 @@ import grpc
 import numpy as np
 import pytest
 
-from steplog._spool import spool_files
-from steplog._transport import (
-    Backoff,
-    DoneCallback,
-    GrpcTransport,
-    ResponseCallback,
-    TransportError,
-)
 from steplog._writer import (
     BatchWriter,
     DeliveryWarning,
@@ -38,6 +30,14 @@ from steplog._writer import (
     RejectedPointsWarning,
     WriterSettings,
     replay_spool,
+)
+from steplog._writer.spool import spool_files
+from steplog._writer.transport import (
+    Backoff,
+    DoneCallback,
+    GrpcTransport,
+    ResponseCallback,
+    TransportError,
 )
 from steplog.v1 import data_pb2, ingest_service_pb2_grpc
 from steplog.v1 import ingest_service_pb2 as pb
@@ -430,7 +430,7 @@ def test_logging_does_not_block_while_the_service_is_down(
     assert done.wait(WAIT)
     st = w.stats
     assert st.points_logged == 99_999
-    assert st.points_unacked <= w._batch_points  # one probe batch at most, resent later
+    assert st.points_unacked <= w._main._batch_points  # one probe batch at most, resent later
     assert fake.wait_for(lambda: fake.opened >= 2)  # it kept trying in the background
     fake.down = False
     assert w.flush(WAIT)
@@ -622,7 +622,7 @@ def test_close_twice_and_log_after_close(fake: FakeTransport) -> None:
 def test_close_without_logging_starts_no_thread(fake: FakeTransport) -> None:
     w = BatchWriter(fake, "ws", settings())
     assert w.close(0) is True
-    assert w._thread is None
+    assert w.thread is None
 
 
 def test_close_timeout_saves_undelivered_data_to_the_spool(
@@ -717,8 +717,8 @@ def test_strict_mode_raises(fake: FakeTransport, writers: list[BatchWriter]) -> 
 
 
 def _wait_check_at_zero(w: BatchWriter) -> bool:
-    with w._cond:
-        return w._cond.wait_for(lambda: w._check_at == 0, WAIT)
+    with w._main._cond:
+        return w._main._cond.wait_for(lambda: w._main.buffers.check_at == 0, WAIT)
 
 
 # ---------------------------------------------------------- non-retryable
@@ -829,7 +829,7 @@ def test_fork_child_starts_empty_with_a_new_writer_id(
                 st.points_unacked == 0,
                 st.points_logged == 0,
                 w.writer_id != parent_id,
-                w._thread is None,
+                w.thread is None,
             ]
             fake.hold_acks = False
             w.log_scalar("r1", "loss", (), 100.0, 100, 1.0)
@@ -1065,8 +1065,8 @@ def test_flush_is_false_after_a_batch_refused_before_it_began(
     w = make(writers, fake)
     with pytest.warns(DeliveryWarning, match="INVALID_ARGUMENT.*saved to"):
         w.log_scalar("r1", "poison", (), 1.0, 1, 1.0)
-        with w._cond:
-            assert w._cond.wait_for(lambda: w._refused == 1, WAIT)
+        with w._main._cond:
+            assert w._main._cond.wait_for(lambda: w._main.out.refused == 1, WAIT)
         w.log_scalar("r1", "loss", (), 2.0, 2, 1.0)
         assert w.flush(WAIT) is False
     assert w.flush(WAIT) is True  # nothing new was lost
@@ -1130,7 +1130,7 @@ def test_bulk_columns_from_numpy(fake: FakeTransport, writers: list[BatchWriter]
 
 class _RecordingProtos:
     """Stands in for the data_pb2 module inside steplog._tables and
-    steplog._buffers: every message they build is recorded with its thread."""
+    steplog._writer.items / .series: every message they build is recorded with its thread."""
 
     def __init__(self) -> None:
         self.built: list[tuple[str, str]] = []
@@ -1151,11 +1151,13 @@ class _RecordingProtos:
 def test_log_calls_build_no_protobuf_on_the_callers_thread(
     fake: FakeTransport, writers: list[BatchWriter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from steplog import _buffers, _tables
+    from steplog import _tables
+    from steplog._writer import items, series
 
     protos = _RecordingProtos()
     monkeypatch.setattr(_tables, "data_pb2", protos)
-    monkeypatch.setattr(_buffers, "data_pb2", protos)
+    monkeypatch.setattr(items, "data_pb2", protos)
+    monkeypatch.setattr(series, "data_pb2", protos)
     w = make(writers, fake, flush_interval=60.0)  # nothing is due on its own
     n = 2 * _tables.MAX_ROWS + 5  # more than one message's worth of rows
     for i in range(n):
@@ -1170,7 +1172,7 @@ def test_log_calls_build_no_protobuf_on_the_callers_thread(
             "confusion_matrix", {"data": {"class_labels": ["a"], "matrix": [[1]]}}, "", 1, 1.0
         ),
     )
-    image = _buffers.ImageItem(b"\x89PNG fake", 1.0, 3, "")
+    image = items.ImageItem(b"\x89PNG fake", 1.0, 3, "")
     w.log_item("r1", "img", (), "images", image, image.encoded_bound("img", ()))
     me = threading.current_thread().name
     assert [b for b in protos.built if b[1] == me] == []  # nothing encoded here

@@ -20,26 +20,23 @@ retry and spool machinery of the writer unchanged.
 
 from __future__ import annotations
 
-import hashlib
-import sys
 from array import array
 from collections import deque
 from collections.abc import MutableSequence
 from typing import Any, Protocol
 
-import numpy as np
-
-from steplog._transport import Labels, Rejection
+from steplog._writer.items import MESSAGE_OVERHEAD_BYTES, Encodable, Encoded
+from steplog._writer.transport import Labels, Rejection
+from steplog._writer.wire import (
+    DOUBLE_BYTES,
+    SERIES_OVERHEAD,
+    VARINT_MAX_BYTES,
+    labels_overhead,
+    scalar_columns,
+)
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 
-_LITTLE_ENDIAN = sys.byteorder == "little"
-# Upper bounds of the encoded size of parts of a RunSeries; the splitter uses
-# them so a batch never exceeds max_batch_bytes without serializing it first.
-SERIES_OVERHEAD = 64
-_LABEL_OVERHEAD = 8
-_DOUBLE_BYTES = 8
-_VARINT_MAX_BYTES = 10
 # Compact a column when this many consumed points sit in front of it (and they
 # are at least half of it), so draining a long backlog costs amortised O(1).
 _COMPACT_AT = 4096
@@ -48,65 +45,11 @@ _COMPACT_AT = 4096
 # and str header, plus its characters (text_chars).
 _COLUMN_BYTES = 8
 _TEXT_VALUE_BYTES = 56
-# A queued message: its encoded size plus this (the Python object).
-MESSAGE_OVERHEAD_BYTES = 200
 
 
 def text_chars(value: str) -> int:
     """The bytes a str's characters take (1 each if ASCII, up to 4 if not)."""
     return len(value) if value.isascii() else 4 * len(value)
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _le_bytes(column: array[float]) -> bytes:
-    if _LITTLE_ENDIAN:
-        return column.tobytes()
-    swapped = array("d", column)
-    swapped.byteswap()
-    return swapped.tobytes()
-
-
-def packed_varints(column: array[int]) -> bytes:
-    """The payload of a packed int64 field, vectorised (negative values take
-    10 bytes, as protobuf encodes them)."""
-    if not column:
-        return b""
-    v = np.frombuffer(column, dtype=np.int64).view(np.uint64)
-    if int(v.max()) < 0x80:  # the common case: small steps, one byte each
-        return v.astype(np.uint8).tobytes()
-    nbytes = np.ones(v.shape, dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += v >= np.uint64(1 << (7 * k))
-    ends = np.cumsum(nbytes)
-    starts = ends - nbytes
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    for k in range(int(nbytes.max())):
-        sel = nbytes > k
-        byte = ((v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        byte |= (nbytes[sel] > k + 1).astype(np.uint8) << np.uint8(7)
-        out[starts[sel] + k] = byte
-    return out.tobytes()
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2): tag, length, payload."""
-    return bytes((number << 3 | 2,)) + encode_varint(len(payload)) + payload
-
-
-def labels_overhead(labels: Labels) -> int:
-    return sum(len(k) + len(v.encode()) + _LABEL_OVERHEAD for k, v in labels)
 
 
 class Piece(Protocol):
@@ -196,9 +139,9 @@ class ScalarBuffer:
             + labels_overhead(labels)
         )
         # Per point: time + (step) + value; text values are sized one by one.
-        self.point_bytes = _DOUBLE_BYTES + (_VARINT_MAX_BYTES if stepped else 0)
+        self.point_bytes = DOUBLE_BYTES + (VARINT_MAX_BYTES if stepped else 0)
         if not text:
-            self.point_bytes += _DOUBLE_BYTES
+            self.point_bytes += DOUBLE_BYTES
         # Memory: the columns' bytes per point; text adds text_chars per value,
         # summed in text_cost over the pending values (the writer adds them).
         self.point_cost = _COLUMN_BYTES * (2 if stepped else 1)
@@ -334,76 +277,10 @@ class ScalarPiece:
             series.description = buf.description
         if buf.policy:
             series.step_policy = buf.policy
-        raw = b""
-        if self.steps:
-            raw += _field(1, packed_varints(self.steps))
-        raw += _field(2, _le_bytes(self.times))
-        if isinstance(self.values, array):
-            raw += _field(3, _le_bytes(self.values))
-        series.scalars.MergeFromString(raw)
-        if not isinstance(self.values, array):
+        numeric = self.values if isinstance(self.values, array) else None
+        series.scalars.MergeFromString(scalar_columns(self.steps, self.times, numeric))
+        if numeric is None:
             series.scalars.text_values.extend(self.values)
-
-
-def series_points(series: data_pb2.SeriesData) -> int:
-    """How many points a SeriesData carries (rows, images, documents, values)."""
-    kind = series.WhichOneof("points")
-    if kind == "scalars":
-        return len(series.scalars.values) or len(series.scalars.text_values)
-    if kind == "table":
-        return int(series.table.row_count)
-    if kind == "images":
-        return len(series.images.images)
-    if kind == "evaluations":
-        return len(series.evaluations.documents)
-    return 0
-
-
-class Encodable(Protocol):
-    """Values a log call copied, encoded later on the sender thread."""
-
-    points: int
-    cost: int  # the bytes it holds in memory
-
-    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
-        """The SeriesData messages (each at most max_bytes, when it can be split)."""
-        ...
-
-
-class ImageItem:
-    """One image's bytes (copied by the caller), time and step; its SHA-256
-    and message are made on the sender thread."""
-
-    __slots__ = ("cost", "data", "description", "points", "step", "time")
-
-    def __init__(self, data: bytes, time: float, step: int | None, description: str) -> None:
-        self.data = data
-        self.time = time
-        self.step = step
-        self.description = description
-        self.points = 1
-        self.cost = len(data) + len(description) + MESSAGE_OVERHEAD_BYTES
-
-    def encoded_bound(self, name: str, labels: Labels) -> int:
-        """An upper bound of the encoded size (checked before it is queued)."""
-        return (
-            len(self.data)
-            + 128
-            + len(name.encode())
-            + len(self.description.encode())
-            + labels_overhead(labels)
-        )
-
-    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
-        image = data_pb2.Image(data=self.data, sha256=hashlib.sha256(self.data).hexdigest())
-        points = data_pb2.ImagePoints(times=[self.time], images=[image])
-        if self.step is not None:
-            points.steps.append(self.step)
-        return [
-            data_pb2.SeriesData(
-                name=name, labels=dict(labels), description=self.description, images=points
-            )
-        ]
 
 
 class MessageBuffer:
@@ -433,7 +310,7 @@ class MessageBuffer:
         self.overhead = SERIES_OVERHEAD + len(run_id.encode())
         self.items: deque[tuple[data_pb2.SeriesData, int, int]] = deque()
         self.raw: list[Encodable] = []
-        self.open: Any = None
+        self.open: Any = None  # a steplog._tables.RowsItem
         self.encoding = 0  # points taken by take_raw, not yet put back
         self.points = 0  # pending: encoded + raw + encoding
         self.ready_points = 0  # encoded
@@ -443,7 +320,7 @@ class MessageBuffer:
         """Queue an encoded message of `size` bytes; the memory it costs. A
         pre-built message goes behind the raw items queued before it."""
         if self.raw or self.encoding:
-            item = _Encoded(series, points, size)
+            item = Encoded(series, points, size)
             self.add_raw(item)
             return item.cost
         self.items.append((series, points, size + self.overhead))
@@ -533,21 +410,6 @@ class MessageBuffer:
         self.points -= n
         message = f"a message of {b} bytes cannot fit in a batch of {max_bytes} bytes"
         return Rejection(self.run_id, self.name, self.labels, "LIMIT_EXCEEDED", message), n
-
-
-class _Encoded:
-    """A pre-built message queued behind raw items (already encoded)."""
-
-    __slots__ = ("cost", "points", "series", "size")
-
-    def __init__(self, series: data_pb2.SeriesData, points: int, size: int) -> None:
-        self.series = series
-        self.points = points
-        self.size = size
-        self.cost = size + MESSAGE_OVERHEAD_BYTES
-
-    def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
-        return [self.series]
 
 
 class MessagePiece:

@@ -1,0 +1,456 @@
+"""The writer's buffers: what log calls append to, and what the sender cuts
+batches from. One `Buffers` per stream, guarded by its `lock`.
+
+Hot path. A log call appends to its series' columns (steplog._writer.series)
+under the lock: no I/O, no protobuf, only copies of the values. It returns
+None on the fast path; it returns the bytes it added when a counter crossed
+a threshold the lane set (`check_at` points, `mem_check_at` bytes: a batch
+is full, the memory bound, news to deliver), and the lane then takes the
+slow path. Table rows (`log_row`) extend the series' open RowsItem in place,
+tables, evaluations and images are queued as items (steplog._writer.items)
+the sender encodes (`encode_pending`) before it cuts a batch (`take`).
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from time import monotonic
+from time import time as wall_time
+from typing import Any, cast
+
+import numpy as np
+
+from steplog._tables import RowsItem, check_row_names, row_cost, table_item
+from steplog._writer.items import Encodable
+from steplog._writer.outcomes import Outcomes
+from steplog._writer.series import (
+    Buffer,
+    MessageBuffer,
+    Piece,
+    ScalarBuffer,
+    text_chars,
+)
+from steplog._writer.transport import Labels, Rejection
+from steplog._writer.wire import SERIES_OVERHEAD, series_points
+from steplog.v1 import data_pb2
+
+ScalarKey = tuple[str, str, Labels, bool, bool]
+MessageKey = tuple[str, str, Labels, str | None]
+
+
+class Buffers:
+    """The buffered points of one stream, per series, oldest first.
+
+    `wake` is the sender's Event (set on the first point after a quiet
+    spell); `started` is called on a new series (it starts the sender);
+    `news` after the sender recorded something for the user."""
+
+    def __init__(
+        self,
+        outcomes: Outcomes,
+        wake: threading.Event,
+        started: Callable[[], None],
+        news: Callable[[], None],
+        max_batch_bytes: int,
+        batch_bytes: int,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.wake = wake
+        self._out = outcomes
+        self._started = started
+        self._news = news
+        self.max_batch_bytes = max_batch_bytes  # the setting, for messages
+        self.batch_bytes = batch_bytes  # what a batch may hold of series
+        # Rows, tables, evaluations are encoded into messages of at most this
+        # size (split by rows), so a batch holds more than one.
+        self.message_bytes = max(4096, batch_bytes // 2)
+        self._scalars: dict[ScalarKey, ScalarBuffer] = {}
+        self._messages: dict[MessageKey, MessageBuffer] = {}
+        self.dirty: dict[Buffer, None] = {}  # buffers with points, oldest first
+        self.raw: dict[MessageBuffer, None] = {}  # holding items not yet encoded
+        self.buffered = 0
+        self.buffered_bytes = 0  # what the buffered points cost in memory
+        self.oldest: float | None = None
+        self.check_at = 0  # leave the fast path at this many points (the lane sets it)
+        self.mem_check_at = 0  # ... or at this many bytes
+
+    def log_scalar(
+        self,
+        run_id: str,
+        name: str,
+        labels: Labels,
+        value: float | str,
+        step: int | None,
+        time: float,
+        description: str = "",
+        out_of_order: bool = False,
+    ) -> int | None:
+        """Append one point; returns at once (see the module docstring for the
+        only case in which it waits). A value of the wrong type raises here."""
+        key = (run_id, name, labels, isinstance(value, str), step is not None)
+        with self.lock:
+            buf = self._scalars.get(key)
+            if buf is None:
+                buf = self._new_scalar_series(key, description, out_of_order)
+            values = buf.values
+            if not values:
+                if not self.dirty:
+                    self.oldest = monotonic()
+                    self.wake.set()
+                self.dirty[buf] = None
+            try:
+                values.append(value)
+                buf.times.append(time)
+                if step is not None:
+                    buf.steps.append(step)
+            except BaseException:
+                buf.repair()
+                raise
+            cost = buf.point_cost
+            if buf.text:
+                chars = text_chars(cast(str, value))
+                buf.text_cost += chars
+                cost += chars
+            self.buffered += 1
+            self.buffered_bytes += cost
+            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+                return None
+        return cost
+
+    def log_scalars(
+        self,
+        run_id: str,
+        name: str,
+        labels: Labels,
+        values: Sequence[float] | Sequence[str] | np.ndarray[Any, Any],
+        steps: Sequence[int] | np.ndarray[Any, Any] | None = None,
+        times: Sequence[float] | np.ndarray[Any, Any] | None = None,
+        description: str = "",
+        out_of_order: bool = False,
+    ) -> int | None:
+        """Append many points of one series at once (`log_list`, bulk logging).
+        `times` None: all get the current time. Columns are converted before
+        anything is appended, so a bad value leaves the series untouched."""
+        n = len(values)
+        if n == 0:
+            return None
+        if steps is not None and len(steps) != n:
+            raise ValueError(f"{len(steps)} steps for {n} values")
+        if times is not None and len(times) != n:
+            raise ValueError(f"{len(times)} times for {n} values")
+        text = isinstance(values[0], str)
+        col_values: list[str] | array[float]
+        if text:
+            col_values = list(cast(Sequence[str], values))
+            if not all(isinstance(v, str) for v in col_values):
+                raise TypeError(f"series {name!r}: values mix text and numbers")
+        else:
+            col_values = _float_column(values)
+        col_times = _float_column(times) if times is not None else array("d", [wall_time()]) * n
+        col_steps = _int_column(steps) if steps is not None else None
+        key = (run_id, name, labels, text, steps is not None)
+        with self.lock:
+            sbuf = self._scalars.get(key)
+            if sbuf is None:
+                sbuf = self._new_scalar_series(key, description, out_of_order)
+            if not sbuf.values:
+                if not self.dirty:
+                    self.oldest = monotonic()
+                    self.wake.set()
+                self.dirty[sbuf] = None
+            sbuf.values.extend(col_values)
+            sbuf.times.extend(col_times)
+            if col_steps is not None:
+                sbuf.steps.extend(col_steps)
+            cost = n * sbuf.point_cost
+            if text:
+                chars = sum(text_chars(v) for v in cast(list[str], col_values))
+                sbuf.text_cost += chars
+                cost += chars
+            self.buffered += n
+            self.buffered_bytes += cost
+            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+                return None
+        return cost
+
+    def log_series(self, run_id: str, series: data_pb2.SeriesData) -> int | None:
+        """Append a pre-built SeriesData (table rows, images, evaluations...):
+        it is sent whole, in order with the other messages of its series, and
+        shares the sequencing, ack, retry and spool machinery. Raises
+        ValueError when it cannot fit in any batch."""
+        points = series_points(series)
+        size = series.ByteSize()
+        if size + SERIES_OVERHEAD + len(run_id.encode()) > self.batch_bytes:
+            raise ValueError(
+                f"series {series.name!r}: {size} bytes do not fit in a batch "
+                f"(max_batch_bytes={self.max_batch_bytes})"
+            )
+        labels = tuple(sorted(series.labels.items()))
+        key = (run_id, series.name, labels, series.WhichOneof("points"))
+        with self.lock:
+            mbuf = self._messages.get(key)
+            if mbuf is None:
+                mbuf = self._messages[key] = MessageBuffer(run_id, series.name, labels)
+                self._started()
+            if not mbuf.points:
+                if not self.dirty:
+                    self.oldest = monotonic()
+                    self.wake.set()
+                self.dirty[mbuf] = None
+            cost = mbuf.append(series, points, size)
+            if mbuf.raw:
+                self.raw[mbuf] = None
+            self.buffered += points
+            self.buffered_bytes += cost
+            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+                return None
+        return cost
+
+    def log_row(
+        self,
+        run_id: str,
+        name: str,
+        labels: Labels,
+        row: Mapping[str, Any],
+        time: float,
+        description: str = "",
+    ) -> int | None:
+        """Append one table row ({column: cell}, None a missing cell). Its
+        cells are checked here (the error names the column) and its values
+        appended to the series' open RowsItem; the sender encodes the rows."""
+        cost = row_cost(name, row)
+        names = tuple(row)
+        key = (run_id, name, labels, "table")
+        with self.lock:
+            mbuf = self._messages.get(key)
+            if mbuf is None:
+                mbuf = self._new_message_series(key)
+            rows: RowsItem | None = mbuf.open
+            if rows is None or names != rows.names:
+                check_row_names(name, names)
+            if not mbuf.points:
+                if not self.dirty:
+                    self.oldest = monotonic()
+                    self.wake.set()
+                self.dirty[mbuf] = None
+            if rows is None:
+                rows = RowsItem(description)
+                mbuf.add_raw(rows)
+                mbuf.open = rows
+                self.raw[mbuf] = None
+            if rows.add(names, row.values(), time, cost):
+                mbuf.open = None  # full: the next row starts the next message
+            mbuf.points += 1
+            mbuf.cost += cost
+            self.buffered += 1
+            self.buffered_bytes += cost
+            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+                return None
+        return cost
+
+    def log_item(
+        self, run_id: str, name: str, labels: Labels, kind: str, item: Encodable, bound: int = 0
+    ) -> int | None:
+        """Append values a log call copied (a table's columns, an evaluation
+        document, an image: `kind` is the SeriesData points field); the
+        sender encodes them. `bound`: an upper bound of the encoded size;
+        ValueError when that cannot fit in any batch."""
+        if bound and bound + SERIES_OVERHEAD + len(run_id.encode()) > self.batch_bytes:
+            raise ValueError(
+                f"series {name!r}: {bound} bytes do not fit in a batch "
+                f"(max_batch_bytes={self.max_batch_bytes})"
+            )
+        key = (run_id, name, labels, kind)
+        with self.lock:
+            mbuf = self._messages.get(key)
+            if mbuf is None:
+                mbuf = self._new_message_series(key)
+            if not mbuf.points:
+                if not self.dirty:
+                    self.oldest = monotonic()
+                    self.wake.set()
+                self.dirty[mbuf] = None
+            mbuf.add_raw(item)
+            self.raw[mbuf] = None
+            cost = item.cost
+            self.buffered += item.points
+            self.buffered_bytes += cost
+            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+                return None
+        return cost
+
+    def log_table_rows(
+        self,
+        run_id: str,
+        name: str,
+        labels: Labels,
+        rows: Mapping[str, Sequence[Any]],
+        steps: Sequence[int] | None = None,
+        times: Sequence[float] | None = None,
+        description: str = "",
+    ) -> int | None:
+        """Append table rows given as columns ({"col": [v1, v2, ...]});
+        copied here, encoded (and split by rows to fit a batch) by the sender."""
+        item = table_item(name, rows, description, steps, wall_time())
+        if times is not None:
+            if len(times) != item.points:
+                raise ValueError(f"{len(times)} times for {item.points} rows")
+            item.times = [float(t) for t in times]
+        if not item.points:
+            return None
+        return self.log_item(run_id, name, labels, "table", item)
+
+    def _new_message_series(self, key: tuple[str, str, Labels, str | None]) -> MessageBuffer:
+        """First message of a series in this writer (lock held)."""
+        mbuf = self._messages[key] = MessageBuffer(key[0], key[1], key[2])
+        self._started()
+        return mbuf
+
+    def _new_scalar_series(
+        self, key: tuple[str, str, Labels, bool, bool], description: str, out_of_order: bool
+    ) -> ScalarBuffer:
+        """First point of a series in this writer (lock held)."""
+        run_id, name, labels, text, stepped = key
+        buf = ScalarBuffer(run_id, name, labels, text, stepped, description, out_of_order)
+        self._scalars[key] = buf
+        self._started()
+        return buf
+
+    def drop_points(self, n: int) -> int:
+        """Drop up to n of the oldest buffered points (lock held)."""
+        dropped = 0
+        for buf in list(self.dirty):
+            if dropped >= n:
+                break
+            before = buf.cost
+            while dropped < n and buf.pending():
+                dropped += buf.drop_front(n - dropped)
+            self.buffered_bytes -= before - buf.cost
+            if not buf.pending():
+                del self.dirty[buf]
+        return self._count_dropped(dropped)
+
+    def drop_bytes(self, nbytes: int) -> int:
+        """Drop the oldest buffered points until nbytes are freed, or all
+        are gone (lock held). How many points were dropped."""
+        dropped = freed = 0
+        for buf in list(self.dirty):
+            if freed >= nbytes:
+                break
+            while freed < nbytes and buf.pending():
+                before = buf.cost
+                each = max(1, before // buf.pending())
+                dropped += buf.drop_front(max(1, (nbytes - freed) // each))
+                freed += before - buf.cost
+            if not buf.pending():
+                del self.dirty[buf]
+        self.buffered_bytes -= freed
+        return self._count_dropped(dropped)
+
+    def _count_dropped(self, dropped: int) -> int:
+        self.buffered -= dropped
+        self._out.dropped += dropped
+        self._out.dropped_buffered += dropped
+        if not self.dirty:
+            self.oldest = None
+        return dropped
+
+    def encode_pending(self) -> None:
+        """Encode what log calls queued unencoded (rows, tables, evaluations,
+        images) into messages: taken under the lock, encoded outside it (log
+        calls go on meanwhile), put back in order. Sender thread only, so a
+        series' items keep their order. An item that cannot be encoded (a
+        bug, or a value changed under us) is rejected on the client alone."""
+        with self.lock:
+            work = [(mbuf, mbuf.take_raw()) for mbuf in self.raw]
+            self.raw.clear()
+        limit = self.message_bytes
+        for mbuf, items in work:
+            done: list[tuple[Encodable, list[tuple[data_pb2.SeriesData, int, int]]]] = []
+            failed: list[tuple[Rejection, int]] = []
+            for item in items:
+                try:
+                    messages = [
+                        (m, series_points(m), m.ByteSize())
+                        for m in item.encode(mbuf.name, mbuf.labels, limit)
+                    ]
+                except Exception as exc:
+                    messages = []
+                    why = f"could not be encoded on the client: {exc!r}"
+                    rejection = Rejection(mbuf.run_id, mbuf.name, mbuf.labels, "INVALID_VALUE", why)
+                    failed.append((rejection, item.points))
+                done.append((item, messages))
+            with self.lock:
+                self.buffered_bytes += mbuf.put_ready(done)
+                if failed:
+                    n = sum(k for _, k in failed)
+                    self.buffered -= n
+                    self._out.drained += n
+                    self._out.resolved_points += n
+                    self._out.record_rejections([r for r, _ in failed], n, {"INVALID_VALUE": n})
+                    self._news()
+
+    def take(self, max_points: int, max_bytes: int) -> tuple[list[Piece], int, int]:
+        """(lock held) The next batch's pieces, oldest series first, within
+        max_points and max_bytes; their points and memory cost. A point too
+        large for any batch is rejected on the client (LIMIT_EXCEEDED)."""
+        pieces: list[Piece] = []
+        rejections: list[Rejection] = []
+        points = size = cost = 0
+        for buf in list(self.dirty):
+            full = False
+            before = buf.cost
+            while buf.ready():
+                piece, n, b = buf.take(max_points - points, max_bytes - size, not pieces)
+                if piece is None:
+                    if pieces:
+                        full = True  # the next point does not fit: close this batch
+                        break
+                    ahead = buf.cost
+                    rejection, k = buf.reject_front(max_bytes)
+                    before -= ahead - buf.cost  # gone, not in the batch
+                    self.buffered_bytes -= ahead - buf.cost
+                    rejections.append(rejection)
+                    self.buffered -= k
+                    self._out.drained += k
+                    self._out.resolved_points += k
+                    continue
+                pieces.append(piece)
+                points += n
+                size += b
+                if points >= max_points:
+                    full = True
+                    break
+            cost += before - buf.cost
+            if not buf.pending():
+                del self.dirty[buf]
+            if full:
+                break
+        if rejections:
+            n_rejected = len(rejections)
+            self._out.record_rejections(rejections, n_rejected, {"LIMIT_EXCEEDED": n_rejected})
+        if not self.dirty:
+            self.oldest = None
+        self.buffered -= points
+        self.buffered_bytes -= cost
+        self._out.drained += points
+        return pieces, points, cost
+
+
+def _float_column(values: Any) -> array[float]:
+    if isinstance(values, np.ndarray):
+        col: array[float] = array("d")
+        col.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+        return col
+    return array("d", values)
+
+
+def _int_column(values: Any) -> array[int]:
+    if isinstance(values, np.ndarray):
+        col: array[int] = array("q")
+        col.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        return col
+    return array("q", values)
