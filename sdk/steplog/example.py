@@ -56,6 +56,9 @@ def train(run: object, steps: int, lr: float) -> None:
         if step % 100 == 0:
             run.log("accuracy", 1 - loss / 2.5, step=step)
             run.log_row("eval", step=step, loss=loss, accuracy=1 - loss / 2.5)
+            # A distribution per step: weights that narrow as training goes on.
+            weights = np.random.default_rng(step).normal(0, 1 / (1 + lr * step), 1000)
+            run.log_histogram("weights", weights, step=step)
     # An evaluation: a confusion matrix computed from labels and predictions.
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 3, 500)
@@ -92,7 +95,11 @@ def main() -> None:
     for run_id, series in metrics.items():
         print(f"  metrics of {run_id}:")
         for name, value in sorted(series.items()):
-            if isinstance(value, dict) and "schema_type" in value:
+            first = value[0] if isinstance(value, list) and value else value
+            if isinstance(first, dict) and "edges" in first:
+                hists = value if isinstance(value, list) else [value]
+                print(f"    {name}: {len(hists)} histograms of {len(first['counts'])} bins")
+            elif isinstance(value, dict) and "schema_type" in value:
                 print(f"    {name}: {value['schema_type']} {value['data'].get('matrix')}")
             elif isinstance(value, dict) and "sha256" in value:
                 print(f"    {name}: {value['content_type']} {value['width']}x{value['height']}")
