@@ -383,7 +383,7 @@ def expected_role(name: str) -> str:
     method = name.rsplit("/", 1)[1]
     if "/steplog.v1.TokenService/" in name or method.startswith("Delete"):
         return "admin"
-    writes = ("GetOrCreate", "Update", "Archive", "Reactivate", "Create", "Add", "Heartbeat")
+    writes = ("GetOrCreate", "Update", "Archive", "Reactivate", "Create", "Add", "Heartbeat", "Set")
     if method.startswith((*writes, "Rewind")) or method in ("Ingest", "Write", "UploadArtifact"):
         return "writer"
     return "reader"
@@ -500,7 +500,7 @@ def test_the_matrix_covers_every_rpc(env: Env) -> None:
         assert request_for(method, env) is not None
     assert TOKEN_METHODS <= ADMIN_METHODS and len(TOKEN_METHODS) == 3
     assert "/steplog.v1.RunService/GetRun" not in WRITE_METHODS
-    assert len(WRITE_METHODS) == 13
+    assert len(WRITE_METHODS) == 14
     for method in RPCS:
         assert auth.METHOD_ROLES[method].value == expected_role(method), method
 
