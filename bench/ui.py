@@ -195,7 +195,7 @@ def measure_page(ui: UiProcess, ids: list[str], series: int, screenshot: Path | 
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
             for i in range(4):
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page = browser.new_page(viewport={"width": 1400, "height": 900}, bypass_csp=True)
                 page.goto(url)
                 page.wait_for_function(
                     "window.steplog && window.steplog.firstChartMs !== undefined", timeout=60_000
