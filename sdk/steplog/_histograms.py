@@ -54,15 +54,17 @@ def check_edges(name: str, edges: F64, field: str = "edges") -> None:
         raise _fail(name, field, f"{edges.size - 1} bins; the limit is {MAX_BINS}")
     bad = np.flatnonzero(~np.isfinite(edges))
     if bad.size:
-        raise _fail(name, field, f"{field} must be finite: {field}[{bad[0]}] is {edges[bad[0]]!r}")
+        raise _fail(
+            name, field, f"{field} must be finite: {field}[{bad[0]}] is {float(edges[bad[0]])!r}"
+        )
     flat = np.flatnonzero(~(edges[1:] > edges[:-1]))
     if flat.size:
         j = int(flat[0])
         raise _fail(
             name,
             field,
-            f"{field} must be strictly increasing: {field}[{j + 1}] = {edges[j + 1]!r} is not "
-            f"above {field}[{j}] = {edges[j]!r}",
+            f"{field} must be strictly increasing: {field}[{j + 1}] = {float(edges[j + 1])!r} is "
+            f"not above {field}[{j}] = {float(edges[j])!r}",
         )
 
 
@@ -150,7 +152,9 @@ def given(name: str, edges: Any, counts: Any) -> tuple[F64, F64]:
     bad = np.flatnonzero(~(np.isfinite(c) & (c >= 0)))
     if bad.size:
         raise _fail(
-            name, "counts", f"counts must be finite and >= 0: counts[{bad[0]}] is {c[bad[0]]!r}"
+            name,
+            "counts",
+            f"counts must be finite and >= 0: counts[{bad[0]}] is {float(c[bad[0]])!r}",
         )
     return e, c
 
