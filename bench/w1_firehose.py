@@ -28,7 +28,7 @@ import asyncpg
 import numpy as np
 
 from bench.common import bench_stack, copy_ceiling, scrape, service, sql
-from ingest.store.timescale import SCALAR_COLUMNS, encode_scalar_copy
+from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
 
 
 def _writer(url: str, experiment: str, names: int, steps: int, ready: Any, out: Any) -> None:

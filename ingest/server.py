@@ -40,13 +40,17 @@ from ingest.core.validate import Limits
 from ingest.observe import metrics_http, progress
 from ingest.observe.metrics import Metrics
 from ingest.store import artifacts as artifacts_store
-from ingest.store import blob_sweep, timescale
+from ingest.store import blob_sweep, db, migrate
 from ingest.store import histograms as histogram_store
 from ingest.store import quotas as quota_mod
 from ingest.store import tables as tables_store
 from ingest.store.blobs import BlobSettings, BlobStore
+from ingest.store.metadata import MetadataStore
+from ingest.store.points import PointStore
+from ingest.store.queries import QueryStore
 from ingest.store.sweeps import SweepStore
 from ingest.store.tokens import TokenStore
+from ingest.store.writers import WriterSweeper
 from ingest.write.pipeline import Pipeline
 from ingest.write.sweeps import EarlyTermination
 from steplog.v1 import (
@@ -142,7 +146,7 @@ class Service:
     metrics_port: int = 0
     metrics: Metrics = field(default_factory=Metrics)
     pipeline: Pipeline | None = None
-    points: timescale.PointStore | None = None
+    points: PointStore | None = None
     blobs: BlobStore | None = None
     queries: QueryServicer | None = None
     quotas: quota_mod.Quotas | None = None
@@ -167,27 +171,27 @@ class Service:
         if cfg.metrics_port:
             self._start_metrics(metrics_host)
         try:
-            self.pool = await timescale.connect_pool(cfg.database_url, cfg.db_pool_size)
+            self.pool = await db.connect_pool(cfg.database_url, cfg.db_pool_size)
         except StoreUnavailable as exc:
             raise StartError(f"cannot start: {scrub(str(exc), cfg)}") from None
-        applied = await timescale.migrate(self.pool)
+        applied = await migrate.migrate(self.pool)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         # Quotas per workspace (ingest/store/quotas.py): the rates here, the hard
         # limits in the stores' transactions.
         quota_defaults, self.quotas = self._quotas(self.pool)
         on_quota = self.metrics.quota_exceeded.labels
-        metadata = timescale.MetadataStore(
+        metadata = MetadataStore(
             self.pool,
             cfg.heartbeat_timeout_s,
             quota_defaults,
             lambda quota: on_quota(quota).inc(),
         )
         # Idle writers' progress expires after the retention (exactly once).
-        sweeper = timescale.WriterSweeper(self.pool, cfg.writer_retention_s)
+        sweeper = WriterSweeper(self.pool, cfg.writer_retention_s)
         sweeper.start()
         self._closers.append(sweeper.close)
-        self.points = timescale.PointStore(
+        self.points = PointStore(
             cfg.max_series_per_run, quota_defaults, lambda quota: on_quota(quota).inc()
         )
         self.blobs = BlobStore(BlobSettings.from_config(cfg), self.metrics)
@@ -227,7 +231,7 @@ class Service:
             max_image_bytes=cfg.max_image_bytes,
         )
         self.queries = QueryServicer(
-            timescale.QueryStore(self.pool), max_response_bytes=cfg.max_response_bytes
+            QueryStore(self.pool), max_response_bytes=cfg.max_response_bytes
         )
         tables_store.register(self.points, self.queries, self.pool, limits)
         histogram_store.register(self.points, self.queries, self.pool)
@@ -353,7 +357,7 @@ class Service:
         )
 
         async def overrides(workspace: str) -> Any:
-            async with timescale.acquire(pool) as conn:
+            async with db.acquire(pool) as conn:
                 return await quota_mod.load_overrides(conn, workspace)
 
         counter = self.metrics.quota_exceeded

@@ -48,7 +48,7 @@ from ingest.core.errors import ApiError, StoreUnavailable, invalid
 from ingest.core.validate import Limits
 from ingest.observe.metrics import Metrics
 from ingest.store.quotas import Quotas, RateLimited
-from ingest.store.timescale import CommitResult
+from ingest.store.writers import CommitResult
 from ingest.write.pipeline import ACK_BYTES, ByteBudget, Overloaded, Pipeline, batch_cost
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc as pb_grpc

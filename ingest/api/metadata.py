@@ -15,7 +15,7 @@ from ingest.api.common import (
 )
 from ingest.core import model
 from ingest.core.errors import invalid
-from ingest.store.timescale import MetadataStore
+from ingest.store.metadata import MetadataStore
 from steplog.v1 import (
     common_pb2,
 )

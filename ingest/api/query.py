@@ -24,7 +24,8 @@ from ingest.core.batch import (
     VALUE_TEXT,
 )
 from ingest.core.errors import invalid
-from ingest.store.timescale import MAX_STEP, MIN_STEP, QueryStore, Read, Row, Window
+from ingest.store.db import Row
+from ingest.store.queries import MAX_STEP, MIN_STEP, QueryStore, Read, Window
 from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as pb
 from steplog.v1 import query_service_pb2_grpc as pb_grpc

@@ -29,9 +29,9 @@ from ingest.core.batch import (
 from ingest.core.checks import CONTROL, clip, label_key_ok
 from ingest.core.evaluations import validate_evaluations
 from ingest.core.histograms import DEFAULT_MAX_BINS, validate_histograms
+from ingest.core.images import validate_images
 from ingest.core.model import run_id_ok
 from ingest.core.tables import validate_table
-from ingest.core.images import validate_images
 
 MAX_NAME = 255
 MAX_LABEL_VALUE = 256

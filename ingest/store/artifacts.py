@@ -55,19 +55,15 @@ from ingest.core.batch import (
     DecodedBatch,
 )
 from ingest.core.errors import ApiError, StoreUnavailable, invalid, not_found, precondition
+from ingest.core.images import ImageInfo
 from ingest.core.model import RunStatus
 from ingest.core.order import Accepted
-from ingest.core.images import ImageInfo
 from ingest.store import quotas as q
 from ingest.store.blobs import BlobNotFound, BlobStore, StoredBlob
-from ingest.store.timescale import (
-    CommitResult,
-    Read,
-    Window,
-    acquire,
-    hide_superseded,
-    visible_points,
-)
+from ingest.store.db import acquire
+from ingest.store.points import hide_superseded
+from ingest.store.queries import Read, Window, visible_points
+from ingest.store.writers import CommitResult
 from ingest.write.pipeline import Pipeline
 from steplog.v1 import data_pb2
 
@@ -311,7 +307,7 @@ class BlobFirstPipeline(Pipeline):
     async def submit(
         self, batch: DecodedBatch, cost: int | None = None, wait: float | None = None
     ) -> asyncio.Future[CommitResult]:
-        held = _image_bytes(batch)
+        held = image_bytes(batch)
         if self.gate is not None:
             await self.gate.check_images(batch)
         await store_image_blobs(self.blobs, batch)
@@ -320,7 +316,7 @@ class BlobFirstPipeline(Pipeline):
         return await super().submit(batch, max(cost, 0), wait)
 
 
-def _image_bytes(batch: DecodedBatch) -> int:
+def image_bytes(batch: DecodedBatch) -> int:
     return sum(
         len(info.data)
         for chunk in batch.chunks

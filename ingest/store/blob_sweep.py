@@ -67,7 +67,7 @@ import asyncpg
 from ingest.core.errors import StoreUnavailable
 from ingest.observe.metrics import Metrics
 from ingest.store.blobs import BlobNotFound, BlobStore, ListedBlob
-from ingest.store.timescale import acquire
+from ingest.store.db import acquire
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def run_cli(ns: Any) -> int:
     import sys
 
     from ingest import config as config_mod
-    from ingest.store import timescale
+    from ingest.store import db, migrate
     from ingest.store.blobs import BlobSettings
 
     try:
@@ -329,10 +329,10 @@ def run_cli(ns: Any) -> int:
 
     async def run() -> int:
         metrics = Metrics(process=False)
-        pool = await timescale.connect_pool(cfg.database_url, 3)
+        pool = await db.connect_pool(cfg.database_url, 3)
         blobs = BlobStore(BlobSettings.from_config(cfg), metrics)
         try:
-            await timescale.migrate(pool)
+            await migrate.migrate(pool)
             await blobs.start()
             result = await sweep_once(
                 pool, blobs, cfg.blob_sweep_grace_s, dry_run=ns.dry_run, metrics=metrics

@@ -424,13 +424,13 @@ def run_cli(ns: Any) -> int:
 
     from ingest.config import Config
     from ingest.core.errors import StoreUnavailable
-    from ingest.store import timescale
+    from ingest.store import db
 
     url = ns.database_url or os.environ.get("STEPLOG_DATABASE_URL") or Config.database_url
 
     async def run() -> int:
         async with (
-            timescale.command_pool(url, "steplog-ingest quota") as pool,
+            db.command_pool(url, "steplog-ingest quota") as pool,
             pool.acquire() as conn,
         ):
             if ns.quota_command == "set":
@@ -450,7 +450,7 @@ def run_cli(ns: Any) -> int:
     except asyncpg.LockNotAvailableError:
         print(
             f"steplog-ingest quota: the database is busy: a lock stayed taken for"
-            f" {timescale.CLI_LOCK_TIMEOUT_S:g} s (a service applying migrations?); try again",
+            f" {db.CLI_LOCK_TIMEOUT_S:g} s (a service applying migrations?); try again",
             file=sys.stderr,
         )
         return 1

@@ -33,22 +33,18 @@ from ingest.core.evaluations import Document
 from ingest.core.order import Accepted, SeriesState
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
 from ingest.core.validate import Limits
-from ingest.store.timescale import (
-    PG_EPOCH,
-    Read,
-    Window,
-    acquire,
-    hide_superseded,
-    visible_points,
-)
+from ingest.store.copy import PG_EPOCH
+from ingest.store.db import acquire
+from ingest.store.points import hide_superseded
+from ingest.store.queries import Read, Window, visible_points
 from steplog.v1 import data_pb2
 
 log = logging.getLogger(__name__)
 
 Row = Mapping[str, Any]
 
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 TABLE_ROW_COLUMNS = ["time", "series_id", "step", "doubles", "ints", "bools", "hidden", "strings"]
 # Fixed-width array types in table_rows column order: (type, element oid, dtype).
 _FIXED = ((DOUBLE, 701, ">f8"), (INT64, 20, ">i8"), (BOOL, 16, "u1"))
@@ -231,15 +227,15 @@ def encode_table_rows(
 
 
 def copy_payload(rows: Sequence[bytes]) -> bytes:
-    return _COPY_HEADER + b"".join(rows) + _COPY_TRAILER
+    return COPY_HEADER + b"".join(rows) + COPY_TRAILER
 
 
 async def _copy_source(rows: Sequence[bytes]) -> AsyncIterator[bytes]:
     """The COPY stream piece by piece: no copy of a group's rows into one buffer."""
-    yield _COPY_HEADER
+    yield COPY_HEADER
     for part in rows:
         yield part
-    yield _COPY_TRAILER
+    yield COPY_TRAILER
 
 
 # -- layout of a request's accepted rows ---------------------------------------------

@@ -29,7 +29,7 @@ import asyncpg
 
 from ingest.core import model
 from ingest.core.errors import invalid, not_found
-from ingest.store.timescale import CLI_LOCK_TIMEOUT_S
+from ingest.store.db import CLI_LOCK_TIMEOUT_S
 
 PREFIX = "stl_"
 TOKEN_ID_CHARS = 12
@@ -238,7 +238,7 @@ class TokenStore:
     async def lookup(self, token_id_: str) -> tuple[TokenRow, bytes] | None:
         """The row and stored hash of a token id, or None. A database that
         cannot be reached is StoreUnavailable (the caller gets UNAVAILABLE)."""
-        from ingest.store.timescale import acquire
+        from ingest.store.db import acquire
 
         async with acquire(self.pool) as conn:
             r = await conn.fetchrow("SELECT * FROM tokens WHERE token_id = $1", token_id_)
@@ -257,9 +257,9 @@ class TokenStore:
 @asynccontextmanager
 async def _store(pool_or_url: asyncpg.Pool | str, pepper: str) -> AsyncIterator[TokenStore]:
     if isinstance(pool_or_url, str):
-        from ingest.store import timescale
+        from ingest.store import db
 
-        async with timescale.command_pool(pool_or_url, "steplog-ingest token") as pool:
+        async with db.command_pool(pool_or_url, "steplog-ingest token") as pool:
             yield TokenStore(pool, pepper)
     else:
         yield TokenStore(pool_or_url, pepper)

@@ -60,7 +60,9 @@ import asyncpg
 from ingest.core.batch import INVALID_VALUE, REASON_NAMES, DecodedBatch
 from ingest.core.errors import ApiError, StoreUnavailable
 from ingest.observe.metrics import Metrics
-from ingest.store.timescale import UNAVAILABLE_ERRORS, CommitResult, PointStore, _init_connection
+from ingest.store.db import UNAVAILABLE_ERRORS, init_connection
+from ingest.store.points import PointStore
+from ingest.store.writers import CommitResult
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +542,7 @@ class Pipeline:
             server_settings={"application_name": application_name()},
         )
         try:
-            await _init_connection(conn)
+            await init_connection(conn)
         except BaseException:
             conn.terminate()
             raise

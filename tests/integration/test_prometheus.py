@@ -28,7 +28,7 @@ import pytest
 
 from ingest.core.batch import REASON_NAMES
 from ingest.observe.progress import ProgressStore
-from ingest.store import timescale
+from ingest.store import db
 from steplog import Experiment, Run
 from steplog.client import Client
 from steplog.v1 import data_pb2, run_service_pb2
@@ -394,7 +394,7 @@ async def test_progress_reads_cap_filter_and_status(
         ),
     )
     ended.complete()
-    pool = await timescale.connect_pool(database_url, 2)
+    pool = await db.connect_pool(database_url, 2)
     try:
         everything = await ProgressStore(pool, 300).snapshot(("loss*", "top_1%"), 10_000)
         ids = [r.run_id for r in everything.runs]

@@ -17,7 +17,8 @@ from ingest.core.decode import decode_batch
 from ingest.core.errors import StoreUnavailable
 from ingest.core.validate import Limits
 from ingest.observe.metrics import Metrics
-from ingest.store.timescale import CommitResult, GroupStats, SequenceGap
+from ingest.store.points import GroupStats
+from ingest.store.writers import CommitResult, SequenceGap
 from ingest.write.pipeline import (
     COMMIT_TRIES,
     ByteBudget,

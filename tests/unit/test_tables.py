@@ -18,7 +18,7 @@ from ingest.core.decode import decode_batch
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, TableBlock, resolve_types
 from ingest.core.validate import Limits
 from ingest.store import tables as tables_store
-from ingest.store.timescale import PG_EPOCH
+from ingest.store.copy import PG_EPOCH
 from steplog import _tables
 from steplog._decoders import table_columns
 from steplog.errors import InvalidArgumentError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ingest.core.batch import INVALID_NAME, STEP_NOT_INCREASING, Chunk, DecodedBatch, Outcome
-from ingest.store.timescale import (
+from ingest.store.writers import (
     MAX_OUTCOME_BYTES,
     classify_sequences,
     decode_outcome,

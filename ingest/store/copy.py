@@ -1,0 +1,56 @@
+"""PostgreSQL's binary COPY format: the header and trailer, written once, and
+the encoder of scalar_points rows (a numpy structured array, no per-point
+Python objects). Every store that COPYs uses these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+PG_EPOCH = 946684800.0  # 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+
+# One scalar_points row in PostgreSQL's binary COPY format: field count, then
+# (length, big-endian value) per column: time, series_id, step, value, hidden.
+_SCALAR_ROW = np.dtype(
+    [
+        ("nfields", ">i2"),
+        ("l_time", ">i4"),
+        ("time", ">i8"),
+        ("l_sid", ">i4"),
+        ("sid", ">i8"),
+        ("l_step", ">i4"),
+        ("step", ">i8"),
+        ("l_value", ">i4"),
+        ("value", ">f8"),
+        ("l_hidden", ">i4"),
+        ("hidden", "u1"),
+    ]
+)
+SCALAR_COLUMNS = ["time", "series_id", "step", "value", "hidden"]
+
+
+def encode_scalar_copy(
+    times: np.ndarray[Any, Any],
+    series_ids: np.ndarray[Any, Any],
+    steps: np.ndarray[Any, Any],
+    values: np.ndarray[Any, Any],
+) -> bytes:
+    """Build a binary COPY payload for scalar_points from arrays, vectorized:
+    no per-row Python objects on the hot path."""
+    rows = np.empty(times.shape[0], dtype=_SCALAR_ROW)
+    rows["nfields"] = 5
+    rows["l_time"] = 8
+    rows["time"] = np.rint((times - PG_EPOCH) * 1e6).astype(np.int64)
+    rows["l_sid"] = 8
+    rows["sid"] = series_ids
+    rows["l_step"] = 8
+    rows["step"] = steps
+    rows["l_value"] = 8
+    rows["value"] = values
+    rows["l_hidden"] = 1
+    rows["hidden"] = 0
+    return COPY_HEADER + rows.tobytes() + COPY_TRAILER

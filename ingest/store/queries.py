@@ -1,0 +1,338 @@
+"""Reads: series of runs and their visible (not hidden) points, downsampled
+in SQL, and the windows and slices a query pages through (asyncpg)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ingest.core.batch import (
+    KIND_SCALAR,
+    VALUE_TEXT,
+)
+from ingest.core.errors import not_found
+from ingest.store.db import Row, acquire
+
+MIN_STEP = -(2**63)
+MAX_STEP = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which visible points of some series to read, and at most how many
+    points and bytes. A read resumes at `after` = (series_id, step),
+    inclusive, in (series_id, step) order."""
+
+    limit: int
+    budget: int
+    start: int = MIN_STEP
+    end: int = MAX_STEP
+    after: tuple[int, int] = (0, MIN_STEP)
+    # Take the first point even when it alone is over the budget (a page must
+    # make progress).
+    force: bool = True
+    # One series only: keep at most `spread` points spread evenly over the
+    # range (which held `total` points), first and last included ...
+    spread: int = 0
+    total: int = 0
+    # ... or, for numeric scalars, at most `extremes` points keeping each
+    # bucket's first point, extremes and NaN.
+    extremes: int = 0
+    include_bytes: bool = False
+
+
+@dataclass(frozen=True)
+class Slice:
+    """What a Window read: rows by series, where the next read starts (None
+    when the window holds no more), the estimated encoded bytes, the count."""
+
+    rows: dict[int, list[Row]]
+    next: tuple[int, int] | None
+    used: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """A reader's answer: one SeriesData per series asked for (points of this
+    slice only) and the slice."""
+
+    data: dict[int, Any]
+    slice: Slice
+
+
+_DOWNSAMPLE_EXTREMES = """
+    WITH p AS (SELECT series_id, step, time, value, ntile($7::bigint::int) OVER (ORDER BY step) AS b
+        FROM scalar_points WHERE series_id = ANY($1::bigint[]) AND NOT hidden
+        AND step >= $2::bigint AND step <= $3::bigint),
+    a AS (SELECT b, min(step) AS f, min(step) FILTER (WHERE value = 'NaN') AS nan,
+        min(value) FILTER (WHERE value <> 'NaN') AS lo,
+        max(value) FILTER (WHERE value <> 'NaN') AS hi FROM p GROUP BY b),
+    e AS (SELECT p.b, min(p.step) FILTER (WHERE p.value = a.lo) AS lo_step,
+        min(p.step) FILTER (WHERE p.value = a.hi) AS hi_step
+        FROM p JOIN a ON a.b = p.b AND (p.value = a.lo OR p.value = a.hi) GROUP BY p.b),
+    k AS (SELECT step, min(prio) AS prio, min(b) AS b FROM (
+        SELECT b, nan AS step, 0 AS prio FROM a WHERE nan IS NOT NULL
+        UNION ALL SELECT b, hi_step, 1 FROM e WHERE hi_step IS NOT NULL
+        UNION ALL SELECT b, lo_step, 2 FROM e WHERE lo_step IS NOT NULL
+        UNION ALL SELECT b, f, 3 FROM a) u GROUP BY step),
+    kept AS (SELECT step FROM k ORDER BY prio, b, step LIMIT $8::bigint)
+    SELECT series_id, step, extract(epoch FROM time)::float8 AS t, value
+    FROM p JOIN kept USING (step) WHERE (series_id, step) >= ($4::bigint, $5::bigint)
+    ORDER BY series_id, step LIMIT $6::bigint
+"""
+
+
+def _candidates(table: str, columns: Sequence[tuple[str, str]], window: Window) -> str:
+    """SQL for the candidate points of a window ($1 series ids, $2/$3 the
+    step range, $4/$5 the resume position, $6 rows at most; $7/$8 the
+    downsampling parameters)."""
+    select = ", ".join(f"{expr} AS {alias}" for expr, alias in columns)
+    head = f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {select} FROM {table}"
+    visible = (
+        "series_id = ANY($1::bigint[]) AND NOT hidden AND step >= $2::bigint AND step <= $3::bigint"
+    )
+    tail = (
+        " AND (series_id, step) >= ($4::bigint, $5::bigint)"
+        " ORDER BY series_id, step LIMIT $6::bigint"
+    )
+    if window.extremes:
+        if table != "scalar_points":
+            raise ValueError("extremes downsampling is for numeric scalars")
+        return _DOWNSAMPLE_EXTREMES
+    if window.spread:
+        # Row indices round(k * (total - 1) / (spread - 1)), k = 0 .. spread - 1.
+        picked = (
+            f"SELECT step FROM (SELECT step, row_number() OVER (ORDER BY step) - 1 AS i"
+            f" FROM {table} WHERE {visible}) n WHERE i IN (SELECT CASE WHEN $8::bigint <= 1 THEN 0"
+            " ELSE (k * ($7::bigint - 1)) / ($8::bigint - 1) END"
+            " FROM generate_series(0::bigint, greatest($8::bigint, 1) - 1) k)"
+        )
+        return f"{head} WHERE {visible} AND step IN ({picked}){tail}"
+    # $7 and $8 are unused here; PostgreSQL needs every parameter typed.
+    return f"{head} WHERE {visible} AND $7::bigint > 0 AND $8::bigint >= 0{tail}"
+
+
+async def visible_points(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: Sequence[tuple[str, str]],
+    series_ids: Sequence[int],
+    window: Window,
+    cost: str = "0",
+    per_point: Mapping[int, int] | None = None,
+) -> Slice:
+    """The visible (not hidden) points of some series in a window, in
+    (series_id, step) order: at most window.limit points whose estimated
+    encoded size stays within window.budget bytes (at least one with
+    window.force). `columns` are (SQL expression, alias) pairs selected after
+    series_id, step and t (the time as epoch seconds); `cost` is an SQL
+    expression over those aliases that bounds a point's encoded bytes, plus
+    `per_point` bytes by series. The database computes the sizes, so no more
+    than the window (and one position past it) ever reaches this process."""
+    if window.limit <= 0:
+        raise ValueError("a window reads at least one point")
+    aliases = [alias for _, alias in columns]
+    payload = ", ".join(f"CASE WHEN take THEN {a} END AS {a}" for a in aliases)
+    weights = per_point or {}
+    candidates = _candidates(table, columns, window)
+    sql = (
+        f"SELECT series_id, step, t, used, take, {payload} FROM ("
+        " SELECT q.*, lag(take, 1, true) OVER (ORDER BY series_id, step) AS prev FROM ("
+        "  SELECT c.*, (rn <= $6::bigint - 1"
+        "   AND (used <= $9::bigint OR (rn = 1 AND $10::boolean))) AS take FROM ("
+        "   SELECT x.*, (sum(x.cost) OVER w)::bigint AS used, row_number() OVER w AS rn FROM ("
+        f"    SELECT y.*, ({cost}) + coalesce(wt.n, 0) AS cost FROM ({candidates}) y"
+        "     LEFT JOIN unnest($11::bigint[], $12::bigint[]) AS wt(sid, n) ON wt.sid = y.series_id"
+        "   ) x WINDOW w AS (ORDER BY x.series_id, x.step ROWS BETWEEN UNBOUNDED PRECEDING"
+        "   AND CURRENT ROW)"
+        "  ) c"
+        " ) q"
+        ") z WHERE take OR prev ORDER BY series_id, step"
+    )
+    rows = await conn.fetch(
+        sql,
+        list(series_ids),
+        window.start,
+        window.end,
+        window.after[0],
+        window.after[1],
+        window.limit + 1,
+        window.total if window.spread else max(1, window.extremes // 3),
+        window.spread or window.extremes,
+        window.budget,
+        window.force,
+        list(weights),
+        list(weights.values()),
+    )
+    grouped: dict[int, list[Row]] = {}
+    nxt: tuple[int, int] | None = None
+    used = count = 0
+    for r in rows:
+        if not r["take"]:
+            nxt = (r["series_id"], r["step"])
+            break
+        grouped.setdefault(r["series_id"], []).append(r)
+        used = int(r["used"])
+        count += 1
+    return Slice(grouped, nxt, used, count)
+
+
+async def count_points(
+    conn: asyncpg.Connection, table: str, series_id: int, start: int, end: int
+) -> tuple[int, int | None]:
+    """Visible points of a series in an inclusive step range, and the last step."""
+    row = await conn.fetchrow(
+        f"SELECT count(*) AS n, max(step) AS last FROM {table}"
+        " WHERE series_id = $1 AND NOT hidden AND step >= $2 AND step <= $3",
+        series_id,
+        start,
+        end,
+    )
+    return int(row["n"]), row["last"]
+
+
+class QueryStore:
+    """Reads: series of runs and their visible (not hidden) points."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    def _conn(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return acquire(self.pool)
+
+    async def run_ids(self, workspace: str, run_id: str, recursive: bool) -> list[str]:
+        async with self._conn() as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM runs WHERE run_id = $1 AND workspace = $2", run_id, workspace
+            )
+            if found is None:
+                raise not_found(
+                    "run_id", f"run {run_id!r} does not exist in workspace {workspace!r}"
+                )
+            if not recursive:
+                return [run_id]
+            # Children are runs of the same workspace (the parent key includes
+            # it); the join says so too, so the walk never leaves it.
+            rows = await conn.fetch(
+                "WITH RECURSIVE d AS (SELECT run_id, 0 AS depth, created_at FROM runs"
+                " WHERE workspace = $2 AND run_id = $1"
+                " UNION ALL SELECT c.run_id, d.depth + 1, c.created_at FROM runs c"
+                " JOIN d ON c.workspace = $2 AND c.parent_run_id = d.run_id)"
+                " SELECT run_id FROM d ORDER BY depth, created_at",
+                run_id,
+                workspace,
+            )
+            return [r["run_id"] for r in rows]
+
+    # A series' place in GetMetrics order: by the table its points live in
+    # (one query reads many series of one table), then by id.
+    _GROUP = f"(kind * 2 + (kind = {KIND_SCALAR} AND value_type = {VALUE_TEXT})::int)"
+    # Bytes a series' header (name, labels, description) takes when encoded, at most.
+    _HEADER = (
+        "(octet_length(name) + 2 * octet_length(labels::text) + octet_length(description) + 64)"
+    )
+    _SERIES = (
+        "series_id, run_id, name, labels, kind, value_type, stepped, point_count, last_step,"
+        " description"
+    )
+
+    async def series_page(
+        self,
+        workspace: str,
+        run_id: str,
+        names: Sequence[str],
+        after: tuple[int, int],
+        limit: int,
+        budget: int,
+    ) -> list[Row]:
+        """The next series of a run in GetMetrics order from `after` =
+        (group, series_id), inclusive: at most `limit`, whose headers fit in
+        `budget` bytes (at least one). Rows carry `grp` and `header` (bytes)."""
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    f"SELECT * FROM (SELECT *, sum(header) OVER (ORDER BY grp, series_id) AS used,"
+                    f" row_number() OVER (ORDER BY grp, series_id) AS rn FROM ("
+                    f"  SELECT {self._SERIES}, {self._GROUP} AS grp, {self._HEADER} AS header"
+                    "   FROM series WHERE workspace = $7 AND run_id = $1"
+                    "   AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
+                    f"  AND ({self._GROUP}, series_id) >= ($3::int, $4::bigint)"
+                    f"  ORDER BY {self._GROUP}, series_id LIMIT $5::bigint) s"
+                    ") t WHERE used <= $6::bigint OR rn = 1 ORDER BY grp, series_id",
+                    run_id,
+                    list(names),
+                    after[0],
+                    after[1],
+                    limit,
+                    budget,
+                    workspace,
+                )
+            )
+
+    async def list_series(
+        self, workspace: str, run_id: str, after: int, limit: int, budget: int
+    ) -> list[Row]:
+        """The series of a run in creation order from series id `after`
+        (inclusive): at most `limit`, whose headers fit in `budget` bytes (at
+        least one), then the next series, if any, with `take` false."""
+        async with self._conn() as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT * FROM (SELECT *, lag(take, 1, true) OVER (ORDER BY series_id) AS prev"
+                    " FROM (SELECT *, (rn <= $3::bigint AND (used <= $4::bigint OR rn = 1)) AS take"
+                    "  FROM (SELECT *, sum(header) OVER (ORDER BY series_id) AS used,"
+                    "   row_number() OVER (ORDER BY series_id) AS rn FROM ("
+                    f"   SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
+                    "    WHERE workspace = $5 AND run_id = $1 AND series_id >= $2::bigint"
+                    "    ORDER BY series_id LIMIT $3::bigint + 1) s) t) u) v"
+                    " WHERE take OR prev ORDER BY series_id",
+                    run_id,
+                    after,
+                    limit,
+                    budget,
+                    workspace,
+                )
+            )
+
+    async def find_series(
+        self, workspace: str, run_id: str, name: str, labels: Mapping[str, str]
+    ) -> Row:
+        from ingest.core.decode import labels_key
+
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT s.series_id, s.run_id, s.name, s.labels, s.kind, s.value_type, s.stepped,"
+                " s.point_count, s.last_step, s.description,"
+                " (octet_length(s.name) + 2 * octet_length(s.labels::text)"
+                " + octet_length(s.description) + 64) AS header"
+                " FROM series s"
+                " WHERE s.run_id = $1 AND s.workspace = $2 AND s.name = $3 AND s.labels_key = $4",
+                run_id,
+                workspace,
+                name,
+                labels_key(dict(labels)),
+            )
+        if row is None:
+            raise not_found(
+                "name", f"run {run_id!r} has no series {name!r} with labels {dict(labels)}"
+            )
+        return row
+
+    async def scalar_points(self, series_ids: Sequence[int], text: bool, window: Window) -> Slice:
+        """Visible scalar points of a window, in (series_id, step) order."""
+        table = "text_points" if text else "scalar_points"
+        # Encoded: a step (<= 10 bytes), a time and a double, or a string.
+        cost = "octet_length(value) + 24" if text else "26"
+        async with self._conn() as conn:
+            return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
+
+    async def count_points(
+        self, table: str, series_id: int, start: int, end: int
+    ) -> tuple[int, int | None]:
+        async with self._conn() as conn:
+            return await count_points(conn, table, series_id, start, end)
