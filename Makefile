@@ -3,7 +3,7 @@
 #   make test    install what is missing, lint, and run the whole suite against the real stack
 #   make bench   benchmarks (bench/README.md); make bench-faults: the fuzz and chaos runs
 #   make protos  regenerate sdk/steplog/v1 from protos/
-#   make lint    ruff, mypy (strict), buf lint
+#   make lint    ruff, mypy (strict), the layer contracts (lint-imports), buf lint
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -60,6 +60,7 @@ lint: setup
 	$(VENV)/bin/ruff check ingest sdk tests bench
 	$(VENV)/bin/ruff format --check ingest sdk tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(BUF) lint protos
 
 test: setup lint
