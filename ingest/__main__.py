@@ -235,6 +235,29 @@ def _start_children(
     return children
 
 
+DEFAULT_UI_PORT = 8765
+
+
+def _start_ui(env: dict[str, str], ports: _Ports, index: int) -> _Child:
+    """The web UI (`ui`, its own process) beside the service; it prints its URL."""
+    literals = [addresses.join_host_port(ports.metrics_host, 0)]
+    taken = {addresses.split_host_port(ports.listen)[1], *ports.metrics}
+    port = DEFAULT_UI_PORT
+    if port in taken or not _free_everywhere(literals, port):
+        port = _pick_free(literals, taken)
+    r, w = os.pipe()
+    try:
+        listen = addresses.join_host_port(ports.metrics_host, port)
+        cmd = [sys.executable, "-m", "ingest", "ui", "--listen", listen, "--ready-fd", str(w)]
+        proc = subprocess.Popen(cmd, env=env, pass_fds=(w,))
+    finally:
+        os.close(w)
+    child = _Child(index, proc, r)
+    if not child.read_line(time.monotonic() + START_TIMEOUT_S).startswith("ready "):
+        raise _Refused("the web UI did not start (its log is above)")
+    return child
+
+
 def _dev(ns: argparse.Namespace) -> int:
     """The embedded default: local PostgreSQL+TimescaleDB and SeaweedFS S3 as
     plain processes under --root, then the service (several processes sharing
@@ -273,6 +296,7 @@ def _dev(ns: argparse.Namespace) -> int:
                 "steplog: no authentication (loopback only); to turn it on: STEPLOG_AUTH=token, "
                 "`steplog-ingest token create`, STEPLOG_TOKEN (README: Security)"
             )
+        children.append(_start_ui(env, ports, len(children) + 1))
         if ns.example:
             cenv = dict(env)
             cenv["STEPLOG_URL"] = url

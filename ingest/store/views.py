@@ -32,9 +32,14 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-KIND_SCALAR, KIND_TABLE, KIND_IMAGE, KIND_EVALUATION = 1, 2, 3, 4
+KIND_SCALAR, KIND_TABLE, KIND_IMAGE, KIND_EVALUATION, KIND_HISTOGRAM = 1, 2, 3, 4, 5
 VALUE_TEXT = 1
-KIND_NAMES = {KIND_SCALAR: "scalar", KIND_TABLE: "table", KIND_IMAGE: "image"}
+KIND_NAMES = {
+    KIND_SCALAR: "scalar",
+    KIND_TABLE: "table",
+    KIND_IMAGE: "image",
+    KIND_HISTOGRAM: "histogram",
+}
 EVALUATION_SCHEMAS = {1: "confusion_matrix", 2: "accuracy_table", 3: "predictions", 4: "residuals"}
 
 MAX_RUNS = 2000
@@ -620,6 +625,35 @@ class ViewStore:
                 "document": json.loads(r["document"]),
             }
         return {"name": name, "steps": [r["step"] for r in steps], "latest": doc}
+
+    async def histograms(
+        self, workspace: str, run_id: str, name: str, labels: Mapping[str, str], limit: int = 1000
+    ) -> dict[str, Any]:
+        """The histograms of a series over steps, the latest `limit`, bytes bounded."""
+        s = await self._series_row(workspace, run_id, name, labels, KIND_HISTOGRAM)
+        rows = await self._fetch(
+            "SELECT * FROM (SELECT step, edges, counts, underflow, overflow, nan_count,"
+            " sum(24 * cardinality(counts) + 64) OVER (ORDER BY step DESC) AS used"
+            " FROM histogram_points WHERE series_id = $1 AND NOT hidden ORDER BY step DESC"
+            " LIMIT $2) t WHERE used <= $3 ORDER BY step",
+            s["series_id"],
+            max(1, min(limit, 10_000)),
+            self.max_bytes,
+        )
+        return {
+            "name": name,
+            "histograms": [
+                {
+                    "step": r["step"],
+                    "edges": [number(v) for v in r["edges"]],
+                    "counts": list(r["counts"]),
+                    "underflow": r["underflow"],
+                    "overflow": r["overflow"],
+                    "nan_count": r["nan_count"],
+                }
+                for r in rows
+            ],
+        }
 
     async def images(
         self, workspace: str, run_id: str, name: str, labels: Mapping[str, str], limit: int = 5000

@@ -235,6 +235,7 @@ class UiServer:
             "table": self.table,
             "evaluation": self.evaluation,
             "images": self.images,
+            "histograms": self.histograms,
             "files": self.files,
         }
         for name, fn in api.items():
@@ -376,6 +377,17 @@ class UiServer:
                 _required(request, "run"),
                 _required(request, "name"),
                 _labels(request),
+            )
+        )
+
+    async def histograms(self, request: web.Request) -> web.StreamResponse:
+        return _json(
+            await self._views.histograms(
+                request["workspace"],
+                _required(request, "run"),
+                _required(request, "name"),
+                _labels(request),
+                _int(request, "limit", 1000, 1, 10_000),
             )
         )
 

@@ -114,6 +114,8 @@ def logged(url: str, database_url: str) -> dict[str, Any]:
         run.log_image("sample", png(16, 12, seed=i), step=10)
         run.log_image("sample", png(16, 12, seed=i + 10), step=20)
         run.upload_file("outputs/config.json", b'{"lr": 1}')
+        for step in (0, 1):
+            run.log_histogram("weights", edges=[0.0, 1.0, 2.0], counts=[step + 1, 5], step=step)
         run.flush()
         run.complete()
         runs.append(run.id)
@@ -293,6 +295,11 @@ def test_run_page_renders_the_confusion_matrix_and_the_image(
     )
     assert page.locator("table.files a").inner_text() == "outputs/config.json"
     assert page.locator('.chart[data-metric="loss"] canvas').count() == 1
+    # Histograms over steps: the latest at first, as bars; the slider goes back.
+    hist = page.locator('.histogram-series[data-name="weights"]')
+    assert hist.locator("canvas").count() == 1 and "step 1 · 2 bins" in hist.inner_text()
+    hist.locator("input.step-slider").fill("0")
+    assert "step 0" in hist.locator(".muted").inner_text()
 
 
 PEPPER = "browser-pepper"

@@ -297,11 +297,12 @@ async function runPage() {
   const evalEl = h("div", { class: "cards evaluations" });
   const tablesEl = h("div", {});
   const imagesEl = h("div", { class: "cards images" });
+  const histEl = h("div", { class: "cards histograms" });
   const filesEl = h("div", {});
   sections.push(h("h3", {}, "Metrics"), metrics.length ? chartsEl : h("p", { class: "muted" }, "none"));
   if (system.length) sections.push(h("h3", {}, "System"), systemEl);
   app.replaceChildren(...sections, h("h3", {}, "Evaluations"), evalEl, h("h3", {}, "Tables"), tablesEl,
-    h("h3", {}, "Images"), imagesEl, h("h3", {}, "Files"), filesEl);
+    h("h3", {}, "Images"), imagesEl, h("h3", {}, "Histograms"), histEl, h("h3", {}, "Files"), filesEl);
   window.steplog.charts = {};
   const charts = [];
   const zoom = (range) => { for (const c of charts) { c.range = range; c.refresh().catch(show); } };
@@ -319,12 +320,13 @@ async function runPage() {
   }
   const work = [Promise.all(charts.map((c) => c.refresh()))];
   const others = run.series.filter((s) => !["scalar", "text"].includes(s.kind));
-  if (!others.some((s) => s.kind !== "image" && s.kind !== "table")) evalEl.append(h("p", { class: "muted" }, "none"));
+  if (!others.some((s) => !["image", "table", "histogram"].includes(s.kind))) evalEl.append(h("p", { class: "muted" }, "none"));
   for (const s of others) {
     const args = { run: id, name: s.name, labels: JSON.stringify(s.labels) };
     if (s.kind === "table") work.push(api("table", { ...args, limit: 200 }).then((t) => drawTable(tablesEl, s, t)));
     else if (s.kind === "image") work.push(api("images", args).then((t) => drawImages(imagesEl, s, t)));
-    else if (s.kind !== "histogram") work.push(api("evaluation", args).then((t) => drawEvaluation(evalEl, s, t)));
+    else if (s.kind === "histogram") work.push(api("histograms", args).then((t) => drawHistograms(histEl, s, t)));
+    else work.push(api("evaluation", args).then((t) => drawEvaluation(evalEl, s, t)));
   }
   work.push(api("files", { run: id }).then((f) => {
     filesEl.append(f.files.length ? h("table", { class: "grid files" }, h("tr", {}, h("th", {}, "path"), h("th", {}, "size"), h("th", {}, "type")),
@@ -334,6 +336,7 @@ async function runPage() {
   await Promise.all(work);
   if (!tablesEl.childElementCount) tablesEl.append(h("p", { class: "muted" }, "none"));
   if (!imagesEl.childElementCount) imagesEl.append(h("p", { class: "muted" }, "none"));
+  if (!histEl.childElementCount) histEl.append(h("p", { class: "muted" }, "none"));
   const mine = page;
   every(3000, async () => {
     if (mine !== page || !["Running", "NotResponding"].includes(run.status)) return;
@@ -359,6 +362,29 @@ function drawImages(el, s, t) {
   card.append(h("b", {}, s.name), h("div", {}, img), cap, t.images.length > 1 ? slider : null);
   el.append(card);
   show(t.images.length - 1);
+}
+
+// Histograms over steps: the one at the slider's step as bars.
+function drawHistograms(el, s, t) {
+  const card = h("div", { class: "card histogram-series", "data-name": s.name });
+  const body = h("div", {});
+  const cap = h("div", { class: "muted" });
+  el.append(card);
+  let u = null;
+  const show = (i) => {
+    const x = t.histograms[i];
+    if (!x) return;
+    const e = x.edges.map(num);
+    const mids = x.counts.map((_, k) => (e[k] + e[k + 1]) / 2);
+    cap.textContent = `step ${x.step} · ${x.counts.length} bins` + (x.underflow || x.overflow || x.nan_count ? ` · under ${x.underflow}, over ${x.overflow}, NaN ${x.nan_count}` : "");
+    if (u) u.destroy();
+    body.replaceChildren();
+    u = bars(body, "", mids, x.counts, "count");
+  };
+  const slider = h("input", { type: "range", min: 0, max: Math.max(0, t.histograms.length - 1), value: Math.max(0, t.histograms.length - 1), class: "step-slider",
+    oninput: (e) => show(Number(e.target.value)) });
+  card.append(h("b", {}, s.name), body, cap, t.histograms.length > 1 ? slider : null);
+  show(t.histograms.length - 1);
 }
 
 function drawEvaluation(el, s, t) {
