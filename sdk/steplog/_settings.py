@@ -19,7 +19,7 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 _BYTE_SUFFIXES = (("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1))
 
 
-class SettingError(InvalidArgumentError, ValueError):
+class SettingError(InvalidArgumentError):
     """A STEPLOG_* variable (or the argument standing in for it) holds a value
     that cannot be read; the message names the variable and the value."""
 

@@ -1134,15 +1134,17 @@ class _RecordingProtos:
 
     def __init__(self) -> None:
         self.built: list[tuple[str, str]] = []
+        self.threads: set[int] = set()  # the idents of the threads that built them
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(data_pb2, name)
         if not (isinstance(real, type) and name[:1].isupper()):
             return real
-        built = self.built
+        built, threads = self.built, self.threads
 
         def make(*args: Any, **kwargs: Any) -> Any:
             built.append((name, threading.current_thread().name))
+            threads.add(threading.get_ident())
             return real(*args, **kwargs)
 
         return make
@@ -1190,7 +1192,10 @@ def test_log_calls_build_no_protobuf_on_the_callers_thread(
     assert max(s.table.row_count for s in tables) <= _tables.MAX_ROWS
     assert len(stored(fake, "cm")) == 1 and len(stored(fake, "img")) == 1
     assert w.stats.points_logged == w.stats.points_acked == n + 2 + 1 + 1
-    # One sender thread per stream (the image stream has its own); no timer thread.
+    # ONE thread encoded rows, tables, evaluations and the image (whose
+    # stream is a second one); no timer thread.
+    assert w.thread is not None and protos.threads == {w.thread.ident}
+    assert w.image_stats is not None and w.image_stats.writer_id.endswith(".img")
     assert not [t for t in threading.enumerate() if t.name == "steplog-rows"]
 
 

@@ -93,9 +93,13 @@ class Lane:
         s = self._settings
         self.out = Outcomes(s.strict)
         self.buffers = Buffers(
-            self.out, self._wake, self._ensure_started, self._rearm,
-            s.max_batch_bytes, self._batch_bytes,
-        )  # fmt: skip
+            self.out,
+            self._wake,
+            self._ensure_started,
+            self._rearm,
+            s.max_batch_bytes,
+            self._batch_bytes,
+        )
         self._lock = self.buffers.lock
         self._cond = self.buffers.cond
         self.ledger = Ledger(writer_id, s.max_buffered_bytes // 2)

@@ -164,9 +164,13 @@ class BatchWriter:
         self._lock = threading.Lock()
         self._sender = Sender()
         self._main = Lane(
-            self._transport, self._workspace, self._settings, writer_id,
-            self._sender.wake, self._sender.start,
-        )  # fmt: skip
+            self._transport,
+            self._workspace,
+            self._settings,
+            writer_id,
+            self._sender.wake,
+            self._sender.start,
+        )
         self._sender.add(self._main)
         self._image_lane: Lane | None = None
         self._close_result: bool | None = None
