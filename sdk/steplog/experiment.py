@@ -377,12 +377,15 @@ class Experiment:
         tags: Mapping[str, str | None] | None = None,
         properties: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        log_system_metrics: bool = False,
         **kwargs: Any,
     ) -> Run:
         """Start a Running run (Azure ML's `start_logging`). `outputs`: a
         directory whose files are uploaded as run files (under the same
         relative name) when the run completes, fails or is canceled.
-        `snapshot_directory` is ignored (steplog keeps no code snapshots)."""
+        `snapshot_directory` is ignored (steplog keeps no code snapshots).
+        `log_system_metrics`: sample CPU, memory, disk, network and GPUs
+        into the run in the background (steplog.integrations.system)."""
         from steplog.run import Run
 
         if snapshot_directory is not None:
@@ -393,7 +396,7 @@ class Experiment:
             )
         for key in sorted(kwargs):
             _azure.ignored("Experiment.start_logging", key, "not a steplog run setting")
-        return Run._create(
+        run = Run._create(
             self._client,
             self.name,
             display_name=display_name or "",
@@ -405,6 +408,11 @@ class Experiment:
             labels=labels,
             outputs=outputs,
         )
+        if log_system_metrics:
+            from steplog.integrations import system
+
+            system.start(run)
+        return run
 
     def get_runs(
         self,

@@ -170,6 +170,9 @@ class Run:
         # flushes (and marks the run Failed on an exception); the process that
         # created the run completes it.
         self._attached = False
+        # start_logging(log_system_metrics=True): steplog.integrations.system's
+        # sampler, stopped (after one last sample) before the run ends.
+        self._system_metrics: Any = None
         for key in sorted(kwargs):
             if not key.startswith("_"):
                 _azure.ignored("Run", key, "not a steplog run setting")
@@ -1007,9 +1010,15 @@ class Run:
         if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
             self.upload_folder(Path(self._outputs).as_posix().strip("/"), folder, overwrite=True)
 
+    def _stop_system_metrics(self) -> None:
+        sampler, self._system_metrics = self._system_metrics, None
+        if sampler is not None:
+            sampler.stop()
+
     def complete(self, _set_status: bool = True, *, flush_timeout: float | None = None) -> None:
         """Flush what was logged (and upload the `outputs` directory, if one
         was given), then mark the run Completed."""
+        self._stop_system_metrics()
         self.flush(flush_timeout)  # None: until everything is acknowledged
         self._upload_outputs()
         if _set_status:
@@ -1022,6 +1031,7 @@ class Run:
         _set_status: bool = True,
     ) -> None:
         """Flush, then mark the run Failed with an error message and code."""
+        self._stop_system_metrics()
         self.flush(None)
         self._upload_outputs()
         if isinstance(error_details, BaseException):
@@ -1034,6 +1044,7 @@ class Run:
             self._move("Failed", message, code)
 
     def cancel(self) -> None:
+        self._stop_system_metrics()
         self.flush(None)
         self._upload_outputs()
         self._move("Canceled")
