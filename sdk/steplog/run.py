@@ -569,8 +569,8 @@ class Run:
         reports a bad image as a rejected point (INVALID_IMAGE). Here the
         bytes are only read (or rendered); the background writer hashes and
         encodes them."""
-        from steplog._writer.items import ImageItem
         from steplog._uploads import image_bytes
+        from steplog._writer.items import ImageItem
 
         if step is not None:
             try:
