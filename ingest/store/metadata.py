@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from ingest.core.batch import (
+    KIND_HISTOGRAM,
     KIND_IMAGE,
     KIND_SCALAR,
     KIND_TABLE,
@@ -219,6 +220,7 @@ class MetadataStore:
                 "table_rows",
                 "evaluation_points",
                 "image_points",
+                "histogram_points",
                 "table_columns",
             ):
                 await conn.execute(
@@ -568,7 +570,11 @@ def points_table(kind: int, value_type: int) -> str:
     """The hypertable that holds a series' points."""
     if kind == KIND_SCALAR:
         return "text_points" if value_type == VALUE_TEXT else "scalar_points"
-    return {KIND_TABLE: "table_rows", KIND_IMAGE: "image_points"}.get(kind, "evaluation_points")
+    return {
+        KIND_TABLE: "table_rows",
+        KIND_IMAGE: "image_points",
+        KIND_HISTOGRAM: "histogram_points",
+    }.get(kind, "evaluation_points")
 
 
 def _tag_filter(
