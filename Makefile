@@ -1,7 +1,8 @@
 # steplog: the only entry points a newcomer needs.
 #   make run     bring up the local stack (PostgreSQL+TimescaleDB, SeaweedFS S3) and the service, run the example
 #   make test    install what is missing, lint, and run the whole suite against the real stack
-#   make bench   benchmarks (bench/README.md); make bench-faults: the fuzz and chaos runs
+#   make bench   benchmarks (bench/README.md); make bench-faults: the fuzz and chaos runs;
+#                make bench-peers: W1 against MLflow in the same run
 #   make protos  regenerate sdk/steplog/v1 from protos/
 #   make lint    ruff, mypy (strict), the layer contracts (lint-imports), buf lint
 SHELL := /bin/bash
@@ -17,7 +18,7 @@ BUF     := $(TOOLS)/node_modules/.bin/buf
 STAMP   := $(VENV)/.steplog-installed
 PROCESSES ?= 1
 
-.PHONY: help setup system venv buf run test lint protos protos-check bench bench-faults stop clean
+.PHONY: help setup system venv buf run test lint protos protos-check bench bench-faults bench-peers stop clean
 
 help:
 	@echo "make run | make test | make bench | make protos | make lint | make stop | make clean"
@@ -68,6 +69,19 @@ test: setup lint
 
 bench: setup
 	$(PY) -m bench.run_all
+
+## bench-peers: W1 through steplog, then through MLflow's server on the same PostgreSQL (W1_PEER line);
+##   MLflow goes into a virtualenv of its own, installed only when missing
+PEERS_VENV    := $(STATE)/peers-venv
+MLFLOW_VERSION := 3.17.2
+
+bench-peers: setup $(PEERS_VENV)/.installed
+	$(PY) -m bench.peers
+
+$(PEERS_VENV)/.installed:
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q 'mlflow==$(MLFLOW_VERSION)' psycopg2-binary
+	@touch $@
 
 ## bench-faults: 100,000 hostile messages (FUZZ line), then kill -9 / SIGTERM / PostgreSQL / S3 faults (CHAOS lines)
 bench-faults: setup

@@ -34,7 +34,9 @@ from ingest.devstack import LocalStack, StackInfo
 from ingest.healthcheck import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_STACK = ROOT / ".steplog" / "bench"  # `make stop` stops it, `make clean` removes it
+# `make stop` stops it, `make clean` removes it. STEPLOG_BENCH_STACK names
+# another (the benchmarks' smoke test runs them on the test session's stack).
+BENCH_STACK = Path(os.environ.get("STEPLOG_BENCH_STACK") or ROOT / ".steplog" / "bench")
 
 
 def free_port() -> int:

@@ -1,4 +1,6 @@
-"""`make bench`: every benchmark, one after the other, on the same machine."""
+"""`make bench`: every benchmark, one after the other, on the same machine.
+`make bench-peers` (bench/peers.py, W1 against MLflow) is not in the list: it
+needs MLflow's virtualenv and takes minutes more."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import sys
 
 BENCHES = [
     "bench.log_overhead",
-    "bench.w1_firehose",
+    "bench.w1_firehose",  # W1 (fair ceiling) and STORAGE
+    "bench.w2_streams",  # W2 (with W1 through the service as its reference)
+    "bench.read_series",  # READ
     "bench.bench_rows",
     "bench.bench_blobs",
     "bench.delivery",

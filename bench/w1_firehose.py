@@ -22,12 +22,13 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, copy_ceiling, scrape, service, sql
+from bench.common import ServiceProcess, bench_stack, copy_ceiling, scrape, service, sql
 from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
 
 
@@ -108,6 +109,97 @@ def ceiling(url: str, payloads: list[bytes], total: int) -> dict[int, float]:
     return rates
 
 
+@dataclass
+class Firehose:
+    """What one W1 workload through the service measured."""
+
+    points: int
+    elapsed: float  # from the writers' start until every point is acknowledged
+    stored: int  # rows of these runs in scalar_points, by SQL
+    results: list[tuple[str, float, float, bool]]  # (run id, loop s, acked s, flushed)
+    samples: list[tuple[float, float]]  # (perf_counter, accepted-points counter)
+
+    @property
+    def rate(self) -> float:
+        return self.points / self.elapsed
+
+
+async def stored_points(url: str, run_ids: list[str]) -> int:
+    """Rows of scalar_points that belong to these runs (by SQL)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM scalar_points p JOIN series s USING (series_id)"
+                " WHERE s.run_id = ANY($1::text[])",
+                run_ids,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int) -> Firehose:
+    """W1 through the running service `svc` (database `db`): `writers`
+    spawned processes, each its own run logging `names` x `steps` points in a
+    plain `run.log` loop, timed from their common start until each has
+    flushed; the stored count checked by SQL."""
+    total = writers * names * steps
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(writers + 1)
+    out: Any = ctx.Queue()
+    procs = [
+        ctx.Process(target=_writer, args=(svc.address, "w1", names, steps, ready, out))
+        for _ in range(writers)
+    ]
+    for pr in procs:
+        pr.start()
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(1.0):
+            try:
+                v = scrape(svc.metrics_port, "steplog_ingest_points_total")
+            except OSError:
+                continue
+            samples.append((time.perf_counter(), v))
+
+    ready.wait()
+    t0 = time.perf_counter()
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    results = [out.get(timeout=1200) for _ in procs]
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    for pr in procs:
+        pr.join()
+    stored = asyncio.run(stored_points(db, [r[0] for r in results]))
+    return Firehose(total, elapsed, stored, results, samples)
+
+
+async def storage(url: str, points: int) -> str:
+    """The STORAGE line: scalar_points on disk (TimescaleDB's
+    hypertable_detailed_size: every chunk's table, indexes and TOAST) per
+    stored point."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT table_bytes, index_bytes, toast_bytes, total_bytes"
+            " FROM hypertable_detailed_size('scalar_points')"
+        )
+        chunks = await conn.fetchval("SELECT count(*) FROM show_chunks('scalar_points')")
+    finally:
+        await conn.close()
+    assert row is not None
+    table, index, toast, total = (int(row[k] or 0) for k in range(4))
+    return (
+        f"STORAGE bytes_per_point={total / points:.1f} table_bytes_per_point={table / points:.1f}"
+        f" index_bytes_per_point={index / points:.1f} toast_bytes_per_point={toast / points:.1f}"
+        f" total_bytes={total} points={points} chunks={chunks} layout=row_per_point"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--writers", type=int, default=4)
@@ -116,41 +208,16 @@ def main() -> None:
     ns = p.parse_args()
     total = ns.writers * ns.names * ns.steps
     with bench_stack() as (_stack, info, db), service(info, db) as svc:
-        ctx = mp.get_context("spawn")
-        ready = ctx.Barrier(ns.writers + 1)
-        out: Any = ctx.Queue()
-        procs = [
-            ctx.Process(target=_writer, args=(svc.address, "w1", ns.names, ns.steps, ready, out))
-            for _ in range(ns.writers)
-        ]
-        for pr in procs:
-            pr.start()
-        samples: list[tuple[float, float]] = []
-        stop = threading.Event()
-
-        def sampler() -> None:
-            while not stop.wait(1.0):
-                try:
-                    v = scrape(svc.metrics_port, "steplog_ingest_points_total")
-                except OSError:
-                    continue
-                samples.append((time.perf_counter(), v))
-
-        ready.wait()
-        t0 = time.perf_counter()
-        th = threading.Thread(target=sampler, daemon=True)
-        th.start()
-        results = [out.get(timeout=1200) for _ in procs]
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        for pr in procs:
-            pr.join()
-        stored = int(sql(db, "SELECT count(*) FROM scalar_points"))  # type: ignore[call-overload]
-        rate = total / elapsed
+        w1 = firehose(svc, db, ns.writers, ns.names, ns.steps)
+        if w1.stored != total:
+            raise SystemExit(f"stored {w1.stored} != logged {total}")
         svc.stop()
+        # W1's data is all there is in scalar_points: its size on disk per point.
+        print(asyncio.run(storage(db, w1.stored)), flush=True)
         ceilings = ceiling(db, ceiling_payloads(ns.writers, ns.names, ns.steps), total)
     best = max(ceilings, key=lambda n: ceilings[n])
     ceil = ceilings[best]
+    results, samples, rate, stored = w1.results, w1.samples, w1.rate, w1.stored
     # Each loop's own rate (its points over its own logging time), and all
     # loops together (every point over the slowest loop's time).
     loops = sorted(ns.names * ns.steps / r[1] for r in results)
@@ -173,8 +240,6 @@ def main() -> None:
         f" each_loop_points_per_s={','.join(f'{x:.0f}' for x in loops)}{trend}"
         f" cpus={os.cpu_count()}"
     )
-    if stored != total:
-        raise SystemExit(f"stored {stored} != logged {total}")
 
 
 if __name__ == "__main__":

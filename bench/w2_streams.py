@@ -1,0 +1,193 @@
+"""W2 "many writers": one run, R ranks (default 200), each rank a writer of
+its own (its own client, gRPC channel, background writer and writer id, its
+series labelled `rank=<n>`) logging 10 series x S steps, all at once; in the
+same invocation and on the same service, W1 (bench/w1_firehose.py's
+`firehose`, the same number of points) as the reference.
+
+    python -m bench.w2_streams [--ranks 200] [--series 10] [--steps 2500] [--processes 4]
+
+A 200-GPU job has 200 processes, one per rank. This machine has 2 cores, so
+the ranks run in a pool of P spawned processes (default 4, as many as W1's
+writer processes), R/P ranks in each: one training thread per process logs
+every rank's step s, rank after rank (data-parallel ranks move in lock step),
+with `run.log(name, value, step=s)`, while each rank's own background writer
+sends its batches on its own stream. Each rank attaches to the one run as a
+rank of a distributed job does (`Run.get`), with a client of its own
+(`steplog.client.Client`, passed as the run's client: `get_client` would
+share one writer per process).
+
+Prints
+
+    W2 points_per_s=... ratio_to_w1=... ack_p99_ms=... ack_p50_ms=...
+
+timed from the common start until every rank has flushed, the stored count
+by SQL. Ack latency: a monitor thread in each process reads every rank's
+acknowledged-points counter (`run.writer_stats().points_acked`) every
+POLL_S; a point's latency is from the moment the training thread logged the
+step it belongs to until the first poll that finds its rank's acknowledged
+count at or past it (so it is rounded up to the poll interval), over every
+step of every rank. scalar_points is emptied between W1 and W2 (neither pays
+for the other's rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import threading
+import time
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from bench.common import bench_stack, service
+from bench.w1_firehose import firehose, fresh_table, stored_points
+
+POLL_S = 0.005
+
+
+def _ranks(
+    url: str, run_id: str, ranks: list[int], series: int, steps: int, ready: Any, out: Any
+) -> None:
+    from steplog import Run
+    from steplog.client import Client, resolve_workspace
+
+    runs = [
+        Run(run_id=run_id, _client=Client(url, resolve_workspace(None)), labels={"rank": str(r)})
+        for r in ranks
+    ]
+    names = [f"metric_{i:02d}" for i in range(series)]
+    logged_at = np.zeros((steps, len(runs)))  # perf_counter after rank j logged step s
+    polls: list[tuple[float, list[int]]] = []
+    done = threading.Event()
+
+    def monitor() -> None:
+        while not done.is_set():
+            acked = [r.writer_stats().points_acked for r in runs]
+            polls.append((time.perf_counter(), acked))
+            time.sleep(POLL_S)
+
+    logs = [r.log for r in runs]
+    base = [r.writer_stats().points_acked for r in runs]  # starts each writer, as W1's do
+    th = threading.Thread(target=monitor, daemon=True)
+    th.start()
+    ready.wait()
+    start = time.perf_counter()
+    clock = time.perf_counter
+    for step in range(steps):
+        v = 1.0 / (step + 1)
+        for j, log in enumerate(logs):
+            for k in names:
+                log(k, v, step=step)
+            logged_at[step, j] = clock()
+    logged = clock() - start
+    ok = all(r.flush(600) for r in runs)
+    acked = clock() - start
+    time.sleep(2 * POLL_S)
+    done.set()
+    th.join()
+    # Latency of each (step, rank): first poll whose acked count covers it.
+    times = np.array([t for t, _ in polls])
+    counts = np.array([a for _, a in polls]) - np.array(base)
+    lat: list[np.ndarray] = []
+    need = (np.arange(steps) + 1) * series
+    for j in range(len(runs)):
+        idx = np.searchsorted(counts[:, j], need, side="left")  # counts never decrease
+        idx = np.minimum(idx, len(times) - 1)
+        lat.append(times[idx] - logged_at[:, j])
+    stats = [r.writer_stats() for r in runs]
+    out.put(
+        (
+            logged,
+            acked,
+            ok,
+            np.concatenate(lat),
+            sum(s.rejected + s.dropped + s.refused for s in stats),
+            len({s.writer_id for s in stats}),
+        )
+    )
+
+
+def many_writers(
+    address: str, run_id: str, ranks: int, series: int, steps: int, processes: int
+) -> tuple[float, list[Any]]:
+    """Seconds from the common start until every rank has flushed, and each
+    process's result."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(processes + 1)
+    out: Any = ctx.Queue()
+    groups = [list(range(ranks))[i::processes] for i in range(processes)]
+    procs = [
+        ctx.Process(target=_ranks, args=(address, run_id, g, series, steps, ready, out))
+        for g in groups
+    ]
+    for pr in procs:
+        pr.start()
+    ready.wait(600)
+    t0 = time.perf_counter()
+    results = [out.get(timeout=1800) for _ in procs]
+    elapsed = time.perf_counter() - t0
+    for pr in procs:
+        pr.join()
+    return elapsed, results
+
+
+async def _count_writers(url: str, run_id: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(DISTINCT labels->>'rank') FROM series WHERE run_id = $1", run_id
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=200)
+    p.add_argument("--series", type=int, default=10)
+    p.add_argument("--steps", type=int, default=2_500)
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--w1-writers", type=int, default=4)
+    p.add_argument("--w1-names", type=int, default=50)
+    ns = p.parse_args()
+    total = ns.ranks * ns.series * ns.steps
+    w1_steps = max(1, total // (ns.w1_writers * ns.w1_names))
+    with bench_stack() as (_stack, info, db), service(info, db) as svc:
+        from steplog import Experiment
+
+        w1 = firehose(svc, db, ns.w1_writers, ns.w1_names, w1_steps)
+        if w1.stored != w1.points:
+            raise SystemExit(f"W1 stored {w1.stored} != logged {w1.points}")
+        asyncio.run(fresh_table(db))
+        run = Experiment("w2", url=svc.address).start_logging()
+        elapsed, results = many_writers(
+            svc.address, run.id, ns.ranks, ns.series, ns.steps, ns.processes
+        )
+        run.complete()
+        stored = asyncio.run(stored_points(db, [run.id]))
+        ranks_stored = asyncio.run(_count_writers(db, run.id))
+    rate = total / elapsed
+    lat = np.concatenate([r[3] for r in results]) * 1e3
+    print(
+        f"W2 points_per_s={rate:.0f} ratio_to_w1={rate / w1.rate:.2f}"
+        f" ack_p99_ms={np.percentile(lat, 99):.0f} ack_p50_ms={np.percentile(lat, 50):.0f}"
+        f" ack_max_ms={lat.max():.0f} w1_points_per_s={w1.rate:.0f} w1_points={w1.points}"
+        f" ranks={ns.ranks} writers={sum(r[5] for r in results)} ranks_stored={ranks_stored}"
+        f" series_per_rank={ns.series} points={total} stored={stored}"
+        f" all_acked={all(r[2] for r in results)} not_stored={sum(r[4] for r in results)}"
+        f" processes={ns.processes} loops_points_per_s={total / max(r[0] for r in results):.0f}"
+        f" poll_ms={POLL_S * 1e3:.0f} cpus={os.cpu_count()}",
+        flush=True,
+    )
+    if stored != total:
+        raise SystemExit(f"W2 stored {stored} != logged {total}")
+
+
+if __name__ == "__main__":
+    main()
