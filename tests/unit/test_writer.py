@@ -837,6 +837,7 @@ def test_fork_child_starts_empty_with_a_new_writer_id(
             checks.append(fake.forked == 1)
             checks.append(stored(fake) == [100.0])
             checks.append(fake.service.committed == [(w.writer_id, 1)])
+            checks.append(len(w._sender._lanes) == 1)  # driven once per round
             code = 0 if all(checks) else 10 + checks.index(False)
         finally:
             os._exit(code)

@@ -97,10 +97,7 @@ class Buffers:
                 buf = self._new_scalar_series(key, description, out_of_order)
             values = buf.values
             if not values:
-                if not self.dirty:
-                    self.oldest = monotonic()
-                    self.wake.set()
-                self.dirty[buf] = None
+                self._first_point(buf)
             try:
                 values.append(value)
                 buf.times.append(time)
@@ -157,10 +154,7 @@ class Buffers:
             if sbuf is None:
                 sbuf = self._new_scalar_series(key, description, out_of_order)
             if not sbuf.values:
-                if not self.dirty:
-                    self.oldest = monotonic()
-                    self.wake.set()
-                self.dirty[sbuf] = None
+                self._first_point(sbuf)
             sbuf.values.extend(col_values)
             sbuf.times.extend(col_times)
             if col_steps is not None:
@@ -196,10 +190,7 @@ class Buffers:
                 mbuf = self._messages[key] = MessageBuffer(run_id, series.name, labels)
                 self._started()
             if not mbuf.points:
-                if not self.dirty:
-                    self.oldest = monotonic()
-                    self.wake.set()
-                self.dirty[mbuf] = None
+                self._first_point(mbuf)
             cost = mbuf.append(series, points, size)
             if mbuf.raw:
                 self.raw[mbuf] = None
@@ -232,10 +223,7 @@ class Buffers:
             if rows is None or names != rows.names:
                 check_row_names(name, names)
             if not mbuf.points:
-                if not self.dirty:
-                    self.oldest = monotonic()
-                    self.wake.set()
-                self.dirty[mbuf] = None
+                self._first_point(mbuf)
             if rows is None:
                 rows = RowsItem(description)
                 mbuf.add_raw(rows)
@@ -269,10 +257,7 @@ class Buffers:
             if mbuf is None:
                 mbuf = self._new_message_series(key)
             if not mbuf.points:
-                if not self.dirty:
-                    self.oldest = monotonic()
-                    self.wake.set()
-                self.dirty[mbuf] = None
+                self._first_point(mbuf)
             mbuf.add_raw(item)
             self.raw[mbuf] = None
             cost = item.cost
@@ -302,6 +287,14 @@ class Buffers:
         if not item.points:
             return None
         return self.log_item(run_id, name, labels, "table", item)
+
+    def _first_point(self, buf: Buffer) -> None:
+        """A buffer was empty and gets a point (lock held): it joins the
+        dirty ones, and the first after a quiet spell wakes the sender."""
+        if not self.dirty:
+            self.oldest = monotonic()
+            self.wake.set()
+        self.dirty[buf] = None
 
     def _new_message_series(self, key: tuple[str, str, Labels, str | None]) -> MessageBuffer:
         """First message of a series in this writer (lock held)."""

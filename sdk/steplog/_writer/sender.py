@@ -76,7 +76,9 @@ class Sender:
                         raise
 
     def after_fork_in_child(self) -> None:
-        """The parent's thread does not exist here: a new Event, no thread."""
+        """The parent's thread does not exist here: a new Event, no thread,
+        no lanes (the writer adds its reset lanes again)."""
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._thread = None
+        self._lanes = []

@@ -256,7 +256,7 @@ class BatchWriter:
             run_id, name, labels, value, step, time, description, out_of_order
         )
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
 
     def log_scalars(
         self,
@@ -277,7 +277,7 @@ class BatchWriter:
             run_id, name, labels, values, steps, times, description, out_of_order
         )
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
 
     def log_series(self, run_id: str, series: data_pb2.SeriesData) -> None:
         """Append a pre-built SeriesData: sent whole, in order with the other
@@ -285,7 +285,7 @@ class BatchWriter:
         lane = self._images() if series.WhichOneof("points") == IMAGES else self._main
         cost = lane.buffers.log_series(run_id, series)
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
 
     def log_row(
         self,
@@ -302,7 +302,7 @@ class BatchWriter:
         lane = self._main
         cost = lane.buffers.log_row(run_id, name, labels, row, time, description)
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
 
     def log_item(
         self, run_id: str, name: str, labels: Labels, kind: str, item: Encodable, bound: int = 0
@@ -315,7 +315,7 @@ class BatchWriter:
         lane = self._images() if kind == IMAGES else self._main
         cost = lane.buffers.log_item(run_id, name, labels, kind, item, bound)
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
 
     def log_table_rows(
         self,
@@ -332,7 +332,13 @@ class BatchWriter:
         lane = self._main
         cost = lane.buffers.log_table_rows(run_id, name, labels, rows, steps, times, description)
         if cost is not None:
-            deliver(lane.after_log(cost), stacklevel=3)
+            self._slow_path(lane, cost)
+
+    @staticmethod
+    def _slow_path(lane: Lane, added: int) -> None:
+        """A log call crossed a threshold: the lane applies the memory bound
+        and hands back the sender's news, delivered here (at the user's line)."""
+        deliver(lane.after_log(added), stacklevel=4)
 
     # ----------------------------------------------------------- flush/close
 
