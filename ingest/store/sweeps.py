@@ -144,10 +144,12 @@ class SweepStore:
         name: str,
         key: str,
         last_steps: Mapping[str, int],
-    ) -> dict[str, list[tuple[int, float]]]:
+        limit: int,
+    ) -> dict[str, list[tuple[int, float]]] | None:
         """The children's visible points of the series (name, labels key),
         in step order, after each child's `last_steps` entry (all of a
-        child not in it): child id -> [(step, value), ...]."""
+        child not in it): child id -> [(step, value), ...]; None when there
+        are more than `limit` (the caller's memory bound)."""
         ids: Sequence[str] = list(last_steps)
         async with acquire(self.pool) as conn:
             rows = await conn.fetch(
@@ -159,7 +161,7 @@ class SweepStore:
                 " JOIN scalar_points p ON p.series_id = s.series_id AND NOT p.hidden"
                 "  AND p.step > coalesce(k.last_step, $7)"
                 " WHERE r.workspace = $1 AND r.parent_run_id = $2"
-                " ORDER BY s.run_id, p.step",
+                " ORDER BY s.run_id, p.step LIMIT $8",
                 workspace,
                 parent_id,
                 name,
@@ -167,7 +169,10 @@ class SweepStore:
                 ids,
                 [last_steps[i] for i in ids],
                 MIN_STEP,
+                max(0, limit) + 1,
             )
+        if len(rows) > limit:
+            return None
         out: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
             out.setdefault(r["run_id"], []).append((int(r["step"]), float(r["value"])))

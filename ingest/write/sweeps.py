@@ -10,7 +10,11 @@ matching chunks are handed to the service's loop, where one task per
 service works through them: the child's parent policy (cached), its point
 count (one row), and only when the count crossed an evaluation interval,
 the new points of its siblings since the last evaluation (the curves are
-cached per parent, appended to, at most MAX_PARENTS parents).
+cached per parent, appended to, at most MAX_PARENTS parents and
+MAX_CURVE_BYTES in all: the least recently evaluated parents are dropped
+first, and a parent whose children's curves alone exceed the bound is not
+evaluated (logged, counted in `skipped`): its policy stops applying rather
+than the service growing without bound).
 
 Several replicas: each evaluates the children whose points it committed.
 The policy names are re-read every NAMES_REFRESH_S seconds, so a policy set
@@ -39,6 +43,8 @@ __all__ = ["EarlyTermination", "SweepStoreLike"]
 NAMES_REFRESH_S = 2.0
 POLICY_CACHE_S = 2.0  # how long a child's (parent, policy) lookup is reused
 MAX_PARENTS = 64  # parents whose children's curves stay in memory
+MAX_CURVE_BYTES = 64 << 20  # all cached curves together
+CURVE_POINT_BYTES = 128  # one cached interval: four list slots and their floats
 MAX_PENDING = 100_000  # series waiting for evaluation; more are dropped (logged)
 
 
@@ -56,7 +62,8 @@ class SweepStoreLike(Protocol):
         name: str,
         key: str,
         last_steps: Mapping[str, int],
-    ) -> dict[str, list[tuple[int, float]]]: ...
+        limit: int,
+    ) -> dict[str, list[tuple[int, float]]] | None: ...
 
     async def request_cancel(
         self, workspace: str, run_id: str, reason: str, interval: int
@@ -71,8 +78,9 @@ class _Parent:
 
 
 class EarlyTermination:
-    def __init__(self, store: SweepStoreLike) -> None:
+    def __init__(self, store: SweepStoreLike, *, max_curve_bytes: int = MAX_CURVE_BYTES) -> None:
         self.store = store
+        self.max_points = max(1, max_curve_bytes // CURVE_POINT_BYTES)
         self._names: frozenset[str] = frozenset()
         self._names_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,6 +92,7 @@ class EarlyTermination:
         self._policies: dict[tuple[str, str], tuple[float, tuple[str, Policy] | None]] = {}
         self._parents: OrderedDict[tuple[str, str], _Parent] = OrderedDict()
         self.decisions: list[Decision] = []  # the cancellations made (the last 1000)
+        self.skipped = 0  # evaluations skipped because a parent's curves exceed the bound
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -190,6 +199,8 @@ class EarlyTermination:
         if not intervals:
             return []
         parent = await self._curves(workspace, parent_id, policy, child, after)
+        if parent is None:
+            return []
         out: list[Decision] = []
         for n in intervals:
             d = evaluate_child(policy, parent.curves, child, n)
@@ -204,32 +215,59 @@ class EarlyTermination:
 
     async def _curves(
         self, workspace: str, parent_id: str, policy: Policy, child: str, count: int
-    ) -> _Parent:
-        """The parent's children's curves, brought up to date."""
+    ) -> _Parent | None:
+        """The parent's children's curves, brought up to date; None when
+        they do not fit in MAX_CURVE_BYTES."""
         pkey = (workspace, parent_id)
-        parent = self._parents.get(pkey)
+        parent = self._parents.pop(pkey, None)
         if parent is None or parent.policy != policy:
             parent = _Parent(policy)
-        self._parents[pkey] = parent
-        self._parents.move_to_end(pkey)
-        while len(self._parents) > MAX_PARENTS:
-            self._parents.popitem(last=False)
         lkey = labels_key(dict(policy.labels))
+        budget = self.max_points - _points(parent)
         fresh = await self.store.curves_after(
-            workspace, parent_id, policy.primary_metric, lkey, parent.last_steps
+            workspace, parent_id, policy.primary_metric, lkey, parent.last_steps, budget
         )
-        for run_id, points in fresh.items():
-            curve = parent.curves.setdefault(run_id, Curve())
-            curve.extend(v for _, v in points)
-            parent.last_steps[run_id] = points[-1][0]
-        if len(parent.curves.get(child, ())) != count:
+        if fresh is not None:
+            for run_id, points in fresh.items():
+                curve = parent.curves.setdefault(run_id, Curve())
+                curve.extend(v for _, v in points)
+                parent.last_steps[run_id] = points[-1][0]
+        if fresh is not None and len(parent.curves.get(child, ())) != count:
             # A rewind hid points the cache still holds (or a replica's commit
             # raced this one): read the parent's curves again from scratch.
-            parent = self._parents[pkey] = _Parent(policy)
+            parent = _Parent(policy)
             fresh = await self.store.curves_after(
-                workspace, parent_id, policy.primary_metric, lkey, {}
+                workspace,
+                parent_id,
+                policy.primary_metric,
+                lkey,
+                {},
+                self.max_points,
             )
-            for run_id, points in fresh.items():
+            for run_id, points in (fresh or {}).items():
                 parent.curves[run_id] = Curve(v for _, v in points)
                 parent.last_steps[run_id] = points[-1][0]
+        if fresh is None:
+            self.skipped += 1
+            log.warning(
+                "early termination: the children of run %r have more than %d points of %r;"
+                " not evaluated (bound %d bytes)",
+                parent_id,
+                self.max_points,
+                policy.primary_metric,
+                self.max_points * CURVE_POINT_BYTES,
+            )
+            return None
+        self._parents[pkey] = parent
+        # Least recently evaluated parents go first, until every bound holds.
+        total = sum(_points(p) for p in self._parents.values())
+        while len(self._parents) > 1 and (
+            len(self._parents) > MAX_PARENTS or total > self.max_points
+        ):
+            _, dropped = self._parents.popitem(last=False)
+            total -= _points(dropped)
         return parent
+
+
+def _points(parent: _Parent) -> int:
+    return sum(len(c) for c in parent.curves.values())

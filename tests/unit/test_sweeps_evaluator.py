@@ -32,14 +32,22 @@ class FakeStore:
         return len(self.points[run_id])
 
     async def curves_after(
-        self, workspace: str, parent_id: str, name: str, key: str, last_steps: Mapping[str, int]
-    ) -> dict[str, list[tuple[int, float]]]:
+        self,
+        workspace: str,
+        parent_id: str,
+        name: str,
+        key: str,
+        last_steps: Mapping[str, int],
+        limit: int,
+    ) -> dict[str, list[tuple[int, float]]] | None:
         self.calls.append(f"curves:{sorted(last_steps.items())}")
         out = {}
         for rid, values in self.points.items():
             pts = [(i, v) for i, v in enumerate(values) if i > last_steps.get(rid, -1)]
             if pts:
                 out[rid] = pts
+        if sum(len(p) for p in out.values()) > limit:
+            return None
         return out
 
     async def request_cancel(self, workspace: str, run_id: str, reason: str, interval: int) -> bool:
@@ -103,5 +111,28 @@ def test_the_commit_hook_picks_only_primary_metric_chunks_with_new_points() -> N
         et.committed([batch])
         await asyncio.sleep(0)  # call_soon_threadsafe runs on the next turn
         assert et._pending == {("ws", "b", "acc", ""): 2}
+
+    asyncio.run(main())
+
+
+def test_curves_over_the_byte_bound_are_not_evaluated() -> None:
+    from ingest.write.sweeps import CURVE_POINT_BYTES
+
+    async def main() -> None:
+        store = FakeStore({"a": [1.0, 1.0], "b": [0.5, 0.5]})
+        # Room for 6 cached intervals in all.
+        et = EarlyTermination(store, max_curve_bytes=6 * CURVE_POINT_BYTES)
+        # 4 points fit: b is cancelled at interval 2 as without the bound.
+        decisions = await et.process(("ws", "b", "acc", ""), 2)
+        assert [(d.run_id, d.interval) for d in decisions] == [("b", 2)]
+        assert et.skipped == 0
+        # 8 points do not: nothing is evaluated, nothing is cached, counted.
+        store.points["a"] += [1.0, 1.0]
+        store.points["b"] += [0.5, 0.5]
+        store.cancelled.clear()
+        assert await et.process(("ws", "b", "acc", ""), 2) == []
+        assert et.skipped == 1
+        assert et._parents == {}
+        assert store.cancelled == {}
 
     asyncio.run(main())
