@@ -72,7 +72,11 @@ def main() -> None:
     exp = Experiment("quickstart")
     exp.tag("source", "make run")
     started = time.perf_counter()
-    with exp.start_logging(display_name="sweep", description="example sweep") as parent:
+    # log_system_metrics: CPU, memory, disk and network (and GPUs) as system/ series
+    # (psutil, from `steplog[system]`; without it, one log line and no series).
+    with exp.start_logging(
+        display_name="sweep", description="example sweep", log_system_metrics=True
+    ) as parent:
         parent.add_properties({"dataset": "synthetic", "steps": "1000"})
         for lr in (0.01, 0.003):
             with parent.child_run(name=f"lr={lr}") as child:
@@ -83,12 +87,15 @@ def main() -> None:
         parent.flush()
         metrics = parent.get_metrics(recursive=True)
     elapsed = time.perf_counter() - started
+    # The sampler's last sample is taken when the run completes: read them now.
+    system = sorted(k for k in parent.get_metrics() if k.startswith("system/"))
 
     print(f"\nexperiment {exp.name!r}: {len(list(exp.get_runs()))} top-level run(s)")
     details = parent.get_details()
     print(f"run {details['runId']} #{details['runNumber']} {details['status']}")
     print(f"  started {details['startTimeUtc']}, ended {details['endTimeUtc']}")
     print(f"  properties {details['properties']}")
+    print(f"  system metrics: {', '.join(system) or 'none (psutil is not installed)'}")
     for child in parent.get_children():
         print(f"  child {child.display_name}: {child.get_status()}, tags {child.get_tags()}")
         print(f"    files: {child.get_file_names()}")
