@@ -28,8 +28,10 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -172,44 +174,81 @@ def load(grpc_url: str, database_url: str, runs: int, series: int, points: int) 
     return ids
 
 
-def measure_query(ui: UiProcess, ids: list[str], repeats: int = 7) -> float:
-    path = f"/api/chart?metric=metric_0&runs={','.join(ids)}&width=1200"
-    ui.get(path)  # warm-up: connections, plans, caches
+def chart_path(ids: list[str], fmt: str) -> str:
+    return f"/api/chart?metric=metric_0&runs={','.join(ids)}&width=1200&format={fmt}"
+
+
+def get_chart(ui: UiProcess, ids: list[str], fmt: str) -> dict[str, Any]:
+    """One chart request; its answer's JSON part (the binary body's header)."""
+    with urllib.request.urlopen(ui.url.rstrip("/") + chart_path(ids, fmt), timeout=120) as r:
+        body = r.read()
+        status = r.status
+    if fmt == "binary":
+        (n,) = struct.unpack_from("<I", body)
+        got: dict[str, Any] = json.loads(body[4 : 4 + n])
+    else:
+        got = json.loads(body)
+    if status != 200 or not got["series"] or not got["series"][0]["downsampled"]:
+        raise SystemExit(f"chart query failed: {status} {str(got)[:300]}")
+    return got
+
+
+def measure_query(ui: UiProcess, ids: list[str], fmt: str, repeats: int = 7) -> float:
+    """Median ms of one chart request over HTTP, after a warm-up."""
+    get_chart(ui, ids, fmt)  # warm-up: connections, plans, caches
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        status, body = ui.get(path)
+        get_chart(ui, ids, fmt)
         times.append((time.perf_counter() - start) * 1000)
-        if status != 200 or not body["series"] or not body["series"][0]["downsampled"]:
-            raise SystemExit(f"chart query failed: {status} {str(body)[:300]}")
     return median(times)
 
 
-def measure_page(ui: UiProcess, ids: list[str], series: int, screenshot: Path | None) -> float:
-    from playwright.sync_api import sync_playwright
+class Browser:
+    """Headless Chromium; each page load in a new page (no shared HTTP cache)."""
 
-    metrics = ",".join(f"metric_{k}" for k in range(series))
-    url = f"{ui.url}#/compare?runs={','.join(ids)}&metrics={metrics}&exp=ui-bench"
-    out = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+    def __init__(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        self.last: dict[str, float] = {}
+
+    def first_chart_ms(
+        self, url: str, screenshot: Path | None = None, wait_all: bool = False
+    ) -> float:
+        """Navigation start to the first chart drawn (window.steplog.firstChartMs)."""
+        page = self.browser.new_page(viewport={"width": 1400, "height": 900}, bypass_csp=True)
         try:
-            for i in range(4):
-                page = browser.new_page(viewport={"width": 1400, "height": 900}, bypass_csp=True)
-                page.goto(url)
-                page.wait_for_function(
-                    "window.steplog && window.steplog.firstChartMs !== undefined", timeout=60_000
-                )
-                ms = page.evaluate("window.steplog.firstChartMs")
-                if i:  # the first load warms the browser's and the server's caches
-                    out.append(float(ms))
-                if screenshot is not None and i == 3:
-                    page.wait_for_function("window.steplog.ready === true", timeout=60_000)
-                    page.screenshot(path=str(screenshot), full_page=False)
-                page.close()
+            page.goto(url)
+            page.wait_for_function(
+                "window.steplog && window.steplog.firstChartMs !== undefined", timeout=120_000
+            )
+            ms = float(page.evaluate("window.steplog.firstChartMs"))
+            self.last = page.evaluate(
+                "(({ms, fetchMs, buildMs, drawMs}) => ({ms, fetchMs, buildMs, drawMs}))"
+                "(Object.values(window.steplog.charts)[0] || {})"
+            )
+            if wait_all or screenshot is not None:
+                page.wait_for_function("window.steplog.ready === true", timeout=600_000)
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=False)
+            return ms
         finally:
-            browser.close()
-    return median(out)
+            page.close()
+
+    def warm_up(self, url: str) -> None:
+        """A page of the UI that draws no chart: Chromium's own start is not counted."""
+        page = self.browser.new_page(bypass_csp=True)
+        try:
+            page.goto(url)
+            page.wait_for_load_state("networkidle")
+        finally:
+            page.close()
+
+    def close(self) -> None:
+        self.browser.close()
+        self._pw.stop()
 
 
 def main() -> int:
@@ -217,6 +256,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--series", type=int, default=10)
     ap.add_argument("--points", type=int, default=100_000)
+    ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--screenshot", default="")
     args = ap.parse_args()
     with bench_stack() as (_stack, info, url), service(info, url) as svc:
@@ -227,11 +267,41 @@ def main() -> int:
         print(f"  loaded runs={args.runs} series={args.series} points={total} in {loaded:.1f} s")
         env = info.env()
         env["STEPLOG_DATABASE_URL"] = url
-        with UiProcess(env, ROOT / ".steplog" / "bench-ui.log") as ui:
-            query_ms = measure_query(ui, ids)
-            shot = Path(args.screenshot) if args.screenshot else None
-            first_ms = measure_page(ui, ids, args.series, shot)
-    print(f"UI first_chart_ms={first_ms:.0f} query_ms={query_ms:.0f}", flush=True)
+        metrics = ",".join(f"metric_{k}" for k in range(args.series))
+        page = f"#/compare?runs={','.join(ids)}&metrics={metrics}&exp=ui-bench"
+        log_path = ROOT / ".steplog" / "bench-ui.log"
+        browser = Browser()
+        with tempfile.TemporaryDirectory(prefix="steplog-ui-cache-") as cache_dir:
+            env["STEPLOG_UI_CACHE_DIR"] = cache_dir
+            try:
+                with UiProcess(env, log_path) as ui:
+                    # The first view ever: every summary computed from the database.
+                    browser.warm_up(ui.url)
+                    first_ms = browser.first_chart_ms(ui.url + page, wait_all=True)
+                    query_ms = measure_query(ui, ids, "binary")
+                    query_json_ms = measure_query(ui, ids, "json")
+                    shot = Path(args.screenshot) if args.screenshot else None
+                    warm = [
+                        browser.first_chart_ms(ui.url + page, shot if i == 2 else None)
+                        for i in range(3)
+                    ]
+                # A restarted UI process: its summaries from its cache files.
+                cold = []
+                for _ in range(args.restarts):
+                    with UiProcess(env, log_path) as ui:
+                        browser.warm_up(ui.url)
+                        cold.append(browser.first_chart_ms(ui.url + page))
+            finally:
+                browser.close()
+    print(
+        f"  first_chart warm={[round(v) for v in warm]} cold={[round(v) for v in cold]}"
+        f" first_view={first_ms:.0f} query_json_ms={query_json_ms:.0f}"
+    )
+    print(
+        f"UI first_chart_ms={median(warm):.0f} first_chart_cold_ms={median(cold):.0f}"
+        f" first_view_ms={first_ms:.0f} query_ms={query_ms:.0f}",
+        flush=True,
+    )
     return 0
 
 

@@ -21,16 +21,23 @@ rounded to a float64 (the aggregation carries them as doubles).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
+
+log = logging.getLogger("steplog.ui")
 
 KIND_SCALAR, KIND_TABLE, KIND_IMAGE, KIND_EVALUATION, KIND_HISTOGRAM = 1, 2, 3, 4, 5
 VALUE_TEXT = 1
@@ -143,10 +150,12 @@ class ViewStore:
         heartbeat_timeout_s: float = 300.0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_dir: Path | None = None,
+        cache_namespace: str = "",
     ) -> None:
         self.pool = pool
         self.max_bytes = max_bytes
-        self.cache = BlockCache(pool, cache_bytes)
+        self.cache = BlockCache(pool, cache_bytes, cache_dir, cache_namespace)
         self._run_sql = _RUN.replace("$HB", repr(float(heartbeat_timeout_s)))
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -367,7 +376,9 @@ class ViewStore:
     ) -> dict[str, Any]:
         """The points of numeric scalar series for a chart `width` pixels wide
         (see the module docstring): by step, or by wall time (`x="time"`,
-        start/end in epoch seconds)."""
+        start/end in epoch seconds). Each series' points come as arrays:
+        `steps` (int64), `times` (epoch seconds) and `values` (float64, NaN
+        and infinities as they are); ingest/ui encodes them."""
         if x not in ("step", "time"):
             raise bad("x: must be 'step' or 'time'")
         if not 1 <= width <= MAX_WIDTH:
@@ -380,8 +391,8 @@ class ViewStore:
         if series:
             width = max(1, min(width, budget_points // (4 * len(series))))
         ids = [s["series_id"] for s in series]
-        # Long series come from the block cache (computed once, grown as
-        # points arrive); short ones, and narrow zooms, from the database.
+        # Long series come from the block cache (computed once, kept on disk,
+        # grown as points arrive); short ones, and narrow zooms, from the database.
         cached: dict[int, Blocks] = {}
         long = [s for s in series if self.cache.fits(s)]
         for s, b in zip(
@@ -389,15 +400,14 @@ class ViewStore:
         ):
             if b is not None:
                 cached[s["series_id"]] = b
-        # The x range: as asked, else from the first to the last visible point of any series.
+        # The x range: as asked, else from the first to the last point of any series.
         key = "step" if x == "step" else "t"
         firsts: list[float] = []
         lasts: list[float] = []
         for b in cached.values():
-            if b.steps.size:
-                xs = b.steps if x == "step" else b.times
-                firsts.append(float(xs.min()))
-                lasts.append(float(xs.max()))
+            first, last = b.extent(x)
+            firsts.append(first)
+            lasts.append(last)
         others = [i for i in ids if i not in cached]
         if others:
             ends = await self._fetch(
@@ -414,6 +424,7 @@ class ViewStore:
             lasts += [e[f"last_{key}"] for e in ends]
         lo: float = min(firsts, default=0)
         hi: float = max(lasts, default=0)
+        full = start is None and end is None
         if start is not None and math.isfinite(start):
             lo = start
         if end is not None and math.isfinite(end):
@@ -423,16 +434,52 @@ class ViewStore:
             hi = int(max(MIN_STEP, min(MAX_STEP, math.ceil(hi))))
         if hi < lo:
             raise bad("end: must be >= start")
-        points: dict[int, tuple[list[Any], list[Any], list[Any]]] = {i: ([], [], []) for i in ids}
+        extent = float(hi - lo + 1) if x == "step" else float(hi - lo) or 1.0
+        empty = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+        points: dict[int, Points] = {i: empty for i in ids}
         counts: dict[int, int] = {}
         from_cache: set[int] = set()
+        picked: dict[int, tuple[Summary, list[tuple[int, int]], Blocks]] = {}
         for sid, b in cached.items():
-            got = b.downsample(x, lo, hi, width)
+            got = b.select(x, lo, hi, width, full)
             if got is not None:
-                points[sid], counts[sid] = got[0], got[1]
-                from_cache.add(sid)
+                picked[sid] = (got[0], got[1], b)
+        # The blocks cut by the ends of a zoom: their points inside it, from the database.
+        edges = [(sid, a, z) for sid, (_, cut, _) in picked.items() for a, z in cut]
+        raw_edges: dict[int, list[Summary]] = {}
+        if edges:
+            rows = await self._fetch(
+                "SELECT e.series_id, array_agg(p.step ORDER BY p.step) AS s,"
+                " array_agg(extract(epoch FROM p.time)::float8 ORDER BY p.step) AS t,"
+                " array_agg(p.value ORDER BY p.step) AS v"
+                " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) e(series_id, a, z)"
+                " JOIN scalar_points p ON p.series_id = e.series_id AND p.step >= e.a"
+                " AND p.step <= e.z AND NOT p.hidden GROUP BY e.series_id, e.a",
+                [e[0] for e in edges],
+                [e[1] for e in edges],
+                [e[2] for e in edges],
+            )
+            for r in rows:
+                raw_edges.setdefault(r["series_id"], []).append(
+                    Summary.of_points(
+                        np.array(r["s"], np.int64), np.array(r["t"]), np.array(r["v"])
+                    )
+                )
+        for sid, (summary, _, b) in picked.items():
+            parts = [summary, *raw_edges.get(sid, [])]
+            s = Summary.concat(parts) if len(parts) > 1 else summary
+            if len(parts) > 1:
+                s = s.take(np.argsort(s.key, kind="stable"))
+            xs = s.key.astype(np.float64) if x == "step" else s.last_t
+            bucket = np.clip(np.floor((xs - lo) * width / extent), 0, width - 1).astype(np.int64)
+            if x == "time":
+                order = np.argsort(bucket, kind="stable")
+                s, bucket = s.take(order), bucket[order]
+            head = b.head if (lo <= (b.head[0] if x == "step" else b.head[1]) <= hi) else None
+            points[sid] = reduce_summary(bucket, s, head)
+            counts[sid] = int(s.count.sum())
+            from_cache.add(sid)
         ids = [i for i in ids if i not in from_cache]
-        full = start is None and end is None
         if full:
             counts.update(
                 {s["series_id"]: int(s["point_count"]) for s in series if s["series_id"] in ids}
@@ -478,7 +525,7 @@ class ViewStore:
         x: str,
         lo: float,
         hi: float,
-        out: dict[int, tuple[list[Any], list[Any], list[Any]]],
+        out: dict[int, Points],
     ) -> None:
         col, cast = ("step", "bigint") if x == "step" else ("time", "timestamptz")
         args = (lo, hi) if x == "step" else (_ts(lo), _ts(hi))
@@ -492,7 +539,11 @@ class ViewStore:
             *args,
         )
         for r in rows:
-            out[r["series_id"]] = (list(r["s"]), list(r["t"]), [number(v) for v in r["v"]])
+            out[r["series_id"]] = (
+                np.array(r["s"], dtype=np.int64),
+                np.array(r["t"], dtype=np.float64),
+                np.array(r["v"], dtype=np.float64),
+            )
 
     async def _buckets(
         self,
@@ -501,7 +552,7 @@ class ViewStore:
         lo: float,
         hi: float,
         width: int,
-        out: dict[int, tuple[list[Any], list[Any], list[Any]]],
+        out: dict[int, Points],
     ) -> None:
         if x == "step":
             where = "step >= $2::bigint AND step <= $3::bigint"
@@ -543,9 +594,9 @@ class ViewStore:
         for sid, keep in picked.items():
             order = sorted(keep)
             out[sid] = (
-                [int(s) if abs(s) < 2**53 else s for s in order],
-                [keep[s][0] for s in order],
-                [number(keep[s][1]) for s in order],
+                np.array(order, dtype=np.float64).astype(np.int64),
+                np.array([keep[s][0] for s in order], dtype=np.float64),
+                np.array([keep[s][1] for s in order], dtype=np.float64),
             )
 
     # -- one run's other kinds ---------------------------------------------------
@@ -716,6 +767,9 @@ class ViewStore:
 
 
 Arr = npt.NDArray[Any]
+# A chart's points: steps (int64), times (epoch seconds) and values (float64).
+Points = tuple[Arr, Arr, Arr]
+NO_NAN = np.iinfo(np.int64).min
 
 
 def _firsts(keys: Arr) -> Arr:
@@ -748,95 +802,258 @@ def reduce_buckets(bucket: Arr, steps: Arr, values: Arr) -> Arr:
     return out
 
 
+_FIELDS = (
+    "key",
+    "count",
+    "lo_s",
+    "lo_t",
+    "lo_v",
+    "hi_s",
+    "hi_t",
+    "hi_v",
+    "last_s",
+    "last_t",
+    "last_v",
+    "nan_s",
+    "nan_t",
+)
+_INT_FIELDS = frozenset({"key", "count", "lo_s", "hi_s", "last_s", "nan_s"})
+
+
+@dataclass
+class Summary:
+    """Groups of consecutive points (blocks of steps, or single points) in
+    step order, as columns: each group's first step (`key`), its number of
+    points, the step, time and value of its minimum and of its maximum (NaN
+    left out: the values are NaN when the group holds no number), of its last
+    point, and of its first NaN (`nan_s` is NO_NAN when it has none)."""
+
+    key: Arr
+    count: Arr
+    lo_s: Arr
+    lo_t: Arr
+    lo_v: Arr
+    hi_s: Arr
+    hi_t: Arr
+    hi_v: Arr
+    last_s: Arr
+    last_t: Arr
+    last_v: Arr
+    nan_s: Arr
+    nan_t: Arr
+
+    @staticmethod
+    def of_points(steps: Arr, times: Arr, values: Arr) -> Summary:
+        """Each point its own group."""
+        nan = np.isnan(values)
+        return Summary(
+            steps,
+            np.ones(steps.size, np.int64),
+            steps,
+            times,
+            values,
+            steps,
+            times,
+            values,
+            steps,
+            times,
+            values,
+            np.where(nan, steps, NO_NAN),
+            times,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Summary]) -> Summary:
+        return Summary(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
+
+    def take(self, which: Arr) -> Summary:
+        return Summary(*(getattr(self, f)[which] for f in _FIELDS))
+
+    def arrays(self) -> dict[str, Arr]:
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    @property
+    def size(self) -> int:
+        return int(self.key.size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in _FIELDS)
+
+
+def _first_of_group(group: Arr, mask: Arr) -> Arr:
+    """Per group (groups sorted) that has a True in `mask`, the index of its first True."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return idx
+    out: Arr = idx[_firsts(group[idx])]
+    return out
+
+
+def reduce_summary(bucket: Arr, s: Summary, head: tuple[int, float, float] | None) -> Points:
+    """The points a chart keeps of groups assigned to buckets (`bucket`
+    non-decreasing): in each bucket its minimum and maximum (NaN left out;
+    the first on ties), its last point and its first NaN; and `head` (the
+    series' first point) when given. Steps ascending, each once."""
+    n = s.size
+    if n == 0:
+        if head is None:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+        return np.array([head[0]], np.int64), np.array([head[1]]), np.array([head[2]])
+    firsts = _firsts(bucket)
+    starts = np.flatnonzero(firsts)
+    group = np.cumsum(firsts) - 1
+    num = ~np.isnan(s.lo_v)
+    lo_f = np.where(num, s.lo_v, np.inf)
+    hi_f = np.where(num, s.hi_v, -np.inf)
+    lo_m = np.minimum.reduceat(lo_f, starts)
+    hi_m = np.maximum.reduceat(hi_f, starts)
+    lo_i = _first_of_group(group, num & (lo_f == lo_m[group]))
+    hi_i = _first_of_group(group, num & (hi_f == hi_m[group]))
+    last_i = np.append(starts[1:], n) - 1
+    nan_i = _first_of_group(group, s.nan_s != NO_NAN)
+    steps = [s.lo_s[lo_i], s.hi_s[hi_i], s.last_s[last_i], s.nan_s[nan_i]]
+    times = [s.lo_t[lo_i], s.hi_t[hi_i], s.last_t[last_i], s.nan_t[nan_i]]
+    values = [s.lo_v[lo_i], s.hi_v[hi_i], s.last_v[last_i], np.full(nan_i.size, np.nan)]
+    if head is not None:
+        steps.append(np.array([head[0]], np.int64))
+        times.append(np.array([head[1]]))
+        values.append(np.array([head[2]]))
+    all_steps = np.concatenate(steps)
+    kept, at = np.unique(all_steps, return_index=True)
+    return kept, np.concatenate(times)[at], np.concatenate(values)[at]
+
+
 @dataclass
 class Blocks:
-    """A long series summarized in blocks of `span` steps from `origin`: the
-    points each block keeps (its minimum, maximum, last point and first NaN,
-    in step order), and the number of points in each block. Valid while the
-    series has `point_count` points up to `last_step`."""
+    """A long series summarized in blocks of `span` steps from `origin`
+    (`summary.key` is each block's first step), its first point (`head`),
+    valid while the series has `point_count` points up to `last_step`."""
 
     series_id: int
     origin: int
     span: int
     point_count: int
     last_step: int
-    block: Arr
-    steps: Arr
-    times: Arr
-    values: Arr
-    block_ids: Arr
-    block_counts: Arr
+    head: tuple[int, float, float]
+    summary: Summary
 
     @property
     def nbytes(self) -> int:
-        arrays = (
-            self.block,
-            self.steps,
-            self.times,
-            self.values,
-            self.block_ids,
-            self.block_counts,
-        )
-        return sum(a.nbytes for a in arrays) + 200
+        return self.summary.nbytes + 200
 
-    def downsample(
-        self, x: str, lo: float, hi: float, width: int
-    ) -> tuple[tuple[list[Any], list[Any], list[Any]], int] | None:
-        """The chart's points over [lo, hi] in `width` buckets, with the
-        points in that range; None when the range holds too few blocks for
-        the buckets to be exact (a zoom: the database answers it)."""
-        xs = self.steps if x == "step" else self.times
-        inside = (xs >= lo) & (xs <= hi)
-        blocks = np.unique(self.block[inside])
-        if blocks.size < 2 * width:
-            return None
+    def extent(self, x: str) -> tuple[float, float]:
+        """The first and last x of the series' points (for wall time: of its
+        first point and of its blocks' last points)."""
+        s = self.summary
         if x == "step":
-            first, last = (int(lo) - self.origin) // self.span, (int(hi) - self.origin) // self.span
-            covered = (self.block_ids >= first) & (self.block_ids <= last)
-        else:
-            covered = np.isin(self.block_ids, blocks)
-        count = int(self.block_counts[covered].sum())
-        idx = np.flatnonzero(inside)
-        extent = float(hi - lo + 1) if x == "step" else float(hi - lo) or 1.0
-        bucket = np.minimum(width - 1, np.floor((xs[idx] - lo) * width / extent)).astype(np.int64)
-        keep = idx[reduce_buckets(bucket, self.steps[idx], self.values[idx])]
-        return (
-            (
-                self.steps[keep].tolist(),
-                self.times[keep].tolist(),
-                [number(v) for v in self.values[keep].tolist()],
-            ),
-            count,
+            return float(self.head[0]), float(s.last_s[-1] if s.size else self.head[0])
+        t = s.last_t
+        return min(self.head[1], float(t.min(initial=self.head[1]))), float(
+            t.max(initial=self.head[1])
         )
 
+    def select(
+        self, x: str, lo: float, hi: float, width: int, full: bool
+    ) -> tuple[Summary, list[tuple[int, int]]] | None:
+        """The blocks inside [lo, hi] and the step ranges of the (at most two)
+        blocks the range cuts, whose points inside it the database gives; None
+        when fewer than 2 blocks per bucket are inside (a narrow zoom: the
+        database answers it whole). By wall time only the whole series."""
+        s = self.summary
+        if x == "time":
+            return (s, []) if full and s.size >= 2 * width else None
+        inside = (s.key >= lo) & (s.last_s <= hi)
+        if inside.all():
+            return (s, []) if s.size >= 2 * width else None
+        if int(inside.sum()) < 2 * width:
+            return None
+        cut = ~inside & (s.key <= hi) & (s.last_s >= lo)
+        ranges = [(max(int(lo), int(k)), min(int(hi), int(k) + self.span - 1)) for k in s.key[cut]]
+        return s.take(inside), ranges
 
-_BLOCKS_SQL = (
-    "SELECT b, count(*) AS n,"
-    " min(ARRAY[value, step, t]) FILTER (WHERE value <> 'NaN') AS lo,"
-    " max(ARRAY[value, -step, t]) FILTER (WHERE value <> 'NaN') AS hi,"
-    " max(ARRAY[step, value, t]) AS last,"
-    " min(ARRAY[step, t]) FILTER (WHERE value = 'NaN') AS nan"
-    " FROM (SELECT (step - $2::bigint) / $3::bigint AS b, step::float8 AS step, value,"
-    " extract(epoch FROM time)::float8 AS t FROM scalar_points"
-    " WHERE series_id = $1 AND NOT hidden AND step >= $4::bigint) p GROUP BY b"
+
+def _blocks_sql() -> str:
+    """One row per block from `$4` on, in block order, every column a
+    non-null int8/float8 (a fixed-width binary COPY row); TimescaleDB's
+    first(a, b)/last(a, b) give the step and time at a block's extremes."""
+    num = "FILTER (WHERE value <> 'NaN')"
+    nan = "FILTER (WHERE value = 'NaN')"
+    cols = [
+        "b",
+        "count(*)",
+        f"coalesce(first(step, value) {num}, 0)",
+        f"coalesce(first(t, value) {num}, 0)",
+        f"coalesce(min(value) {num}, 'NaN')",
+        f"coalesce(last(step, value) {num}, 0)",
+        f"coalesce(last(t, value) {num}, 0)",
+        f"coalesce(max(value) {num}, 'NaN')",
+        "max(step)",
+        "last(t, step)",
+        "last(value, step)",
+        f"coalesce(min(step) {nan}, '{NO_NAN}'::bigint)",
+        f"coalesce(first(t, step) {nan}, 0)",
+    ]
+    return (
+        f"SELECT {', '.join(cols)} FROM (SELECT (step - $2::bigint) / $3::bigint AS b, step,"
+        " value, extract(epoch FROM time)::float8 AS t FROM scalar_points"
+        " WHERE series_id = $1::bigint AND NOT hidden AND step >= $4::bigint) p"
+        " GROUP BY b ORDER BY b"
+    )
+
+
+_BLOCKS_SQL = _blocks_sql()
+# One binary COPY row of _BLOCKS_SQL: a field count, then (length, 8 bytes) per column.
+_BLOCK_ROW = np.dtype(
+    [("n", ">i2")]
+    + [
+        (name, dt)
+        for f in _FIELDS
+        for name, dt in ((f"len_{f}", ">i4"), (f, ">i8" if f in _INT_FIELDS else ">f8"))
+    ]
 )
 
 
+def _parse_blocks(payload: bytes, origin: int, span: int) -> Summary:
+    """The rows of a binary COPY of _BLOCKS_SQL (header 19 bytes, trailer 2)."""
+    body = payload[19:-2]
+    rows = np.frombuffer(body, dtype=_BLOCK_ROW, count=len(body) // _BLOCK_ROW.itemsize)
+    cols = {}
+    for f in _FIELDS:
+        cols[f] = rows[f].astype(np.int64 if f in _INT_FIELDS else np.float64)
+    cols["key"] = origin + cols["key"] * span
+    return Summary(**cols)
+
+
 class BlockCache:
-    """Blocks of long series, most recently used kept, `max_bytes` in all.
+    """Blocks of long series, most recently used kept, `max_bytes` in all,
+    and (when `directory` is set) kept on disk too, `max_bytes` there as
+    well, so a restarted UI process answers from its files.
 
     A series that only grew since its blocks were made (more points, a later
     last step) gets its last block and the new ones computed again; any other
     change (a rewind) recomputes it whole. Series that accept out-of-order
     steps are never cached (a point can replace one inside an old block).
+    A file names the database (`namespace`), the series id, its run and
+    name, and records the point count and last step it is valid for.
     """
 
-    def __init__(self, pool: asyncpg.Pool, max_bytes: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        max_bytes: int,
+        directory: Path | None = None,
+        namespace: str = "",
+    ) -> None:
         self.pool = pool
         self.max_bytes = max_bytes
+        self.directory = directory
+        self.namespace = namespace
         self._entries: OrderedDict[int, Blocks] = OrderedDict()
         self._locks: dict[int, asyncio.Lock] = {}
         self.bytes = 0
+        self.computed = 0  # blocks computed from the database (tests, benchmarks)
+        self.loaded = 0  # entries read from disk
 
     def fits(self, s: Mapping[str, Any]) -> bool:
         return (
@@ -851,13 +1068,29 @@ class BlockCache:
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
             try:
-                return await self._get(sid, int(s["point_count"]), int(s["last_step"]))
+                return await self._get(s, sid, int(s["point_count"]), int(s["last_step"]))
             finally:
                 if not lock._waiters:
                     self._locks.pop(sid, None)
 
-    async def _get(self, sid: int, count: int, last_step: int) -> Blocks | None:
+    def _path(self, s: Mapping[str, Any]) -> Path | None:
+        if self.directory is None:
+            return None
+        ident = f"{self.namespace}\0{s['series_id']}\0{s['run_id']}\0{s['name']}\0{s['labels']}"
+        return self.directory / (hashlib.sha256(ident.encode()).hexdigest()[:40] + ".npz")
+
+    async def _get(
+        self, s: Mapping[str, Any], sid: int, count: int, last_step: int
+    ) -> Blocks | None:
         old = self._entries.get(sid)
+        path = self._path(s)
+        if old is None and path is not None:
+            old = await asyncio.to_thread(_load, path, sid)
+            if old is not None:
+                self.loaded += 1
+                if old.point_count == count and old.last_step == last_step:
+                    self._put(old)
+                    return old
         if old is not None and old.point_count == count and old.last_step == last_step:
             self._entries.move_to_end(sid)
             return old
@@ -867,23 +1100,19 @@ class BlockCache:
                 and count > old.point_count
                 and last_step > old.last_step
                 and (last_step - old.origin) // old.span < 2 * BLOCKS
+                and old.summary.size
             ):
-                start = int(old.block_ids.max()) if old.block_ids.size else 0
-                fresh = await self._compute(conn, sid, old.origin, old.span, start)
-                keep = old.block < start
-                kb = old.block_ids < start
+                start = int(old.summary.key[-1])
+                fresh = await _compute_blocks(conn, sid, old.origin, old.span, start)
+                keep = old.summary.take(old.summary.key < start)
                 new = Blocks(
                     sid,
                     old.origin,
                     old.span,
                     count,
                     last_step,
-                    np.concatenate([old.block[keep], fresh.block]),
-                    np.concatenate([old.steps[keep], fresh.steps]),
-                    np.concatenate([old.times[keep], fresh.times]),
-                    np.concatenate([old.values[keep], fresh.values]),
-                    np.concatenate([old.block_ids[kb], fresh.block_ids]),
-                    np.concatenate([old.block_counts[kb], fresh.block_counts]),
+                    old.head,
+                    Summary.concat([keep, fresh]),
                 )
             else:
                 head = await conn.fetchrow(
@@ -895,23 +1124,20 @@ class BlockCache:
                     return None
                 origin = int(head["step"])
                 span = max(1, -(-(last_step - origin + 1) // BLOCKS))
-                # The series' first point is kept too: the line starts where the data starts.
-                first = (float(origin), head["t"], head["value"])
-                fresh = await self._compute(conn, sid, origin, span, 0, first)
+                fresh = await _compute_blocks(conn, sid, origin, span, origin)
                 new = Blocks(
                     sid,
                     origin,
                     span,
                     count,
                     last_step,
-                    fresh.block,
-                    fresh.steps,
-                    fresh.times,
-                    fresh.values,
-                    fresh.block_ids,
-                    fresh.block_counts,
+                    (origin, float(head["t"]), float(head["value"])),
+                    fresh,
                 )
+        self.computed += 1
         self._put(new)
+        if path is not None:
+            await asyncio.to_thread(self._save, path, new)
         return new
 
     def _put(self, b: Blocks) -> None:
@@ -926,48 +1152,56 @@ class BlockCache:
             _, gone = self._entries.popitem(last=False)
             self.bytes -= gone.nbytes
 
-    @staticmethod
-    async def _compute(
-        conn: asyncpg.Connection,
-        sid: int,
-        origin: int,
-        span: int,
-        first_block: int,
-        first: tuple[float, float, float] | None = None,
-    ) -> Blocks:
-        rows = await conn.fetch(_BLOCKS_SQL, sid, origin, span, origin + first_block * span)
-        kept: dict[float, tuple[int, float, float]] = {}
-        if first is not None:
-            kept[first[0]] = (0, first[1], first[2])
-        ids, counts = [], []
-        for r in rows:
-            b = int(r["b"])
-            ids.append(b)
-            counts.append(int(r["n"]))
-            if r["lo"] is not None:
-                v, st, t = r["lo"]
-                kept[st] = (b, t, v)
-                v, neg, t = r["hi"]
-                kept[-neg] = (b, t, v)
-            st, v, t = r["last"]
-            kept[st] = (b, t, v)
-            if r["nan"] is not None:
-                st, t = r["nan"]
-                kept[st] = (b, t, math.nan)
-        order = sorted(kept)
-        return Blocks(
-            sid,
-            origin,
-            span,
-            0,
-            0,
-            np.array([kept[k][0] for k in order], dtype=np.int64),
-            np.array(order, dtype=np.int64),
-            np.array([kept[k][1] for k in order], dtype=np.float64),
-            np.array([kept[k][2] for k in order], dtype=np.float64),
-            np.array(ids, dtype=np.int64),
-            np.array(counts, dtype=np.int64),
-        )
+    def _save(self, path: Path, b: Blocks) -> None:
+        """Write the file (a temporary, then renamed: readers never see half
+        a file), then remove the oldest files while the directory holds more
+        than `max_bytes`."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+            meta = np.array(
+                [b.series_id, b.origin, b.span, b.point_count, b.last_step, b.head[0]], np.int64
+            )
+            arrays: dict[str, Any] = {"meta": meta, "head": np.array(b.head[1:])}
+            arrays.update(b.summary.arrays())
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+            files = [(p.stat(), p) for p in path.parent.glob("*.npz")]
+            total = sum(st.st_size for st, _ in files)
+            for st, p in sorted(files, key=lambda f: f[0].st_mtime):
+                if total <= self.max_bytes:
+                    break
+                p.unlink(missing_ok=True)
+                total -= st.st_size
+        except OSError as exc:
+            log.warning("chart cache: cannot write %s: %s", path, exc)
+
+
+def _load(path: Path, sid: int) -> Blocks | None:
+    """A cache file, or None when absent, unreadable or of another series."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = [int(v) for v in z["meta"]]
+            head = z["head"]
+            summary = Summary(**{f: z[f] for f in _FIELDS})
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    if meta[0] != sid or len(meta) != 6 or head.size != 2:
+        return None
+    return Blocks(
+        sid, meta[1], meta[2], meta[3], meta[4], (meta[5], float(head[0]), float(head[1])), summary
+    )
+
+
+async def _compute_blocks(
+    conn: asyncpg.Connection, sid: int, origin: int, span: int, from_step: int
+) -> Summary:
+    buf = io.BytesIO()
+    await conn.copy_from_query(
+        _BLOCKS_SQL, sid, origin, span, from_step, output=buf, format="binary"
+    )
+    return _parse_blocks(buf.getvalue(), origin, span)
 
 
 def _ts(epoch: float) -> Any:

@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ingest import addresses
 from ingest import config as config_mod
@@ -40,6 +41,15 @@ class UiConfig:
     link_key: bytes
     # Memory for the chart block cache (ingest/store/views.py BlockCache); 0 turns it off.
     cache_bytes: int = 256 * 1024 * 1024
+    # Where the block cache keeps its files (as many bytes again), so a restarted
+    # UI process answers from them; None: memory only.
+    cache_dir: Path | None = None
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """$XDG_CACHE_HOME/steplog/ui, else ~/.cache/steplog/ui."""
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "steplog" / "ui"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,4 +89,13 @@ def from_sources(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -
         raise config_mod.ConfigError(
             f"STEPLOG_UI_CACHE_BYTES={raw!r}: must be a number of bytes >= 0"
         ) from None
-    return UiConfig(listen, service, key.encode() if key else secrets.token_bytes(32), cache)
+    raw_dir = env.get("STEPLOG_UI_CACHE_DIR")
+    if raw_dir is None:
+        cache_dir: Path | None = default_cache_dir(env)
+    elif raw_dir.strip().lower() in ("", "off", "none"):
+        cache_dir = None
+    else:
+        cache_dir = Path(raw_dir).expanduser()
+    return UiConfig(
+        listen, service, key.encode() if key else secrets.token_bytes(32), cache, cache_dir
+    )

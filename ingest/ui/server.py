@@ -31,17 +31,19 @@ import json
 import logging
 import os
 import signal
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy as np
 from aiohttp import web
 
 from ingest import addresses
 from ingest import config as config_mod
-from ingest.store.views import SeriesRef, ViewError, ViewStore
+from ingest.store.views import SeriesRef, ViewError, ViewStore, number
 from ingest.ui.config import UiConfig, from_sources
 
 log = logging.getLogger("steplog.ui")
@@ -129,6 +131,44 @@ def _list(request: web.Request, name: str, most: int) -> list[str]:
     return items
 
 
+def chart_json(got: dict[str, Any]) -> dict[str, Any]:
+    """A chart answer as JSON: per series `steps`, `times` and `values`
+    lists (NaN and the infinities as the strings JavaScript's Number() reads)."""
+    series = []
+    for s in got["series"]:
+        values = s["values"]
+        listed: list[Any] = values.tolist()
+        for i in np.flatnonzero(~np.isfinite(values)).tolist():
+            listed[i] = number(listed[i])
+        series.append(
+            {**s, "steps": s["steps"].tolist(), "times": s["times"].tolist(), "values": listed}
+        )
+    return {**got, "series": series}
+
+
+def chart_binary(got: dict[str, Any]) -> bytes:
+    """A chart answer as one binary body for the page: a little-endian
+    uint32 N, N bytes of JSON (the answer without the points; per series `n`,
+    its number of points), zeros up to a multiple of 8 bytes, then per series
+    `n` float64 steps and `n` float64 values (NaN and infinities as they
+    are), and `n` float64 times (epoch seconds) only when `x` is "time". All
+    little-endian: the page reads them as Float64Arrays without copying."""
+    timed = got["x"] == "time"
+    head = {**got, "series": [], "times": timed}
+    arrays: list[bytes] = []
+    for s in got["series"]:
+        meta = {k: v for k, v in s.items() if k not in ("steps", "times", "values")}
+        meta["n"] = int(s["steps"].size)
+        head["series"].append(meta)
+        arrays.append(s["steps"].astype("<f8").tobytes())
+        arrays.append(s["values"].astype("<f8").tobytes())
+        if timed:
+            arrays.append(s["times"].astype("<f8").tobytes())
+    text = _dumps(head).encode()
+    pad = -(4 + len(text)) % 8
+    return b"".join([struct.pack("<I", len(text) + pad), text, b" " * pad, *arrays])
+
+
 class UiServer:
     """The HTTP server of one `ui` process."""
 
@@ -167,8 +207,13 @@ class UiServer:
         cfg = self.cfg.service
         binds = self._binds()
         try:
+            # No JIT: the UI's queries are short, and compiling them costs more than it saves.
             self.pool = await asyncpg.create_pool(
-                cfg.database_url, min_size=1, max_size=cfg.db_pool_size, command_timeout=60
+                cfg.database_url,
+                min_size=1,
+                max_size=cfg.db_pool_size,
+                command_timeout=60,
+                server_settings={"jit": "off"},
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise SystemExit(
@@ -181,8 +226,18 @@ class UiServer:
                 "steplog-ingest ui: the database has no steplog schema yet; start "
                 "`steplog-ingest serve` against it once (it applies the migrations)"
             )
+        # The cache files name the database this process reads (never a password).
+        where = await self.pool.fetchval(
+            "SELECT current_database() || '@' || coalesce(host(inet_server_addr()), 'local')"
+            " || ':' || coalesce(inet_server_port(), 0)"
+        )
         self.views = ViewStore(
-            self.pool, cfg.heartbeat_timeout_s, cfg.max_response_bytes, self.cfg.cache_bytes
+            self.pool,
+            cfg.heartbeat_timeout_s,
+            cfg.max_response_bytes,
+            self.cfg.cache_bytes,
+            self.cfg.cache_dir,
+            str(where),
         )
         if cfg.auth == "token":
             from ingest.api.auth import TokenVerifier
@@ -345,6 +400,9 @@ class UiServer:
         runs = _list(request, "runs", 256)
         width = _int(request, "width", 800, 1, 4096)
         x = request.query.get("x", "step")
+        fmt = request.query.get("format", "json")
+        if fmt not in ("json", "binary"):
+            raise ViewError(400, "format: must be 'json' or 'binary'")
         started = time.perf_counter()
         got = await self._views.chart(
             request["workspace"],
@@ -355,7 +413,10 @@ class UiServer:
             _float(request, "end"),
         )
         got["query_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        response = _json(got)
+        if fmt == "binary":
+            response = web.Response(body=chart_binary(got), content_type="application/octet-stream")
+        else:
+            response = _json(chart_json(got))
         response.headers["Server-Timing"] = f"db;dur={got['query_ms']}"
         return response
 

@@ -132,7 +132,8 @@ def logged(url: str, database_url: str) -> dict[str, Any]:
 def ui(
     service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[UiProcess]:
-    with UiProcess(service_env, tmp_path_factory.mktemp("ui-browser") / "ui.log") as proc:
+    env = {**service_env, "STEPLOG_UI_CACHE_DIR": str(tmp_path_factory.mktemp("ui-cache"))}
+    with UiProcess(env, tmp_path_factory.mktemp("ui-browser") / "ui.log") as proc:
         yield proc
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import math
 import subprocess
 import sys
@@ -128,8 +129,26 @@ def ui(
     service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[UiProcess]:
     log = tmp_path_factory.mktemp("ui") / "ui.log"
-    with UiProcess(service_env, log) as proc:
+    env = {**service_env, "STEPLOG_UI_CACHE_DIR": str(tmp_path_factory.mktemp("ui-cache"))}
+    with UiProcess(env, log) as proc:
         yield proc
+
+
+def get_binary(ui: UiProcess, path: str) -> dict[str, Any]:
+    """A chart in the page's binary form, decoded as the page does."""
+    with urllib.request.urlopen(ui.url.rstrip("/") + path + "&format=binary") as r:
+        assert r.headers["Content-Type"] == "application/octet-stream"
+        body = r.read()
+    n = int.from_bytes(body[:4], "little")
+    got: dict[str, Any] = json.loads(body[4 : 4 + n])
+    at = 4 + n
+    assert at % 8 == 0
+    for s in got["series"]:
+        for key in ("steps", "values") + (("times",) if got["times"] else ()):
+            s[key] = np.frombuffer(body, "<f8", s["n"], at)
+            at += 8 * s["n"]
+    assert at == len(body)
+    return got
 
 
 def test_home_lists_the_experiment_with_its_recent_runs(
@@ -210,6 +229,69 @@ def test_downsampling_keeps_min_max_last_and_nan_of_every_bucket(
     (z,) = zoom["series"]
     assert not z["downsampled"] and z["steps"] == list(range(39_500, 40_500))
     assert values_of(z) == [float(v) for v in values[39_500:40_500]]
+
+
+@pytest.mark.parametrize("metric", ["loss", "long"])
+def test_the_binary_chart_equals_the_json_one(
+    ui: UiProcess, logged: dict[str, Any], metric: str
+) -> None:
+    path = f"/api/chart?metric={metric}&runs={','.join(logged['runs'])}&width=500"
+    status, js = ui.get(path)
+    assert status == 200
+    got = get_binary(ui, path)
+    assert got["times"] is False and len(got["series"]) == len(js["series"]) >= 2
+    assert any(s["downsampled"] for s in js["series"]) == (metric == "long")
+    for b, j in zip(got["series"], js["series"], strict=True):
+        assert (b["run_id"], b["labels"], b["points_in_range"]) == (
+            j["run_id"],
+            j["labels"],
+            j["points_in_range"],
+        )
+        assert b["steps"].tolist() == j["steps"]
+        np.testing.assert_array_equal(b["values"], np.array(values_of(j)))
+    timed = get_binary(ui, path + "&x=time")
+    assert timed["times"] is True and timed["series"][0]["times"].size == timed["series"][0]["n"]
+
+
+def test_a_restarted_ui_draws_long_series_from_its_cache_files(
+    url: str, database_url: str, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    exp = Experiment(f"ui-cache-{uuid.uuid4().hex[:8]}", url=url)
+    run = exp.start_logging()
+    run.log("long", 1.0, step=0)
+    run.flush()
+    run.complete()
+    asyncio.run(_copy_long(database_url, run.id, "long", long_values()))
+    env = {**service_env, "STEPLOG_UI_CACHE_DIR": str(tmp_path / "cache")}
+    path = f"/api/chart?metric=long&runs={run.id}&width=500"
+    with UiProcess(env, tmp_path / "ui1.log") as first:
+        status, before = first.get(path)
+    assert status == 200 and before["series"][0]["downsampled"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    # The spike changed behind the cache's back (the count and last step
+    # stay): an answer that still shows it came from the file, not the database.
+    async def hide_spike() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "UPDATE scalar_points p SET value = 1.0 FROM series s WHERE s.series_id ="
+                " p.series_id AND s.run_id = $1 AND p.step = 40000",
+                run.id,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(hide_spike())
+    with UiProcess(env, tmp_path / "ui2.log") as second:
+        status, after = second.get(path)
+    assert status == 200 and after["series"] == before["series"]
+    kept = dict(zip(after["series"][0]["steps"], values_of(after["series"][0]), strict=True))
+    assert kept[40_000] == 1000.0
+    # Without the files a new process reads the database.
+    with UiProcess({**env, "STEPLOG_UI_CACHE_DIR": ""}, tmp_path / "ui3.log") as third:
+        status, fresh = third.get(path)
+    assert status == 200 and 1000.0 not in values_of(fresh["series"][0])
 
 
 def test_reduce_buckets_picks_extremes_last_and_first_nan() -> None:

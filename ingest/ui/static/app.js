@@ -14,7 +14,7 @@ window.steplog = window.steplog || {};
 
 class Refused extends Error {}
 
-async function api(path, params = {}) {
+async function request(path, params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") q.set(k, v);
   const ws = route().params.get("ws");
@@ -23,10 +23,33 @@ async function api(path, params = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
   const r = await fetch(`/api/${path}?${q}`, { headers });
-  const body = await r.json().catch(() => ({ error: r.statusText }));
-  if (r.status === 401 || r.status === 403) throw new Refused(body.error || "refused");
-  if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
-  return body;
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({ error: r.statusText }));
+    if (r.status === 401 || r.status === 403) throw new Refused(body.error || "refused");
+    throw new Error(body.error || `HTTP ${r.status}`);
+  }
+  return r;
+}
+
+async function api(path, params = {}) {
+  return (await request(path, params)).json();
+}
+
+// A chart in the service's binary form (ingest/ui/server.py chart_binary):
+// uint32 N, N bytes of JSON, then per series n float64 steps, n float64
+// values (NaN and infinities as they are) and, by wall time, n float64 times.
+async function chartApi(params) {
+  const buf = await (await request("chart", { ...params, format: "binary" })).arrayBuffer();
+  const n = new DataView(buf).getUint32(0, true);
+  const got = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 4, n)));
+  let at = 4 + n;
+  const next = (k) => { const a = Array.from(new Float64Array(buf, at, k)); at += 8 * k; return a; };
+  for (const s of got.series) {
+    s.steps = next(s.n);
+    s.values = next(s.n);
+    s.times = got.times ? next(s.n) : s.steps.map(() => null);
+  }
+  return got;
 }
 
 // -- small DOM helpers --------------------------------------------------------------
@@ -219,6 +242,29 @@ async function comparePage() {
   const grid = h("div", { class: "charts" });
   const charts = [];
   const runsOf = {};
+  app.replaceChildren(h("h2", {}, `Compare ${ids.length} runs`), grid);
+  window.steplog.charts = {};
+  window.steplog.firstChartMs = undefined;
+
+  const zoom = (range) => {
+    setParams({ range: range ? range.map((v) => +v.toPrecision(12)).join(",") : null });
+    for (const c of charts) { c.range = range; c.refresh().catch(show); }
+  };
+  for (const m of metrics) {
+    const el = h("div", { class: "chart", "data-metric": m });
+    grid.append(el);
+    const chart = new Chart(el, m, m, async (range) => {
+      const got = await chartApi({ metric: m, runs: ids.join(","), width: chart.width(), x: opts.x,
+        start: range ? range[0] : "", end: range ? range[1] : "" });
+      await metaP;
+      got.runs = runsOf;
+      return got;
+    }, opts, zoom);
+    charts.push(chart);
+  }
+  // The first chart first (its request goes out with the runs' details): it
+  // is what a user looks at while the others load.
+  const first = charts.length ? charts[0].refresh() : Promise.resolve();
   const meta = await metaP;
   for (const r of meta.runs) runsOf[r.run_id] = r;
   const tagKeys = [...new Set(meta.runs.flatMap((r) => Object.keys(r.tags || {})))].sort();
@@ -233,27 +279,8 @@ async function comparePage() {
     h("label", {}, "group by tag "), sel("group", [["", "(none)"], ...tagKeys.map((k) => [k, k])], opts.group),
     h("label", {}, "labels "), sel("labels", [["lines", "as lines"], ["grouped", "grouped"]], opts.labels),
     h("span", { class: "muted" }, "drag to zoom (re-queried at full resolution), double-click to reset"));
-  app.replaceChildren(h("h2", {}, `Compare ${ids.length} runs`), toolbar, grid);
-  window.steplog.charts = {};
-  window.steplog.firstChartMs = undefined;
-
-  const zoom = (range) => {
-    setParams({ range: range ? range.map((v) => +v.toPrecision(12)).join(",") : null });
-    for (const c of charts) { c.range = range; c.refresh().catch(show); }
-  };
-  for (const m of metrics) {
-    const el = h("div", { class: "chart", "data-metric": m });
-    grid.append(el);
-    const chart = new Chart(el, m, m, async (range) => {
-      const got = await api("chart", { metric: m, runs: ids.join(","), width: chart.width(), x: opts.x,
-        start: range ? range[0] : "", end: range ? range[1] : "" });
-      got.runs = runsOf;
-      return got;
-    }, opts, zoom);
-    charts.push(chart);
-  }
-  // The first chart first: it is what a user looks at while the others load.
-  if (charts.length) await charts[0].refresh();
+  grid.before(toolbar);
+  await first;
   await Promise.all(charts.slice(1).map((c) => c.refresh()));
   const mine = page;
   // Live: while a run is Running, its charts grow without a reload.
@@ -311,7 +338,7 @@ async function runPage() {
       const el = h("div", { class: "chart", "data-metric": m });
       where.append(el);
       const c = new Chart(el, m, m, async (range) => {
-        const got = await api("chart", { metric: m, runs: id, width: c.width(), start: range ? range[0] : "", end: range ? range[1] : "" });
+        const got = await chartApi({ metric: m, runs: id, width: c.width(), start: range ? range[0] : "", end: range ? range[1] : "" });
         got.runs = { [id]: run };
         return got;
       }, { x: "step", smooth: 0, labels: "lines" }, zoom);
@@ -456,13 +483,17 @@ async function go() {
   page += 1;
   window.steplog.refused = undefined;
   try {
-    const who = await api("whoami");
-    document.getElementById("who").textContent = who.auth === "token" ? `workspace ${who.workspace} · ${who.role} token ${who.token_id}` : `workspace ${who.workspace}`;
+    // Who am I goes out with the page's own requests (a refused token refuses both).
+    const whoP = api("whoami").then((who) => {
+      document.getElementById("who").textContent = who.auth === "token" ? `workspace ${who.workspace} · ${who.role} token ${who.token_id}` : `workspace ${who.workspace}`;
+    });
+    whoP.catch(() => {});
     const { path } = route();
     if (path === "/runs") await runsPage();
     else if (path === "/compare") await comparePage();
     else if (path === "/run") await runPage();
     else await home();
+    await whoP;
     window.steplog.ready = true;
   } catch (err) { show(err); }
 }

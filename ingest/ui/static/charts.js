@@ -158,8 +158,10 @@ export class Chart {
     const t0 = performance.now();
     const got = await this.load(this.range);
     if (seq !== this.seq) return;
+    const t1 = performance.now();
     const series = got.series.map((s) => ({ ...s, values: s.values.map(num) }));
     const built = build(series, got.runs || {}, this.opts);
+    const t2 = performance.now();
     this.marks = built.marks;
     const st = state();
     st.charts[this.key] = { series, drawn: built.data, labels: built.series.map((s) => s.label),
@@ -204,7 +206,8 @@ export class Chart {
       this.u = new window.uPlot(opts, built.data, this.body);
       this.u.over.addEventListener("dblclick", () => this.onZoom(null));
     }
-    st.charts[this.key].ms = performance.now() - t0;
+    const t3 = performance.now();
+    Object.assign(st.charts[this.key], { ms: t3 - t0, fetchMs: t1 - t0, buildMs: t2 - t1, drawMs: t3 - t2 });
   }
 
   width() { return Math.max(100, Math.min(4096, Math.round(this.el.clientWidth || 800))); }
