@@ -1077,7 +1077,7 @@ class BlockCache:
         if self.directory is None:
             return None
         ident = f"{self.namespace}\0{s['series_id']}\0{s['run_id']}\0{s['name']}\0{s['labels']}"
-        return self.directory / (hashlib.sha256(ident.encode()).hexdigest()[:40] + ".npz")
+        return self.directory / (hashlib.sha256(ident.encode()).hexdigest()[:40] + _SUFFIX)
 
     async def _get(
         self, s: Mapping[str, Any], sid: int, count: int, last_step: int
@@ -1159,15 +1159,9 @@ class BlockCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-            meta = np.array(
-                [b.series_id, b.origin, b.span, b.point_count, b.last_step, b.head[0]], np.int64
-            )
-            arrays: dict[str, Any] = {"meta": meta, "head": np.array(b.head[1:])}
-            arrays.update(b.summary.arrays())
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            tmp.write_bytes(_encode_file(b))
             os.replace(tmp, path)
-            files = [(p.stat(), p) for p in path.parent.glob("*.npz")]
+            files = [(p.stat(), p) for p in path.parent.glob("*" + _SUFFIX)]
             total = sum(st.st_size for st, _ in files)
             for st, p in sorted(files, key=lambda f: f[0].st_mtime):
                 if total <= self.max_bytes:
@@ -1178,19 +1172,52 @@ class BlockCache:
             log.warning("chart cache: cannot write %s: %s", path, exc)
 
 
+# A cache file: MAGIC, int64 series id, origin, span, point count, last
+# step, the first point's step and the number of blocks n, float64 the first
+# point's time and value, then the summary's columns (n int64 or float64
+# each), all little-endian.
+_MAGIC = b"STLBLK01"
+_SUFFIX = ".blocks"
+_HEAD = len(_MAGIC) + 7 * 8 + 2 * 8
+
+
+def _encode_file(b: Blocks) -> bytes:
+    s = b.summary
+    meta = np.array(
+        [b.series_id, b.origin, b.span, b.point_count, b.last_step, b.head[0], s.size], "<i8"
+    )
+    cols = [getattr(s, f).astype("<i8" if f in _INT_FIELDS else "<f8") for f in _FIELDS]
+    head = np.array(b.head[1:], "<f8")
+    return b"".join([_MAGIC, meta.tobytes(), head.tobytes(), *(c.tobytes() for c in cols)])
+
+
 def _load(path: Path, sid: int) -> Blocks | None:
     """A cache file, or None when absent, unreadable or of another series."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = [int(v) for v in z["meta"]]
-            head = z["head"]
-            summary = Summary(**{f: z[f] for f in _FIELDS})
-    except (OSError, KeyError, ValueError, TypeError):
+        data = path.read_bytes()
+    except OSError:
         return None
-    if meta[0] != sid or len(meta) != 6 or head.size != 2:
+    if len(data) < _HEAD or data[: len(_MAGIC)] != _MAGIC:
         return None
+    meta = [int(v) for v in np.frombuffer(data, "<i8", 7, len(_MAGIC))]
+    head = np.frombuffer(data, "<f8", 2, len(_MAGIC) + 56)
+    n = meta[6]
+    if meta[0] != sid or n < 0 or len(data) != _HEAD + 8 * n * len(_FIELDS):
+        return None
+    cols = {}
+    for i, f in enumerate(_FIELDS):
+        at = _HEAD + 8 * n * i
+        cols[f] = np.frombuffer(data, "<i8" if f in _INT_FIELDS else "<f8", n, at).astype(
+            np.int64 if f in _INT_FIELDS else np.float64
+        )
     return Blocks(
-        sid, meta[1], meta[2], meta[3], meta[4], (meta[5], float(head[0]), float(head[1])), summary
+        sid,
+        meta[1],
+        meta[2],
+        meta[3],
+        meta[4],
+        (meta[5], float(head[0]), float(head[1])),
+        Summary(**cols),
     )
 
 

@@ -231,6 +231,29 @@ def test_downsampling_keeps_min_max_last_and_nan_of_every_bucket(
     assert values_of(z) == [float(v) for v in values[39_500:40_500]]
 
 
+def test_a_wide_zoom_keeps_every_extreme_and_counts_exactly(
+    ui: UiProcess, logged: dict[str, Any], database_url: str
+) -> None:
+    # Wide enough for the block cache; its ends cut blocks, read from the database.
+    run_id, lo, hi = logged["runs"][0], 10_007, 50_003
+    status, body = ui.get(f"/api/chart?metric=long&runs={run_id}&width=500&start={lo}&end={hi}")
+    assert status == 200
+    (s,) = body["series"]
+    assert s["downsampled"] and s["points_in_range"] == hi - lo + 1
+    assert lo <= s["steps"][0] and s["steps"][-1] == hi and len(s["steps"]) <= 4 * 500
+    got = dict(zip(s["steps"], values_of(s), strict=True))
+    assert math.isnan(got[12_345]) and got[40_000] == 1000.0 and got[50_000] == -math.inf
+    steps, values = (np.array(a) for a in stored(database_url, run_id, "long"))
+    inside = values[(steps >= lo) & (steps <= hi)]
+    finite = inside[np.isfinite(inside)]
+    drawn = np.array(values_of(s))
+    assert finite.min() in drawn and finite.max() in drawn
+    # Every drawn point is a stored one.
+    assert all(
+        values[st] == v or (math.isnan(v) and math.isnan(values[st])) for st, v in got.items()
+    )
+
+
 @pytest.mark.parametrize("metric", ["loss", "long"])
 def test_the_binary_chart_equals_the_json_one(
     ui: UiProcess, logged: dict[str, Any], metric: str
@@ -267,7 +290,7 @@ def test_a_restarted_ui_draws_long_series_from_its_cache_files(
     with UiProcess(env, tmp_path / "ui1.log") as first:
         status, before = first.get(path)
     assert status == 200 and before["series"][0]["downsampled"]
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.blocks"))) == 1
 
     # The spike changed behind the cache's back (the count and last step
     # stay): an answer that still shows it came from the file, not the database.
