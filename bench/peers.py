@@ -54,6 +54,7 @@ from bench.w1_firehose import firehose
 
 PEERS_VENV = ROOT / ".steplog" / "peers-venv"
 PEERS_DIR = ROOT / ".steplog" / "peers"
+HEALTHCHECK_S = 120  # uvicorn --timeout-worker-healthcheck for MLflow's workers
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -107,6 +108,11 @@ def mlflow_w1(
             str(port),
             "--workers",
             str(workers),
+            # uvicorn kills a worker that does not answer its health check
+            # within 5 s (its default); on a loaded 2-core machine MLflow's
+            # workers take longer to start, and were killed in a loop.
+            "--uvicorn-opts",
+            f"--timeout-worker-healthcheck {HEALTHCHECK_S}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
