@@ -51,6 +51,35 @@ function carried(xs, ys) {
   return out;
 }
 
+const ascending = (xs) => { for (let i = 1; i < xs.length; i++) if (!(xs[i - 1] <= xs[i])) return false; return true; };
+
+// uPlot.join for tables whose xs ascend (steps always do): the union of the
+// xs by one typed-array sort, then each table's values by one merge walk
+// (undefined where a table has no point: uPlot draws across it; null stays a gap).
+export function join(tables) {
+  if (!tables.every(([xs]) => ascending(xs))) return window.uPlot.join(tables, tables.map(() => [1]));
+  let n = 0;
+  for (const [xs] of tables) n += xs.length;
+  const all = new Float64Array(n);
+  let k = 0;
+  for (const [xs] of tables) { all.set(xs, k); k += xs.length; }
+  all.sort();
+  let u = 0;
+  for (let i = 0; i < n; i++) if (u === 0 || all[i] !== all[u - 1]) all[u++] = all[i];
+  const xs = Array.from(all.subarray(0, u));
+  const out = [xs];
+  for (const [sx, sy] of tables) {
+    const col = new Array(u).fill(undefined);
+    for (let i = 0, j = 0; i < sx.length; i++) {
+      const x = sx[i];
+      while (xs[j] < x) j++;
+      col[j] = sy[i];
+    }
+    out.push(col);
+  }
+  return out;
+}
+
 // The uPlot data and series options for one chart.
 export function build(series, runs, opts) {
   const tables = series.map((s) => {
@@ -63,7 +92,7 @@ export function build(series, runs, opts) {
     if (!Number.isFinite(v)) marks.push([opts.x === "time" ? s.times[i] : s.steps[i], Number.isNaN(v) ? "NaN" : v > 0 ? "+inf" : "-inf"]);
   }));
   if (!tables.length) return { data: [[]], series: [{}], bands: [], marks, groups: [] };
-  const joined = tables.length === 1 ? [tables[0][0], tables[0][1]] : window.uPlot.join(tables, tables.map(() => [1]));
+  const joined = tables.length === 1 ? [tables[0][0], tables[0][1]] : join(tables);
   const xs = joined[0];
   const cols = joined.slice(1);
   const keyOf = (s) => {
