@@ -26,8 +26,8 @@ from ingest.core.batch import (
 )
 from ingest.core.errors import ApiError, StoreUnavailable
 from ingest.core.images import ImageError, ImageInfo, check, normalize_content_type, sniff
-from ingest.store.artifacts import store_image_blobs
 from ingest.store.blobs import MIN_PART_BYTES, blob_key, part_size
+from ingest.store.image_blobs import store_image_blobs
 from steplog._uploads import check_name, image_bytes, inside, source_of
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
@@ -224,12 +224,14 @@ def test_validate_images_rejects_point_by_point() -> None:
 
 def test_many_bad_images_are_rejected_in_linear_time() -> None:
     """Each rejection used to build a mask of the chunk's length: n bad
-    images cost O(n^2). 100,000 empty images now take well under a second."""
+    images cost O(n^2) (minutes for 100,000). They now take well under a
+    second of this process's CPU (CPU time, not wall time: other work on the
+    machine does not count)."""
     chunk = _chunk([data_pb2.Image()] * 100_000)
     outcome = Outcome()
-    started = time.perf_counter()
+    started = time.process_time()
     images.validate_images(chunk, outcome, max_bytes=1000)
-    assert time.perf_counter() - started < 5
+    assert time.process_time() - started < 5
     assert outcome.by_reason == {INVALID_IMAGE: 100_000} and not chunk.alive.any()
     assert len(outcome.examples) <= 20
 
