@@ -30,7 +30,8 @@ import numpy as np
 
 from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
-from ingest.store.tables import TABLE_ROW_COLUMNS, Cells, copy_payload, encode_table_rows
+from ingest.store.copy import copy_payload
+from ingest.store.tables import TABLE_ROW_COLUMNS, Cells, encode_table_rows
 
 COPY_ROWS = 10_000  # rows per COPY (and commit) in the ceiling
 

@@ -359,6 +359,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def setting(
+    name: str,
+    flag: Any = None,
+    env: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> Any:
+    """One setting by the service's rule (the flag, then its STEPLOG_*
+    variable, then the default), parsed as `serve` parses it; ConfigError
+    names the flag or variable of a bad value. For commands that read one or
+    two settings (token, quota, healthcheck) the same way as the service."""
+    env = os.environ if env is None else env
+    for opt in _options():
+        if opt.name == name:
+            break
+    else:
+        raise KeyError(name)
+    raw: str | None = None
+    where = opt.env
+    if flag is not None:
+        raw, where = str(flag), source or "--" + opt.name.replace("_", "-")
+    elif opt.env in env and env[opt.env] != "":
+        raw = env[opt.env]
+    if raw is None:
+        return getattr(Config, name)
+    try:
+        return opt.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}={shown(opt.name, raw)!r}: {exc}") from None
+
+
 def from_sources(
     args: argparse.Namespace | None = None,
     env: Mapping[str, str] | None = None,
@@ -368,18 +398,9 @@ def from_sources(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for opt in _options():
-        raw: str | None = None
-        source = opt.env
         flag = getattr(args, opt.name, None) if args is not None else None
-        if flag is not None:
-            raw, source = str(flag), "--" + opt.name.replace("_", "-")
-        elif opt.env in env and env[opt.env] != "":
-            raw = env[opt.env]
-        if raw is not None:
-            try:
-                values[opt.name] = opt.parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{source}={shown(opt.name, raw)!r}: {exc}") from None
+        if flag is not None or (opt.env in env and env[opt.env] != ""):
+            values[opt.name] = setting(opt.name, flag, env)
     values.update(overrides)
     return Config(**values)
 

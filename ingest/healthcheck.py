@@ -25,7 +25,9 @@ from collections.abc import Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+from ingest.config import Config, setting
+
+DEFAULT_LISTEN = Config.listen
 _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}
 
 
@@ -41,12 +43,11 @@ def probe_address(listen: str) -> str:
 
 def default_address(env: Mapping[str, str]) -> str:
     """The probe's address from the service's own settings."""
-    address = probe_address(env.get("STEPLOG_LISTEN") or DEFAULT_LISTEN)
-    health_port = (env.get("STEPLOG_HEALTH_PORT") or "0").strip()
-    if not health_port.isdigit():
-        raise ValueError(f"STEPLOG_HEALTH_PORT={health_port!r} is not a port number")
-    if int(health_port):
-        address = f"{address.rpartition(':')[0]}:{int(health_port)}"
+    # Parsed as the service parses them (ingest/config.py): the same words, the same errors.
+    address = probe_address(str(setting("listen", env=env)))
+    health_port = int(setting("health_port", env=env))
+    if health_port:
+        address = f"{address.rpartition(':')[0]}:{health_port}"
     return address
 
 

@@ -1,5 +1,10 @@
 """Builds and runs the gRPC server: the only module that does.
 
+The composition root: every store, the pipeline and the servicers are made
+and wired here (the kinds' writers, checks and readers included), so the
+layers below know each other only through their Protocols. Over 500 lines:
+the start is one ordered sequence of what opens before what.
+
 Start: connect the pool, apply migrations, start the pipeline, serve with
 health checking and reflection. Stop (SIGTERM): health NOT_SERVING, stop
 accepting with a grace period, drain the pipeline, close the pool.
@@ -36,18 +41,20 @@ from ingest.api.sweeps import SweepRunServicer
 from ingest.api.tokens import TokenServicer
 from ingest.config import Config, describe, scrub
 from ingest.core.errors import StoreUnavailable
+from ingest.core.kinds import KIND_EVALUATION, KIND_HISTOGRAM, KIND_IMAGE, KIND_TABLE
 from ingest.core.validate import Limits
 from ingest.observe import metrics_http, progress
 from ingest.observe.metrics import Metrics
 from ingest.store import artifacts as artifacts_store
-from ingest.store import blob_sweep, db, migrate
+from ingest.store import blob_sweep, db, image_blobs, migrate
 from ingest.store import histograms as histogram_store
 from ingest.store import quotas as quota_mod
 from ingest.store import tables as tables_store
 from ingest.store.blobs import BlobSettings, BlobStore
 from ingest.store.metadata import MetadataStore
 from ingest.store.points import PointStore
-from ingest.store.queries import QueryStore
+from ingest.store.queries import KindReader, QueryStore
+from ingest.store.sessions import CommitSessions
 from ingest.store.sweeps import SweepStore
 from ingest.store.tokens import TokenStore
 from ingest.store.writers import WriterSweeper
@@ -191,9 +198,6 @@ class Service:
         sweeper = WriterSweeper(self.pool, cfg.writer_retention_s)
         sweeper.start()
         self._closers.append(sweeper.close)
-        self.points = PointStore(
-            cfg.max_series_per_run, quota_defaults, lambda quota: on_quota(quota).inc()
-        )
         self.blobs = BlobStore(BlobSettings.from_config(cfg), self.metrics)
         await self.blobs.start()
         self._closers.append(self.blobs.close)
@@ -207,20 +211,6 @@ class Service:
         )
         blob_sweeper.start()
         self._closers.append(blob_sweeper.close)
-        # Checks the runs, quota and touches a batch's image blobs, then stores
-        # them, before queueing it (artifacts_store.py).
-        gate = artifacts_store.BlobGate(self.pool, self.quotas)
-        self.pipeline = artifacts_store.BlobFirstPipeline(
-            self.blobs,
-            cfg.database_url,
-            self.points,
-            self.metrics,
-            workers=cfg.pipeline_workers,
-            queue_batches=cfg.queue_batches,
-            group_points=cfg.group_commit_points,
-            queue_bytes=cfg.queue_bytes,
-            gate=gate,
-        )
         limits = Limits(
             max_labels=cfg.max_labels,
             max_text_value_chars=cfg.max_text_value_chars,
@@ -230,19 +220,46 @@ class Service:
             max_histogram_bins=cfg.max_histogram_bins,
             max_image_bytes=cfg.max_image_bytes,
         )
-        self.queries = QueryServicer(
-            QueryStore(self.pool), max_response_bytes=cfg.max_response_bytes
-        )
-        tables_store.register(self.points, self.queries, self.pool, limits)
-        histogram_store.register(self.points, self.queries, self.pool)
-        artifacts = artifacts_store.register(
-            self.points,
-            self.queries,
-            self.pool,
-            self.blobs,
-            cfg.max_message_bytes - 2**20,
+        # The kinds other than scalars: a writer in the group commit (and a
+        # check for tables' column types), a reader for queries.
+        tables = tables_store.TableStore(self.pool, limits)
+        histograms = histogram_store.HistogramStore(self.pool)
+        images = artifacts_store.ImageStore(self.pool, self.blobs, cfg.max_message_bytes - 2**20)
+        self.points = PointStore(
+            cfg.max_series_per_run,
             quota_defaults,
             lambda quota: on_quota(quota).inc(),
+            writers={
+                KIND_TABLE: tables.write_tables,
+                KIND_EVALUATION: tables.write_evaluations,
+                KIND_IMAGE: images.write_images,
+                KIND_HISTOGRAM: histograms.write_histograms,
+            },
+            checks={KIND_TABLE: tables.check_tables},
+        )
+        readers: dict[int, KindReader] = {
+            KIND_TABLE: tables.read_tables,
+            KIND_EVALUATION: tables.read_evaluations,
+            KIND_IMAGE: images.read_images,
+            KIND_HISTOGRAM: histograms.read_histograms,
+        }
+        self.queries = QueryServicer(
+            QueryStore(self.pool), readers, max_response_bytes=cfg.max_response_bytes
+        )
+        artifacts = artifacts_store.ArtifactStore(
+            self.pool, quota_defaults, lambda quota: on_quota(quota).inc()
+        )
+        # Checks the runs, quota and touches a batch's image blobs, then stores
+        # them, before queueing it (ingest/store/image_blobs.py).
+        gate = image_blobs.BlobGate(self.pool, self.quotas)
+        self.pipeline = Pipeline(
+            CommitSessions(cfg.database_url, self.points),
+            self.metrics,
+            workers=cfg.pipeline_workers,
+            queue_batches=cfg.queue_batches,
+            group_points=cfg.group_commit_points,
+            queue_bytes=cfg.queue_bytes,
+            admission=image_blobs.BlobFirst(self.blobs, gate),
         )
 
         options = [
@@ -304,10 +321,6 @@ class Service:
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             ArtifactServicer(artifacts, self.blobs, cfg.max_artifact_bytes, gate=gate), server
         )
-        for extra in _extensions:
-            closer = await extra(self, server)
-            if closer is not None:
-                self._closers.append(closer)
 
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -468,18 +481,6 @@ class Service:
             await self.pool.close()
         if self.server is not None:  # a start that failed has said why already
             log.info("stopped")
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
-
-# Later capabilities register here: async fn(service, server) -> optional async closer.
-_extensions: list[Any] = []
-
-
-def extension(fn: Any) -> Any:
-    _extensions.append(fn)
-    return fn
 
 
 async def serve(config: Config, ready: Callable[[Service], None] | None = None) -> None:

@@ -28,8 +28,9 @@ from ingest.api.common import abort_with, handle_errors, timestamp
 from ingest.core import model
 from ingest.core.checks import CONTROL as _CONTROL
 from ingest.core.errors import ApiError, StoreUnavailable, invalid, not_found
-from ingest.store.artifacts import ArtifactStore, BlobGate, conflict
+from ingest.store.artifacts import ArtifactStore, conflict
 from ingest.store.blobs import BlobNotFound, BlobStore
+from ingest.store.image_blobs import BlobGate
 from steplog.v1 import artifact_service_pb2 as pb
 from steplog.v1 import artifact_service_pb2_grpc as pb_grpc
 

@@ -42,14 +42,14 @@ from grpc_status import rpc_status
 
 from ingest.api.common import abort_with, rich_status
 from ingest.core import model
-from ingest.core.batch import DecodedBatch, Outcome
+from ingest.core.batch import CommitResult, DecodedBatch, Outcome
 from ingest.core.decode import decode_batch
 from ingest.core.errors import ApiError, StoreUnavailable, invalid
 from ingest.core.validate import Limits
 from ingest.observe.metrics import Metrics
 from ingest.store.quotas import Quotas, RateLimited
-from ingest.store.writers import CommitResult
-from ingest.write.pipeline import ACK_BYTES, ByteBudget, Overloaded, Pipeline, batch_cost
+from ingest.write.backpressure import ACK_BYTES, ByteBudget, Overloaded, batch_cost
+from ingest.write.pipeline import Pipeline
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc as pb_grpc
 

@@ -7,31 +7,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from ingest.api.common import handle_errors
+from ingest.api.series import series_data
 from ingest.core import model
-from ingest.core.batch import (
-    KIND_EVALUATION,
-    KIND_HISTOGRAM,
-    KIND_IMAGE,
-    KIND_SCALAR,
-    KIND_TABLE,
-    VALUE_TEXT,
-)
 from ingest.core.errors import invalid
-from ingest.store.db import Row
-from ingest.store.queries import MAX_STEP, MIN_STEP, QueryStore, Read, Window
-from steplog.v1 import data_pb2
+from ingest.core.kinds import KIND_SCALAR
+from ingest.store.queries import MAX_STEP, MIN_STEP, KindReader, QueryStore, Window
 from steplog.v1 import query_service_pb2 as pb
 from steplog.v1 import query_service_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-Reader = Callable[[Sequence[Row], Window], Awaitable[Read]]
 
 # Points in one response (GetMetrics, ReadSeries) and series (ListSeries):
 # 0 asks for the default, larger values are treated as the maximum.
@@ -102,63 +93,17 @@ def decode_token(request: Message, token: str, fields: dict[str, type]) -> dict[
     return body
 
 
-def header_bytes(s: Row) -> int:
-    return int(s["header"])
-
-
-def _empty(s: Row) -> data_pb2.SeriesData:
-    return data_pb2.SeriesData(name=s["name"], labels=s["labels"], description=s["description"])
-
-
-def _scalars(rows: Sequence[Row], text: bool) -> data_pb2.ScalarColumns:
-    cols = data_pb2.ScalarColumns(steps=[r["step"] for r in rows], times=[r["t"] for r in rows])
-    if text:
-        cols.text_values.extend(r["value"] for r in rows)
-    else:
-        cols.values.extend(r["value"] for r in rows)
-    return cols
-
-
 class QueryServicer(pb_grpc.QueryServiceServicer):
     def __init__(
         self,
         store: QueryStore,
-        readers: dict[int, Reader] | None = None,
+        readers: Mapping[int, KindReader] | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.store = store
-        # Other kinds register a reader: async fn(series rows, window) -> Read.
-        self.readers: dict[int, Reader] = readers if readers is not None else {}
+        # The readers of the kinds other than scalars (wired in ingest/server.py).
+        self.readers: dict[int, KindReader] = {KIND_SCALAR: store.read_scalars, **(readers or {})}
         self.max_response_bytes = max_response_bytes
-
-    # -- readers by the table a series' points live in -----------------------------
-
-    def _reader(self, s: Row) -> tuple[str, Reader] | None:
-        """The points table of a series and its reader (None: not readable)."""
-        if s["kind"] == KIND_SCALAR:
-            text = s["value_type"] == VALUE_TEXT
-
-            async def scalars(series: Sequence[Row], window: Window) -> Read:
-                got = await self.store.scalar_points([x["series_id"] for x in series], text, window)
-                out = {}
-                for x in series:
-                    data = _empty(x)
-                    data.scalars.CopyFrom(_scalars(got.rows.get(x["series_id"], []), text))
-                    data.scalars.SetInParent()
-                    out[x["series_id"]] = data
-                return Read(out, got)
-
-            return ("text_points" if text else "scalar_points"), scalars
-        reader = self.readers.get(s["kind"])
-        if reader is None:
-            return None
-        table = {
-            KIND_TABLE: "table_rows",
-            KIND_IMAGE: "image_points",
-            KIND_EVALUATION: "evaluation_points",
-            KIND_HISTOGRAM: "histogram_points",
-        }[s["kind"]]
-        return table, reader
 
     # -- GetMetrics --------------------------------------------------------------
 
@@ -203,26 +148,26 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                 i = 0
                 while i < len(metas):
                     head = metas[i]
-                    group = int(head["grp"])
-                    if not empty and (points >= limit or header_bytes(head) > budget):
-                        return stop(run, group, head["series_id"], MIN_STEP)
+                    group = head.group
+                    if not empty and (points >= limit or head.header > budget):
+                        return stop(run, group, head.series_id, MIN_STEP)
                     chunk = [head]
-                    headers = header_bytes(head)
+                    headers = head.header
                     for s in metas[i + 1 :]:
-                        if s["grp"] != group or headers + header_bytes(s) > budget:
+                        if s.group != group or headers + s.header > budget:
                             break
                         chunk.append(s)
-                        headers += header_bytes(s)
+                        headers += s.header
                     i += len(chunk)
                     # The token's series resumes at its step; every other from its start.
-                    after = (head["series_id"], MIN_STEP)
+                    after = (head.series_id, MIN_STEP)
                     if resume is not None and resume["g"] == group:
                         after = (resume["s"], resume["p"])
                     resume = None
-                    found = self._reader(head)
-                    if found is None:  # a kind this service cannot read: skipped
+                    reader = self.readers.get(head.kind)
+                    if reader is None:  # a kind this service cannot read: skipped
                         continue
-                    got = await found[1](
+                    got = await reader(
                         chunk,
                         Window(
                             limit=limit - points,
@@ -233,20 +178,20 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                     )
                     nxt = got.slice.next
                     for s in chunk:
-                        sid = s["series_id"]
+                        sid = s.series_id
                         if nxt is not None and (
                             sid > nxt[0] or (sid == nxt[0] and sid not in got.slice.rows)
                         ):
                             break
-                        run_metrics.series.append(got.data[sid])
-                        budget -= header_bytes(s)
+                        run_metrics.series.append(series_data(s, got))
+                        budget -= s.header
                         empty = False
                     points += got.slice.count
                     budget -= got.slice.used
                     if nxt is not None:
                         return stop(run, group, nxt[0], nxt[1])
                 last = metas[-1]
-                at = (int(last["grp"]), last["series_id"] + 1)
+                at = (last.group, last.series_id + 1)
             empty = False  # this run is done: progress, even when it had no series
         return reply
 
@@ -268,27 +213,26 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         s = await self.store.find_series(
             workspace, model.run_id(request.run_id), request.name, dict(request.labels)
         )
-        found = self._reader(s)
-        if found is None:
+        reader = self.readers.get(s.kind)
+        if reader is None:
             raise invalid("name", "this series kind cannot be read yet")
-        table, reader = found
         if token is None:
-            total, last = await self.store.count_points(table, s["series_id"], start, end)
+            total, last = await self.store.count_points(s, start, end)
             if last is not None:
                 end = min(end, last)  # later points belong to a later read
             step = start
         else:
-            if token["s"] != s["series_id"]:
+            if token["s"] != s.series_id:
                 raise invalid("page_token", "belongs to another series")
             end, total, step = token["e"], token["n"], token["p"]
         downsampled = 0 < request.max_points < total
-        numeric = s["kind"] == KIND_SCALAR and s["value_type"] != VALUE_TEXT
+        numeric = s.kind == KIND_SCALAR and not s.text
         window = Window(
             limit=limit,
-            budget=self.max_response_bytes - ENVELOPE_BYTES - header_bytes(s),
+            budget=self.max_response_bytes - ENVELOPE_BYTES - s.header,
             start=start,
             end=end,
-            after=(s["series_id"], step),
+            after=(s.series_id, step),
             force=True,
             spread=request.max_points if downsampled and not numeric else 0,
             total=total,
@@ -297,11 +241,11 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         )
         got = await reader([s], window)
         reply = pb.ReadSeriesResponse(
-            series=got.data[s["series_id"]], downsampled=downsampled, total_points=total
+            series=series_data(s, got), downsampled=downsampled, total_points=total
         )
         if got.slice.next is not None:
             reply.next_page_token = encode_token(
-                request, s=s["series_id"], e=end, n=total, p=got.slice.next[1]
+                request, s=s.series_id, e=end, n=total, p=got.slice.next[1]
             )
         return reply
 
@@ -325,18 +269,18 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         reply = pb.ListSeriesResponse(
             series=[
                 pb.SeriesInfo(
-                    name=r["name"],
-                    labels=r["labels"],
-                    kind=r["kind"],
-                    stepped=r["stepped"],
-                    point_count=r["point_count"],
-                    last_step=r["last_step"],
-                    description=r["description"],
+                    name=r.name,
+                    labels=r.labels,
+                    kind=r.kind,  # type: ignore[arg-type]
+                    stepped=r.stepped,
+                    point_count=r.point_count,
+                    last_step=r.last_step,
+                    description=r.description,
                 )
                 for r in rows
-                if r["take"]
+                if r.take
             ]
         )
-        if rows and not rows[-1]["take"]:
-            reply.next_page_token = encode_token(request, s=rows[-1]["series_id"])
+        if rows and not rows[-1].take:
+            reply.next_page_token = encode_token(request, s=rows[-1].series_id)
         return reply

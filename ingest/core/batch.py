@@ -13,50 +13,78 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-# steplog.v1.SeriesKind values (kept here so pure code needs no proto import).
-KIND_SCALAR = 1
-KIND_TABLE = 2
-KIND_IMAGE = 3
-KIND_EVALUATION = 4
-KIND_HISTOGRAM = 5
+from ingest.core.kinds import (
+    INVALID_EVALUATION as INVALID_EVALUATION,
+)
+from ingest.core.kinds import (
+    INVALID_HISTOGRAM as INVALID_HISTOGRAM,
+)
+from ingest.core.kinds import (
+    INVALID_IMAGE as INVALID_IMAGE,
+)
+from ingest.core.kinds import (
+    INVALID_LABELS as INVALID_LABELS,
+)
+from ingest.core.kinds import (
+    INVALID_NAME as INVALID_NAME,
+)
+from ingest.core.kinds import (
+    INVALID_STEP as INVALID_STEP,
+)
+from ingest.core.kinds import (
+    INVALID_TABLE as INVALID_TABLE,
+)
+from ingest.core.kinds import (
+    INVALID_VALUE as INVALID_VALUE,
+)
+from ingest.core.kinds import (
+    KIND_EVALUATION as KIND_EVALUATION,
+)
+from ingest.core.kinds import (
+    KIND_HISTOGRAM as KIND_HISTOGRAM,
+)
+from ingest.core.kinds import (
+    KIND_IMAGE as KIND_IMAGE,
+)
+from ingest.core.kinds import (
+    KIND_MISMATCH as KIND_MISMATCH,
+)
 
-VALUE_NUMERIC = 0
-VALUE_TEXT = 1
-
-# steplog.v1.RejectReason values.
-INVALID_NAME = 1
-INVALID_LABELS = 2
-KIND_MISMATCH = 3
-STEP_MODE_MISMATCH = 4
-STEP_NOT_INCREASING = 5
-STEP_CONFLICT = 6
-INVALID_STEP = 7
-INVALID_VALUE = 8
-RUN_NOT_FOUND = 9
-RUN_NOT_ACTIVE = 10
-LIMIT_EXCEEDED = 11
-INVALID_TABLE = 12
-INVALID_EVALUATION = 13
-INVALID_IMAGE = 14
-INVALID_HISTOGRAM = 15
-
-REASON_NAMES = {
-    INVALID_NAME: "invalid_name",
-    INVALID_LABELS: "invalid_labels",
-    KIND_MISMATCH: "kind_mismatch",
-    STEP_MODE_MISMATCH: "step_mode_mismatch",
-    STEP_NOT_INCREASING: "step_not_increasing",
-    STEP_CONFLICT: "step_conflict",
-    INVALID_STEP: "invalid_step",
-    INVALID_VALUE: "invalid_value",
-    RUN_NOT_FOUND: "run_not_found",
-    RUN_NOT_ACTIVE: "run_not_active",
-    LIMIT_EXCEEDED: "limit_exceeded",
-    INVALID_TABLE: "invalid_table",
-    INVALID_EVALUATION: "invalid_evaluation",
-    INVALID_IMAGE: "invalid_image",
-    INVALID_HISTOGRAM: "invalid_histogram",
-}
+# The kinds and reasons are derived from the proto (ingest/core/kinds.py);
+# named here too for the many modules that import them with the batch types.
+from ingest.core.kinds import (
+    KIND_SCALAR as KIND_SCALAR,
+)
+from ingest.core.kinds import (
+    KIND_TABLE as KIND_TABLE,
+)
+from ingest.core.kinds import (
+    LIMIT_EXCEEDED as LIMIT_EXCEEDED,
+)
+from ingest.core.kinds import (
+    REASON_NAMES as REASON_NAMES,
+)
+from ingest.core.kinds import (
+    RUN_NOT_ACTIVE as RUN_NOT_ACTIVE,
+)
+from ingest.core.kinds import (
+    RUN_NOT_FOUND as RUN_NOT_FOUND,
+)
+from ingest.core.kinds import (
+    STEP_CONFLICT as STEP_CONFLICT,
+)
+from ingest.core.kinds import (
+    STEP_MODE_MISMATCH as STEP_MODE_MISMATCH,
+)
+from ingest.core.kinds import (
+    STEP_NOT_INCREASING as STEP_NOT_INCREASING,
+)
+from ingest.core.kinds import (
+    VALUE_NUMERIC as VALUE_NUMERIC,
+)
+from ingest.core.kinds import (
+    VALUE_TEXT as VALUE_TEXT,
+)
 
 # Rejected points reported back per batch, and how large they may be: every
 # string of an example is clipped, and examples stop when their total would
@@ -262,3 +290,27 @@ class DecodedBatch:
             if steps is not None:
                 chunk.steps = steps.copy()
         self.outcome = outcome.copy()
+
+
+class SequenceGap(Exception):
+    """A writer skipped a sequence number: the client must resend from `expected`.
+
+    The numbers are the writer's own, in its own workspace."""
+
+    def __init__(self, writer_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            f"writer {writer_id[:128]!r}: expected batch sequence {expected}, got {got}; "
+            f"resend from {expected}"
+        )
+        self.expected = expected
+
+
+@dataclass
+class CommitResult:
+    """What the commit decided for one batch (beside its outcome)."""
+
+    duplicate_batch: bool = False
+    gap: SequenceGap | None = None
+    # For a duplicate batch: what the commit that stored it decided, while
+    # the service keeps it (the writer's last batches, store/writers.py OUTCOMES_KEPT).
+    original: Outcome | None = None

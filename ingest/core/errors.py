@@ -1,7 +1,9 @@
-"""The service's error type. Pure: no grpc import; the servicer layer maps
+"""The service's error types. Pure: no grpc import; the servicer layer maps
 `ApiError.code` (a gRPC status code name) to a status with a BadRequest detail."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class ApiError(Exception):
@@ -31,3 +33,14 @@ def precondition(field: str, message: str) -> ApiError:
 
 class StoreUnavailable(Exception):
     """The database or the object store cannot be reached; retryable."""
+
+
+# What a failed database command means to whoever retries it (the store
+# classifies its driver's errors, ingest/store/db.py `classify`): conflict and
+# unavailable are transient (try again), refused is a value the database will
+# never store, other is anything else.
+Fault = Literal["conflict", "unavailable", "refused", "other"]
+CONFLICT: Fault = "conflict"
+UNAVAILABLE: Fault = "unavailable"
+REFUSED: Fault = "refused"
+OTHER: Fault = "other"

@@ -46,16 +46,6 @@ class RunStatus(StrEnum):
 
 
 TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED})
-ACTIVE = frozenset(
-    {
-        RunStatus.NOT_STARTED,
-        RunStatus.QUEUED,
-        RunStatus.RUNNING,
-        RunStatus.FINALIZING,
-        RunStatus.CANCEL_REQUESTED,
-        RunStatus.NOT_RESPONDING,
-    }
-)
 
 # Which status a run may move to from each status. NOT_RESPONDING is never a
 # stored status: it is derived from the last time the run was heard from.

@@ -29,8 +29,15 @@ from ingest.core.batch import (
     Chunk,
     Outcome,
 )
-
-KIND_NAMES = {1: "scalar", 2: "table", 3: "image", 4: "evaluation", 5: "histogram"}
+from ingest.core.evaluations import SCHEMA_NAMES
+from ingest.core.kinds import (
+    KIND_EVALUATION,
+    KIND_LABELS,
+    KIND_SCALAR,
+    RUN_NOT_ACTIVE,
+    RUN_NOT_FOUND,
+)
+from ingest.core.model import RunStatus
 
 
 @dataclass
@@ -67,16 +74,13 @@ def _same(a: float | None, b: float) -> bool:
     return bool(a == b or (np.isnan(a) and np.isnan(b)))
 
 
-# An evaluation series' value_type is its schema (ingest.core.evaluations.SCHEMA_CODES).
-_SCHEMAS = {1: "confusion_matrix", 2: "accuracy_table", 3: "predictions", 4: "residuals"}
-
-
 def _kind_label(kind: int, value_type: int) -> str:
-    if kind == 1:
+    if kind == KIND_SCALAR:
         return "text scalar" if value_type == VALUE_TEXT else "numeric scalar"
-    if kind == 4 and value_type in _SCHEMAS:
-        return f"{_SCHEMAS[value_type]} evaluation"
-    return KIND_NAMES.get(kind, str(kind))
+    # An evaluation series' value_type is its schema.
+    if kind == KIND_EVALUATION and value_type in SCHEMA_NAMES:
+        return f"{SCHEMA_NAMES[value_type]} evaluation"
+    return KIND_LABELS.get(kind, str(kind))
 
 
 def apply(chunk: Chunk, state: SeriesState, outcome: Outcome) -> Accepted | None:
@@ -206,3 +210,30 @@ def _strict(chunk: Chunk, state: SeriesState, outcome: Outcome, alive: I64) -> A
     state.point_count += int(index.size)
     outcome.accepted += int(index.size)
     return Accepted(chunk, index, series_id=state.series_id)
+
+
+def reject_unwritable_run(
+    outcome: Outcome, chunk: Chunk, workspace: str, status: str | None
+) -> bool:
+    """Reject the chunk's points when its run does not exist in the workspace
+    (status None: RUN_NOT_FOUND) or has finished (RUN_NOT_ACTIVE); True when
+    it did. Steps are not checked: the points were never the run's."""
+    if status is None:
+        outcome.reject(
+            chunk,
+            None,
+            RUN_NOT_FOUND,
+            f"run {chunk.run_id[:130]!r} does not exist in workspace {workspace!r}",
+            steps=False,
+        )
+        return True
+    if RunStatus(status).terminal:
+        outcome.reject(
+            chunk,
+            None,
+            RUN_NOT_ACTIVE,
+            f"run {chunk.run_id!r} is {status}; a finished run takes no more points",
+            steps=False,
+        )
+        return True
+    return False

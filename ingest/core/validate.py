@@ -26,7 +26,7 @@ from ingest.core.batch import (
     Chunk,
     Outcome,
 )
-from ingest.core.checks import CONTROL, clip, label_key_ok
+from ingest.core.checks import CONTROL, LABEL_KEY, clip, label_key_ok
 from ingest.core.evaluations import validate_evaluations
 from ingest.core.histograms import DEFAULT_MAX_BINS, validate_histograms
 from ingest.core.images import validate_images
@@ -73,7 +73,7 @@ def labels_problem(labels: Mapping[str, str], limits: Limits) -> str | None:
         return f"{len(labels)} labels; the limit is {limits.max_labels}"
     for key, value in labels.items():
         if not label_key_ok(key):
-            return f"label key {clip(key, 70)!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}"
+            return f"label key {clip(key, 70)!r} must match {LABEL_KEY.pattern}"
         if len(value) > MAX_LABEL_VALUE:
             return f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters"
         if CONTROL.search(value):

@@ -3,6 +3,9 @@ scalar series of active runs, their points per second, the age of their last
 point, and their status, so Prometheus can alert on a NaN loss or a stalled
 job without a second pipeline.
 
+Over 500 lines: one collector (its query, its snapshot cache, the families
+it exports) that Prometheus scrapes as a unit.
+
 Where the numbers come from: the series table already keeps last_step,
 last_value, point_count and last_time per series (the write pipeline updates
 them in the commit that stores the points), and runs keeps status and
@@ -51,6 +54,8 @@ from typing import Any, Protocol
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ingest.config import Config
+from ingest.core.kinds import KIND_SCALAR, VALUE_NUMERIC
 from ingest.core.model import RunStatus
 from ingest.observe.metrics import Metrics
 
@@ -58,12 +63,11 @@ log = logging.getLogger(__name__)
 
 # Stored statuses whose runs are exported. NotResponding is derived from Running.
 ACTIVE_STATUSES = (RunStatus.RUNNING, RunStatus.FINALIZING, RunStatus.CANCEL_REQUESTED)
-DEFAULT_PATTERNS = ("loss*", "*loss", "accuracy*", "lr")
+# The series exported by default: the setting progress_series (ingest/config.py).
+DEFAULT_PATTERNS = Config.progress_series
 MAX_SERIES_LABELS_CHARS = 200
 # Points per second are measured over about this many seconds of snapshots.
 RATE_WINDOW_S = 30.0
-KIND_SCALAR = 1
-VALUE_NUMERIC = 0
 
 RUN_LABELS = ["workspace", "experiment", "run"]
 SERIES_LABELS = [*RUN_LABELS, "series", "series_labels"]

@@ -1,6 +1,6 @@
 """The sweep of unreferenced blobs: deletes from S3 the blobs no row points to.
 
-Blobs are stored before the rows that point to them (artifacts_store.py),
+Blobs are stored before the rows that point to them (image_blobs.py),
 so some stay without a row: images whose points were rejected by the step
 rules or came in a duplicate batch, a file whose row was refused (another
 file at the path, a run that finished, a quota). Content addressing makes a
@@ -13,7 +13,7 @@ The protocol (the `blob_touches` table, one row per blob):
 
 - Writer. Before any S3 request about a blob (storing it, or finding it is
   there), an image batch or file upload upserts the blob's row with
-  `touched_at = clock_timestamp()` (`artifacts_store.touch_blobs`), in a
+  `touched_at = clock_timestamp()` (`image_blobs.touch_blobs`), in a
   statement of its own that commits before the S3 request. Its row pointing
   to the blob commits later, within the grace period (the grace is longer
   than any batch or upload takes).

@@ -1,5 +1,8 @@
 """Blobs in S3-compatible object storage: the only module that talks to S3.
 
+Over 500 lines: one client class whose single-put, multipart, read, list and
+delete paths share one session, one retry rule and one error mapping.
+
 Keys are content addresses, `blobs/sha256/<2 hex>/<62 hex>` of the lower-case
 hex SHA-256, so storing the same bytes twice (a retried batch, a resent file,
 one image logged by many runs) is harmless and costs one object. Nothing

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest.core.errors import StoreUnavailable
+from ingest.core.errors import CONFLICT, OTHER, REFUSED, UNAVAILABLE, Fault, StoreUnavailable
 from ingest.store.migrate import migrate, migrations_pending
 
 Row = Any  # an asyncpg.Record
@@ -27,6 +27,37 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.PostgresConnectionError,
 )
+
+
+_CONFLICT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.UniqueViolationError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+# SQLSTATE classes of errors that a value of the batch causes, every time:
+# data exceptions, integrity constraint violations, program limits.
+_REFUSED_CLASSES = ("22", "23", "54")
+# Classes of errors that come and go with the server: insufficient resources,
+# operator intervention (shutdown, cancel), system errors, connection errors.
+_TRANSIENT_CLASSES = ("08", "53", "57", "58")
+
+
+def classify(exc: BaseException) -> Fault:
+    """What a database error means: conflict and unavailable are transient
+    (retry); refused is a value the database will never store; other is
+    anything else."""
+    if isinstance(exc, _CONFLICT):
+        return CONFLICT
+    if isinstance(exc, (*UNAVAILABLE_ERRORS, TimeoutError)):
+        return UNAVAILABLE
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        if state[:2] in _TRANSIENT_CLASSES:
+            return UNAVAILABLE
+        if state[:2] in _REFUSED_CLASSES:
+            return REFUSED
+    return OTHER
 
 
 @asynccontextmanager

@@ -11,21 +11,19 @@ bytes per bin so a page stays within its byte budget.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
 import numpy as np
 
-from ingest.core.batch import I64, KIND_HISTOGRAM
+from ingest.core.batch import I64
 from ingest.core.histograms import POINT_OVERHEAD_BYTES, HistogramBlock
 from ingest.core.order import Accepted
-from ingest.store.copy import PG_EPOCH
+from ingest.store.copy import POINT_HEAD, copy_source, fill_point_head
 from ingest.store.db import acquire
-from ingest.store.points import hide_superseded
-from ingest.store.queries import Read, Window, visible_points
-from steplog.v1 import data_pb2
+from ingest.store.kinds import hide_superseded
+from ingest.store.queries import Read, SeriesHead, Window, visible_points
 
 Row = Mapping[str, Any]
 
@@ -42,8 +40,6 @@ COLUMNS = [
     "hidden",
 ]
 _FLOAT8_OID = 701
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 # A one-dimensional float8 array in binary COPY: the field's length, then
 # ndim, has-nulls, element type, length and lower bound; then its elements.
@@ -58,13 +54,7 @@ _ARRAY_HEAD = [
 # The fixed fields of a row before its edges, between edges and counts, after.
 _HEAD = np.dtype(
     [
-        ("nfields", ">i2"),
-        ("l_time", ">i4"),
-        ("time", ">i8"),
-        ("l_sid", ">i4"),
-        ("sid", ">i8"),
-        ("l_step", ">i4"),
-        ("step", ">i8"),
+        *POINT_HEAD,
         *_ARRAY_HEAD,
     ]
 )
@@ -123,13 +113,7 @@ def encode_rows(
     bins = block.bins[index]
     n_edges = bins + 1
     head = np.empty(m, dtype=_HEAD)
-    head["nfields"] = len(COLUMNS)
-    head["l_time"] = 8
-    head["time"] = np.rint((times[index] - PG_EPOCH) * 1e6).astype(np.int64)
-    head["l_sid"] = 8
-    head["sid"] = series_id
-    head["l_step"] = 8
-    head["step"] = steps[index]
+    fill_point_head(head, len(COLUMNS), times[index], series_id, steps[index])
     _array_head(head, n_edges)
     middle = np.empty(m, dtype=_MIDDLE)
     _array_head(middle, bins)
@@ -161,30 +145,6 @@ def encode_rows(
     return b"".join(parts)
 
 
-async def _source(parts: Sequence[bytes]) -> AsyncIterator[bytes]:
-    yield COPY_HEADER
-    for part in parts:
-        yield part
-    yield COPY_TRAILER
-
-
-def histogram_points(rows: Sequence[Row], with_steps: bool = True) -> data_pb2.HistogramPoints:
-    """Stored rows -> HistogramPoints; underflow, overflow and nan_count only
-    when some point has one."""
-    points = data_pb2.HistogramPoints(
-        times=[r["t"] for r in rows], bins=[len(r["counts"]) for r in rows]
-    )
-    if with_steps:
-        points.steps.extend(r["step"] for r in rows)
-    points.edges.extend(itertools.chain.from_iterable(r["edges"] for r in rows))
-    points.counts.extend(itertools.chain.from_iterable(r["counts"] for r in rows))
-    for field in ("underflow", "overflow", "nan_count"):
-        values = [r[field] for r in rows]
-        if any(values):
-            getattr(points, field).extend(values)
-    return points
-
-
 class HistogramStore:
     """The writer (inside the pipeline's transaction) and reader (for
     queries) of histogram series."""
@@ -203,13 +163,15 @@ class HistogramStore:
             parts.append(encode_rows(block, a.index, a.chunk.times, a.chunk.steps, a.series_id))
             rows += int(a.index.size)
         if rows:
-            await conn.copy_to_table(TABLE, source=_source(parts), columns=COLUMNS, format="binary")
+            await conn.copy_to_table(
+                TABLE, source=copy_source(parts), columns=COLUMNS, format="binary"
+            )
         return rows
 
-    async def read_histograms(self, series: Sequence[Row], window: Window) -> Read:
+    async def read_histograms(self, series: Sequence[SeriesHead], window: Window) -> Read:
         """Visible histograms of a window in step order; a point's encoded
         bytes are bounded by 16 per bin plus POINT_OVERHEAD_BYTES."""
-        ids = [s["series_id"] for s in series]
+        ids = [s.series_id for s in series]
         async with acquire(self.pool) as conn:
             got = await visible_points(
                 conn,
@@ -219,18 +181,4 @@ class HistogramStore:
                 window,
                 cost=f"16 * cardinality(counts) + {POINT_OVERHEAD_BYTES}",
             )
-        out: dict[int, data_pb2.SeriesData] = {}
-        for s in series:
-            points = histogram_points(got.rows.get(s["series_id"], []))
-            out[s["series_id"]] = data_pb2.SeriesData(
-                name=s["name"], labels=s["labels"], description=s["description"], histograms=points
-            )
-        return Read(out, got)
-
-
-def register(points: Any, queries: Any, pool: asyncpg.Pool) -> HistogramStore:
-    """Wire the histogram kind into the write pipeline and queries."""
-    store = HistogramStore(pool)
-    points.kind_writers[KIND_HISTOGRAM] = store.write_histograms
-    queries.readers[KIND_HISTOGRAM] = store.read_histograms
-    return store
+        return Read(got)

@@ -6,22 +6,16 @@ rules; splitting it would scatter one table's invariants."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 
-from ingest.core.batch import (
-    KIND_HISTOGRAM,
-    KIND_IMAGE,
-    KIND_SCALAR,
-    KIND_TABLE,
-    VALUE_TEXT,
-)
 from ingest.core.errors import ApiError, invalid, not_found, precondition
 from ingest.core.model import RunStatus, check_transition, merge_properties
 from ingest.store.db import Row, acquire
+from ingest.store.queries import points_table
 from ingest.store.quotas import (
     RUNS,
     Limits,
@@ -47,7 +41,7 @@ class MetadataStore:
         pool: asyncpg.Pool,
         heartbeat_timeout_s: float,
         quota_defaults: Limits | None = None,
-        on_quota_exceeded: Any = None,
+        on_quota_exceeded: Callable[[str], None] | None = None,
     ) -> None:
         self.pool = pool
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -564,17 +558,6 @@ class MetadataStore:
                     last["text"] if last else None,
                 )
             return hidden, len(series)
-
-
-def points_table(kind: int, value_type: int) -> str:
-    """The hypertable that holds a series' points."""
-    if kind == KIND_SCALAR:
-        return "text_points" if value_type == VALUE_TEXT else "scalar_points"
-    return {
-        KIND_TABLE: "table_rows",
-        KIND_IMAGE: "image_points",
-        KIND_HISTOGRAM: "histogram_points",
-    }.get(kind, "evaluation_points")
 
 
 def _tag_filter(

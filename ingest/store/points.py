@@ -1,10 +1,15 @@
 """Group commits of decoded batches: writer high-water marks, series state
-and points in one transaction (asyncpg)."""
+and points in one transaction (asyncpg).
+
+Over 500 lines: the steps of one transaction, in the order they take their
+locks (writers, runs, series, usage), which reads best in one place; the
+kinds, the COPY encoding and the writer outcomes live beside it (kinds.py,
+copy.py, writers.py)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,14 +23,13 @@ from ingest.core.batch import (
     KIND_IMAGE,
     KIND_SCALAR,
     LIMIT_EXCEEDED,
-    RUN_NOT_ACTIVE,
-    RUN_NOT_FOUND,
     Chunk,
+    CommitResult,
     DecodedBatch,
 )
-from ingest.core.model import RunStatus
-from ingest.core.order import Accepted, SeriesState
+from ingest.core.order import Accepted, SeriesState, reject_unwritable_run
 from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
+from ingest.store.kinds import CheckItem, KindCheck, KindWriter, hide_superseded
 from ingest.store.quotas import (
     SERIES,
     STORED_BYTES,
@@ -37,23 +41,10 @@ from ingest.store.quotas import (
 )
 from ingest.store.writers import (
     OUTCOMES_KEPT,
-    CommitResult,
     classify_sequences,
     decode_outcome,
     encode_outcome,
 )
-
-
-async def hide_superseded(conn: asyncpg.Connection, table: str, accepted: Accepted) -> None:
-    """Out-of-order series: the last write per step wins, so earlier points at
-    the steps being written are hidden (kept for audit)."""
-    if accepted.supersede is not None and accepted.supersede.size:
-        await conn.execute(
-            f"UPDATE {table} SET hidden = true WHERE series_id = $1"
-            " AND step = ANY($2::bigint[]) AND NOT hidden",
-            accepted.series_id,
-            accepted.supersede.tolist(),
-        )
 
 
 @dataclass
@@ -105,19 +96,18 @@ class PointStore:
         self,
         max_series_per_run: int,
         quota_defaults: Limits | None = None,
-        on_quota_exceeded: Any = None,
+        on_quota_exceeded: Callable[[str], None] | None = None,
+        writers: Mapping[int, KindWriter] | None = None,
+        checks: Mapping[int, KindCheck] | None = None,
     ) -> None:
         self.max_series_per_run = max_series_per_run
         # Hard quotas per workspace (ingest/store/quotas.py): series and stored bytes.
         self.quota_defaults = quota_defaults or Limits()
         self.on_quota_exceeded = on_quota_exceeded
-        # Non-scalar kinds register a writer: async fn(conn, accepted) -> rows.
-        self.kind_writers: dict[int, Any] = {}
-        # Kinds whose points are checked against stored series state beyond
-        # steps (a table column's type) register a check, run after the series
-        # are locked and before order.apply, so what it rejects is reported and
-        # never counted as accepted: async fn(conn, [(chunk, state, outcome)]).
-        self.kind_checks: dict[int, Any] = {}
+        # The kinds other than scalars that this service stores (ingest/store/kinds.py);
+        # points of any other kind are rejected.
+        self.kind_writers: Mapping[int, KindWriter] = dict(writers or {})
+        self.kind_checks: Mapping[int, KindCheck] = dict(checks or {})
 
     async def commit_group(
         self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
@@ -136,7 +126,7 @@ class PointStore:
                 states = await self._lock_series(conn, live, stats, usage)
                 for kind, check in self.kind_checks.items():
                     items = [
-                        (c, states[_series_key(b.workspace, c)], b.outcome)
+                        CheckItem(c, states[_series_key(b.workspace, c)], b.outcome)
                         for b in live
                         for c in b.chunks
                         if c.kind == kind
@@ -266,24 +256,11 @@ class PointStore:
             for c in b.chunks:
                 if not c.alive.any():
                     continue
-                status = runs.get((b.workspace, c.run_id))
-                if status is None:
-                    b.outcome.reject(
-                        c,
-                        None,
-                        RUN_NOT_FOUND,
-                        f"run {c.run_id[:130]!r} does not exist in workspace {b.workspace!r}",
-                        steps=False,
-                    )
-                elif RunStatus(status).terminal:
-                    b.outcome.reject(
-                        c,
-                        None,
-                        RUN_NOT_ACTIVE,
-                        f"run {c.run_id!r} is {status}; a finished run takes no more points",
-                        steps=False,
-                    )
-                elif c.kind != KIND_SCALAR and c.kind not in self.kind_writers:
+                if reject_unwritable_run(
+                    b.outcome, c, b.workspace, runs.get((b.workspace, c.run_id))
+                ):
+                    continue
+                if c.kind != KIND_SCALAR and c.kind not in self.kind_writers:
                     b.outcome.reject(
                         c,
                         None,

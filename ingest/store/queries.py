@@ -1,24 +1,99 @@
 """Reads: series of runs and their visible (not hidden) points, downsampled
-in SQL, and the windows and slices a query pages through (asyncpg)."""
+in SQL, and the windows and slices a query pages through (asyncpg).
+
+The store's read surface, for ingest/api/query.py: `SeriesHead` (a series
+as read), `Window` (what to read), `Read` (what a reader found: the points
+as rows of plain values, plus a kind's extras), `KindReader` (the reader of
+a kind other than scalars, wired in ingest/server.py). Building the
+protobuf messages of an answer is the api's job (ingest/api/series.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import asyncpg
 
-from ingest.core.batch import (
-    KIND_SCALAR,
-    VALUE_TEXT,
-)
+from ingest.core.decode import labels_key
 from ingest.core.errors import not_found
-from ingest.store.db import Row, acquire
+from ingest.core.kinds import KIND_HISTOGRAM, KIND_IMAGE, KIND_SCALAR, KIND_TABLE, VALUE_TEXT
+from ingest.store.db import acquire
 
 MIN_STEP = -(2**63)
 MAX_STEP = 2**63 - 1
+
+# A point as read: series_id, step, t (the time as epoch seconds) and the
+# columns of its kind (value; doubles, ints, strings, bools; sha256, size,
+# content_type, width, height; document; edges, counts, ...), plain values.
+Point = Mapping[str, Any]
+
+
+def points_table(kind: int, value_type: int) -> str:
+    """The hypertable that holds a series' points."""
+    if kind == KIND_SCALAR:
+        return "text_points" if value_type == VALUE_TEXT else "scalar_points"
+    return {
+        KIND_TABLE: "table_rows",
+        KIND_IMAGE: "image_points",
+        KIND_HISTOGRAM: "histogram_points",
+    }.get(kind, "evaluation_points")
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesHead:
+    """A series as the reads see it. `header` bounds the bytes its name,
+    labels and description take encoded; `group` is its place in GetMetrics
+    order (by points table); `take` is false for the one series a page of
+    ListSeries reads past its end (where the next page starts)."""
+
+    series_id: int
+    run_id: str
+    name: str
+    labels: dict[str, str]
+    kind: int
+    value_type: int
+    stepped: bool
+    point_count: int
+    last_step: int | None
+    description: str
+    header: int
+    group: int = 0
+    take: bool = True
+
+    @property
+    def text(self) -> bool:
+        return self.kind == KIND_SCALAR and self.value_type == VALUE_TEXT
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> SeriesHead:
+        return cls(
+            series_id=r["series_id"],
+            run_id=r["run_id"],
+            name=r["name"],
+            labels=r["labels"],
+            kind=r["kind"],
+            value_type=r["value_type"],
+            stepped=r["stepped"],
+            point_count=r["point_count"],
+            last_step=r["last_step"],
+            description=r["description"],
+            header=int(r["header"]),
+            group=int(r.get("grp") or 0),
+            take=bool(r.get("take", True)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A stored column of a table series: its cells sit at `slot` of the
+    row's array of its type; `position` orders the columns."""
+
+    name: str
+    type: int
+    slot: int
+    position: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +125,7 @@ class Slice:
     """What a Window read: rows by series, where the next read starts (None
     when the window holds no more), the estimated encoded bytes, the count."""
 
-    rows: dict[int, list[Row]]
+    rows: dict[int, list[Point]]
     next: tuple[int, int] | None
     used: int
     count: int
@@ -58,11 +133,20 @@ class Slice:
 
 @dataclass(frozen=True)
 class Read:
-    """A reader's answer: one SeriesData per series asked for (points of this
-    slice only) and the slice."""
+    """A reader's answer: the slice of points, and what a kind needs beside
+    its rows to be answered (a table's columns by series; an image's bytes
+    by sha256, when asked for)."""
 
-    data: dict[int, Any]
     slice: Slice
+    columns: Mapping[int, Sequence[Column]] = field(default_factory=dict)
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class KindReader(Protocol):
+    async def __call__(self, series: Sequence[SeriesHead], window: Window) -> Read:
+        """The visible points of the window for series of one kind (and one
+        points table), in (series_id, step) order."""
+        ...
 
 
 _DOWNSAMPLE_EXTREMES = """
@@ -169,7 +253,7 @@ async def visible_points(
         list(weights),
         list(weights.values()),
     )
-    grouped: dict[int, list[Row]] = {}
+    grouped: dict[int, list[Point]] = {}
     nxt: tuple[int, int] | None = None
     used = count = 0
     for r in rows:
@@ -249,61 +333,57 @@ class QueryStore:
         after: tuple[int, int],
         limit: int,
         budget: int,
-    ) -> list[Row]:
+    ) -> list[SeriesHead]:
         """The next series of a run in GetMetrics order from `after` =
         (group, series_id), inclusive: at most `limit`, whose headers fit in
-        `budget` bytes (at least one). Rows carry `grp` and `header` (bytes)."""
+        `budget` bytes (at least one)."""
         async with self._conn() as conn:
-            return list(
-                await conn.fetch(
-                    f"SELECT * FROM (SELECT *, sum(header) OVER (ORDER BY grp, series_id) AS used,"
-                    f" row_number() OVER (ORDER BY grp, series_id) AS rn FROM ("
-                    f"  SELECT {self._SERIES}, {self._GROUP} AS grp, {self._HEADER} AS header"
-                    "   FROM series WHERE workspace = $7 AND run_id = $1"
-                    "   AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
-                    f"  AND ({self._GROUP}, series_id) >= ($3::int, $4::bigint)"
-                    f"  ORDER BY {self._GROUP}, series_id LIMIT $5::bigint) s"
-                    ") t WHERE used <= $6::bigint OR rn = 1 ORDER BY grp, series_id",
-                    run_id,
-                    list(names),
-                    after[0],
-                    after[1],
-                    limit,
-                    budget,
-                    workspace,
-                )
+            rows = await conn.fetch(
+                f"SELECT * FROM (SELECT *, sum(header) OVER (ORDER BY grp, series_id) AS used,"
+                f" row_number() OVER (ORDER BY grp, series_id) AS rn FROM ("
+                f"  SELECT {self._SERIES}, {self._GROUP} AS grp, {self._HEADER} AS header"
+                "   FROM series WHERE workspace = $7 AND run_id = $1"
+                "   AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))"
+                f"  AND ({self._GROUP}, series_id) >= ($3::int, $4::bigint)"
+                f"  ORDER BY {self._GROUP}, series_id LIMIT $5::bigint) s"
+                ") t WHERE used <= $6::bigint OR rn = 1 ORDER BY grp, series_id",
+                run_id,
+                list(names),
+                after[0],
+                after[1],
+                limit,
+                budget,
+                workspace,
             )
+        return [SeriesHead.of(r) for r in rows]
 
     async def list_series(
         self, workspace: str, run_id: str, after: int, limit: int, budget: int
-    ) -> list[Row]:
+    ) -> list[SeriesHead]:
         """The series of a run in creation order from series id `after`
         (inclusive): at most `limit`, whose headers fit in `budget` bytes (at
         least one), then the next series, if any, with `take` false."""
         async with self._conn() as conn:
-            return list(
-                await conn.fetch(
-                    "SELECT * FROM (SELECT *, lag(take, 1, true) OVER (ORDER BY series_id) AS prev"
-                    " FROM (SELECT *, (rn <= $3::bigint AND (used <= $4::bigint OR rn = 1)) AS take"
-                    "  FROM (SELECT *, sum(header) OVER (ORDER BY series_id) AS used,"
-                    "   row_number() OVER (ORDER BY series_id) AS rn FROM ("
-                    f"   SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
-                    "    WHERE workspace = $5 AND run_id = $1 AND series_id >= $2::bigint"
-                    "    ORDER BY series_id LIMIT $3::bigint + 1) s) t) u) v"
-                    " WHERE take OR prev ORDER BY series_id",
-                    run_id,
-                    after,
-                    limit,
-                    budget,
-                    workspace,
-                )
+            rows = await conn.fetch(
+                "SELECT * FROM (SELECT *, lag(take, 1, true) OVER (ORDER BY series_id) AS prev"
+                " FROM (SELECT *, (rn <= $3::bigint AND (used <= $4::bigint OR rn = 1)) AS take"
+                "  FROM (SELECT *, sum(header) OVER (ORDER BY series_id) AS used,"
+                "   row_number() OVER (ORDER BY series_id) AS rn FROM ("
+                f"   SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
+                "    WHERE workspace = $5 AND run_id = $1 AND series_id >= $2::bigint"
+                "    ORDER BY series_id LIMIT $3::bigint + 1) s) t) u) v"
+                " WHERE take OR prev ORDER BY series_id",
+                run_id,
+                after,
+                limit,
+                budget,
+                workspace,
             )
+        return [SeriesHead.of(r) for r in rows]
 
     async def find_series(
         self, workspace: str, run_id: str, name: str, labels: Mapping[str, str]
-    ) -> Row:
-        from ingest.core.decode import labels_key
-
+    ) -> SeriesHead:
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 "SELECT s.series_id, s.run_id, s.name, s.labels, s.kind, s.value_type, s.stepped,"
@@ -321,7 +401,13 @@ class QueryStore:
             raise not_found(
                 "name", f"run {run_id!r} has no series {name!r} with labels {dict(labels)}"
             )
-        return row
+        return SeriesHead.of(row)
+
+    async def read_scalars(self, series: Sequence[SeriesHead], window: Window) -> Read:
+        """Visible scalar points of a window (series of one value type), in
+        (series_id, step) order: the scalar kind's KindReader."""
+        got = await self.scalar_points([s.series_id for s in series], series[0].text, window)
+        return Read(got)
 
     async def scalar_points(self, series_ids: Sequence[int], text: bool, window: Window) -> Slice:
         """Visible scalar points of a window, in (series_id, step) order."""
@@ -332,7 +418,8 @@ class QueryStore:
             return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
 
     async def count_points(
-        self, table: str, series_id: int, start: int, end: int
+        self, series: SeriesHead, start: int, end: int
     ) -> tuple[int, int | None]:
+        table = points_table(series.kind, series.value_type)
         async with self._conn() as conn:
-            return await count_points(conn, table, series_id, start, end)
+            return await count_points(conn, table, series.series_id, start, end)

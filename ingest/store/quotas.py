@@ -181,10 +181,6 @@ class Quotas:
         if self._on_exceeded is not None:
             self._on_exceeded(quota)
 
-    @property
-    def overridable(self) -> bool:
-        return self._loader is not None
-
     async def limits(self, workspace: str) -> Limits:
         """The workspace's limits (its overrides cached LIMITS_TTL_S)."""
         if self._loader is None:
@@ -417,16 +413,15 @@ def add_cli(sub: Any) -> None:
 
 
 def run_cli(ns: Any) -> int:
-    import os
     import sys
 
     import asyncpg
 
-    from ingest.config import Config
+    from ingest.config import setting
     from ingest.core.errors import StoreUnavailable
     from ingest.store import db
 
-    url = ns.database_url or os.environ.get("STEPLOG_DATABASE_URL") or Config.database_url
+    url = setting("database_url", ns.database_url or None)
 
     async def run() -> int:
         async with (

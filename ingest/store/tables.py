@@ -1,8 +1,8 @@
 """The store of table rows and evaluation documents (asyncpg).
 
-Only the write pipeline's transaction calls the writers (through
-`PointStore.kind_checks` and `PointStore.kind_writers`) and only the query
-servicer calls the readers; `register` wires them in.
+Only the write pipeline's transaction calls the writers (a KindCheck and
+KindWriters, ingest/store/kinds.py) and only the query servicer calls the
+readers (KindReaders, ingest/store/queries.py); ingest/server.py wires them in.
 
 Storage (migrations/002): a table series' columns live in `table_columns`
 (name -> type and slot, fixed by the column's first value); each row is one
@@ -18,7 +18,7 @@ dropping the bytes they do not use with one boolean mask.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -28,23 +28,20 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from ingest.core.batch import KIND_EVALUATION, KIND_TABLE, Chunk, Outcome
+from ingest.core.batch import KIND_TABLE
 from ingest.core.evaluations import Document
-from ingest.core.order import Accepted, SeriesState
+from ingest.core.order import Accepted
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
 from ingest.core.validate import Limits
-from ingest.store.copy import PG_EPOCH
+from ingest.store.copy import POINT_HEAD, copy_source, fill_point_head
 from ingest.store.db import acquire
-from ingest.store.points import hide_superseded
-from ingest.store.queries import Read, Window, visible_points
-from steplog.v1 import data_pb2
+from ingest.store.kinds import CheckItem, hide_superseded
+from ingest.store.queries import Column, Read, SeriesHead, Window, visible_points
 
 log = logging.getLogger(__name__)
 
 Row = Mapping[str, Any]
 
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 TABLE_ROW_COLUMNS = ["time", "series_id", "step", "doubles", "ints", "bools", "hidden", "strings"]
 # Fixed-width array types in table_rows column order: (type, element oid, dtype).
 _FIXED = ((DOUBLE, 701, ">f8"), (INT64, 20, ">i8"), (BOOL, 16, "u1"))
@@ -54,16 +51,6 @@ _TEXT_OID = 25
 _ARRAY_FIELD = {DOUBLE: "doubles", INT64: "ints", STRING: "strings", BOOL: "bools"}
 # Bytes of padded string cells one encoding slice may hold.
 _STRING_BUDGET = 32 * 1024 * 1024
-
-
-@dataclass
-class Column:
-    """A stored column of a table series."""
-
-    name: str
-    type: int
-    slot: int
-    position: int
 
 
 @dataclass
@@ -86,15 +73,7 @@ def _row_dtype(cells: Mapping[int, Cells], widths: Sequence[int]) -> np.dtype[An
     field count, then (length, value) per column; an array value is a header
     (ndim, has-null flag, element oid, length, lower bound) and its elements
     (length or -1, value)."""
-    fields: list[tuple[Any, ...]] = [
-        ("nfields", ">i2"),
-        ("l_time", ">i4"),
-        ("time", ">i8"),
-        ("l_sid", ">i4"),
-        ("sid", ">i8"),
-        ("l_step", ">i4"),
-        ("step", ">i8"),
-    ]
+    fields: list[tuple[Any, ...]] = [*POINT_HEAD]
     for ctype, _, dtype in _FIXED:
         fields.append((f"l_{ctype}", ">i4"))
         if ctype in cells:
@@ -131,13 +110,7 @@ def _encode_slice(
     widths = [int(lens.max()) if m else 0 for lens in lengths]
     dtype = _row_dtype(cells, widths)
     rows = np.zeros(m, dtype=dtype)
-    rows["nfields"] = len(TABLE_ROW_COLUMNS)
-    rows["l_time"] = 8
-    rows["time"] = np.rint((times - PG_EPOCH) * 1e6).astype(np.int64)
-    rows["l_sid"] = 8
-    rows["sid"] = series_id
-    rows["l_step"] = 8
-    rows["step"] = steps
+    fill_point_head(rows, len(TABLE_ROW_COLUMNS), times, series_id, steps)
     rows["l_hidden"] = 1
     keep: npt.NDArray[np.bool_] | None = None
     itemsize = dtype.itemsize
@@ -224,18 +197,6 @@ def encode_table_rows(
         }
         out.append(_encode_slice(times[s:e], series_id, steps[s:e], part))
     return b"".join(out)
-
-
-def copy_payload(rows: Sequence[bytes]) -> bytes:
-    return COPY_HEADER + b"".join(rows) + COPY_TRAILER
-
-
-async def _copy_source(rows: Sequence[bytes]) -> AsyncIterator[bytes]:
-    """The COPY stream piece by piece: no copy of a group's rows into one buffer."""
-    yield COPY_HEADER
-    for part in rows:
-        yield part
-    yield COPY_TRAILER
 
 
 # -- layout of a request's accepted rows ---------------------------------------------
@@ -336,12 +297,10 @@ class TableStore:
 
     # -- writes (the pipeline's transaction; series rows are locked) -------------
 
-    async def check_tables(
-        self, conn: asyncpg.Connection, items: Sequence[tuple[Chunk, SeriesState, Outcome]]
-    ) -> None:
-        """Before order.apply: reject cells whose type differs from their
+    async def check_tables(self, conn: asyncpg.Connection, items: Sequence[CheckItem]) -> None:
+        """Before order.apply (a KindCheck): reject cells whose type differs from their
         column's (stored, or fixed earlier in this group), naming the column."""
-        tables = [(c, s, o) for c, s, o in items if s.kind == KIND_TABLE]
+        tables = [(i.chunk, i.state, i.outcome) for i in items if i.state.kind == KIND_TABLE]
         if not tables:
             return
         stored = await self._columns(conn, sorted({s.series_id for _, s, _ in tables}))
@@ -390,7 +349,7 @@ class TableStore:
                 [c.slot for _, c in new],
             )
         await conn.copy_to_table(
-            "table_rows", source=_copy_source(payload), columns=TABLE_ROW_COLUMNS, format="binary"
+            "table_rows", source=copy_source(payload), columns=TABLE_ROW_COLUMNS, format="binary"
         )
         return rows
 
@@ -428,12 +387,12 @@ class TableStore:
 
     # -- reads -------------------------------------------------------------------
 
-    async def read_tables(self, series: Sequence[Row], window: Window) -> Read:
+    async def read_tables(self, series: Sequence[SeriesHead], window: Window) -> Read:
         """Visible rows of a window in step order (for an unstepped table the
         step is the row index, so start/end select a row range). Every row
         carries a cell of every column, so a row's encoded bytes are bounded
         by 16 per column plus its strings."""
-        ids = [s["series_id"] for s in series]
+        ids = [s.series_id for s in series]
         async with self._conn() as conn:
             columns = await self._columns(conn, ids)
             header = sum(
@@ -448,17 +407,13 @@ class TableStore:
                 cost="18 + coalesce(octet_length(array_to_string(strings, '')), 0)",
                 per_point={sid: 16 * len(columns.get(sid, {})) for sid in ids},
             )
-        out: dict[int, data_pb2.SeriesData] = {}
-        for s in series:
-            sid = s["series_id"]
-            table = table_message(got.rows.get(sid, []), columns.get(sid, {}).values(), True)
-            out[sid] = data_pb2.SeriesData(
-                name=s["name"], labels=s["labels"], description=s["description"], table=table
-            )
-        return Read(out, replace(got, used=got.used + header))
+        ordered = {
+            sid: sorted(cols.values(), key=lambda c: c.position) for sid, cols in columns.items()
+        }
+        return Read(replace(got, used=got.used + header), columns=ordered)
 
-    async def read_evaluations(self, series: Sequence[Row], window: Window) -> Read:
-        ids = [s["series_id"] for s in series]
+    async def read_evaluations(self, series: Sequence[SeriesHead], window: Window) -> Read:
+        ids = [s.series_id for s in series]
         async with self._conn() as conn:
             got = await visible_points(
                 conn,
@@ -468,59 +423,4 @@ class TableStore:
                 window,
                 cost="octet_length(document) + 24",
             )
-        out: dict[int, data_pb2.SeriesData] = {}
-        for s in series:
-            rows = got.rows.get(s["series_id"], [])
-            points = data_pb2.EvaluationPoints(
-                steps=[r["step"] for r in rows],
-                times=[r["t"] for r in rows],
-                documents=[r["document"] for r in rows],
-            )
-            out[s["series_id"]] = data_pb2.SeriesData(
-                name=s["name"], labels=s["labels"], description=s["description"], evaluations=points
-            )
-        return Read(out, got)
-
-
-def table_message(rows: Sequence[Row], columns: Any, with_steps: bool) -> data_pb2.TableColumns:
-    """Stored rows -> TableColumns, columns in order of first appearance; a
-    cell past the end of its row's array (an older row) reads as missing."""
-    table = data_pb2.TableColumns(row_count=len(rows), times=[r["t"] for r in rows])
-    if with_steps:
-        table.steps.extend(r["step"] for r in rows)
-    for col in sorted(columns, key=lambda c: c.position):
-        field = _ARRAY_FIELD[col.type]
-        slot = col.slot
-        cells = [
-            a[slot] if a is not None and slot < len(a) else None for a in (r[field] for r in rows)
-        ]
-        out = table.columns.add(name=col.name, type=col.type)
-        present = [c is not None for c in cells]
-        if col.type == DOUBLE:
-            out.doubles.extend(0.0 if c is None else c for c in cells)
-        elif col.type == INT64:
-            out.ints.extend(0 if c is None else c for c in cells)
-        elif col.type == BOOL:
-            out.bools.extend(False if c is None else c for c in cells)
-        else:
-            out.strings.extend("" if c is None else c for c in cells)
-        if not all(present):
-            out.present.extend(present)
-    return table
-
-
-def register(points: Any, queries: Any, pool: asyncpg.Pool, limits: Limits) -> TableStore:
-    """Wire the table and evaluation kinds into the write pipeline and queries."""
-    store = TableStore(pool, limits)
-    checks = getattr(points, "kind_checks", None)
-    if checks is None:
-        # Column types need a check before order.apply; without the hook,
-        # table points are refused ("not stored yet") rather than half-checked.
-        log.warning("PointStore has no kind_checks hook: table series are not accepted")
-    else:
-        checks[KIND_TABLE] = store.check_tables
-        points.kind_writers[KIND_TABLE] = store.write_tables
-    points.kind_writers[KIND_EVALUATION] = store.write_evaluations
-    queries.readers[KIND_TABLE] = store.read_tables
-    queries.readers[KIND_EVALUATION] = store.read_evaluations
-    return store
+        return Read(got)

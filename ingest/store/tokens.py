@@ -28,16 +28,15 @@ from typing import Any
 import asyncpg
 
 from ingest.core import model
+from ingest.core.checks import CONTROL
 from ingest.core.errors import invalid, not_found
 from ingest.store.db import CLI_LOCK_TIMEOUT_S
 
 PREFIX = "stl_"
-TOKEN_ID_CHARS = 12
 SECRET_BYTES = 32
 _TOKEN = re.compile(r"stl_([A-Za-z0-9_-]{12})_([A-Za-z0-9_-]{43})")
 _TOKEN_ID = re.compile(r"[A-Za-z0-9_-]{12}")
 MAX_NAME_CHARS = 128
-_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
 _DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Creating a token that lives longer than this is refused (it is a typo).
@@ -131,7 +130,7 @@ def new_token() -> tuple[str, str, str]:
 def token_name(value: str) -> str:
     if len(value) > MAX_NAME_CHARS:
         raise invalid("name", f"name is {len(value)} characters; the limit is {MAX_NAME_CHARS}")
-    if _NAME_BAD.search(value):
+    if CONTROL.search(value):
         raise invalid("name", "name contains a control character")
     return value
 
@@ -357,16 +356,13 @@ def cli_args(args: list[str]) -> list[str]:
 def run_cli(ns: Any) -> int:
     import asyncio
     import logging
-    import os
     import sys
 
-    from ingest.config import Config, redact_url
+    from ingest.config import redact_url, setting
     from ingest.core.errors import ApiError, StoreUnavailable
 
-    url = ns.database_url or os.environ.get("STEPLOG_DATABASE_URL") or Config.database_url
-    pepper = ns.token_pepper
-    if pepper is None:
-        pepper = os.environ.get("STEPLOG_TOKEN_PEPPER", "")
+    url = setting("database_url", ns.database_url or None)
+    pepper = setting("token_pepper", ns.token_pepper)
     audit = logging.getLogger("steplog.audit")
     try:
         expires = None

@@ -9,15 +9,11 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from ingest.core.batch import (
-    DecodedBatch,
-    Outcome,
-)
+from ingest.core.batch import CommitResult, DecodedBatch, Outcome, SequenceGap
 from ingest.store.db import acquire
 
 log = logging.getLogger(__name__)
@@ -35,28 +31,6 @@ MAX_OUTCOME_BYTES = 4096
 _MAX_EXAMPLE_CHARS = 200
 _MAX_EXAMPLE_LABELS = 16
 _MAX_MESSAGE_CHARS = 300
-
-
-class SequenceGap(Exception):
-    """A writer skipped a sequence number: the client must resend from `expected`.
-
-    The numbers are the writer's own, in its own workspace."""
-
-    def __init__(self, writer_id: str, expected: int, got: int) -> None:
-        super().__init__(
-            f"writer {writer_id[:128]!r}: expected batch sequence {expected}, got {got}; "
-            f"resend from {expected}"
-        )
-        self.expected = expected
-
-
-@dataclass
-class CommitResult:
-    duplicate_batch: bool = False
-    gap: SequenceGap | None = None
-    # For a duplicate batch: what the commit that stored it decided, while
-    # the service keeps it (the writer's last OUTCOMES_KEPT batches).
-    original: Outcome | None = None
 
 
 def _cut(text: str, limit: int) -> str:

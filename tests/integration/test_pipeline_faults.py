@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.healthcheck import check
-from ingest.write.pipeline import application_name
+from ingest.store.sessions import application_name
 from steplog import Experiment, Run
 from steplog.client import Client
 from steplog.v1 import data_pb2

@@ -15,7 +15,8 @@ from ingest.core.decode import decode_batch
 from ingest.core.histograms import INVALID_HISTOGRAM, KIND_HISTOGRAM, HistogramBlock
 from ingest.core.histograms import decode as decode_block
 from ingest.core.validate import Limits
-from ingest.store.histograms import PG_EPOCH, encode_rows
+from ingest.store.copy import PG_EPOCH
+from ingest.store.histograms import encode_rows
 from steplog import _histograms as h
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2

@@ -1,5 +1,5 @@
-"""The write pipeline beside its boundary: a fake PointStore and fake
-connections, so faults can be placed exactly (which batch the database
+"""The write pipeline beside its boundary (ingest/write/ports.py): a fake
+store and fake connections, so faults can be placed exactly (which batch the database
 refuses, which try fails, when a connection cannot be made)."""
 
 from __future__ import annotations
@@ -12,21 +12,16 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest.core.batch import INVALID_VALUE, DecodedBatch
+from ingest.core.batch import INVALID_VALUE, CommitResult, DecodedBatch, SequenceGap
 from ingest.core.decode import decode_batch
-from ingest.core.errors import StoreUnavailable
+from ingest.core.errors import Fault, StoreUnavailable
 from ingest.core.validate import Limits
 from ingest.observe.metrics import Metrics
+from ingest.store.db import classify
 from ingest.store.points import GroupStats
-from ingest.store.writers import CommitResult, SequenceGap
-from ingest.write.pipeline import (
-    COMMIT_TRIES,
-    ByteBudget,
-    Overloaded,
-    Pipeline,
-    batch_cost,
-    classify,
-)
+from ingest.write.backpressure import ByteBudget, Overloaded, batch_cost
+from ingest.write.pipeline import Pipeline
+from ingest.write.retry import COMMIT_TRIES
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 
@@ -55,6 +50,12 @@ def make_batch(writer: str, seq: int, name: str = "loss", n: int = 3) -> Decoded
 class FakeConn:
     def __init__(self) -> None:
         self.closed = False
+        self.store: FakeStore | None = None
+
+    async def commit_group(self, batches: Sequence[DecodedBatch]) -> list[CommitResult]:
+        assert self.store is not None
+        results, _stats = await self.store.commit_group(self, batches)
+        return results
 
     def is_closed(self) -> bool:
         return self.closed
@@ -124,11 +125,27 @@ class Connector:
         self.count = 0
         self.fail_with: BaseException | None = None
 
-    async def __call__(self) -> Any:
+    async def __call__(self) -> FakeConn:
         self.count += 1
         if self.fail_with is not None:
             raise self.fail_with
         return FakeConn()
+
+
+class Sessions:
+    """The store's side of the pipeline (ingest.write.ports.CommitStore)."""
+
+    def __init__(self, store: FakeStore, connector: Connector) -> None:
+        self.store = store
+        self.connector = connector
+
+    async def connect(self) -> FakeConn:
+        conn = await self.connector()
+        conn.store = self.store
+        return conn
+
+    def classify(self, exc: BaseException) -> Fault:
+        return classify(exc)
 
 
 @pytest.fixture
@@ -145,13 +162,7 @@ def make_pipeline(store: FakeStore, connector: Connector, **kw: Any) -> Pipeline
     """Workers on the test's loop, so the fake store's gates can hold them."""
     kw.setdefault("workers", 1)
     kw.setdefault("threads", False)
-    return Pipeline(
-        "postgresql://unused",
-        store,  # type: ignore[arg-type]
-        Metrics(CollectorRegistry(), process=False),
-        connect=connector,
-        **kw,
-    )
+    return Pipeline(Sessions(store, connector), Metrics(CollectorRegistry(), process=False), **kw)
 
 
 async def gated(p: Pipeline, store: FakeStore) -> asyncio.Future[CommitResult]:

@@ -1,0 +1,130 @@
+"""Stored points -> the SeriesData messages of query answers, one function
+per kind: the only place the reads turn into protobuf."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+
+from ingest.core.kinds import (
+    KIND_EVALUATION,
+    KIND_HISTOGRAM,
+    KIND_IMAGE,
+    KIND_SCALAR,
+    KIND_TABLE,
+)
+from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
+from ingest.store.queries import Column, Point, Read, SeriesHead
+from steplog.v1 import data_pb2
+
+_ARRAY_FIELD = {DOUBLE: "doubles", INT64: "ints", STRING: "strings", BOOL: "bools"}
+
+
+def scalar_columns(rows: Sequence[Point], text: bool) -> data_pb2.ScalarColumns:
+    cols = data_pb2.ScalarColumns(steps=[r["step"] for r in rows], times=[r["t"] for r in rows])
+    if text:
+        cols.text_values.extend(r["value"] for r in rows)
+    else:
+        cols.values.extend(r["value"] for r in rows)
+    return cols
+
+
+def table_columns(
+    rows: Sequence[Point], columns: Iterable[Column], with_steps: bool = True
+) -> data_pb2.TableColumns:
+    """Stored rows -> TableColumns, columns in order of first appearance; a
+    cell past the end of its row's array (an older row) reads as missing."""
+    table = data_pb2.TableColumns(row_count=len(rows), times=[r["t"] for r in rows])
+    if with_steps:
+        table.steps.extend(r["step"] for r in rows)
+    for col in sorted(columns, key=lambda c: c.position):
+        field = _ARRAY_FIELD[col.type]
+        slot = col.slot
+        cells = [
+            a[slot] if a is not None and slot < len(a) else None for a in (r[field] for r in rows)
+        ]
+        out = table.columns.add(name=col.name, type=col.type)
+        present = [c is not None for c in cells]
+        if col.type == DOUBLE:
+            out.doubles.extend(0.0 if c is None else c for c in cells)
+        elif col.type == INT64:
+            out.ints.extend(0 if c is None else c for c in cells)
+        elif col.type == BOOL:
+            out.bools.extend(False if c is None else c for c in cells)
+        else:
+            out.strings.extend("" if c is None else c for c in cells)
+        if not all(present):
+            out.present.extend(present)
+    return table
+
+
+def image_points(
+    rows: Sequence[Point], blobs: Mapping[str, bytes] | None = None
+) -> data_pb2.ImagePoints:
+    data = blobs or {}
+    return data_pb2.ImagePoints(
+        steps=[r["step"] for r in rows],
+        times=[r["t"] for r in rows],
+        images=[
+            data_pb2.Image(
+                data=data.get(r["sha256"], b""),
+                content_type=r["content_type"],
+                width=r["width"],
+                height=r["height"],
+                sha256=r["sha256"],
+                size=r["size"],
+            )
+            for r in rows
+        ],
+    )
+
+
+def evaluation_points(rows: Sequence[Point]) -> data_pb2.EvaluationPoints:
+    return data_pb2.EvaluationPoints(
+        steps=[r["step"] for r in rows],
+        times=[r["t"] for r in rows],
+        documents=[r["document"] for r in rows],
+    )
+
+
+def histogram_points(rows: Sequence[Point], with_steps: bool = True) -> data_pb2.HistogramPoints:
+    """Stored rows -> HistogramPoints; underflow, overflow and nan_count only
+    when some point has one."""
+    points = data_pb2.HistogramPoints(
+        times=[r["t"] for r in rows], bins=[len(r["counts"]) for r in rows]
+    )
+    if with_steps:
+        points.steps.extend(r["step"] for r in rows)
+    points.edges.extend(itertools.chain.from_iterable(r["edges"] for r in rows))
+    points.counts.extend(itertools.chain.from_iterable(r["counts"] for r in rows))
+    for field in ("underflow", "overflow", "nan_count"):
+        values = [r[field] for r in rows]
+        if any(values):
+            getattr(points, field).extend(values)
+    return points
+
+
+def _fill(data: data_pb2.SeriesData, s: SeriesHead, rows: Sequence[Point], read: Read) -> None:
+    """Set the kind's points of data (present even when empty: the kind shows)."""
+    if s.kind == KIND_SCALAR:
+        data.scalars.CopyFrom(scalar_columns(rows, s.text))
+        data.scalars.SetInParent()
+    elif s.kind == KIND_TABLE:
+        data.table.CopyFrom(table_columns(rows, read.columns.get(s.series_id, ())))
+        data.table.SetInParent()
+    elif s.kind == KIND_IMAGE:
+        data.images.CopyFrom(image_points(rows, read.blobs))
+        data.images.SetInParent()
+    elif s.kind == KIND_EVALUATION:
+        data.evaluations.CopyFrom(evaluation_points(rows))
+        data.evaluations.SetInParent()
+    elif s.kind == KIND_HISTOGRAM:
+        data.histograms.CopyFrom(histogram_points(rows))
+        data.histograms.SetInParent()
+
+
+def series_data(s: SeriesHead, read: Read) -> data_pb2.SeriesData:
+    """One series of a read as SeriesData (the points of this slice only)."""
+    data = data_pb2.SeriesData(name=s.name, labels=s.labels, description=s.description)
+    _fill(data, s, read.slice.rows.get(s.series_id, []), read)
+    return data
