@@ -56,7 +56,7 @@ class UiProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> UiProcess:
+    def start(self, timeout: float = 120.0) -> UiProcess:
         out: IO[bytes] | int = (
             open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         )

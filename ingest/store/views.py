@@ -16,6 +16,24 @@ data ends. Infinities count as extremes. A series with few enough points in
 the range (at most four per bucket) comes whole, so zooming in re-queries
 the range at full resolution. Steps above 2**53 in a downsampled answer are
 rounded to a float64 (the aggregation carries them as doubles).
+
+Long series (BlockCache). A series of more than CACHE_MIN_POINTS points is
+summarized once into about BLOCKS blocks of equal step span, as columns (per
+block its count and the step, time and value of its minimum, maximum, last
+point and first NaN: `Summary`), by one query per series that PostgreSQL
+aggregates and sends as a fixed-width binary COPY (TimescaleDB's first/last
+give the step and time at a block's extremes; on ties any of the tied points).
+A chart of such series is reduced from the blocks with numpy (`reduce_summary`:
+reduceat over the blocks of each bucket), with no query of the points: a
+bucket is the blocks whose first step falls in it, so its edges fall on block
+edges (at most one block, 1/4,096 of the series, from the equal-extent edge),
+and its minimum, maximum, last point and first NaN are exact for those
+blocks. A zoom cuts at most two blocks; their points inside the range come
+from the database, so a zoom's extremes and count are exact too. The blocks
+are kept in memory (LRU, bytes bounded) and in files (one per series, in a
+directory of this process, the same bytes bound), grown as the series grows,
+so a restarted UI process answers from its files; it still never writes to
+the database.
 """
 
 from __future__ import annotations
@@ -1085,7 +1103,7 @@ class BlockCache:
         old = self._entries.get(sid)
         path = self._path(s)
         if old is None and path is not None:
-            old = await asyncio.to_thread(_load, path, sid)
+            old = _load(path, sid)  # one read of a few hundred KiB: not worth a thread
             if old is not None:
                 self.loaded += 1
                 if old.point_count == count and old.last_step == last_step:

@@ -210,7 +210,8 @@ class UiServer:
             # No JIT: the UI's queries are short, and compiling them costs more than it saves.
             self.pool = await asyncpg.create_pool(
                 cfg.database_url,
-                min_size=1,
+                # Two open from the start: a page's first chart and its runs' details go together.
+                min_size=min(2, cfg.db_pool_size),
                 max_size=cfg.db_pool_size,
                 command_timeout=60,
                 server_settings={"jit": "off"},
