@@ -3,7 +3,7 @@ logging K metric names x S steps through the public client API in a plain
 loop, timed until every point is acknowledged; the stored count verified by
 SQL. In the same invocation, after the service has stopped, the ceiling: the
 same rows, encoded before the clock starts with the service's own encoder
-(`ingest.store.timescale.encode_scalar_copy`), sent straight into the same empty
+(`ingest.store.copy.encode_scalar_copy`), sent straight into the same empty
 hypertable with asyncpg's binary `copy_to_table` from 1, 2 and 4 connections
 (each printed); the best of the three is the ceiling.
 
@@ -11,7 +11,10 @@ hypertable with asyncpg's binary `copy_to_table` from 1, 2 and 4 connections
 
 Prints `W1 points_per_s=... ceiling_points_per_s=... ratio=...` and the rate
 over time (first fifth vs last fifth of the run), from the service's
-accepted-points counter scraped once a second.
+accepted-points counter scraped once a second. Before the ceiling empties
+the table it prints `STORAGE bytes_per_point=...`: W1's scalar_points on
+disk (TimescaleDB's hypertable_detailed_size: table, indexes, TOAST) per
+stored point.
 """
 
 from __future__ import annotations
