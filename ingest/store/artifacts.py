@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -117,6 +117,13 @@ class ImageStore:
         return dict(zip(hashes, blobs, strict=True))
 
 
+class Recorded(NamedTuple):
+    """A file's row after `record`, and whether that content was there already."""
+
+    row: Row
+    unchanged: bool
+
+
 class ArtifactStore:
     """The files of runs: (run, path) -> blob."""
 
@@ -180,7 +187,7 @@ class ArtifactStore:
         blob: StoredBlob,
         content_type: str,
         overwrite: bool,
-    ) -> tuple[Row, bool]:
+    ) -> Recorded:
         """Point path at a stored blob. Returns the row and whether it was
         unchanged (that content was there already); ALREADY_EXISTS when
         other content is there and overwrite is not set."""
@@ -202,7 +209,7 @@ class ArtifactStore:
                 await self._charge(
                     conn, workspace, blob.size, f"this file ({blob.size} bytes) is not recorded"
                 )
-                return row, False
+                return Recorded(row, False)
             row = await conn.fetchrow(
                 f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
                 " WHERE workspace = $3 AND run_id = $1 AND path = $2 FOR UPDATE",
@@ -212,7 +219,7 @@ class ArtifactStore:
             )
             assert row is not None
             if row["sha256"] == blob.sha256:
-                return row, True
+                return Recorded(row, True)
             if not overwrite:
                 raise conflict(path, row["sha256"])
             updated = await conn.fetchrow(
@@ -233,7 +240,7 @@ class ArtifactStore:
                 blob.size - row["size"],
                 f"this file ({blob.size} bytes) does not replace the old one",
             )
-            return updated, False
+            return Recorded(updated, False)
 
     async def list(self, workspace: str, run_id: str, prefix: str) -> list[Row]:
         async with self._conn() as conn:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
@@ -129,6 +129,13 @@ class Slice:
     next: tuple[int, int] | None
     used: int
     count: int
+
+
+class PointCount(NamedTuple):
+    """Visible points of a series in a step range, and the last one's step."""
+
+    total: int
+    last_step: int | None
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,7 @@ async def visible_points(
 
 async def count_points(
     conn: asyncpg.Connection, table: str, series_id: int, start: int, end: int
-) -> tuple[int, int | None]:
+) -> PointCount:
     """Visible points of a series in an inclusive step range, and the last step."""
     row = await conn.fetchrow(
         f"SELECT count(*) AS n, max(step) AS last FROM {table}"
@@ -277,7 +284,7 @@ async def count_points(
         start,
         end,
     )
-    return int(row["n"]), row["last"]
+    return PointCount(int(row["n"]), row["last"])
 
 
 class QueryStore:
@@ -417,9 +424,7 @@ class QueryStore:
         async with self._conn() as conn:
             return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
 
-    async def count_points(
-        self, series: SeriesHead, start: int, end: int
-    ) -> tuple[int, int | None]:
+    async def count_points(self, series: SeriesHead, start: int, end: int) -> PointCount:
         table = points_table(series.kind, series.value_type)
         async with self._conn() as conn:
             return await count_points(conn, table, series.series_id, start, end)
