@@ -10,6 +10,7 @@ real service.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -264,6 +265,12 @@ def claimed(batch: pb.Batch) -> int:
 
 
 def decode_measured(batch: pb.Batch, limits: Limits = LIMITS) -> tuple[b.DecodedBatch, int]:
+    """Decode `batch` and the peak of what that allocated. The first decode of
+    a kind imports and initialises what it needs once per process (Pillow's
+    plugins, numpy's submodules: about 2 MB); that is not the batch's cost, so
+    the batch is decoded once untraced first."""
+    with contextlib.suppress(ApiError):
+        decode_batch("default", batch, 1.7e9, limits, batch.ByteSize())
     tracemalloc.start()
     try:
         decoded = decode_batch("default", batch, 1.7e9, limits, batch.ByteSize())
