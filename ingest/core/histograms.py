@@ -259,8 +259,3 @@ def _describe_extra(field: str, values: F64) -> Callable[[int, int], str]:
         return f"histogram {field} must be finite and >= 0, not {_fmt(values[element])}"
 
     return describe
-
-
-def encoded_bytes(bins: int) -> int:
-    """An upper bound of one point's encoded bytes in a query response."""
-    return 16 * bins + POINT_OVERHEAD_BYTES

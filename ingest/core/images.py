@@ -43,7 +43,6 @@ PNG = "image/png"
 JPEG = "image/jpeg"
 GIF = "image/gif"
 WEBP = "image/webp"
-CONTENT_TYPES = (PNG, JPEG, GIF, WEBP)
 # Names clients send for the same formats.
 _ALIASES = {"image/jpg": JPEG, "image/pjpeg": JPEG, "image/x-png": PNG}
 # Pillow's format names, the only plugins Image.open may use.

@@ -1,6 +1,11 @@
 """How the write pipeline waits and what it tells about a failure: the
 bounded tries of a group commit, jittered exponential backoff of commits,
-reconnects and restarts, and error names safe to show a client."""
+reconnects and restarts, and error names safe to show a client.
+
+Written here rather than with a retry library (tenacity): each loop that
+waits (group commit, worker reconnect, restart) also has to watch shutdown
+and report health between tries, which a decorator around one call does not
+give; the waits themselves are these few lines."""
 
 from __future__ import annotations
 

@@ -82,7 +82,6 @@ class EarlyTermination:
         self.store = store
         self.max_points = max(1, max_curve_bytes // CURVE_POINT_BYTES)
         self._names: frozenset[str] = frozenset()
-        self._names_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         # (workspace, run, name, labels key) -> points committed since last look.
         self._pending: dict[tuple[str, str, str, str], int] = {}
@@ -151,7 +150,6 @@ class EarlyTermination:
     async def _refresh_names(self) -> None:
         try:
             self._names = await self.store.metric_names()
-            self._names_at = time.monotonic()
         except Exception as exc:  # the database is away: keep the last names
             log.warning("early termination: cannot read the policies (%s)", exc)
 
