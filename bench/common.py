@@ -81,6 +81,8 @@ class ServiceProcess:
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         may_move = self._auto_port and self.proc is None
         for attempt in range(3):
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab") if self.log_path else subprocess.PIPE  # noqa: SIM115
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingest", "serve"],
