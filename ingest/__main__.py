@@ -254,6 +254,9 @@ def _start_ui(env: dict[str, str], ports: _Ports, index: int) -> _Child:
         os.close(w)
     child = _Child(index, proc, r)
     if not child.read_line(time.monotonic() + START_TIMEOUT_S).startswith("ready "):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
         raise _Refused("the web UI did not start (its log is above)")
     return child
 
@@ -286,6 +289,12 @@ def _dev(ns: argparse.Namespace) -> int:
             wait_healthy(url, 30, children[0].proc)
         except (RuntimeError, TimeoutError) as exc:
             raise _Refused(str(exc)) from None
+        # The web UI next, while the database is known to be up; the service
+        # does not depend on it, so a UI that cannot start is a warning.
+        try:
+            children.append(_start_ui(env, ports, len(children) + 1))
+        except _Refused as exc:
+            print(f"steplog: {exc}; the service runs without it", file=sys.stderr)
         print(f"steplog: serving on {listen} ({ns.processes} process(es)); stack under {root}")
         for port in filter(None, ports.metrics):
             where = addresses.join_host_port(ports.metrics_host, port)
@@ -296,7 +305,6 @@ def _dev(ns: argparse.Namespace) -> int:
                 "steplog: no authentication (loopback only); to turn it on: STEPLOG_AUTH=token, "
                 "`steplog-ingest token create`, STEPLOG_TOKEN (README: Security)"
             )
-        children.append(_start_ui(env, ports, len(children) + 1))
         if ns.example:
             cenv = dict(env)
             cenv["STEPLOG_URL"] = url
