@@ -24,7 +24,7 @@ import pytest
 from bench.ui import UiProcess
 from ingest.store import tokens
 from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
-from ingest.store.views import reduce_buckets
+from ingest.store.view_blocks import reduce_buckets
 from steplog import Experiment
 from steplog.evaluation import confusion_matrix
 from tests.imagegen import png as png_bytes
