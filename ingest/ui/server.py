@@ -17,6 +17,10 @@ Images and files are fetched by the browser itself (<img src>, a download
 link), which sends no header: an authorized /api/ read hands out links to
 /blob signed with HMAC-SHA256 by a key of this process (or
 STEPLOG_UI_LINK_KEY, shared by replicas), valid for LINK_TTL_S.
+
+Over 500 lines: one aiohttp application whose handlers (one per /api/ route)
+share the authentication, the parameter checks and the error mapping above;
+the reads themselves are in the store (views.py, view_blocks.py).
 """
 
 from __future__ import annotations

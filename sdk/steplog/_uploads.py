@@ -1,4 +1,6 @@
 """Files of a run: the background uploader, downloads, and image bytes.
+(Over 500 lines: uploads and downloads share the hashing, the retry loop
+over one stream and the temporary-file handling described below.)
 
 Uploads run on a few daemon threads per client (`Uploader`), so a training
 loop can hand a checkpoint over and go on (`wait=False`); by default the
