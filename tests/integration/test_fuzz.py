@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.hostile import STORED_SQL, Fuzzer, missing_and_doubled
 from tests.sql import fetch
 from tests.support import ServiceProcess
@@ -22,9 +24,12 @@ MESSAGES = 10_000
 SEED = 9
 RSS_BOUND_MB = 1536  # 1.5 GiB, the service process and its children
 HEALTH_BOUND_S = 2.0
-TIME_LIMIT_S = 150.0  # usually 50-80 s; a hard stop on a loaded machine
+# Usually 50-80 s; a hard stop that a loaded machine stays inside (it took
+# 154 s for half the messages while a benchmark shared the two cores).
+TIME_LIMIT_S = 480.0
 
 
+@pytest.mark.timeout(TIME_LIMIT_S + 120)
 def test_ten_thousand_hostile_messages(
     service_env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
