@@ -6,7 +6,6 @@ real service, database and S3. Values are read from the page's own data
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import os
 import shutil
@@ -23,10 +22,10 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from bench.ui import CHROMIUM, UiProcess
 from ingest.store import tokens
-from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
 from steplog import Experiment
 from steplog.evaluation import confusion_matrix
 from tests.imagegen import png
+from tests.sql import copy_series_tail_async
 
 pytestmark = pytest.mark.integration
 
@@ -72,29 +71,6 @@ def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
     assert not errors, errors
 
 
-async def _copy_long(url: str, run_id: str, values: np.ndarray[Any, Any]) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        sid = await conn.fetchval(
-            "SELECT series_id FROM series WHERE run_id = $1 AND name = 'grad_norm'", run_id
-        )
-        steps = np.arange(1, values.size, dtype=np.int64)
-        payload = encode_scalar_copy(
-            1.7e9 + steps.astype(np.float64), np.full(steps.size, sid), steps, values[1:]
-        )
-        await conn.copy_to_table(
-            "scalar_points", source=io.BytesIO(payload), columns=SCALAR_COLUMNS, format="binary"
-        )
-        await conn.execute(
-            "UPDATE series SET point_count = $2, last_step = $3 WHERE series_id = $1",
-            sid,
-            values.size,
-            values.size - 1,
-        )
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def logged(url: str, database_url: str) -> dict[str, Any]:
     name = f"browser-{uuid.uuid4().hex[:8]}"
@@ -125,7 +101,7 @@ def logged(url: str, database_url: str) -> dict[str, Any]:
     v[0] = 1.0
     v[21_111] = math.nan
     v[55_555] = 80.0
-    run_async(_copy_long(database_url, runs[0], v))
+    run_async(copy_series_tail_async(database_url, runs[0], "grad_norm", v))
     return {"experiment": name, "parent": parent.id, "runs": runs}
 
 

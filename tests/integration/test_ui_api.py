@@ -6,7 +6,6 @@ work as for gRPC."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import subprocess
@@ -23,11 +22,11 @@ import pytest
 
 from bench.ui import UiProcess
 from ingest.store import tokens
-from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
 from ingest.store.view_blocks import reduce_buckets
 from steplog import Experiment
 from steplog.evaluation import confusion_matrix
 from tests.imagegen import png as png_bytes
+from tests.sql import copy_series_tail
 
 pytestmark = pytest.mark.integration
 
@@ -55,30 +54,6 @@ async def _stored(url: str, run_id: str, name: str) -> tuple[list[int], list[flo
 
 def stored(url: str, run_id: str, name: str) -> tuple[list[int], list[float]]:
     return asyncio.run(_stored(url, run_id, name))
-
-
-async def _copy_long(url: str, run_id: str, name: str, values: np.ndarray[Any, Any]) -> None:
-    """Points 1.. of a series the SDK created (its step 0), by the service's COPY encoder."""
-    conn = await asyncpg.connect(url)
-    try:
-        sid = await conn.fetchval(
-            "SELECT series_id FROM series WHERE run_id = $1 AND name = $2", run_id, name
-        )
-        steps = np.arange(1, values.size, dtype=np.int64)
-        payload = encode_scalar_copy(
-            1.7e9 + steps.astype(np.float64), np.full(steps.size, sid), steps, values[1:]
-        )
-        await conn.copy_to_table(
-            "scalar_points", source=io.BytesIO(payload), columns=SCALAR_COLUMNS, format="binary"
-        )
-        await conn.execute(
-            "UPDATE series SET point_count = $2, last_step = $3 WHERE series_id = $1",
-            sid,
-            values.size,
-            values.size - 1,
-        )
-    finally:
-        await conn.close()
 
 
 def long_values() -> np.ndarray[Any, Any]:
@@ -120,7 +95,7 @@ def logged(url: str, database_url: str) -> dict[str, Any]:
     for r in runs:
         r.complete()
     parent.complete()
-    asyncio.run(_copy_long(database_url, runs[0].id, "long", long_values()))
+    copy_series_tail(database_url, runs[0].id, "long", long_values())
     return {"experiment": exp_name, "parent": parent.id, "runs": [r.id for r in runs]}
 
 
@@ -284,7 +259,7 @@ def test_a_restarted_ui_draws_long_series_from_its_cache_files(
     run.log("long", 1.0, step=0)
     run.flush()
     run.complete()
-    asyncio.run(_copy_long(database_url, run.id, "long", long_values()))
+    copy_series_tail(database_url, run.id, "long", long_values())
     env = {**service_env, "STEPLOG_UI_CACHE_DIR": str(tmp_path / "cache")}
     path = f"/api/chart?metric=long&runs={run.id}&width=500"
     with UiProcess(env, tmp_path / "ui1.log") as first:
