@@ -44,6 +44,14 @@ async def hide_superseded(conn: asyncpg.Connection, table: str, accepted: Accept
     """Out-of-order series: the last write per step wins, so earlier points at
     the steps being written are hidden (kept for audit)."""
     if accepted.supersede is not None and accepted.supersede.size:
+        if table == "scalar_points":
+            # Rows and blocks (migration 010): scalar_hide updates both.
+            await conn.execute(
+                "SELECT scalar_hide($1, $2::bigint[], NULL)",
+                accepted.series_id,
+                accepted.supersede.tolist(),
+            )
+            return
         await conn.execute(
             f"UPDATE {table} SET hidden = true WHERE series_id = $1"
             " AND step = ANY($2::bigint[]) AND NOT hidden",

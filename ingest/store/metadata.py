@@ -209,7 +209,8 @@ class MetadataStore:
                 run_ids,
             )
             for table in (
-                "scalar_points",
+                "scalar_rows",
+                "scalar_blocks",
                 "text_points",
                 "table_rows",
                 "evaluation_points",
@@ -534,13 +535,21 @@ class MetadataStore:
                 text_expr = {"text_points": "value", "image_points": "sha256"}.get(
                     table, "NULL::text"
                 )
-                status = await conn.execute(
-                    f"UPDATE {table} SET hidden = true"
-                    " WHERE series_id = $1 AND step > $2 AND NOT hidden",
-                    s["series_id"],
-                    step,
-                )
-                hidden += int(status.split()[-1])
+                if numeric:
+                    # Rows and blocks (migration 010): scalar_hide updates both.
+                    hidden += int(
+                        await conn.fetchval(
+                            "SELECT scalar_hide($1, NULL, $2)", s["series_id"], step
+                        )
+                    )
+                else:
+                    status = await conn.execute(
+                        f"UPDATE {table} SET hidden = true"
+                        " WHERE series_id = $1 AND step > $2 AND NOT hidden",
+                        s["series_id"],
+                        step,
+                    )
+                    hidden += int(status.split()[-1])
                 last = await conn.fetchrow(
                     f"SELECT step, {'value' if numeric else 'NULL::float8'} AS value,"
                     f" {text_expr} AS text"

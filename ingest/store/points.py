@@ -28,7 +28,7 @@ from ingest.core.batch import (
     DecodedBatch,
 )
 from ingest.core.order import Accepted, SeriesState, reject_unwritable_run
-from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
+from ingest.store.blocks import BLOCK_COLUMNS, encode_blocks_copy, merge_accepted
 from ingest.store.kinds import CheckItem, KindCheck, KindWriter, hide_superseded
 from ingest.store.quotas import (
     SERIES,
@@ -466,18 +466,18 @@ class PointStore:
             for a in acc_list:
                 await hide_superseded(conn, table, a)
         if numeric:
-            payload = encode_scalar_copy(
-                np.concatenate([a.chunk.times[a.index] for a in numeric]),
-                np.concatenate(
-                    [np.full(a.index.size, a.series_id, dtype=np.int64) for a in numeric]
-                ),
-                np.concatenate([a.chunk.steps[a.index] for a in numeric]),
-                np.concatenate(
-                    [a.chunk.values[a.index] for a in numeric if a.chunk.values is not None]
-                ),
+            # One block per series of the group (ingest/store/blocks.py).
+            blocks = merge_accepted(
+                [
+                    (a.series_id, a.chunk.times[a.index], a.chunk.steps[a.index], values[a.index])
+                    for a in numeric
+                    if (values := a.chunk.values) is not None
+                ],
+                {a.series_id for a in numeric if a.supersede is not None},
             )
+            payload, _ = encode_blocks_copy(blocks)
             await conn.copy_to_table(
-                "scalar_points", source=io.BytesIO(payload), columns=SCALAR_COLUMNS, format="binary"
+                "scalar_blocks", source=io.BytesIO(payload), columns=BLOCK_COLUMNS, format="binary"
             )
             rows += sum(int(a.index.size) for a in numeric)
         if text:

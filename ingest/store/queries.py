@@ -158,7 +158,8 @@ class KindReader(Protocol):
 
 _DOWNSAMPLE_EXTREMES = """
     WITH p AS (SELECT series_id, step, time, value, ntile($7::bigint::int) OVER (ORDER BY step) AS b
-        FROM scalar_points WHERE series_id = ANY($1::bigint[]) AND NOT hidden
+        FROM scalar_points_in($1::bigint[], $2::bigint, $3::bigint)
+        WHERE series_id = ANY($1::bigint[]) AND NOT hidden
         AND step >= $2::bigint AND step <= $3::bigint),
     a AS (SELECT b, min(step) AS f, min(step) FILTER (WHERE value = 'NaN') AS nan,
         min(value) FILTER (WHERE value <> 'NaN') AS lo,
@@ -178,12 +179,22 @@ _DOWNSAMPLE_EXTREMES = """
 """
 
 
+def _source(table: str, ids: str, lo: str = "$2::bigint", hi: str = "$3::bigint") -> str:
+    """What to select a table's points from: numeric scalars through
+    scalar_points_in (rows and the blocks whose steps overlap [lo, hi], the
+    others not read), other tables as they are."""
+    if table == "scalar_points":
+        return f"scalar_points_in({ids}, {lo}, {hi})"
+    return table
+
+
 def _candidates(table: str, columns: Sequence[tuple[str, str]], window: Window) -> str:
     """SQL for the candidate points of a window ($1 series ids, $2/$3 the
     step range, $4/$5 the resume position, $6 rows at most; $7/$8 the
     downsampling parameters)."""
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in columns)
-    head = f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {select} FROM {table}"
+    source = _source(table, "$1::bigint[]")
+    head = f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {select} FROM {source}"
     visible = (
         "series_id = ANY($1::bigint[]) AND NOT hidden AND step >= $2::bigint AND step <= $3::bigint"
     )
@@ -199,7 +210,7 @@ def _candidates(table: str, columns: Sequence[tuple[str, str]], window: Window) 
         # Row indices round(k * (total - 1) / (spread - 1)), k = 0 .. spread - 1.
         picked = (
             f"SELECT step FROM (SELECT step, row_number() OVER (ORDER BY step) - 1 AS i"
-            f" FROM {table} WHERE {visible}) n WHERE i IN (SELECT CASE WHEN $8::bigint <= 1 THEN 0"
+            f" FROM {source} WHERE {visible}) n WHERE i IN (SELECT CASE WHEN $8::bigint <= 1 THEN 0"
             " ELSE (k * ($7::bigint - 1)) / ($8::bigint - 1) END"
             " FROM generate_series(0::bigint, greatest($8::bigint, 1) - 1) k)"
         )
@@ -278,7 +289,7 @@ async def count_points(
 ) -> PointCount:
     """Visible points of a series in an inclusive step range, and the last step."""
     row = await conn.fetchrow(
-        f"SELECT count(*) AS n, max(step) AS last FROM {table}"
+        f"SELECT count(*) AS n, max(step) AS last FROM {_source(table, 'ARRAY[$1::bigint]')}"
         " WHERE series_id = $1 AND NOT hidden AND step >= $2 AND step <= $3",
         series_id,
         start,

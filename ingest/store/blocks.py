@@ -1,0 +1,187 @@
+"""Numeric scalar points as blocks (migration 010_scalar_blocks): one row of
+`scalar_blocks` per series per commit, its points as array columns, built
+with numpy and sent as one binary COPY. Pure: numpy and struct only.
+
+A block's columns: `values` float8[] (bit for bit), `offsets` int4[] (the
+time in microseconds after `min_time`), `steps` int8[] or NULL when the steps
+are min_step, min_step + 1, ... in order, `hidden` bool[] or NULL when no
+point is hidden; and the summaries the readers prune and downsample with
+(min/max step and time, n, hidden_count, nan_count, min/max value without
+NaN, last value).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ingest.store.copy import COPY_HEADER, COPY_TRAILER, PG_EPOCH
+
+BLOCK_COLUMNS = [
+    "series_id",
+    "min_time",
+    "max_time",
+    "min_step",
+    "max_step",
+    "n",
+    "hidden_count",
+    "nan_count",
+    "min_value",
+    "max_value",
+    "last_value",
+    "steps",
+    "offsets",
+    "values",
+    "hidden",
+]
+
+# A block spans at most this many microseconds (int4 offsets).
+MAX_SPAN_US = 2**31 - 1
+
+_OID_INT8 = 20
+_OID_INT4 = 23
+_OID_FLOAT8 = 701
+_OID_BOOL = 16
+_NULL = struct.pack(">i", -1)
+_ELEMENT = {_OID_INT8: ">i8", _OID_INT4: ">i4", _OID_FLOAT8: ">f8", _OID_BOOL: "u1"}
+
+
+@dataclass
+class Block:
+    """The points of one block, in the order they were written."""
+
+    series_id: int
+    times_us: np.ndarray[Any, Any]  # int64 microseconds since 2000-01-01 (PostgreSQL's origin)
+    steps: np.ndarray[Any, Any]  # int64
+    values: np.ndarray[Any, Any]  # float64
+    hidden: np.ndarray[Any, Any] | None = None  # bool, None: none hidden
+
+
+def _array(oid: int, data: np.ndarray[Any, Any]) -> bytes:
+    """A one-dimensional array without NULLs in PostgreSQL's binary format:
+    the header, then (length, big-endian value) per element."""
+    n = int(data.shape[0])
+    width = np.dtype(_ELEMENT[oid]).itemsize
+    el = np.empty(n, dtype=[("len", ">i4"), ("v", _ELEMENT[oid])])
+    el["len"] = width
+    el["v"] = data
+    body = struct.pack(">iiiii", 1, 0, oid, n, 1) + el.tobytes()
+    return struct.pack(">i", len(body)) + body
+
+
+def _field(fmt: str, value: Any) -> bytes:
+    raw = struct.pack(">" + fmt, value)
+    return struct.pack(">i", len(raw)) + raw
+
+
+def split_span(times_us: np.ndarray[Any, Any]) -> list[slice]:
+    """Cut positions into consecutive runs whose times span at most
+    MAX_SPAN_US (a block's int4 offsets); one run in the usual case."""
+    n = int(times_us.shape[0])
+    if n == 0 or int(times_us.max()) - int(times_us.min()) <= MAX_SPAN_US:
+        return [slice(0, n)]
+    cuts: list[slice] = []
+    start = 0
+    lo = hi = int(times_us[0])
+    for i in range(1, n):  # rare: a block's points over more than ~35 minutes
+        t = int(times_us[i])
+        lo, hi = min(lo, t), max(hi, t)
+        if hi - lo > MAX_SPAN_US:
+            cuts.append(slice(start, i))
+            start, lo, hi = i, t, t
+    cuts.append(slice(start, n))
+    return cuts
+
+
+def _pieces(block: Block) -> Iterator[Block]:
+    for s in split_span(block.times_us):
+        yield Block(
+            block.series_id,
+            block.times_us[s],
+            block.steps[s],
+            block.values[s],
+            None if block.hidden is None else block.hidden[s],
+        )
+
+
+def encode_block_row(block: Block) -> bytes:
+    """One scalar_blocks row (BLOCK_COLUMNS) in binary COPY format; the
+    block's times must span at most MAX_SPAN_US."""
+    t = block.times_us
+    steps = block.steps
+    values = np.ascontiguousarray(block.values, dtype=np.float64)
+    n = int(values.shape[0])
+    t0, t1 = int(t.min()), int(t.max())
+    s0, s1 = int(steps.min()), int(steps.max())
+    nan = np.isnan(values)
+    nan_count = int(nan.sum())
+    finite = values[~nan] if nan_count else values
+    contiguous = s1 - s0 + 1 == n and (
+        n == 1 or bool(np.all(steps[1:] - steps[:-1] == 1))
+    )
+    hidden = block.hidden
+    hidden_count = 0 if hidden is None else int(hidden.sum())
+    parts = [
+        struct.pack(">h", len(BLOCK_COLUMNS)),
+        _field("q", block.series_id),
+        _field("q", t0),
+        _field("q", t1),
+        _field("q", s0),
+        _field("q", s1),
+        _field("i", n),
+        _field("i", hidden_count),
+        _field("i", nan_count),
+        _field("d", float(finite.min())) if finite.size else _NULL,
+        _field("d", float(finite.max())) if finite.size else _NULL,
+        _field("d", float(values[-1])),
+        _NULL if contiguous else _array(_OID_INT8, steps),
+        _array(_OID_INT4, (t - t0).astype(np.int32)),
+        _array(_OID_FLOAT8, values),
+        _NULL if not hidden_count else _array(_OID_BOOL, hidden.astype(np.uint8)),  # type: ignore[union-attr]
+    ]
+    return b"".join(parts)
+
+
+def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
+    """A binary COPY payload of scalar_blocks rows for `blocks` (each split
+    where its times span more than int4 microseconds), and the row count."""
+    rows = [encode_block_row(p) for b in blocks for p in _pieces(b) if b.values.shape[0]]
+    return COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows)
+
+
+def to_pg_us(times: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Wall times in seconds since the Unix epoch (float64) to PostgreSQL's
+    int64 microseconds since 2000-01-01, rounded as the row layout rounds them."""
+    return np.asarray(np.rint((times - PG_EPOCH) * 1e6), dtype=np.int64)
+
+
+def merge_accepted(
+    parts: Sequence[tuple[int, np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]],
+    last_write_wins: set[int],
+) -> list[Block]:
+    """One block per series from (series_id, times, steps, values) parts in
+    commit order. In a series of `last_write_wins` (out of order), a step
+    written twice keeps its last point visible and the earlier ones hidden."""
+    by_series: dict[int, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_series.setdefault(part[0], []).append(i)
+    blocks: list[Block] = []
+    for sid, idx in by_series.items():
+        if len(idx) == 1:
+            _, times, steps, values = parts[idx[0]]
+        else:
+            times = np.concatenate([parts[i][1] for i in idx])
+            steps = np.concatenate([parts[i][2] for i in idx])
+            values = np.concatenate([parts[i][3] for i in idx])
+        hidden = None
+        if sid in last_write_wins and steps.size > 1:
+            _, last = np.unique(steps[::-1], return_index=True)
+            if last.size < steps.size:
+                hidden = np.ones(steps.size, dtype=np.bool_)
+                hidden[steps.size - 1 - last] = False
+        blocks.append(Block(sid, to_pg_us(times), steps, values, hidden))
+    return blocks
