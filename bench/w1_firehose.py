@@ -3,18 +3,20 @@ logging K metric names x S steps through the public client API in a plain
 loop, timed until every point is acknowledged; the stored count verified by
 SQL. In the same invocation, after the service has stopped, the ceiling: the
 same rows, encoded before the clock starts with the service's own encoder
-(`ingest.store.copy.encode_scalar_copy`), sent straight into the same empty
-hypertable with asyncpg's binary `copy_to_table` from 1, 2 and 4 connections
-(each printed); the best of the three is the ceiling.
+(`ingest.store.copy.encode_scalar_copy`), sent straight into the row layout's
+empty hypertable (`scalar_rows`: one row per point, what `scalar_points` was
+before the block layout of migration 010) with asyncpg's binary
+`copy_to_table` from 1, 2 and 4 connections (each printed); the best of the
+three is the ceiling.
 
     python -m bench.w1_firehose [--writers 4] [--names 50] [--steps 25000]
 
-Prints `W1 points_per_s=... ceiling_points_per_s=... ratio=...` and the rate
+Prints `STORAGE bytes_per_point=... layout=blocks` (W1's data as the service
+stored it) and `STORAGE ... layout=row_per_point` (the ceiling's rows, the
+same points), `W1 points_per_s=... ceiling_points_per_s=... ratio=...` and the rate
 over time (first fifth vs last fifth of the run), from the service's
-accepted-points counter scraped once a second. Before the ceiling empties
-the table it prints `STORAGE bytes_per_point=...`: W1's scalar_points on
-disk (TimescaleDB's hypertable_detailed_size: table, indexes, TOAST) per
-stored point.
+accepted-points counter scraped once a second. STORAGE is TimescaleDB's
+hypertable_detailed_size (table, indexes, TOAST) per stored point.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ async def fresh_table(url: str) -> None:
     started: no attempt pays for another's rows or checkpoint."""
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE scalar_points")
+        await conn.execute("TRUNCATE scalar_rows, scalar_blocks")
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
@@ -94,13 +96,14 @@ async def fresh_table(url: str) -> None:
 
 def ceiling(url: str, payloads: list[bytes], total: int) -> dict[int, float]:
     """points/s of the pre-encoded payloads sent with binary copy_to_table
-    from 1, 2 and 4 connections (each attempt on an empty table), checked
-    by SQL."""
+    into the row table from 1, 2 and 4 connections (each attempt on an empty
+    table), checked by SQL; after the last attempt, the row layout's STORAGE
+    line (the same points, one row each)."""
     rates: dict[int, float] = {}
     for n in CEILING_CONNECTIONS:
         asyncio.run(fresh_table(url))
-        elapsed = asyncio.run(copy_ceiling(url, "scalar_points", SCALAR_COLUMNS, payloads, n))
-        stored = int(sql(url, "SELECT count(*) FROM scalar_points"))  # type: ignore[call-overload]
+        elapsed = asyncio.run(copy_ceiling(url, "scalar_rows", SCALAR_COLUMNS, payloads, n))
+        stored = int(sql(url, "SELECT count(*) FROM scalar_rows"))  # type: ignore[call-overload]
         if stored != total:
             raise SystemExit(f"ceiling stored {stored} rows of {total}")
         rates[n] = total / elapsed
@@ -108,6 +111,7 @@ def ceiling(url: str, payloads: list[bytes], total: int) -> dict[int, float]:
             f"  ceiling connections={n} points_per_s={rates[n]:.0f} stored={stored}",
             flush=True,
         )
+    print(asyncio.run(storage(url, total, "scalar_rows", "row_per_point")), flush=True)
     asyncio.run(fresh_table(url))
     return rates
 
@@ -181,17 +185,23 @@ def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int)
     return Firehose(total, elapsed, stored, results, samples)
 
 
-async def storage(url: str, points: int) -> str:
-    """The STORAGE line: scalar_points on disk (TimescaleDB's
+async def storage(
+    url: str, points: int, table_name: str = "scalar_blocks", layout: str = "blocks"
+) -> str:
+    """The STORAGE line: a points hypertable on disk (TimescaleDB's
     hypertable_detailed_size: every chunk's table, indexes and TOAST) per
-    stored point."""
+    stored point; for the blocks, also how many blocks and points per block."""
     conn = await asyncpg.connect(url)
     try:
         row = await conn.fetchrow(
             "SELECT table_bytes, index_bytes, toast_bytes, total_bytes"
-            " FROM hypertable_detailed_size('scalar_points')"
+            f" FROM hypertable_detailed_size('{table_name}')"
         )
-        chunks = await conn.fetchval("SELECT count(*) FROM show_chunks('scalar_points')")
+        chunks = await conn.fetchval(f"SELECT count(*) FROM show_chunks('{table_name}')")
+        blocks = ""
+        if table_name == "scalar_blocks":
+            n = int(await conn.fetchval("SELECT count(*) FROM scalar_blocks"))
+            blocks = f" blocks={n} points_per_block={points / max(n, 1):.0f}"
     finally:
         await conn.close()
     assert row is not None
@@ -199,7 +209,7 @@ async def storage(url: str, points: int) -> str:
     return (
         f"STORAGE bytes_per_point={total / points:.1f} table_bytes_per_point={table / points:.1f}"
         f" index_bytes_per_point={index / points:.1f} toast_bytes_per_point={toast / points:.1f}"
-        f" total_bytes={total} points={points} chunks={chunks} layout=row_per_point"
+        f" total_bytes={total} points={points} chunks={chunks}{blocks} layout={layout}"
     )
 
 
@@ -215,7 +225,7 @@ def main() -> None:
         if w1.stored != total:
             raise SystemExit(f"stored {w1.stored} != logged {total}")
         svc.stop()
-        # W1's data is all there is in scalar_points: its size on disk per point.
+        # W1's data is all there is in scalar_blocks: its size on disk per point.
         print(asyncio.run(storage(db, w1.stored)), flush=True)
         ceilings = ceiling(db, ceiling_payloads(ns.writers, ns.names, ns.steps), total)
     best = max(ceilings, key=lambda n: ceilings[n])

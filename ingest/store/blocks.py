@@ -120,9 +120,7 @@ def encode_block_row(block: Block) -> bytes:
     nan = np.isnan(values)
     nan_count = int(nan.sum())
     finite = values[~nan] if nan_count else values
-    contiguous = s1 - s0 + 1 == n and (
-        n == 1 or bool(np.all(steps[1:] - steps[:-1] == 1))
-    )
+    contiguous = s1 - s0 + 1 == n and (n == 1 or bool(np.all(steps[1:] - steps[:-1] == 1)))
     hidden = block.hidden
     hidden_count = 0 if hidden is None else int(hidden.sum())
     parts = [

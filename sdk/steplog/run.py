@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
+import numpy as np
+
 from steplog import _azure, _settings
 from steplog._run_azure import AzureOnly
 from steplog._run_files import RunFiles
@@ -393,6 +395,64 @@ class Run(RunFiles, AzureOnly):
             [now] * len(values),
             description=description,
         )
+
+    def log_batch(
+        self,
+        metrics: str | Mapping[str, Any],
+        values: Any = None,
+        *,
+        steps: Any = None,
+        times: Any = None,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log many numeric points at once, from arrays (numpy or sequences):
+        `run.log_batch("loss", values, steps=steps)` for one series, or
+        `run.log_batch({"loss": a, "acc": b}, steps=steps)` for several that
+        share their steps (and `times`). Without `steps` the series are
+        unstepped; without `times` every point gets the current time. The
+        arrays are copied into the series' columns as they are (no Python
+        object per point), so this is the fast way to log what is already in
+        arrays; the step rules are the same as for `log` (the service checks
+        them)."""
+        columns: Mapping[str, Any] = {metrics: values} if isinstance(metrics, str) else metrics
+        if isinstance(metrics, str) and values is None:
+            raise InvalidArgumentError(
+                f"metric {metrics!r}: log_batch needs the values", field="value"
+            )
+        checked: list[tuple[str, np.ndarray[Any, Any]]] = []
+        for name, col in columns.items():
+            try:
+                arr = np.asarray(col, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(
+                    f"metric {name!r}: log_batch values must be numbers", field="value"
+                ) from None
+            if arr.ndim != 1:
+                raise InvalidArgumentError(
+                    f"metric {name!r}: log_batch values must be one-dimensional, not {arr.shape}",
+                    field="value",
+                )
+            checked.append((name, arr))
+        step_col = None if steps is None else np.asarray(steps)
+        if step_col is not None and (step_col.ndim != 1 or step_col.dtype.kind not in "iu"):
+            raise InvalidArgumentError(
+                "log_batch steps must be a one-dimensional array of integers", field="step"
+            )
+        time_col = np.asarray(times, dtype=np.float64) if times is not None else None
+        series_labels = self._series_labels(labels)
+        for name, arr in checked:
+            if arr.size == 0:
+                continue
+            self._client.writer.log_scalars(
+                self.id,
+                name,
+                series_labels,
+                arr,
+                step_col,
+                time_col,
+                description=description,
+            )
 
     # -- tables and evaluation results (no I/O either) -------------------------------
 

@@ -61,7 +61,7 @@ ALTER TABLE scalar_points RENAME TO scalar_rows;
 CREATE FUNCTION scalar_block_points(b scalar_blocks)
 RETURNS TABLE (step bigint, "time" timestamptz, value double precision, hidden boolean, pos bigint)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(u.s, b.min_step + u.o - 1), b.min_time + u.dt * interval '1 microsecond',
+    SELECT coalesce(u.s, b.min_step + (u.o - 1)), b.min_time + u.dt * interval '1 microsecond',
            u.v, coalesce(u.h, false), u.o
     FROM unnest(b.steps, b.offsets, b.values, b.hidden) WITH ORDINALITY AS u(s, dt, v, h, o)
 $$;
@@ -72,7 +72,7 @@ CREATE VIEW scalar_points AS
     SELECT r.time, r.series_id, r.step, r.value, r.hidden FROM scalar_rows r
     UNION ALL
     SELECT b.min_time + u.dt * interval '1 microsecond', b.series_id,
-           coalesce(u.s, b.min_step + u.o - 1), u.v, coalesce(u.h, false)
+           coalesce(u.s, b.min_step + (u.o - 1)), u.v, coalesce(u.h, false)
     FROM scalar_blocks b,
          LATERAL unnest(b.steps, b.offsets, b.values, b.hidden) WITH ORDINALITY AS u(s, dt, v, h, o);
 ALTER VIEW scalar_points ALTER COLUMN hidden SET DEFAULT false;
@@ -87,7 +87,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     UNION ALL
     SELECT b.min_time + u.dt * interval '1 microsecond', b.series_id, u.step, u.v, u.hidden
     FROM scalar_blocks b,
-         LATERAL (SELECT coalesce(x.s, b.min_step + x.o - 1) AS step, x.dt, x.v,
+         LATERAL (SELECT coalesce(x.s, b.min_step + (x.o - 1)) AS step, x.dt, x.v,
                          coalesce(x.h, false) AS hidden
                   FROM unnest(b.steps, b.offsets, b.values, b.hidden) WITH ORDINALITY
                        AS x(s, dt, v, h, o)) u

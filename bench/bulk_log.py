@@ -1,0 +1,74 @@
+"""BULK: numeric points logged from arrays with `run.log_batch` (no Python
+object per point), one process, one run, timed from the first call until
+every point is acknowledged (`run.flush()`), the stored count checked by SQL.
+
+    python -m bench.bulk_log [--series 20] [--steps 250000] [--chunk 10000]
+
+Each call logs `chunk` steps of every series at once
+(`run.log_batch({name: values, ...}, steps=steps)`), as a training loop that
+keeps its metrics in arrays would. Prints
+
+    BULK points_per_s=... points=... stored=... calls=... call_points_per_s=...
+
+`call_points_per_s` is the logging calls alone (points over the time the
+loop spent in `log_batch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from bench.common import bench_stack, service, sql
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--series", type=int, default=20)
+    p.add_argument("--steps", type=int, default=250_000)
+    p.add_argument("--chunk", type=int, default=10_000)
+    ns = p.parse_args()
+    total = ns.series * ns.steps
+    names = [f"metric_{i:02d}" for i in range(ns.series)]
+    rng = np.random.default_rng(7)
+    # The arrays exist before the clock starts: what is timed is logging them.
+    chunks = []
+    for s in range(0, ns.steps, ns.chunk):
+        steps = np.arange(s, min(ns.steps, s + ns.chunk), dtype=np.int64)
+        chunks.append((steps, {k: rng.standard_normal(steps.size) for k in names}))
+    with bench_stack() as (_stack, info, db), service(info, db) as svc:
+        from steplog import Experiment
+
+        run = Experiment("bulk", url=svc.address).start_logging()
+        run.writer_stats()  # the writer started, as W1's writers are
+        in_calls = 0.0
+        start = time.perf_counter()
+        for steps, metrics in chunks:
+            t = time.perf_counter()
+            run.log_batch(metrics, steps=steps)
+            in_calls += time.perf_counter() - t
+        ok = run.flush(600)
+        elapsed = time.perf_counter() - start
+        run.complete()
+        stored = int(
+            sql(  # type: ignore[call-overload]
+                db,
+                "SELECT count(*) FROM scalar_points p JOIN series s USING (series_id)"
+                f" WHERE s.run_id = '{run.id}'",
+            )
+        )
+    if stored != total:
+        raise SystemExit(f"stored {stored} != logged {total}")
+    print(
+        f"BULK points_per_s={total / elapsed:.0f} points={total} stored={stored}"
+        f" flushed={ok} calls={len(chunks)} call_points_per_s={total / in_calls:.0f}"
+        f" series={ns.series} chunk={ns.chunk} cpus={os.cpu_count()}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

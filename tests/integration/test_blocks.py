@@ -1,0 +1,313 @@
+"""Numeric scalars as blocks (migration 010_scalar_blocks, ingest/store/blocks.py):
+every bit of a value and every int64 step survives a block, a rewind or a
+last write inside a block hides only what it should, and the migration
+converts an existing row table keeping every point."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import struct
+import uuid
+from importlib import resources
+
+import asyncpg
+import numpy as np
+
+from ingest.devstack import LocalStack
+from ingest.store.blocks import BLOCK_COLUMNS, Block, encode_blocks_copy, to_pg_us
+from ingest.store.migrate import migrate
+from steplog import Experiment
+from steplog.client import Client
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
+from tests.sql import fetch
+from tests.support import ServiceProcess
+
+I64_MAX = 2**63 - 1
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def write(
+    client: Client,
+    run_id: str,
+    writer: str,
+    seq: int,
+    name: str,
+    steps: list[int],
+    values: list[float],
+    **kw: object,
+) -> pb.WriteResponse:
+    return client.ingest.Write(
+        pb.WriteRequest(
+            workspace="default",
+            batch=pb.Batch(
+                writer_id=writer,
+                sequence=seq,
+                series=[
+                    pb.RunSeries(
+                        run_id=run_id,
+                        series=data_pb2.SeriesData(
+                            name=name,
+                            scalars=data_pb2.ScalarColumns(steps=steps, values=values),
+                            **kw,
+                        ),
+                    )
+                ],  # type: ignore[arg-type]
+            ),
+        ),
+        timeout=30,
+    )
+
+
+def _points(database_url: str, run_id: str, name: str) -> list[tuple[int, float, bool]]:
+    rows = fetch(
+        database_url,
+        "SELECT p.step, p.value, p.hidden FROM scalar_points p JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 AND s.name = $2 ORDER BY p.step, p.hidden DESC",
+        run_id,
+        name,
+    )
+    return [(r["step"], r["value"], r["hidden"]) for r in rows]
+
+
+def _blocks(database_url: str, run_id: str, name: str) -> list[asyncpg.Record]:
+    return fetch(
+        database_url,
+        "SELECT b.* FROM scalar_blocks b JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 AND s.name = $2 ORDER BY b.block_id",
+        run_id,
+        name,
+    )
+
+
+def test_values_and_int64_steps_survive_a_block_bit_for_bit(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    subnormal = 5e-324
+    values = [
+        math.nan,
+        math.inf,
+        -math.inf,
+        -0.0,
+        subnormal,
+        2.2250738585072014e-308 / 3,
+        1.7976931348623157e308,
+        0.1,
+    ]
+    steps = [0, 1, 2, 3, 5, 2**31, 2**62, I64_MAX]  # steps are >= 0
+    r = write(client, run.id, writer, 1, "edge", steps, values)
+    assert (r.result.accepted, r.result.rejected) == (8, 0)
+    # A contiguous block ending at the int64 limit: its steps are implied.
+    r = write(
+        client, run.id, writer, 2, "top", [I64_MAX - 2, I64_MAX - 1, I64_MAX], [1.0, 2.0, 3.0]
+    )
+    assert r.result.accepted == 3
+
+    got = _points(database_url, run.id, "edge")
+    assert [p[0] for p in got] == steps
+    assert math.isnan(got[0][1])
+    assert [_bits(p[1]) for p in got[1:]] == [_bits(v) for v in values[1:]]
+    assert not any(p[2] for p in got)
+    (block,) = _blocks(database_url, run.id, "edge")
+    assert (block["n"], block["nan_count"], block["min_step"], block["max_step"]) == (
+        8,
+        1,
+        0,
+        I64_MAX,
+    )
+    assert (block["min_value"], block["max_value"]) == (-math.inf, math.inf)
+    assert list(block["steps"]) == steps and block["hidden"] is None
+
+    assert _points(database_url, run.id, "top") == [
+        (I64_MAX - 2, 1.0, False),
+        (I64_MAX - 1, 2.0, False),
+        (I64_MAX, 3.0, False),
+    ]
+    (top,) = _blocks(database_url, run.id, "top")
+    assert top["steps"] is None and top["last_value"] == 3.0
+
+    # The public read path (blocks pruned by step) returns the same values.
+    read = run.get_metrics()
+    assert [_bits(v) for v in read["edge"][1:]] == [_bits(v) for v in values[1:]]
+    assert math.isnan(read["edge"][0])
+    assert read["top"] == [1.0, 2.0, 3.0]
+
+
+def test_rewind_inside_a_block_hides_the_later_points_only(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    write(client, run.id, writer, 1, "loss", list(range(10)), [float(s) for s in range(10)])
+    assert len(_blocks(database_url, run.id, "loss")) == 1
+    assert run.rewind(4) == 5
+    (block,) = _blocks(database_url, run.id, "loss")
+    assert block["hidden_count"] == 5
+    assert list(block["hidden"]) == [False] * 5 + [True] * 5
+    assert run.rewind(4) == 0  # nothing more to hide
+    r = write(client, run.id, writer, 2, "loss", [5, 6, 7], [-5.0, -6.0, -7.0])
+    assert (r.result.accepted, r.result.rejected) == (3, 0)
+    assert run.get_metrics()["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, -5.0, -6.0, -7.0]
+    visible = [(s, v) for s, v, h in _points(database_url, run.id, "loss") if not h]
+    assert visible == [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, -5.0),
+        (6, -6.0),
+        (7, -7.0),
+    ]
+    # The next point after the rewind's last visible one still follows the step rules.
+    r = write(client, run.id, writer, 3, "loss", [7], [1.0])
+    assert r.result.rejected == 1
+
+
+def test_last_write_wins_rewrites_a_step_inside_a_block(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    ooo = data_pb2.STEP_POLICY_OUT_OF_ORDER
+    write(
+        client,
+        run.id,
+        writer,
+        1,
+        "eval",
+        list(range(10)),
+        [float(s) for s in range(10)],
+        step_policy=ooo,
+    )
+    r = write(client, run.id, writer, 2, "eval", [3, 12], [30.0, 120.0])
+    assert (r.result.accepted, r.result.rejected) == (2, 0)
+    first, second = _blocks(database_url, run.id, "eval")
+    assert first["hidden_count"] == 1 and [i for i, h in enumerate(first["hidden"]) if h] == [3]
+    assert second["hidden_count"] == 0
+    expected = [float(s) for s in range(10)]
+    expected[3] = 30.0
+    assert run.get_metrics()["eval"] == [*expected, 120.0]
+    # Writing step 3 a third time hides the second write, not the first again.
+    write(client, run.id, writer, 3, "eval", [3], [300.0])
+    at3 = [(v, h) for s, v, h in _points(database_url, run.id, "eval") if s == 3]
+    assert sorted(at3) == [(3.0, True), (30.0, True), (300.0, False)]
+
+
+def test_block_encoder_splits_long_spans_and_keeps_masks(
+    service: ServiceProcess, database_url: str
+) -> None:
+    sid = -int(uuid.uuid4().int % 10**12) - 1  # no series has a negative id
+    n = 5000
+    # Times over 3 hours: more than one int4-microsecond block span (~35 min).
+    times = 1.8e9 + np.linspace(0.0, 3 * 3600.0, n) + 1e-6 * (np.arange(n) % 7)
+    steps = np.arange(n, dtype=np.int64) * 3 - 7
+    values = np.sin(np.arange(n, dtype=np.float64))
+    values[::97] = np.nan
+    hidden = np.zeros(n, dtype=np.bool_)
+    hidden[100:150] = True
+    payload, rows = encode_blocks_copy([Block(sid, to_pg_us(times), steps, values, hidden)])
+    assert rows >= 6
+
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.copy_to_table(
+                "scalar_blocks", source=io.BytesIO(payload), columns=BLOCK_COLUMNS, format="binary"
+            )
+            return list(
+                await conn.fetch(
+                    "SELECT step, value, hidden, (extract(epoch FROM time) * 1000000)::bigint AS us"
+                    " FROM scalar_points WHERE series_id = $1 ORDER BY step",
+                    sid,
+                )
+            )
+        finally:
+            await conn.execute("DELETE FROM scalar_blocks WHERE series_id = $1", sid)
+            await conn.close()
+
+    got = asyncio.run(go())
+    assert [r["step"] for r in got] == steps.tolist()
+    assert [r["hidden"] for r in got] == hidden.tolist()
+    # Microseconds as the row layout rounds them (ingest.store.copy.encode_scalar_copy).
+    assert [r["us"] for r in got] == (to_pg_us(times) + 946_684_800_000_000).tolist()
+    for r, v in zip(got, values.tolist(), strict=True):
+        assert (math.isnan(r["value"]) and math.isnan(v)) or _bits(r["value"]) == _bits(v)
+
+
+def test_migration_converts_existing_rows_keeping_every_point(stack: LocalStack) -> None:
+    name = f"steplog_blocks_{uuid.uuid4().hex[:10]}"
+    url = stack.create_database(name)
+    files = sorted(
+        (
+            f
+            for f in resources.files("ingest.store.migrations").iterdir()
+            if f.name.endswith(".sql")
+        ),
+        key=lambda f: f.name,
+    )
+    before = [f for f in files if f.name < "010"]
+    snapshot = (
+        "SELECT series_id, step, (extract(epoch FROM time) * 1000000)::bigint AS us,"
+        " float8send(value) AS bits, hidden FROM scalar_points ORDER BY 1, 2, 3, 4, 5"
+    )
+
+    async def go() -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], int, int]:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            await conn.execute(
+                "CREATE TABLE schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for f in before:
+                await conn.execute(f.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    f.name.removesuffix(".sql"),
+                )
+            # 10,000 points of one series (three blocks of at most 4096), times
+            # over 3 hours (cut into 2,000-second buckets), a rewound tail, a
+            # step written twice, NaN, -0.0 and infinities; and a small series.
+            await conn.execute(
+                "INSERT INTO scalar_points (time, series_id, step, value, hidden)"
+                " SELECT timestamptz '2026-01-01' + g * interval '1.0801 second', 1, g,"
+                "  CASE WHEN g % 101 = 0 THEN 'NaN'::float8 WHEN g = 5 THEN '-0'::float8"
+                "   WHEN g = 6 THEN 'Infinity' WHEN g = 7 THEN '-Infinity' ELSE sin(g) END,"
+                "  g > 9900 FROM generate_series(0, 9999) g"
+            )
+            await conn.execute(
+                "INSERT INTO scalar_points (time, series_id, step, value, hidden) VALUES"
+                " ('2026-01-01 00:00:00.000001+00', 1, 9950, 1.5, false),"
+                " ('2026-01-02', 2, 3, 0.25, false), ('2026-01-02 00:00:01', 2, 9, 0.5, false)"
+            )
+            old = [tuple(r) for r in await conn.fetch(snapshot)]
+        finally:
+            await conn.close()
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            assert await migrate(pool) == [
+                f.name.removesuffix(".sql") for f in files if f.name >= "010"
+            ]
+            new = [tuple(r) for r in await pool.fetch(snapshot)]
+            rows = int(await pool.fetchval("SELECT count(*) FROM scalar_rows"))
+            blocks = int(await pool.fetchval("SELECT count(*) FROM scalar_blocks"))
+        finally:
+            await pool.close()
+        return old, new, rows, blocks
+
+    try:
+        old, new, rows, blocks = asyncio.run(go())
+        assert len(old) == 10_003
+        assert new == old
+        assert rows == 0
+        assert blocks >= 4
+    finally:
+        stack.drop_database(name)
