@@ -11,7 +11,8 @@ keeps its metrics in arrays would. Prints
     BULK points_per_s=... points=... stored=... calls=... call_points_per_s=...
 
 `call_points_per_s` is the logging calls alone (points over the time the
-loop spent in `log_batch`).
+loop spent in `log_batch`); the CPU seconds (user + system, from /proc) of
+this process, the service's process tree and PostgreSQL over the timed part.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.common import bench_stack, service, sql
+from bench.common import bench_stack, cpu_seconds, postmaster_pid, service, sql
 
 
 def main() -> None:
@@ -39,12 +40,15 @@ def main() -> None:
     for s in range(0, ns.steps, ns.chunk):
         steps = np.arange(s, min(ns.steps, s + ns.chunk), dtype=np.int64)
         chunks.append((steps, {k: rng.standard_normal(steps.size) for k in names}))
-    with bench_stack() as (_stack, info, db), service(info, db) as svc:
+    with bench_stack() as (stack, info, db), service(info, db) as svc:
         from steplog import Experiment
 
         run = Experiment("bulk", url=svc.address).start_logging()
         run.writer_stats()  # the writer started, as W1's writers are
         in_calls = 0.0
+        assert svc.proc is not None
+        pg = postmaster_pid(stack)
+        cpu0 = (cpu_seconds(os.getpid()), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
         start = time.perf_counter()
         for steps, metrics in chunks:
             t = time.perf_counter()
@@ -52,6 +56,7 @@ def main() -> None:
             in_calls += time.perf_counter() - t
         ok = run.flush(600)
         elapsed = time.perf_counter() - start
+        cpu1 = (cpu_seconds(os.getpid()), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
         run.complete()
         stored = int(
             sql(  # type: ignore[call-overload]
@@ -65,7 +70,9 @@ def main() -> None:
     print(
         f"BULK points_per_s={total / elapsed:.0f} points={total} stored={stored}"
         f" flushed={ok} calls={len(chunks)} call_points_per_s={total / in_calls:.0f}"
-        f" series={ns.series} chunk={ns.chunk} cpus={os.cpu_count()}",
+        f" series={ns.series} chunk={ns.chunk} elapsed_s={elapsed:.2f}"
+        f" client_cpu_s={cpu1[0] - cpu0[0]:.2f} service_cpu_s={cpu1[1] - cpu0[1]:.2f}"
+        f" postgres_cpu_s={cpu1[2] - cpu0[2]:.2f} cpus={os.cpu_count()}",
         flush=True,
     )
 

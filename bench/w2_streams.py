@@ -44,7 +44,7 @@ import asyncpg
 import numpy as np
 
 from bench.common import bench_stack, service
-from bench.w1_firehose import firehose, fresh_table, stored_points
+from bench.w1_firehose import firehose, fresh_table, storage, stored_points
 
 POLL_S = 0.005
 
@@ -172,6 +172,9 @@ def main() -> None:
         run.complete()
         stored = asyncio.run(stored_points(db, [run.id]))
         ranks_stored = asyncio.run(_count_writers(db, run.id))
+        # W2's blocks are all there is in scalar_blocks (emptied after W1):
+        # what many small writers' commits cost on disk.
+        print(asyncio.run(storage(db, stored, layout="blocks_w2")).replace("STORAGE", "STORAGE_W2"))
     rate = total / elapsed
     lat = np.concatenate([r[3] for r in results]) * 1e3
     print(

@@ -311,3 +311,27 @@ def test_migration_converts_existing_rows_keeping_every_point(stack: LocalStack)
         assert blocks >= 4
     finally:
         stack.drop_database(name)
+
+
+def test_log_batch_logs_arrays_of_one_series_or_many(url: str, experiment_name: str) -> None:
+    import pytest
+
+    from steplog.errors import InvalidArgumentError
+
+    run = Experiment(experiment_name, url=url).start_logging()
+    steps = np.arange(1000, dtype=np.int64)
+    run.log_batch({"a": np.sqrt(steps), "b": -np.arange(1000.0)}, steps=steps)
+    run.log_batch("c", [0.5, math.nan, math.inf])  # unstepped, from a list
+    run.log_batch("a", np.array([7.0]), steps=np.array([999]))  # same step, another value
+    with pytest.raises(InvalidArgumentError):
+        run.log_batch("d", np.zeros((2, 2)))
+    with pytest.raises(InvalidArgumentError):
+        run.log_batch("d", np.zeros(2), steps=np.array([0.5, 1.5]))
+    assert run.flush(30)
+    got = run.get_metrics()
+    assert got["a"] == np.sqrt(steps).tolist()
+    assert got["b"] == (-np.arange(1000.0)).tolist()
+    assert got["c"][0] == 0.5 and math.isnan(got["c"][1]) and got["c"][2] == math.inf
+    assert "d" not in got
+    (rejection,) = run.rejections()
+    assert (rejection.name, rejection.step, rejection.reason) == ("a", 999, "STEP_CONFLICT")
