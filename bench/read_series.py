@@ -1,4 +1,5 @@
-"""READ: the public query path over long series, on today's row layout.
+"""READ: the public query path over long series, on the block layout
+(migration 010) and, in the same run, on the row layout as the reference.
 
     python -m bench.read_series [--long 1000000] [--series 100] [--points 100000] [--repeat 3]
 
@@ -22,10 +23,14 @@ NaN, +Inf and -Inf values among its numbers. Then, each repeated R times
   `sql_chart` (one query: the N series in 1,000 step buckets each, with
   min, max and the last value of every bucket, TimescaleDB's `last`).
 
-Prints
+Then the same points are moved into the row table (`scalar_rows`, one row
+per point, the layout before migration 010), the blocks emptied, and every
+read is repeated. Prints, one line per layout,
 
     READ full_ms=... get_metrics_ms=... downsampled_one_ms=... chart_ms=...
-         sql_full_ms=... sql_chart_ms=... (one line)
+         sql_full_ms=... sql_chart_ms=... layout=blocks|row_per_point
+
+The SQL reference reads `scalar_points` (the view over rows and blocks).
 """
 
 from __future__ import annotations
@@ -133,26 +138,56 @@ def main() -> None:
             raise SystemExit("the points were not all acknowledged")
         load_s = time.perf_counter() - t
 
-        full_ms, full = timed(lambda: run.get_series("long"), ns.repeat)
-        if len(full["values"]) != ns.long:
-            raise SystemExit(f"get_series returned {len(full['values'])} points of {ns.long}")
-        gm_ms, gm = timed(lambda: run.get_metrics("long")["long"], ns.repeat)
-        if len(gm) != ns.long:
-            raise SystemExit(f"get_metrics returned {len(gm)} values of {ns.long}")
-        one_ms, one = timed(lambda: run.get_series("long", max_points=BUCKETS), ns.repeat)
-
-        def chart() -> list[dict[str, Any]]:
-            return [run.get_series(n, max_points=BUCKETS) for n in names]
-
-        chart_ms, lines = timed(chart, ns.repeat)
-        points = [len(line["values"]) for line in lines]
-        if not all(line["downsampled"] for line in lines) or max(points) > BUCKETS:
-            raise SystemExit(f"chart: not downsampled within {BUCKETS}: {max(points)} points")
-        specials = [kept(line["values"]) for line in lines]
-        sql_full_ms, sql_chart_ms = asyncio.run(sql_reads(db, run.id, "long", names, ns.repeat))
+        first = reads(run, db, names, ns)
+        # The row layout as the reference, in the same run: the same points
+        # moved into scalar_rows (one row each, what scalar_points was before
+        # migration 010), the blocks emptied, every read again.
+        asyncio.run(to_rows(db))
+        second = reads(run, db, names, ns)
         run.complete()
-    print(
-        f"READ full_ms={full_ms:.0f} get_metrics_ms={gm_ms:.0f}"
+    for layout, line in (("blocks", first), ("row_per_point", second)):
+        print(
+            f"READ {line} load_points_per_s={(ns.long + ns.series * ns.points) / load_s:.0f}"
+            f" layout={layout} cpus={os.cpu_count()}",
+            flush=True,
+        )
+
+
+async def to_rows(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO scalar_rows (time, series_id, step, value, hidden)"
+                " SELECT time, series_id, step, value, hidden FROM scalar_points"
+            )
+            await conn.execute("TRUNCATE scalar_blocks")
+        await conn.execute("ANALYZE scalar_rows")
+    finally:
+        await conn.close()
+
+
+def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
+    """Every read of the module docstring, timed; the READ line's figures."""
+    full_ms, full = timed(lambda: run.get_series("long"), ns.repeat)
+    if len(full["values"]) != ns.long:
+        raise SystemExit(f"get_series returned {len(full['values'])} points of {ns.long}")
+    gm_ms, gm = timed(lambda: run.get_metrics("long")["long"], ns.repeat)
+    if len(gm) != ns.long:
+        raise SystemExit(f"get_metrics returned {len(gm)} values of {ns.long}")
+    one_ms, one = timed(lambda: run.get_series("long", max_points=BUCKETS), ns.repeat)
+
+    def chart() -> list[dict[str, Any]]:
+        return [run.get_series(n, max_points=BUCKETS) for n in names]
+
+    chart_ms, lines = timed(chart, ns.repeat)
+    points = [len(line["values"]) for line in lines]
+    if not all(line["downsampled"] for line in lines) or max(points) > BUCKETS:
+        raise SystemExit(f"chart: not downsampled within {BUCKETS}: {max(points)} points")
+    specials = [kept(line["values"]) for line in lines]
+    sql_full_ms, sql_chart_ms = asyncio.run(sql_reads(db, run.id, "long", names, ns.repeat))
+    return (
+        f"full_ms={full_ms:.0f} get_metrics_ms={gm_ms:.0f}"
         f" downsampled_one_ms={one_ms:.1f} chart_ms={chart_ms:.0f}"
         f" sql_full_ms={sql_full_ms:.0f} sql_chart_ms={sql_chart_ms:.0f}"
         f" full_vs_sql={full_ms / sql_full_ms:.1f} chart_vs_sql={chart_ms / sql_chart_ms:.1f}"
@@ -161,9 +196,6 @@ def main() -> None:
         f" one_points_returned={len(one['values'])}"
         f" nan_kept={all(s[0] for s in specials)} inf_kept={all(s[1] for s in specials)}"
         f" neg_inf_kept={all(s[2] for s in specials)} repeat={ns.repeat}"
-        f" load_points_per_s={(ns.long + ns.series * ns.points) / load_s:.0f}"
-        f" cpus={os.cpu_count()}",
-        flush=True,
     )
 
 

@@ -215,6 +215,13 @@ def _candidates(table: str, columns: Sequence[tuple[str, str]], window: Window) 
             " FROM generate_series(0::bigint, greatest($8::bigint, 1) - 1) k)"
         )
         return f"{head} WHERE {visible} AND step IN ({picked}){tail}"
+    if table == "scalar_points":
+        # A page: only the blocks that can hold its points are unpacked.
+        head = (
+            f"SELECT series_id, step, extract(epoch FROM time)::float8 AS t, {select}"
+            " FROM scalar_points_page($1::bigint[], $2::bigint, $3::bigint, $4::bigint,"
+            " $5::bigint, $6::bigint)"
+        )
     # $7 and $8 are unused here; PostgreSQL needs every parameter typed.
     return f"{head} WHERE {visible} AND $7::bigint > 0 AND $8::bigint >= 0{tail}"
 

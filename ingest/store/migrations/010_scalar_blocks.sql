@@ -95,6 +95,50 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
       AND u.step >= lo AND u.step <= hi
 $$;
 
+-- One page of a read: the points of some series within [lo, hi] from the
+-- resume position (a_sid, a_step) on, reading only the blocks that can hold
+-- the first `lim` of them in (series_id, step) order. Blocks are taken in
+-- (series_id, min_step) order until those wholly inside the range and past
+-- the resume position hold `lim` visible points; the lim-th point is then at
+-- or before (series K, X), K that block's series and X the largest step of
+-- the blocks taken in it, so a block starting after that is not read. The
+-- caller still filters, orders and limits the points.
+CREATE FUNCTION scalar_points_page(ids bigint[], lo bigint, hi bigint, a_sid bigint,
+                                   a_step bigint, lim bigint)
+RETURNS TABLE ("time" timestamptz, series_id bigint, step bigint, value double precision, hidden boolean)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    WITH c AS (
+        SELECT b.*, sum(CASE WHEN b.min_step >= lo AND b.max_step <= hi
+                              AND (b.series_id > a_sid OR b.min_step >= a_step)
+                             THEN b.n - b.hidden_count ELSE 0 END)
+                    OVER (ORDER BY b.series_id, b.min_step, b.block_id) AS upto
+        FROM scalar_blocks b
+        WHERE b.series_id = ANY(ids) AND b.max_step >= lo AND b.min_step <= hi
+          AND (b.series_id, b.max_step) >= (a_sid, a_step)
+    ), k AS (
+        SELECT c.series_id, c.upto FROM c WHERE c.upto >= lim
+        ORDER BY c.series_id, c.min_step, c.block_id LIMIT 1
+    ), x AS (
+        SELECT k.series_id AS sid,
+               (SELECT max(c.max_step) FROM c WHERE c.series_id = k.series_id AND c.upto <= k.upto)
+               AS step
+        FROM k
+    )
+    (SELECT r.time, r.series_id, r.step, r.value, r.hidden FROM scalar_rows r
+     WHERE r.series_id = ANY(ids) AND r.step >= lo AND r.step <= hi
+       AND (r.series_id, r.step) >= (a_sid, a_step) AND NOT r.hidden
+     ORDER BY r.series_id, r.step LIMIT lim)
+    UNION ALL
+    SELECT c.min_time + u.dt * interval '1 microsecond', c.series_id, u.step, u.v, u.hidden
+    FROM c LEFT JOIN x ON true,
+         LATERAL (SELECT coalesce(y.s, c.min_step + (y.o - 1)) AS step, y.dt, y.v,
+                         coalesce(y.h, false) AS hidden
+                  FROM unnest(c.steps, c.offsets, c.values, c.hidden) WITH ORDINALITY
+                       AS y(s, dt, v, h, o)) u
+    WHERE (x.sid IS NULL OR c.series_id < x.sid OR (c.series_id = x.sid AND c.min_step <= x.step))
+      AND u.step >= lo AND u.step <= hi AND (c.series_id, u.step) >= (a_sid, a_step)
+$$;
+
 -- Rows written to the view land in the row table.
 CREATE FUNCTION scalar_points_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
