@@ -1,0 +1,114 @@
+"""The block encoder (ingest/store/blocks.py) without a database: spans cut
+to int4 microseconds, a commit's parts merged into one block per series, a
+step written twice in an out-of-order series, the binary layout of a row.
+(Round trips through PostgreSQL: tests/integration/test_blocks.py.)"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ingest.store.blocks import (
+    BLOCK_COLUMNS,
+    MAX_SPAN_US,
+    Block,
+    encode_block_row,
+    encode_blocks_copy,
+    merge_accepted,
+    split_span,
+)
+from ingest.store.copy import COPY_HEADER, COPY_TRAILER
+
+
+def _fields(row: bytes) -> list[bytes | None]:
+    (count,) = struct.unpack_from(">h", row)
+    out: list[bytes | None] = []
+    at = 2
+    for _ in range(count):
+        (n,) = struct.unpack_from(">i", row, at)
+        at += 4
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(row[at : at + n])
+            at += n
+    assert at == len(row)
+    return out
+
+
+def test_a_span_within_int4_microseconds_is_one_block() -> None:
+    t = np.array([0, MAX_SPAN_US, 5], dtype=np.int64)
+    assert split_span(t) == [slice(0, 3)]
+
+
+def test_a_longer_span_is_cut_where_it_would_overflow() -> None:
+    t = np.array([0, 10, MAX_SPAN_US + 1, MAX_SPAN_US + 2, 3 * MAX_SPAN_US], dtype=np.int64)
+    cuts = split_span(t)
+    assert cuts == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    for s in cuts:
+        assert int(t[s].max()) - int(t[s].min()) <= MAX_SPAN_US
+
+
+def test_parts_of_one_series_merge_in_commit_order() -> None:
+    one = (7, np.array([1.0, 2.0]), np.array([0, 1]), np.array([0.5, 0.25]))
+    two = (7, np.array([3.0]), np.array([2]), np.array([0.125]))
+    other = (8, np.array([1.0]), np.array([0]), np.array([9.0]))
+    blocks = merge_accepted([one, other, two], set())
+    assert [b.series_id for b in blocks] == [7, 8]
+    assert blocks[0].steps.tolist() == [0, 1, 2]
+    assert blocks[0].values.tolist() == [0.5, 0.25, 0.125]
+    assert blocks[0].hidden is None
+
+
+def test_a_step_written_twice_out_of_order_keeps_the_last_write_visible() -> None:
+    one = (7, np.zeros(3), np.array([5, 3, 9]), np.array([1.0, 2.0, 3.0]))
+    two = (7, np.zeros(2), np.array([3, 5]), np.array([4.0, 5.0]))
+    (block,) = merge_accepted([one, two], {7})
+    assert block.hidden is not None
+    assert block.hidden.tolist() == [True, True, False, False, False]
+    # Not out of order: nothing is hidden (the step rules rejected repeats).
+    (strict,) = merge_accepted([one, two], set())
+    assert strict.hidden is None
+
+
+def test_a_row_has_every_column_and_implied_steps_when_contiguous() -> None:
+    values = np.array([np.nan, -np.inf, 2.0, -0.0])
+    block = Block(3, np.array([10, 12, 11, 20], dtype=np.int64), np.arange(4, 8), values)
+    fields = _fields(encode_block_row(block))
+    assert len(fields) == len(BLOCK_COLUMNS)
+    f = dict(zip(BLOCK_COLUMNS, fields, strict=True))
+    assert f["steps"] is None and f["hidden"] is None  # steps 4..7 implied
+    assert struct.unpack(">q", f["min_step"] or b"") == (4,)
+    assert struct.unpack(">q", f["max_time"] or b"") == (20,)
+    assert struct.unpack(">i", f["nan_count"] or b"") == (1,)
+    assert struct.unpack(">d", f["min_value"] or b"") == (-np.inf,)
+    assert struct.unpack(">d", f["max_value"] or b"") == (2.0,)
+    assert f["last_value"] == struct.pack(">d", -0.0)
+    raw = f["values"] or b""
+    # ndim, flags, oid float8, length 4, lower bound 1, then (8, value) each
+    assert struct.unpack_from(">iiiii", raw) == (1, 0, 701, 4, 1)
+    body = np.frombuffer(raw[20:], dtype=[("len", ">i4"), ("v", ">f8")])
+    assert body["len"].tolist() == [8] * 4
+    assert [struct.pack(">d", v) for v in body["v"]] == [struct.pack(">d", v) for v in values]
+    offsets = np.frombuffer((f["offsets"] or b"")[20:], dtype=[("len", ">i4"), ("v", ">i4")])
+    assert offsets["v"].tolist() == [0, 2, 1, 10]
+
+
+def test_gaps_in_steps_are_stored_and_all_nan_has_no_extremes() -> None:
+    block = Block(3, np.zeros(3, dtype=np.int64), np.array([0, 2, 3]), np.full(3, np.nan))
+    f = dict(zip(BLOCK_COLUMNS, _fields(encode_block_row(block)), strict=True))
+    assert f["steps"] is not None
+    assert f["min_value"] is None and f["max_value"] is None
+
+
+def test_a_payload_holds_one_row_per_piece() -> None:
+    t = np.array([0, 3 * MAX_SPAN_US], dtype=np.int64)
+    payload, rows = encode_blocks_copy(
+        [
+            Block(1, t, np.array([0, 1]), np.array([1.0, 2.0])),
+            Block(2, t[:1], np.array([0]), np.array([3.0])),
+        ]
+    )
+    assert rows == 3
+    assert payload.startswith(COPY_HEADER) and payload.endswith(COPY_TRAILER)
