@@ -9,7 +9,8 @@ import sys
 
 BENCHES = [
     "bench.log_overhead",
-    "bench.w1_firehose",  # W1 (fair ceiling) and STORAGE
+    "bench.w1_firehose",  # W1 (fair ceiling) and STORAGE (blocks and rows)
+    "bench.bulk_log",  # BULK (run.log_batch from numpy arrays)
     "bench.w2_streams",  # W2 (with W1 through the service as its reference)
     "bench.read_series",  # READ
     "bench.bench_rows",

@@ -15,7 +15,11 @@ from tests.support import ROOT
 CASES = [
     (
         ["bench.w1_firehose", "--writers", "1", "--names", "2", "--steps", "200"],
-        ["STORAGE bytes_per_point=", "W1 points_per_s="],
+        ["STORAGE bytes_per_point=", "layout=blocks", "layout=row_per_point", "W1 points_per_s="],
+    ),
+    (
+        ["bench.bulk_log", "--series", "3", "--steps", "2000", "--chunk", "500"],
+        ["BULK points_per_s=", "stored=6000 "],
     ),
     (
         [
@@ -23,14 +27,14 @@ CASES = [
             "--ranks", "6", "--series", "2", "--steps", "50", "--processes", "2",
             "--w1-writers", "1", "--w1-names", "2",
         ],
-        ["W2 points_per_s=", "ranks_stored=6 ", "stored=600 "],
+        ["W2 points_per_s=", "ranks_stored=6 ", "stored=600 ", "STORAGE_W2 bytes_per_point="],
     ),
     (
         [
             "bench.read_series",
             "--long", "3000", "--series", "3", "--points", "2000", "--repeat", "1",
         ],
-        ["READ full_ms=", "nan_kept=True inf_kept=True neg_inf_kept=True"],
+        ["READ full_ms=", "nan_kept=True inf_kept=True neg_inf_kept=True", "layout=row_per_point"],
     ),
 ]  # fmt: skip
 

@@ -394,6 +394,8 @@ def test_pages_over_overlapping_blocks_return_every_visible_point_once(
                 for s, v in zip(p.series.scalars.steps, p.series.scalars.values, strict=True)
             ]
             assert got == truth[name], (name, page_size)
+            # Counted from the blocks' summaries where nothing is hidden.
+            assert pages[0].total_points == len(truth[name])
         request = qs.GetMetricsRequest(workspace="default", run_id=run.id, page_size=page_size)
         merged: dict[str, list[tuple[int, float]]] = {}
         for p in raw.pages("GetMetrics", request):

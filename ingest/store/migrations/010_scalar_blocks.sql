@@ -139,6 +139,27 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
       AND u.step >= lo AND u.step <= hi AND (c.series_id, u.step) >= (a_sid, a_step)
 $$;
 
+-- The visible points of a series within [lo, hi] and the last visible step,
+-- from the summaries of the blocks wholly inside the range with nothing
+-- hidden; only the other blocks are unpacked.
+CREATE FUNCTION scalar_count(sid bigint, lo bigint, hi bigint)
+RETURNS TABLE (n bigint, last bigint)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(sum(c.n), 0)::bigint, max(c.last) FROM (
+        SELECT count(*) AS n, max(r.step) AS last FROM scalar_rows r
+        WHERE r.series_id = sid AND NOT r.hidden AND r.step >= lo AND r.step <= hi
+        UNION ALL
+        SELECT sum(b.n), max(b.max_step) FROM scalar_blocks b
+        WHERE b.series_id = sid AND b.min_step >= lo AND b.max_step <= hi AND b.hidden_count = 0
+        UNION ALL
+        SELECT count(*), max(p.step)
+        FROM scalar_blocks b, LATERAL scalar_block_points(b) p
+        WHERE b.series_id = sid AND b.max_step >= lo AND b.min_step <= hi
+          AND NOT (b.min_step >= lo AND b.max_step <= hi AND b.hidden_count = 0)
+          AND NOT p.hidden AND p.step >= lo AND p.step <= hi
+    ) c
+$$;
+
 -- Rows written to the view land in the row table.
 CREATE FUNCTION scalar_points_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
