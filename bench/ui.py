@@ -3,8 +3,8 @@ Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
 The runs and their series are created through the service (the SDK logs the
 first point of each series); the other 99,999 points of each series go
-straight into scalar_points with the binary COPY the service itself uses
-(`ingest.store.copy.encode_scalar_copy`), so loading 20 million points
+straight into scalar_blocks with the binary COPY the service itself uses
+(`ingest.store.blocks.encode_blocks_copy`, blocks of 1,000 points), so loading 20 million points
 takes seconds. Each series holds a NaN and a spike. Then, against a fresh
 `steplog-ingest ui`:
 
@@ -125,7 +125,7 @@ def load(grpc_url: str, database_url: str, runs: int, series: int, points: int) 
     """Runs through the service, then the points by binary COPY; the run ids."""
     import asyncpg
 
-    from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
+    from ingest.store.blocks import BLOCK_COLUMNS, Block, encode_blocks_copy, to_pg_us
     from steplog import Experiment
 
     exp = Experiment("ui-bench", url=grpc_url)
@@ -150,13 +150,22 @@ def load(grpc_url: str, database_url: str, runs: int, series: int, points: int) 
                 steps = np.arange(1, points, dtype=np.int64)
                 values = series_values(points, i)[1:]
                 times = now - points + steps.astype(np.float64)
-                payload = encode_scalar_copy(
-                    times, np.full(steps.size, row["series_id"], dtype=np.int64), steps, values
-                )
+                # As the service stores them (migration 010): blocks, here of
+                # 1,000 points each (a commit's worth of one series).
+                blocks = [
+                    Block(
+                        row["series_id"],
+                        to_pg_us(times[k : k + 1000]),
+                        steps[k : k + 1000],
+                        values[k : k + 1000],
+                    )
+                    for k in range(0, steps.size, 1000)
+                ]
+                payload, _ = encode_blocks_copy(blocks)
                 await conn.copy_to_table(
-                    "scalar_points",
+                    "scalar_blocks",
                     source=io.BytesIO(payload),
-                    columns=SCALAR_COLUMNS,
+                    columns=BLOCK_COLUMNS,
                     format="binary",
                 )
             await conn.execute(
@@ -166,7 +175,7 @@ def load(grpc_url: str, database_url: str, runs: int, series: int, points: int) 
                 points,
                 points - 1,
             )
-            await conn.execute("ANALYZE scalar_points")
+            await conn.execute("ANALYZE scalar_blocks")
         finally:
             await conn.close()
 

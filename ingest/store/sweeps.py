@@ -158,8 +158,9 @@ class SweepStore:
                 "  AND s.name = $3 AND s.labels_key = $4"
                 " LEFT JOIN unnest($5::text[], $6::bigint[]) AS k(run_id, last_step)"
                 "  ON k.run_id = s.run_id"
-                " JOIN scalar_points p ON p.series_id = s.series_id AND NOT p.hidden"
-                "  AND p.step > coalesce(k.last_step, $7)"
+                # Only the blocks past each child's last step are read (migration 010).
+                " JOIN LATERAL scalar_points_in(ARRAY[s.series_id], coalesce(k.last_step, $7),"
+                "  9223372036854775807) p ON NOT p.hidden AND p.step > coalesce(k.last_step, $7)"
                 " WHERE r.workspace = $1 AND r.parent_run_id = $2"
                 " ORDER BY s.run_id, p.step LIMIT $8",
                 workspace,

@@ -405,3 +405,21 @@ def test_pages_over_overlapping_blocks_return_every_visible_point_once(
                         zip(sd.scalars.steps, sd.scalars.values, strict=True)
                     )
         assert merged == truth, page_size
+
+
+def test_an_update_of_the_view_changes_a_point_inside_a_block(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    write(client, run.id, writer, 1, "x", list(range(5)), [1.0, 2.0, 9.0, 4.0, 5.0])
+    fetch(
+        database_url,
+        "UPDATE scalar_points p SET value = 'NaN' FROM series s WHERE s.series_id = p.series_id"
+        " AND s.run_id = $1 AND p.step = 2",
+        run.id,
+    )
+    (block,) = _blocks(database_url, run.id, "x")
+    assert (block["nan_count"], block["max_value"], block["last_value"]) == (1, 5.0, 5.0)
+    got = run.get_metrics()["x"]
+    assert got[:2] + got[3:] == [1.0, 2.0, 4.0, 5.0] and math.isnan(got[2])

@@ -171,6 +171,42 @@ $$;
 CREATE TRIGGER scalar_points_insert INSTEAD OF INSERT ON scalar_points
     FOR EACH ROW EXECUTE FUNCTION scalar_points_insert();
 
+-- An UPDATE of the view's value or hidden flag (ad hoc SQL, tests) changes
+-- the matching points where they are, rows or blocks (a block's summaries
+-- recomputed); a point's series, step and time cannot change.
+CREATE FUNCTION scalar_points_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.series_id, NEW.step, NEW.time) IS DISTINCT FROM (OLD.series_id, OLD.step, OLD.time) THEN
+        RAISE EXCEPTION 'scalar_points: only value and hidden can be updated';
+    END IF;
+    UPDATE scalar_rows r SET value = NEW.value, hidden = NEW.hidden
+    WHERE r.series_id = OLD.series_id AND r.step = OLD.step AND r.time = OLD.time
+      AND r.value = OLD.value AND r.hidden = OLD.hidden;
+    WITH t AS (
+        SELECT b.block_id,
+               array_agg(CASE WHEN x.hit THEN NEW.value ELSE p.value END ORDER BY p.pos) AS v,
+               array_agg(CASE WHEN x.hit THEN NEW.hidden ELSE p.hidden END ORDER BY p.pos) AS h
+        FROM scalar_blocks b, LATERAL scalar_block_points(b) p,
+             LATERAL (SELECT p.step = OLD.step AND p.time = OLD.time AND p.value = OLD.value
+                             AND p.hidden = OLD.hidden AS hit) x
+        WHERE b.series_id = OLD.series_id AND b.min_step <= OLD.step AND b.max_step >= OLD.step
+          AND b.min_time <= OLD.time AND b.max_time >= OLD.time
+        GROUP BY b.block_id HAVING bool_or(x.hit)
+    )
+    UPDATE scalar_blocks b SET "values" = t.v,
+        hidden = CASE WHEN (SELECT bool_or(m) FROM unnest(t.h) m) THEN t.h END,
+        hidden_count = (SELECT count(*) FROM unnest(t.h) m WHERE m),
+        nan_count = (SELECT count(*) FROM unnest(t.v) m WHERE m = 'NaN'),
+        min_value = (SELECT min(m) FROM unnest(t.v) m WHERE m <> 'NaN'),
+        max_value = (SELECT max(m) FROM unnest(t.v) m WHERE m <> 'NaN'),
+        last_value = t.v[array_length(t.v, 1)]
+    FROM t WHERE b.series_id = OLD.series_id AND b.block_id = t.block_id;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER scalar_points_update INSTEAD OF UPDATE ON scalar_points
+    FOR EACH ROW EXECUTE FUNCTION scalar_points_update();
+
 -- Hide the visible points of a series whose step is in `p_steps` (an
 -- out-of-order series' last write wins) or, with `p_after` not NULL, whose
 -- step is greater than `p_after` (a rewind). Returns how many points it hid.
