@@ -557,10 +557,15 @@ class MetadataStore:
                     " ORDER BY step DESC LIMIT 1",
                     s["series_id"],
                 )
+                # Numeric scalars counted from the blocks' summaries (migration 010).
+                count = (
+                    "(SELECT n FROM scalar_count($1, -9223372036854775808, 9223372036854775807))"
+                    if numeric
+                    else f"(SELECT count(*) FROM {table} WHERE series_id = $1 AND NOT hidden)"
+                )
                 await conn.execute(
                     "UPDATE series SET last_step = $2, last_value = $3, last_text = $4,"
-                    " point_count = (SELECT count(*) FROM "
-                    f"{table} WHERE series_id = $1 AND NOT hidden) WHERE series_id = $1",
+                    f" point_count = {count} WHERE series_id = $1",
                     s["series_id"],
                     last["step"] if last else None,
                     last["value"] if last else None,
