@@ -298,7 +298,7 @@ async def count_points(
     if table == "scalar_points":
         # From the blocks' summaries where they answer (migration 010).
         row = await conn.fetchrow("SELECT * FROM scalar_count($1, $2, $3)", series_id, start, end)
-        return int(row["n"]), row["last"]
+        return PointCount(int(row["n"]), row["last"])
     row = await conn.fetchrow(
         f"SELECT count(*) AS n, max(step) AS last FROM {table}"
         " WHERE series_id = $1 AND NOT hidden AND step >= $2 AND step <= $3",
