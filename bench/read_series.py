@@ -138,19 +138,23 @@ def main() -> None:
             raise SystemExit("the points were not all acknowledged")
         load_s = time.perf_counter() - t
 
+        rate = (ns.long + ns.series * ns.points) / load_s
         first = reads(run, db, names, ns)
+        print(
+            f"READ {first} load_points_per_s={rate:.0f} layout=blocks cpus={os.cpu_count()}",
+            flush=True,
+        )
         # The row layout as the reference, in the same run: the same points
         # moved into scalar_rows (one row each, what scalar_points was before
         # migration 010), the blocks emptied, every read again.
         asyncio.run(to_rows(db))
         second = reads(run, db, names, ns)
-        run.complete()
-    for layout, line in (("blocks", first), ("row_per_point", second)):
         print(
-            f"READ {line} load_points_per_s={(ns.long + ns.series * ns.points) / load_s:.0f}"
-            f" layout={layout} cpus={os.cpu_count()}",
+            f"READ {second} load_points_per_s={rate:.0f} layout=row_per_point"
+            f" cpus={os.cpu_count()}",
             flush=True,
         )
+        run.complete()
 
 
 async def to_rows(url: str) -> None:
