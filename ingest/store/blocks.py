@@ -41,6 +41,12 @@ BLOCK_COLUMNS = [
 
 # A block spans at most this many microseconds (int4 offsets).
 MAX_SPAN_US = 2**31 - 1
+# ... and holds at most this many points: a read that needs a few points of a
+# block unpacks all of it (its arrays are read whole from TOAST), so a block
+# stays a few tens of kilobytes (4096 points: 48 KiB of values and offsets)
+# while its ~260 bytes of row, index and array headers cost under 0.1 byte
+# a point.
+MAX_BLOCK_POINTS = 4096
 
 _OID_INT8 = 20
 _OID_INT4 = 23
@@ -78,22 +84,28 @@ def _field(fmt: str, value: Any) -> bytes:
     return struct.pack(">i", len(raw)) + raw
 
 
-def split_span(times_us: np.ndarray[Any, Any]) -> list[slice]:
-    """Cut positions into consecutive runs whose times span at most
-    MAX_SPAN_US (a block's int4 offsets); one run in the usual case."""
+def split_span(times_us: np.ndarray[Any, Any], most: int = MAX_BLOCK_POINTS) -> list[slice]:
+    """Cut positions into consecutive runs of at most `most` points whose
+    times span at most MAX_SPAN_US (a block's int4 offsets)."""
     n = int(times_us.shape[0])
-    if n == 0 or int(times_us.max()) - int(times_us.min()) <= MAX_SPAN_US:
-        return [slice(0, n)]
+    if n == 0:
+        return [slice(0, 0)]
     cuts: list[slice] = []
-    start = 0
-    lo = hi = int(times_us[0])
-    for i in range(1, n):  # rare: a block's points over more than ~35 minutes
-        t = int(times_us[i])
-        lo, hi = min(lo, t), max(hi, t)
-        if hi - lo > MAX_SPAN_US:
-            cuts.append(slice(start, i))
-            start, lo, hi = i, t, t
-    cuts.append(slice(start, n))
+    for first in range(0, n, most):
+        last = min(n, first + most)
+        part = times_us[first:last]
+        if int(part.max()) - int(part.min()) <= MAX_SPAN_US:
+            cuts.append(slice(first, last))
+            continue
+        start = first
+        lo = hi = int(times_us[first])
+        for i in range(first + 1, last):  # rare: points over more than ~35 minutes
+            t = int(times_us[i])
+            lo, hi = min(lo, t), max(hi, t)
+            if hi - lo > MAX_SPAN_US:
+                cuts.append(slice(start, i))
+                start, lo, hi = i, t, t
+        cuts.append(slice(start, last))
     return cuts
 
 
@@ -146,7 +158,8 @@ def encode_block_row(block: Block) -> bytes:
 
 def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
     """A binary COPY payload of scalar_blocks rows for `blocks` (each split
-    where its times span more than int4 microseconds), and the row count."""
+    into runs of at most MAX_BLOCK_POINTS points spanning at most int4
+    microseconds), and the row count."""
     rows = [encode_block_row(p) for b in blocks for p in _pieces(b) if b.values.shape[0]]
     return COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows)
 

@@ -47,6 +47,7 @@ from aiohttp import web
 
 from ingest import addresses
 from ingest import config as config_mod
+from ingest.store.db import READ_SETTINGS
 from ingest.store.views import SeriesRef, ViewError, ViewStore, number
 from ingest.ui.config import UiConfig, from_sources
 
@@ -211,14 +212,14 @@ class UiServer:
         cfg = self.cfg.service
         binds = self._binds()
         try:
-            # No JIT: the UI's queries are short, and compiling them costs more than it saves.
+            # Custom plans and no JIT, as the service reads (ingest.store.db.READ_SETTINGS).
             self.pool = await asyncpg.create_pool(
                 cfg.database_url,
                 # Two open from the start: a page's first chart and its runs' details go together.
                 min_size=min(2, cfg.db_pool_size),
                 max_size=cfg.db_pool_size,
                 command_timeout=60,
-                server_settings={"jit": "off"},
+                server_settings=dict(READ_SETTINGS),
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise SystemExit(

@@ -11,6 +11,7 @@ import numpy as np
 
 from ingest.store.blocks import (
     BLOCK_COLUMNS,
+    MAX_BLOCK_POINTS,
     MAX_SPAN_US,
     Block,
     encode_block_row,
@@ -48,6 +49,23 @@ def test_a_longer_span_is_cut_where_it_would_overflow() -> None:
     assert cuts == [slice(0, 2), slice(2, 4), slice(4, 5)]
     for s in cuts:
         assert int(t[s].max()) - int(t[s].min()) <= MAX_SPAN_US
+
+
+def test_a_long_run_is_cut_every_max_block_points() -> None:
+    t = np.arange(2 * MAX_BLOCK_POINTS + 5, dtype=np.int64)
+    assert split_span(t) == [
+        slice(0, MAX_BLOCK_POINTS),
+        slice(MAX_BLOCK_POINTS, 2 * MAX_BLOCK_POINTS),
+        slice(2 * MAX_BLOCK_POINTS, 2 * MAX_BLOCK_POINTS + 5),
+    ]
+    # Both bounds at once: a time jump inside the second run cuts it again.
+    t[MAX_BLOCK_POINTS + 10 :] += MAX_SPAN_US + 1
+    assert split_span(t) == [
+        slice(0, MAX_BLOCK_POINTS),
+        slice(MAX_BLOCK_POINTS, MAX_BLOCK_POINTS + 10),
+        slice(MAX_BLOCK_POINTS + 10, 2 * MAX_BLOCK_POINTS),
+        slice(2 * MAX_BLOCK_POINTS, 2 * MAX_BLOCK_POINTS + 5),
+    ]
 
 
 def test_parts_of_one_series_merge_in_commit_order() -> None:
