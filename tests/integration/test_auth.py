@@ -430,13 +430,16 @@ async def _db_state(url: str) -> dict[str, Any]:
             if t in digests or t == "schema_migrations":
                 continue
             cols = {
-                r["column_name"]
+                r["column_name"]: r["data_type"]
                 for r in await conn.fetch(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = $1", t
+                    "SELECT column_name, data_type FROM information_schema.columns"
+                    " WHERE table_name = $1",
+                    t,
                 )
             }
             of_mine = f"series_id IN (SELECT series_id FROM series WHERE run_id IN ({mine}))"
-            if "series_id" in cols and "hidden" in cols:  # points: insert-only, or hidden
+            # Points: insert-only, or hidden (a block's `hidden` is an array: whole rows).
+            if "series_id" in cols and cols.get("hidden") == "boolean":
                 digests[t] = (
                     f"SELECT concat_ws('|', count(*), count(*) FILTER (WHERE hidden))"
                     f' FROM "{t}" WHERE {of_mine}'
