@@ -4,7 +4,6 @@ range through ReadSeries and GetMetrics."""
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from typing import Any
 
@@ -12,11 +11,11 @@ import numpy as np
 import pytest
 
 from steplog import Experiment, Run
-from steplog.client import Client
 from steplog.errors import NotFoundError
 from steplog.v1 import data_pb2
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
+from tests.support import ProtoClient
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the service's default
 
@@ -28,38 +27,6 @@ def new_run(url: str, experiment_name: str) -> Run:
 def reasons_of(run: Run) -> list[tuple[str, int | None]]:
     run.flush()
     return [(r.reason, r.step) for r in run.rejections()]
-
-
-class RawWriter:
-    """A client written from the proto alone: unary Write, its own writer id."""
-
-    def __init__(self, url: str) -> None:
-        self.client = Client(url, "default")
-        self.writer_id = f"raw-{uuid.uuid4().hex[:12]}"
-        self.sequence = 0
-
-    def write(self, run_id: str, *series: data_pb2.SeriesData) -> pb.WriteResponse:
-        self.sequence += 1
-        batch = pb.Batch(
-            writer_id=self.writer_id,
-            sequence=self.sequence,
-            series=[pb.RunSeries(run_id=run_id, series=s) for s in series],
-        )
-        return self.client.ingest.Write(pb.WriteRequest(workspace="default", batch=batch))
-
-    def read_all(self, run_id: str, name: str, **kw: Any) -> list[qs.ReadSeriesResponse]:
-        pages = []
-        token = ""
-        while True:
-            page = self.client.queries.ReadSeries(
-                qs.ReadSeriesRequest(
-                    workspace="default", run_id=run_id, name=name, page_token=token, **kw
-                )
-            )
-            pages.append(page)
-            token = page.next_page_token
-            if not token:
-                return pages
 
 
 def reasons(response: pb.WriteResponse) -> dict[str, int]:
@@ -219,7 +186,7 @@ def test_bad_points_are_rejected_by_name_and_the_rest_stored(
     url: str, experiment_name: str, bad: dict[str, Any], reason: str, text: str
 ) -> None:
     run = new_run(url, experiment_name)
-    raw = RawWriter(url)
+    raw = ProtoClient(url)
     good = data_pb2.SeriesData(
         name="other", histograms=data_pb2.HistogramPoints(bins=[1], edges=[0, 1], counts=[4])
     )
@@ -249,7 +216,7 @@ def test_a_series_whose_columns_do_not_fit_is_rejected_whole(
     url: str, experiment_name: str, points: dict[str, Any], text: str
 ) -> None:
     run = new_run(url, experiment_name)
-    raw = RawWriter(url)
+    raw = ProtoClient(url)
     bad = data_pb2.SeriesData(name="bad", histograms=data_pb2.HistogramPoints(**points))
     good = data_pb2.SeriesData(
         name="good",
@@ -268,7 +235,7 @@ def test_pages_are_byte_bounded(url: str, experiment_name: str) -> None:
     """300 histograms of 1000 bins (16 kB each, 4.8 MB in all) come in pages
     of at most the service's response bound, and reassemble exactly."""
     run = new_run(url, experiment_name)
-    raw = RawWriter(url)
+    raw = ProtoClient(url)
     k, n = 1000, 300
     edges = np.arange(k + 1, dtype=np.float64)
     for first in range(0, n, 50):

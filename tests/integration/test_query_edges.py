@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,51 +16,20 @@ from steplog import Experiment, Run
 from steplog.client import Client
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import query_service_pb2 as qs
 from tests import imagegen
-from tests.support import ServiceProcess
+from tests.support import ProtoClient, ServiceProcess
 
 SMALL = 65536  # STEPLOG_MAX_RESPONSE_BYTES of the small-bound service below
 I64 = data_pb2.COLUMN_TYPE_INT64
 STR = data_pb2.COLUMN_TYPE_STRING
 
 
-class Raw:
-    """Unary writes with a writer of its own, and reads with the raw stubs."""
+class Raw(ProtoClient):
+    """Every write must come back without a rejected point."""
 
     def __init__(self, url: str) -> None:
-        self.client = Client(url, "default")
-        self.writer_id = f"edges-{uuid.uuid4().hex[:12]}"
-        self.sequence = 0
-
-    def write(self, run_id: str, *series: data_pb2.SeriesData) -> pb.WriteResponse:
-        self.sequence += 1
-        batch = pb.Batch(
-            writer_id=self.writer_id,
-            sequence=self.sequence,
-            series=[pb.RunSeries(run_id=run_id, series=s) for s in series],
-        )
-        reply = self.client.ingest.Write(pb.WriteRequest(workspace="default", batch=batch))
-        assert not reply.result.reject_counts, reply.result
-        return reply
-
-    def read(self, run_id: str, name: str, **kw: Any) -> qs.ReadSeriesResponse:
-        return self.client.call(
-            self.client.queries.ReadSeries,
-            qs.ReadSeriesRequest(workspace="default", run_id=run_id, name=name, **kw),
-        )
-
-    def pages(self, method: str, request: Any) -> Iterator[Any]:
-        """Every page of a paged query (following next_page_token)."""
-        stub = getattr(self.client.queries, method)
-        for _ in range(10_000):
-            reply = self.client.call(stub, request)
-            yield reply
-            if not reply.next_page_token:
-                return
-            request.page_token = reply.next_page_token
-        raise AssertionError("a read that never ends")
+        super().__init__(url, prefix="edges", strict=True)
 
 
 def scalars(name: str, values: list[float], steps: list[int] | None = None) -> data_pb2.SeriesData:
