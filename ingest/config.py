@@ -76,10 +76,17 @@ class Config:
     max_histogram_bins: int = 10_000
     # Images travel inline in ingest batches; files by the chunked ArtifactService.
     max_image_bytes: int = 16 * 1024 * 1024
+    # Pixel bytes the images of one request may decode to, all together (the
+    # headers say it before anything is decoded; decoding costs CPU in
+    # proportion): the images past it are rejected LIMIT_EXCEEDED, the rest kept.
+    max_image_decode_bytes: int = 1024 * 1024 * 1024
     max_artifact_bytes: int = 1024**4
     # Every query response at most this many bytes (a page holds at least one
     # point, so one larger point comes alone); the rest continues on the next page.
     max_response_bytes: int = 4 * 1024 * 1024
+    # Early termination: the children's curves cached per parent, all parents
+    # together; a parent whose children's curves alone exceed it is not evaluated.
+    sweep_curve_bytes: int = 64 * 1024 * 1024
     # S3: multipart part size (>= 5 MiB), and requests in flight for the service.
     s3_part_bytes: int = 16 * 1024 * 1024
     s3_concurrency: int = 64
@@ -136,6 +143,9 @@ class Config:
     # touched for the grace period (longer than any upload or batch takes).
     blob_sweep_interval_s: float = 0.0
     blob_sweep_grace_s: float = 86400.0
+    # Compaction of numeric scalars (ingest/store/compact.py): every this many
+    # seconds (0 = off), rows and small blocks become full blocks.
+    compact_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -264,8 +274,16 @@ _HELP = {
     "max_evaluation_bytes": "largest evaluation document (JSON bytes)",
     "max_histogram_bins": "most bins of one histogram point (16 bytes each)",
     "max_image_bytes": "largest image point (bytes)",
+    "max_image_decode_bytes": (
+        "pixel bytes the images of one request may decode to, all together;"
+        " the images past it are rejected LIMIT_EXCEEDED"
+    ),
     "max_artifact_bytes": "largest file a run can upload (bytes)",
     "max_response_bytes": "largest query response (bytes, at least 65536); the rest is paged",
+    "sweep_curve_bytes": (
+        "bytes of child curves early termination caches, all parents together;"
+        " a parent whose children's curves exceed it is not evaluated"
+    ),
     "s3_part_bytes": "S3 multipart part size for file uploads (at least 5 MiB)",
     "s3_concurrency": "S3 requests the service keeps in flight at most",
     "auth": "authentication mode: none (loopback development only) or token (bearer tokens)",
@@ -308,6 +326,10 @@ _HELP = {
         "seconds a blob stays after its last use before the sweep may delete it;"
         " longer than any upload or batch takes"
     ),
+    "compact_interval_s": (
+        "seconds between compaction rounds of numeric scalars (rows and small blocks"
+        " into full blocks; 0: never)"
+    ),
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -328,6 +350,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "quota_series": _non_negative_int,
     "quota_stored_bytes": _non_negative_int,
     "blob_sweep_interval_s": lambda text: _non_negative_float(text),
+    "compact_interval_s": lambda text: _non_negative_float(text),
 }
 
 

@@ -51,6 +51,7 @@ from ingest.store import histograms as histogram_store
 from ingest.store import quotas as quota_mod
 from ingest.store import tables as tables_store
 from ingest.store.blobs import BlobSettings, BlobStore
+from ingest.store.compact import Compactor
 from ingest.store.metadata import MetadataStore
 from ingest.store.points import PointStore
 from ingest.store.queries import KindReader, QueryStore
@@ -211,6 +212,10 @@ class Service:
         )
         blob_sweeper.start()
         self._closers.append(blob_sweeper.close)
+        # Numeric scalars: rows and small blocks into full blocks (migration 011).
+        compactor = Compactor(self.pool, cfg.compact_interval_s, self.metrics)
+        compactor.start()
+        self._closers.append(compactor.close)
         limits = Limits(
             max_labels=cfg.max_labels,
             max_text_value_chars=cfg.max_text_value_chars,
@@ -219,6 +224,7 @@ class Service:
             max_evaluation_bytes=cfg.max_evaluation_bytes,
             max_histogram_bins=cfg.max_histogram_bins,
             max_image_bytes=cfg.max_image_bytes,
+            max_image_decode_bytes=cfg.max_image_decode_bytes,
         )
         # The kinds other than scalars: a writer in the group commit (and a
         # check for tables' column types), a reader for queries.
@@ -296,7 +302,9 @@ class Service:
         # Early termination of sweeps: evaluated after each commit of a
         # child's points (ingest/write/sweeps.py).
         sweep_store = SweepStore(self.pool)
-        evaluator = EarlyTermination(sweep_store)
+        evaluator = EarlyTermination(
+            sweep_store, max_curve_bytes=cfg.sweep_curve_bytes, metrics=self.metrics
+        )
         await evaluator.start()
         self._closers.append(evaluator.close)
         self.pipeline.on_committed = evaluator.committed

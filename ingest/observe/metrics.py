@@ -35,6 +35,8 @@ _RPC_BUCKETS = (
 
 # Kinds of S3 failure: a small fixed set, so a label never grows with error text.
 S3_ERROR_KINDS = ("timeout", "unavailable", "not_found", "client", "server", "other")
+# Early-termination policies (ingest/core/early_termination.py PolicyKind).
+POLICY_KINDS = ("bandit", "median_stopping", "truncation_selection")
 
 
 class Metrics:
@@ -158,6 +160,34 @@ class Metrics:
             "Bytes of the blobs deleted by the sweep.",
             registry=r,
         )
+        self.compaction_rounds = Counter(
+            "steplog_compaction_rounds_total",
+            "Rounds of the numeric scalars' compaction (rows and small blocks into "
+            "full blocks), by outcome (done, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("done", "failed"):
+            self.compaction_rounds.labels(outcome)
+        self.compaction_points = Counter(
+            "steplog_compaction_points_total",
+            "Numeric scalar points moved into full blocks by compaction, by what they "
+            "were before (row, block).",
+            ["source"],
+            registry=r,
+        )
+        for source in ("row", "block"):
+            self.compaction_points.labels(source)
+        self.compaction_blocks = Counter(
+            "steplog_compaction_blocks_written_total",
+            "Blocks written by compaction.",
+            registry=r,
+        )
+        self.compaction_skipped = Counter(
+            "steplog_compaction_series_skipped_total",
+            "Series compaction skipped for a round because a writer held them.",
+            registry=r,
+        )
 
         # -- stores --------------------------------------------------------------------
         self.db_seconds = Histogram(
@@ -247,6 +277,32 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+
+        # -- early termination of sweeps (ingest/write/sweeps.py) ----------------------------
+        self.sweep_evaluations = Counter(
+            "steplog_early_termination_evaluations_total",
+            "Child runs evaluated by their parent's early-termination policy (one per "
+            "evaluation interval reached), by policy.",
+            ["policy"],
+            registry=r,
+        )
+        self.sweep_cancelled = Counter(
+            "steplog_early_termination_cancelled_total",
+            "Child runs moved to CancelRequested by their parent's early-termination policy, "
+            "by policy.",
+            ["policy"],
+            registry=r,
+        )
+        self.sweep_skipped = Counter(
+            "steplog_early_termination_skipped_total",
+            "Evaluations not made because the children's curves of one parent alone exceed "
+            "the cache bound (STEPLOG_SWEEP_CURVE_BYTES): that policy does not apply, by policy.",
+            ["policy"],
+            registry=r,
+        )
+        for policy in POLICY_KINDS:
+            for counter in (self.sweep_evaluations, self.sweep_cancelled, self.sweep_skipped):
+                counter.labels(policy)
 
     @contextmanager
     def s3_call(self, operation: str) -> Iterator[None]:

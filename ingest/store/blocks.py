@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ingest.store.copy import COPY_HEADER, COPY_TRAILER, PG_EPOCH
+from ingest.store.copy import COPY_HEADER, COPY_TRAILER, PG_EPOCH, SCALAR_COLUMNS, SCALAR_ROW
 
 BLOCK_COLUMNS = [
     "series_id",
@@ -47,6 +47,12 @@ MAX_SPAN_US = 2**31 - 1
 # while its ~260 bytes of row, index and array headers cost under 0.1 byte
 # a point.
 MAX_BLOCK_POINTS = 4096
+# A commit's points of a series become a block when there are at least this
+# many, rows of scalar_rows otherwise: a block's fixed ~270 bytes would cost
+# more than a row's ~100 per point below that. The compaction sweep
+# (ingest/store/compact.py, migration 011) merges rows and small blocks
+# into full ones later.
+MIN_BLOCK_POINTS = 16
 
 _OID_INT8 = 20
 _OID_INT4 = 23
@@ -162,6 +168,28 @@ def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
     microseconds), and the row count."""
     rows = [encode_block_row(p) for b in blocks for p in _pieces(b) if b.values.shape[0]]
     return COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows)
+
+
+def encode_block_rows(blocks: Sequence[Block]) -> bytes:
+    """The points of `blocks` as scalar_rows rows (SCALAR_COLUMNS: time,
+    series_id, step, value, hidden), one binary COPY payload: what a commit
+    stores for a series with fewer than MIN_BLOCK_POINTS points."""
+    n = sum(int(b.values.shape[0]) for b in blocks)
+    rows = np.empty(n, dtype=SCALAR_ROW)
+    rows["nfields"] = len(SCALAR_COLUMNS)
+    rows["l_time"] = rows["l_sid"] = rows["l_step"] = rows["l_value"] = 8
+    rows["l_hidden"] = 1
+    at = 0
+    for b in blocks:
+        k = int(b.values.shape[0])
+        part = rows[at : at + k]
+        part["time"] = b.times_us
+        part["sid"] = b.series_id
+        part["step"] = b.steps
+        part["value"] = b.values
+        part["hidden"] = 0 if b.hidden is None else b.hidden
+        at += k
+    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
 
 
 def to_pg_us(times: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

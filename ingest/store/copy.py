@@ -60,7 +60,7 @@ def fill_point_head(
 
 # One scalar_points row in PostgreSQL's binary COPY format: field count, then
 # (length, big-endian value) per column: time, series_id, step, value, hidden.
-_SCALAR_ROW = np.dtype(
+SCALAR_ROW = np.dtype(
     [
         *POINT_HEAD,
         ("l_value", ">i4"),
@@ -77,13 +77,15 @@ def encode_scalar_copy(
     series_ids: np.ndarray[Any, Any],
     steps: np.ndarray[Any, Any],
     values: np.ndarray[Any, Any],
+    hidden: np.ndarray[Any, Any] | None = None,
 ) -> bytes:
-    """Build a binary COPY payload for scalar_points from arrays, vectorized:
-    no per-row Python objects on the hot path."""
-    rows = np.empty(times.shape[0], dtype=_SCALAR_ROW)
+    """Build a binary COPY payload for scalar_points (or scalar_rows) from
+    arrays, vectorized: no per-row Python objects on the hot path. `hidden`
+    (bool per row) defaults to none hidden."""
+    rows = np.empty(times.shape[0], dtype=SCALAR_ROW)
     fill_point_head(rows, len(SCALAR_COLUMNS), times, series_ids, steps)
     rows["l_value"] = 8
     rows["value"] = values
     rows["l_hidden"] = 1
-    rows["hidden"] = 0
+    rows["hidden"] = 0 if hidden is None else hidden
     return COPY_HEADER + rows.tobytes() + COPY_TRAILER

@@ -188,11 +188,15 @@ class MetadataStore:
                     "fail or cancel them before deleting the experiment",
                 )
             run_ids = [r["run_id"] for r in runs]
+            # Locked (in series_id order, as writers lock them) so the
+            # compaction sweep (ingest/store/compact.py) cannot move a
+            # series' points into a block this deletion would not see.
             series = [
                 r["series_id"]
                 for r in await conn.fetch(
                     "SELECT series_id FROM series"
-                    " WHERE workspace = $1 AND run_id = ANY($2::text[])",
+                    " WHERE workspace = $1 AND run_id = ANY($2::text[])"
+                    " ORDER BY series_id FOR UPDATE",
                     workspace,
                     run_ids,
                 )

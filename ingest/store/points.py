@@ -28,7 +28,14 @@ from ingest.core.batch import (
     DecodedBatch,
 )
 from ingest.core.order import Accepted, SeriesState, reject_unwritable_run
-from ingest.store.blocks import BLOCK_COLUMNS, encode_blocks_copy, merge_accepted
+from ingest.store.blocks import (
+    BLOCK_COLUMNS,
+    MIN_BLOCK_POINTS,
+    encode_block_rows,
+    encode_blocks_copy,
+    merge_accepted,
+)
+from ingest.store.copy import SCALAR_COLUMNS
 from ingest.store.kinds import CheckItem, KindCheck, KindWriter, hide_superseded
 from ingest.store.quotas import (
     SERIES,
@@ -475,10 +482,26 @@ class PointStore:
                 ],
                 {a.series_id for a in numeric if a.supersede is not None},
             )
-            payload, _ = encode_blocks_copy(blocks)
-            await conn.copy_to_table(
-                "scalar_blocks", source=io.BytesIO(payload), columns=BLOCK_COLUMNS, format="binary"
-            )
+            # A series with few points in this commit: rows, merged into
+            # blocks later by the compaction sweep (ingest/store/compact.py).
+            small = [b for b in blocks if b.values.shape[0] < MIN_BLOCK_POINTS]
+            if len(small) < len(blocks):
+                payload, _ = encode_blocks_copy(
+                    [b for b in blocks if b.values.shape[0] >= MIN_BLOCK_POINTS]
+                )
+                await conn.copy_to_table(
+                    "scalar_blocks",
+                    source=io.BytesIO(payload),
+                    columns=BLOCK_COLUMNS,
+                    format="binary",
+                )
+            if small:
+                await conn.copy_to_table(
+                    "scalar_rows",
+                    source=io.BytesIO(encode_block_rows(small)),
+                    columns=SCALAR_COLUMNS,
+                    format="binary",
+                )
             rows += sum(int(a.index.size) for a in numeric)
         if text:
             records = []

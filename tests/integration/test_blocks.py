@@ -97,18 +97,18 @@ def test_values_and_int64_steps_survive_a_block_bit_for_bit(
         -math.inf,
         -0.0,
         subnormal,
+        *[float(i) for i in range(8)],  # a commit of 16 points or more is a block
         2.2250738585072014e-308 / 3,
         1.7976931348623157e308,
         0.1,
     ]
-    steps = [0, 1, 2, 3, 5, 2**31, 2**62, I64_MAX]  # steps are >= 0
+    steps = [0, 1, 2, 3, 5, *range(6, 14), 2**31, 2**62, I64_MAX]  # steps are >= 0
     r = write(client, run.id, writer, 1, "edge", steps, values)
-    assert (r.result.accepted, r.result.rejected) == (8, 0)
+    assert (r.result.accepted, r.result.rejected) == (16, 0)
     # A contiguous block ending at the int64 limit: its steps are implied.
-    r = write(
-        client, run.id, writer, 2, "top", [I64_MAX - 2, I64_MAX - 1, I64_MAX], [1.0, 2.0, 3.0]
-    )
-    assert r.result.accepted == 3
+    top = [float(i) for i in range(1, 17)]
+    r = write(client, run.id, writer, 2, "top", list(range(I64_MAX - 15, I64_MAX + 1)), top)
+    assert r.result.accepted == 16
 
     got = _points(database_url, run.id, "edge")
     assert [p[0] for p in got] == steps
@@ -117,7 +117,7 @@ def test_values_and_int64_steps_survive_a_block_bit_for_bit(
     assert not any(p[2] for p in got)
     (block,) = _blocks(database_url, run.id, "edge")
     assert (block["n"], block["nan_count"], block["min_step"], block["max_step"]) == (
-        8,
+        16,
         1,
         0,
         I64_MAX,
@@ -126,18 +126,16 @@ def test_values_and_int64_steps_survive_a_block_bit_for_bit(
     assert list(block["steps"]) == steps and block["hidden"] is None
 
     assert _points(database_url, run.id, "top") == [
-        (I64_MAX - 2, 1.0, False),
-        (I64_MAX - 1, 2.0, False),
-        (I64_MAX, 3.0, False),
+        (I64_MAX - 15 + i, v, False) for i, v in enumerate(top)
     ]
-    (top,) = _blocks(database_url, run.id, "top")
-    assert top["steps"] is None and top["last_value"] == 3.0
+    (block,) = _blocks(database_url, run.id, "top")
+    assert block["steps"] is None and block["last_value"] == 16.0
 
     # The public read path (blocks pruned by step) returns the same values.
     read = run.get_metrics()
     assert [_bits(v) for v in read["edge"][1:]] == [_bits(v) for v in values[1:]]
     assert math.isnan(read["edge"][0])
-    assert read["top"] == [1.0, 2.0, 3.0]
+    assert read["top"] == top
 
 
 def test_rewind_inside_a_block_hides_the_later_points_only(
@@ -145,13 +143,14 @@ def test_rewind_inside_a_block_hides_the_later_points_only(
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     client, writer = run._client, f"t-{uuid.uuid4().hex}"
-    write(client, run.id, writer, 1, "loss", list(range(10)), [float(s) for s in range(10)])
+    write(client, run.id, writer, 1, "loss", list(range(20)), [float(s) for s in range(20)])
     assert len(_blocks(database_url, run.id, "loss")) == 1
-    assert run.rewind(4) == 5
+    assert run.rewind(4) == 15
     (block,) = _blocks(database_url, run.id, "loss")
-    assert block["hidden_count"] == 5
-    assert list(block["hidden"]) == [False] * 5 + [True] * 5
+    assert block["hidden_count"] == 15
+    assert list(block["hidden"]) == [False] * 5 + [True] * 15
     assert run.rewind(4) == 0  # nothing more to hide
+    # Three points: rows beside the block (a commit of fewer than 16 points).
     r = write(client, run.id, writer, 2, "loss", [5, 6, 7], [-5.0, -6.0, -7.0])
     assert (r.result.accepted, r.result.rejected) == (3, 0)
     assert run.get_metrics()["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, -5.0, -6.0, -7.0]
@@ -183,20 +182,24 @@ def test_last_write_wins_rewrites_a_step_inside_a_block(
         writer,
         1,
         "eval",
-        list(range(10)),
-        [float(s) for s in range(10)],
+        list(range(20)),
+        [float(s) for s in range(20)],
         step_policy=ooo,
     )
-    r = write(client, run.id, writer, 2, "eval", [3, 12], [30.0, 120.0])
+    # Two points (rows): the block's point at step 3 is hidden.
+    r = write(client, run.id, writer, 2, "eval", [3, 25], [30.0, 120.0])
     assert (r.result.accepted, r.result.rejected) == (2, 0)
-    first, second = _blocks(database_url, run.id, "eval")
+    (first,) = _blocks(database_url, run.id, "eval")
     assert first["hidden_count"] == 1 and [i for i, h in enumerate(first["hidden"]) if h] == [3]
-    assert second["hidden_count"] == 0
-    expected = [float(s) for s in range(10)]
+    expected = [float(s) for s in range(20)]
     expected[3] = 30.0
     assert run.get_metrics()["eval"] == [*expected, 120.0]
+    # Sixteen points rewriting steps 10..25 (a block): the block's and the rows' hidden.
+    r = write(client, run.id, writer, 3, "eval", list(range(10, 26)), [-1.0] * 16)
+    assert (r.result.accepted, r.result.rejected) == (16, 0)
+    assert run.get_metrics()["eval"] == [*expected[:10], *[-1.0] * 16]
     # Writing step 3 a third time hides the second write, not the first again.
-    write(client, run.id, writer, 3, "eval", [3], [300.0])
+    write(client, run.id, writer, 4, "eval", [3], [300.0])
     at3 = [(v, h) for s, v, h in _points(database_url, run.id, "eval") if s == 3]
     assert sorted(at3) == [(3.0, True), (30.0, True), (300.0, False)]
 
@@ -412,7 +415,8 @@ def test_an_update_of_the_view_changes_a_point_inside_a_block(
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
     client, writer = run._client, f"t-{uuid.uuid4().hex}"
-    write(client, run.id, writer, 1, "x", list(range(5)), [1.0, 2.0, 9.0, 4.0, 5.0])
+    values = [1.0, 2.0, 9.0, 4.0, 5.0, *[float(i) for i in range(6, 17)]]  # 16: a block
+    write(client, run.id, writer, 1, "x", list(range(16)), values)
     fetch(
         database_url,
         "UPDATE scalar_points p SET value = 'NaN' FROM series s WHERE s.series_id = p.series_id"
@@ -420,6 +424,6 @@ def test_an_update_of_the_view_changes_a_point_inside_a_block(
         run.id,
     )
     (block,) = _blocks(database_url, run.id, "x")
-    assert (block["nan_count"], block["max_value"], block["last_value"]) == (1, 5.0, 5.0)
+    assert (block["nan_count"], block["max_value"], block["last_value"]) == (1, 16.0, 16.0)
     got = run.get_metrics()["x"]
-    assert got[:2] + got[3:] == [1.0, 2.0, 4.0, 5.0] and math.isnan(got[2])
+    assert got[:2] + got[3:] == values[:2] + values[3:] and math.isnan(got[2])

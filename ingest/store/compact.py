@@ -1,0 +1,146 @@
+"""Compaction of numeric scalars (migration 011_scalar_compaction).
+
+A commit stores a series' points as a block when it brings at least
+MIN_BLOCK_POINTS of them (ingest/store/blocks.py), and as rows of
+`scalar_rows` otherwise. This sweep moves rows and small blocks into full
+blocks in the background, a bounded number of series per transaction:
+
+- it picks series with rows, or with two small blocks (< 1024 points) that
+  can merge (`scalar_compact_candidates`), in series_id order, resuming
+  where the last round stopped;
+- it locks those series' rows `FOR UPDATE SKIP LOCKED`: a series a writer,
+  a rewind or a deletion holds is skipped (the next round takes it), and
+  while the sweep holds one, they wait the few milliseconds its statement
+  takes. Every writer locks its series rows before it hides or writes a
+  point, so nothing is hidden, written or deleted under the sweep;
+- `scalar_compact` moves exactly what it read in one statement: a row
+  committed meanwhile stays a row until the next round.
+
+Several replicas may sweep at once: SKIP LOCKED gives each series to one of
+them. Readers see the same points before and after (the view scalar_points
+is over rows and blocks), and a series' count and last step never change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from ingest.observe.metrics import Metrics
+from ingest.store.db import acquire
+
+log = logging.getLogger(__name__)
+
+# Series compacted in one transaction at most (the locks are held for its
+# one statement: a few milliseconds per thousand points).
+SERIES_PER_TRANSACTION = 64
+# Series looked at in one round at most; the next round resumes after them.
+SERIES_PER_ROUND = 4096
+
+
+@dataclass
+class CompactionTotals:
+    """What compaction has done since the process started."""
+
+    rounds: int = 0
+    series: int = 0
+    points: int = 0
+    rows_in: int = 0
+    blocks_in: int = 0
+    blocks_out: int = 0
+    skipped: int = 0  # series locked by a writer when their turn came
+
+
+async def compact_series(
+    conn: asyncpg.Connection, ids: list[int], totals: CompactionTotals
+) -> None:
+    """Compact the series `ids` that no one else holds, in one transaction."""
+    async with conn.transaction():
+        locked = [
+            r["series_id"]
+            for r in await conn.fetch(
+                "SELECT series_id FROM series WHERE series_id = ANY($1::bigint[])"
+                " ORDER BY series_id FOR UPDATE SKIP LOCKED",
+                ids,
+            )
+        ]
+        totals.skipped += len(ids) - len(locked)
+        if not locked:
+            return
+        for r in await conn.fetch("SELECT * FROM scalar_compact($1::bigint[])", locked):
+            totals.series += 1
+            totals.points += int(r["points"])
+            totals.rows_in += int(r["rows_in"])
+            totals.blocks_in += int(r["blocks_in"])
+            totals.blocks_out += int(r["blocks_out"])
+
+
+async def compact_round(
+    pool: asyncpg.Pool,
+    totals: CompactionTotals,
+    after: int = 0,
+    per_round: int = SERIES_PER_ROUND,
+    per_transaction: int = SERIES_PER_TRANSACTION,
+) -> int:
+    """One round: up to `per_round` candidate series after `after`, compacted
+    `per_transaction` at a time. Returns where the next round resumes (0:
+    from the start, the candidates after `after` are done)."""
+    async with acquire(pool) as conn:
+        ids = [
+            int(r["series_id"])
+            for r in await conn.fetch(
+                "SELECT series_id FROM scalar_compact_candidates($1, $2)", after, per_round
+            )
+        ]
+        for i in range(0, len(ids), per_transaction):
+            await compact_series(conn, ids[i : i + per_transaction], totals)
+    totals.rounds += 1
+    return ids[-1] if len(ids) == per_round else 0
+
+
+class Compactor:
+    """The background task: a compaction round every `interval_s` seconds
+    (0: never). Rows left when the service stops are compacted by the next
+    round of any process on the database."""
+
+    def __init__(self, pool: asyncpg.Pool, interval_s: float, metrics: Metrics) -> None:
+        self.pool = pool
+        self.interval_s = interval_s
+        self.metrics = metrics
+        self.totals = CompactionTotals()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="steplog-compaction")
+
+    async def _run(self) -> None:
+        after = 0
+        while True:
+            await asyncio.sleep(self.interval_s)
+            t = self.totals
+            before = (t.points, t.rows_in, t.blocks_out, t.skipped)
+            try:
+                after = await compact_round(self.pool, t, after)
+                self.metrics.compaction_rounds.labels("done").inc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again
+                self.metrics.compaction_rounds.labels("failed").inc()
+                log.warning("compaction round failed: %s", exc)
+            rows = t.rows_in - before[1]
+            self.metrics.compaction_points.labels("row").inc(rows)
+            self.metrics.compaction_points.labels("block").inc(t.points - before[0] - rows)
+            self.metrics.compaction_blocks.inc(t.blocks_out - before[2])
+            self.metrics.compaction_skipped.inc(t.skipped - before[3])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,315 @@
+"""Compaction of numeric scalars (migration 011, ingest/store/compact.py):
+commits of a few points per series are rows, and the sweep moves rows and
+small blocks into full blocks keeping every point bit for bit (hidden ones
+too), every count and last step, and every step rule that follows."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from bench.common import scrape
+from ingest.store.compact import CompactionTotals, compact_round
+from steplog import Experiment
+from steplog.client import Client
+from steplog.v1 import data_pb2
+from steplog.v1 import ingest_service_pb2 as pb
+from tests.sql import fetch, fetchval
+from tests.support import ServiceProcess, free_port
+
+
+def _write(
+    client: Client,
+    run_id: str,
+    writer: str,
+    seq: int,
+    name: str,
+    steps: list[int],
+    values: list[float],
+    times: list[float] | None = None,
+    **kw: object,
+) -> pb.WriteResponse:
+    scalars = data_pb2.ScalarColumns(steps=steps, values=values, times=times or [])
+    return client.ingest.Write(
+        pb.WriteRequest(
+            workspace="default",
+            batch=pb.Batch(
+                writer_id=writer,
+                sequence=seq,
+                series=[
+                    pb.RunSeries(
+                        run_id=run_id,
+                        series=data_pb2.SeriesData(name=name, scalars=scalars, **kw),
+                    )
+                ],  # type: ignore[arg-type]
+            ),
+        ),
+        timeout=30,
+    )
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def _points(database_url: str, run_id: str) -> list[tuple[str, int, bytes, bool, int]]:
+    """Every stored point of a run, hidden ones too: (name, step, value bits,
+    hidden, time in microseconds), sorted."""
+    rows = fetch(
+        database_url,
+        "SELECT s.name, p.step, p.value, p.hidden,"
+        " (extract(epoch FROM p.time) * 1000000)::bigint AS us"
+        " FROM scalar_points p JOIN series s USING (series_id) WHERE s.run_id = $1",
+        run_id,
+    )
+    return sorted((r["name"], r["step"], _bits(r["value"]), r["hidden"], r["us"]) for r in rows)
+
+
+def _layout(database_url: str, run_id: str) -> tuple[int, int, list[int]]:
+    """Rows, blocks, and the blocks' sizes of a run."""
+    rows = fetchval(
+        database_url,
+        "SELECT count(*) FROM scalar_rows JOIN series s USING (series_id) WHERE s.run_id = $1",
+        run_id,
+    )
+    sizes = [
+        r["n"]
+        for r in fetch(
+            database_url,
+            "SELECT b.n FROM scalar_blocks b JOIN series s USING (series_id)"
+            " WHERE s.run_id = $1 ORDER BY b.min_step",
+            run_id,
+        )
+    ]
+    return int(rows), len(sizes), sizes
+
+
+def _block_ids(database_url: str, run_id: str) -> set[int]:
+    rows = fetch(
+        database_url,
+        "SELECT b.block_id FROM scalar_blocks b JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1",
+        run_id,
+    )
+    return {r["block_id"] for r in rows}
+
+
+def _series(database_url: str, run_id: str) -> list[tuple[str, int, int]]:
+    rows = fetch(
+        database_url,
+        "SELECT name, point_count, last_step FROM series WHERE run_id = $1 ORDER BY name",
+        run_id,
+    )
+    return [(r["name"], r["point_count"], r["last_step"]) for r in rows]
+
+
+def _compact(database_url: str) -> CompactionTotals:
+    """Rounds until nothing is left to compact (each round resumes). The
+    database is the test session's: the totals count other tests' series too."""
+
+    async def go() -> CompactionTotals:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+        assert pool is not None
+        totals = CompactionTotals()
+        try:
+            after = await compact_round(pool, totals, per_round=3, per_transaction=2)
+            while after:
+                after = await compact_round(pool, totals, after, per_round=3, per_transaction=2)
+        finally:
+            await pool.close()
+        return totals
+
+    return asyncio.run(go())
+
+
+def test_small_commits_are_rows_and_compaction_makes_them_blocks(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    specials = [math.nan, math.inf, -math.inf, -0.0, 5e-324]
+    seq = 0
+    # Seven series, 300 commits of one point each (what a training loop sends).
+    for step in range(300):
+        for j in range(7):
+            seq += 1
+            v = specials[step % 5] if step % 50 == 0 else step + j / 10
+            r = _write(client, run.id, writer, seq, f"m{j}", [step], [v])
+            assert r.result.accepted == 1
+    # A rewind and an out-of-order series rewriting a step: hidden rows.
+    assert run.rewind(279, names=["m0"]) == 20
+    ooo = data_pb2.STEP_POLICY_OUT_OF_ORDER
+    seq += 1
+    _write(client, run.id, writer, seq, "eval", [0, 1, 2], [1.0, 2.0, 3.0], step_policy=ooo)
+    seq += 1
+    _write(client, run.id, writer, seq, "eval", [1], [20.0], step_policy=ooo)
+    rows, blocks, _ = _layout(database_url, run.id)
+    assert (rows, blocks) == (7 * 300 + 4, 0)
+    before, counts = _points(database_url, run.id), _series(database_url, run.id)
+    metrics_before = run.get_metrics()
+
+    totals = _compact(database_url)
+    assert totals.rows_in >= 7 * 300 + 4
+    rows, blocks, sizes = _layout(database_url, run.id)
+    assert rows == 0 and blocks == 8  # one block per series
+    assert sorted(sizes) == [4] + [300] * 7
+    assert _points(database_url, run.id) == before  # bit for bit, hidden ones too
+    assert _series(database_url, run.id) == counts
+    after = run.get_metrics()
+    assert after.keys() == metrics_before.keys()
+    for name, values in after.items():
+        assert [_bits(v) for v in values] == [_bits(v) for v in metrics_before[name]], name
+    assert after["m0"][-1] == 279 and after["eval"] == [1.0, 20.0, 3.0]
+
+    # Nothing left: another pass rewrites none of these blocks.
+    ids = _block_ids(database_url, run.id)
+    _compact(database_url)
+    assert _block_ids(database_url, run.id) == ids
+
+    # The step rules after compaction: the rewound series continues at 280,
+    # a rewind inside a compacted block hides only what follows, the
+    # out-of-order series rewrites a step of a compacted block.
+    seq += 1
+    assert _write(client, run.id, writer, seq, "m0", [279], [1.0]).result.rejected == 1
+    seq += 1
+    assert _write(client, run.id, writer, seq, "m0", [280], [1.0]).result.accepted == 1
+    assert run.rewind(99, names=["m1"]) == 200
+    seq += 1
+    _write(client, run.id, writer, seq, "eval", [2], [30.0], step_policy=ooo)
+    got = run.get_metrics()
+    assert [_bits(v) for v in got["m1"]] == [_bits(v) for v in metrics_before["m1"][:100]]
+    assert got["m0"][-1] == 1.0 and len(got["m0"]) == 281
+    assert got["eval"] == [1.0, 20.0, 30.0]
+
+
+def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    run = Experiment(experiment_name, url=url).start_logging()
+    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    t0 = 2_000_000_000.0  # at the start of a 2,000-second cell
+    seq = 0
+    # Ten commits of 20 points: ten small blocks in one cell.
+    for k in range(10):
+        seq += 1
+        steps = list(range(20 * k, 20 * k + 20))
+        _write(client, run.id, writer, seq, "a", steps, [float(s) for s in steps],
+               times=[t0 + s * 0.5 for s in steps])  # fmt: skip
+    # A full block (1024 points) is left as it is.
+    seq += 1
+    steps = list(range(200, 1224))
+    _write(client, run.id, writer, seq, "a", steps, [float(s) for s in steps],
+           times=[t0 + 100 + s * 0.001 for s in steps])  # fmt: skip
+    # A slow series: one point an hour for ten hours, each in its own cell.
+    for h in range(10):
+        seq += 1
+        _write(client, run.id, writer, seq, "slow", [h], [float(h)], times=[t0 + 3600.0 * h])
+    assert _layout(database_url, run.id)[:2] == (10, 11)
+    before = _points(database_url, run.id)
+
+    _compact(database_url)
+    rows, _, sizes = _layout(database_url, run.id)
+    # "a": one block of the 200 small-block points, the 1024 block untouched;
+    # "slow": one block per hour (a block spans at most one cell).
+    assert rows == 0 and sorted(sizes) == [1] * 10 + [200, 1024]
+    assert _points(database_url, run.id) == before
+    ids = _block_ids(database_url, run.id)
+    _compact(database_url)
+    assert _block_ids(database_url, run.id) == ids  # the single blocks of "slow" stay
+    # One more point in the last hour's cell merges with that cell's block only.
+    seq += 1
+    _write(client, run.id, writer, seq, "slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5])
+    _compact(database_url)
+    assert sorted(_layout(database_url, run.id)[2]) == [1] * 9 + [2, 200, 1024]
+    assert len(ids - _block_ids(database_url, run.id)) == 1  # that block only was rewritten
+    assert run.get_metrics()["slow"] == [float(h) for h in range(11)]
+
+
+def test_compaction_beside_live_writers_keeps_every_point(
+    service_env: dict[str, str], experiment_name: str, database_url: str, tmp_path: Any
+) -> None:
+    """A service compacting every 50 ms while a client logs small commits,
+    and rewinds: what a reader sees at the end is what was logged, and the
+    compaction counters moved."""
+    env = dict(service_env, STEPLOG_COMPACT_INTERVAL_S="0.05")
+    proc = ServiceProcess(env, metrics_port=free_port(), log_path=tmp_path / "service.log")
+    proc.start()
+    try:
+        run = Experiment(experiment_name, url=proc.address).start_logging()
+        expected: dict[str, dict[int, float]] = {f"s{j}": {} for j in range(4)}
+        deadline = time.monotonic() + 60
+        for step in range(600):
+            for j in range(4):
+                run.log(f"s{j}", step + j * 0.25, step=step)
+                expected[f"s{j}"][step] = step + j * 0.25
+            if step % 200 == 199:
+                assert run.flush(30)
+                # Back 150 steps; every series logs from there again.
+                back = step - 150
+                run.rewind(back)
+                for j in range(4):
+                    expected[f"s{j}"] = {s: v for s, v in expected[f"s{j}"].items() if s <= back}
+                for j in range(4):
+                    for s in range(back + 1, step + 1):
+                        run.log(f"s{j}", -s - j * 0.25, step=s)
+                        expected[f"s{j}"][s] = -s - j * 0.25
+            # Paced: the client sends every 0.2 s, ~13 steps a commit (rows).
+            time.sleep(0.015)
+        assert run.flush(30)
+        assert time.monotonic() < deadline
+        # Let the sweep finish what is left, then read.
+        until = time.monotonic() + 30
+        while time.monotonic() < until:
+            if _layout(database_url, run.id)[0] == 0:
+                break
+            time.sleep(0.1)
+        assert _layout(database_url, run.id)[0] == 0
+        metrics = run.get_metrics()
+        for name, want in expected.items():
+            assert metrics[name] == [want[s] for s in sorted(want)], name
+        counts = {name: (n, last) for name, n, last in _series(database_url, run.id)}
+        for name, want in expected.items():
+            assert counts[name] == (len(want), max(want)), name
+        port = proc.metrics_port
+        assert scrape(port, 'steplog_compaction_points_total{source="row"}') > 0
+        assert scrape(port, "steplog_compaction_blocks_written_total") > 0
+        assert scrape(port, 'steplog_compaction_rounds_total{outcome="done"}') > 0
+        assert scrape(port, 'steplog_compaction_rounds_total{outcome="failed"}') == 0
+        run.complete()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_deleting_an_experiment_deletes_its_rows_and_blocks(
+    url: str, experiment_name: str, database_url: str, compacted: bool
+) -> None:
+    exp = Experiment(experiment_name, url=url)
+    run = exp.start_logging()
+    for step in range(40):
+        run.log("x", float(step), step=step)
+        if step % 10 == 9:
+            assert run.flush(30)
+    run.complete()
+    ids = [
+        r["series_id"]
+        for r in fetch(database_url, "SELECT series_id FROM series WHERE run_id = $1", run.id)
+    ]
+    if compacted:
+        _compact(database_url)
+        assert _layout(database_url, run.id)[0] == 0
+    Experiment.delete(None, exp.id, url=url)
+    left = fetchval(
+        database_url,
+        "SELECT (SELECT count(*) FROM scalar_rows WHERE series_id = ANY($1::bigint[]))"
+        " + (SELECT count(*) FROM scalar_blocks WHERE series_id = ANY($1::bigint[]))",
+        ids,
+    )
+    assert left == 0
