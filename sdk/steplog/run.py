@@ -31,6 +31,7 @@ from steplog import _azure, _settings
 from steplog._run_azure import AzureOnly
 from steplog._run_files import RunFiles
 from steplog._writer.outcomes import WriterStats
+from steplog._writer.series import NumericBuffer
 from steplog._writer.transport import Rejection
 from steplog.client import Client, Connection, get_client
 from steplog.errors import FailedPreconditionError, InvalidArgumentError
@@ -58,6 +59,7 @@ STATUS_VALUES = {v: k for k, v in STATUS_NAMES.items()}
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 
 Labels = tuple[tuple[str, str], ...]
+_wall_time = time.time
 
 
 def _status_value(status: str) -> int:
@@ -162,6 +164,9 @@ class Run(RunFiles, AzureOnly):
         merged.update(labels or {})
         self._labels: Labels = _freeze(merged)
         self._label_cache: dict[Labels, Labels] = {}
+        # {name: series} of the writer's stepped numeric series of this run
+        # (default labels), filled by the first log of each: Run.log's hot path.
+        self._hot: dict[str, NumericBuffer] = {}
         # An offline run (Run.get_context with STEPLOG_OFFLINE): status, tags
         # and properties go to the spool, in order with the points; no call.
         self._offline = False
@@ -319,6 +324,19 @@ class Run(RunFiles, AzureOnly):
         """Log a scalar (or string) metric value; with `step`, at that step.
 
         Returns at once: the value is sent in the background."""
+        if labels is None and step is not None:
+            # The hot path: a stepped numeric series this run logged before
+            # writes its point itself (steplog._writer.series.NumericBuffer.log).
+            series = self._hot.get(name)
+            if series is not None:
+                try:
+                    cost = series.log(value, step, _wall_time())  # type: ignore[arg-type]
+                except (TypeError, ValueError, OverflowError):
+                    pass  # nothing recorded: the general path converts or says why
+                else:
+                    if cost is not None:
+                        self._client.writer.after_hot(cost)
+                    return
         if not isinstance(value, (float, str)):
             if isinstance(value, (int, bool)):
                 value = float(value)
@@ -331,15 +349,18 @@ class Run(RunFiles, AzureOnly):
                         f"{type(value).__name__}",
                         field="value",
                     ) from None
-        self._client.writer.log_scalar(
+        writer = self._client.writer
+        writer.log_scalar(
             self.id,
             name,
             self._series_labels(labels),
             value,
             step,
-            time.time(),
+            _wall_time(),
             description,
         )
+        if labels is None and step is not None:
+            self._hot = writer.hot_table(self.id, self._labels)
 
     def log_metric(
         self,

@@ -1,8 +1,10 @@
 """The writer's buffers: what log calls append to, and what the sender cuts
 batches from. One `Buffers` per stream, guarded by its `lock`.
 
-Hot path. A log call appends to its series' columns (steplog._writer.series)
-under the lock: no I/O, no protobuf, only copies of the values. It returns
+Hot path. A log call writes into its series' columns (steplog._writer.series)
+under the lock: no I/O, no protobuf, only copies of the values. `Run.log` of
+a stepped numeric series calls the series' own `NumericBuffer.log` (found in
+`hot_table`, one dict lookup by name), the same work without the key. It returns
 None on the fast path; it returns the bytes it added when a counter crossed
 a threshold the lane set (`check_at` points, `mem_check_at` bytes: a batch
 is full, the memory bound, news to deliver), and the lane then takes the
@@ -28,15 +30,16 @@ from steplog._writer.outcomes import Outcomes
 from steplog._writer.series import (
     Buffer,
     MessageBuffer,
+    NumericBuffer,
     Piece,
-    ScalarBuffer,
-    text_chars,
+    TextBuffer,
 )
 from steplog._writer.transport import Labels, Rejection
 from steplog._writer.wire import SERIES_OVERHEAD, series_points
 from steplog.v1 import data_pb2
 
 ScalarKey = tuple[str, str, Labels, bool, bool]
+ScalarBuffer = NumericBuffer | TextBuffer
 MessageKey = tuple[str, str, Labels, str | None]
 
 
@@ -68,6 +71,8 @@ class Buffers:
         # size (split by rows), so a batch holds more than one.
         self.message_bytes = max(4096, batch_bytes // 2)
         self._scalars: dict[ScalarKey, ScalarBuffer] = {}
+        # (run, labels) -> {name: its stepped numeric series}: Run.log's table.
+        self._hot: dict[tuple[str, Labels], dict[str, NumericBuffer]] = {}
         self._messages: dict[MessageKey, MessageBuffer] = {}
         self.dirty: dict[Buffer, None] = {}  # buffers with points, oldest first
         self.raw: dict[MessageBuffer, None] = {}  # holding items not yet encoded
@@ -95,22 +100,10 @@ class Buffers:
             buf = self._scalars.get(key)
             if buf is None:
                 buf = self._new_scalar_series(key, description, out_of_order)
-            values = buf.values
-            if not values:
-                self._first_point(buf)
-            try:
-                values.append(value)
-                buf.times.append(time)
-                if step is not None:
-                    buf.steps.append(step)
-            except BaseException:
-                buf.repair()
-                raise
-            cost = buf.point_cost
-            if buf.text:
-                chars = text_chars(cast(str, value))
-                buf.text_cost += chars
-                cost += chars
+            empty = not buf.pending()
+            cost = buf.add(value, step, time)  # type: ignore[arg-type]
+            if empty:
+                self.first_point(buf)
             self.buffered += 1
             self.buffered_bytes += cost
             if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
@@ -153,17 +146,9 @@ class Buffers:
             sbuf = self._scalars.get(key)
             if sbuf is None:
                 sbuf = self._new_scalar_series(key, description, out_of_order)
-            if not sbuf.values:
-                self._first_point(sbuf)
-            sbuf.values.extend(col_values)
-            sbuf.times.extend(col_times)
-            if col_steps is not None:
-                sbuf.steps.extend(col_steps)
-            cost = n * sbuf.point_cost
-            if text:
-                chars = sum(text_chars(v) for v in cast(list[str], col_values))
-                sbuf.text_cost += chars
-                cost += chars
+            if not sbuf.pending():
+                self.first_point(sbuf)
+            cost = sbuf.extend(col_values, col_times, col_steps)  # type: ignore[arg-type]
             self.buffered += n
             self.buffered_bytes += cost
             if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
@@ -190,7 +175,7 @@ class Buffers:
                 mbuf = self._messages[key] = MessageBuffer(run_id, series.name, labels)
                 self._started()
             if not mbuf.points:
-                self._first_point(mbuf)
+                self.first_point(mbuf)
             cost = mbuf.append(series, points, size)
             if mbuf.raw:
                 self.raw[mbuf] = None
@@ -223,7 +208,7 @@ class Buffers:
             if rows is None or names != rows.names:
                 check_row_names(name, names)
             if not mbuf.points:
-                self._first_point(mbuf)
+                self.first_point(mbuf)
             if rows is None:
                 rows = RowsItem(description)
                 mbuf.add_raw(rows)
@@ -257,7 +242,7 @@ class Buffers:
             if mbuf is None:
                 mbuf = self._new_message_series(key)
             if not mbuf.points:
-                self._first_point(mbuf)
+                self.first_point(mbuf)
             mbuf.add_raw(item)
             self.raw[mbuf] = None
             cost = item.cost
@@ -288,7 +273,19 @@ class Buffers:
             return None
         return self.log_item(run_id, name, labels, "table", item)
 
-    def _first_point(self, buf: Buffer) -> None:
+    def hot_table(self, run_id: str, labels: Labels) -> dict[str, NumericBuffer]:
+        """{name: buffer} of the run's stepped numeric series with these
+        labels, for Run.log's hot path (`NumericBuffer.log`). Emptied by
+        `forget_hot` when this writer's buffers are left behind (a forked
+        child), so a caller holding it falls back to log_scalar."""
+        with self.lock:
+            return self._hot.setdefault((run_id, labels), {})
+
+    def forget_hot(self) -> None:
+        for table in self._hot.values():
+            table.clear()
+
+    def first_point(self, buf: Buffer) -> None:
         """A buffer was empty and gets a point (lock held): it joins the
         dirty ones, and the first after a quiet spell wakes the sender."""
         if not self.dirty:
@@ -307,7 +304,13 @@ class Buffers:
     ) -> ScalarBuffer:
         """First point of a series in this writer (lock held)."""
         run_id, name, labels, text, stepped = key
-        buf = ScalarBuffer(run_id, name, labels, text, stepped, description, out_of_order)
+        buf: ScalarBuffer
+        if text:
+            buf = TextBuffer(run_id, name, labels, stepped, description, out_of_order)
+        else:
+            buf = NumericBuffer(self, run_id, name, labels, stepped, description, out_of_order)
+            if stepped:
+                self._hot.setdefault((run_id, labels), {})[name] = buf
         self._scalars[key] = buf
         self._started()
         return buf

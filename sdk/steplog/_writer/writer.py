@@ -118,6 +118,7 @@ from steplog._writer.items import Encodable
 from steplog._writer.lane import Lane
 from steplog._writer.outcomes import Notes, WriterStats, deliver, merge_stats
 from steplog._writer.sender import Sender
+from steplog._writer.series import NumericBuffer
 from steplog._writer.settings import WriterSettings
 from steplog._writer.transport import Labels, Rejection, Transport
 from steplog.errors import SteplogError
@@ -257,6 +258,17 @@ class BatchWriter:
         )
         if cost is not None:
             self._slow_path(lane, cost)
+
+    def hot_table(self, run_id: str, labels: Labels) -> dict[str, NumericBuffer]:
+        """The main stream's {name: series} of this run's stepped numeric
+        series with these labels: `Run.log` writes a point with the series'
+        `log` and calls `after_hot` with what it returns, the same as
+        log_scalar without the key (steplog._writer.intake)."""
+        return self._main.buffers.hot_table(run_id, labels)
+
+    def after_hot(self, cost: int) -> None:
+        """A hot-path point crossed a threshold: the slow path, as log_scalar's."""
+        self._slow_path(self._main, cost)
 
     def log_scalars(
         self,
@@ -436,5 +448,6 @@ class BatchWriter:
         self._lock = threading.Lock()
         self._sender.after_fork_in_child()
         for lane in self._lanes():
+            lane.buffers.forget_hot()  # a Run holding the parent's table falls back
             lane.after_fork_in_child(self._sender.wake, self._sender.start)
             self._sender.add(lane)
