@@ -16,6 +16,9 @@ first, and a parent whose children's curves alone exceed the bound is not
 evaluated (logged, counted in `skipped`): its policy stops applying rather
 than the service growing without bound).
 
+Prometheus (when given the service's Metrics): evaluations made, children
+cancelled, and evaluations skipped over that bound, each by policy kind.
+
 Several replicas: each evaluates the children whose points it committed.
 The policy names are re-read every NAMES_REFRESH_S seconds, so a policy set
 through another replica applies from then on.
@@ -35,6 +38,7 @@ from typing import Protocol
 from ingest.core.batch import DecodedBatch
 from ingest.core.decode import labels_key
 from ingest.core.early_termination import Curve, Decision, Policy, crossed, evaluate_child
+from ingest.observe.metrics import Metrics
 
 log = logging.getLogger("steplog.sweeps")
 
@@ -78,8 +82,15 @@ class _Parent:
 
 
 class EarlyTermination:
-    def __init__(self, store: SweepStoreLike, *, max_curve_bytes: int = MAX_CURVE_BYTES) -> None:
+    def __init__(
+        self,
+        store: SweepStoreLike,
+        *,
+        max_curve_bytes: int = MAX_CURVE_BYTES,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
+        self.metrics = metrics
         self.max_points = max(1, max_curve_bytes // CURVE_POINT_BYTES)
         self._names: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,12 +213,18 @@ class EarlyTermination:
         out: list[Decision] = []
         for n in intervals:
             d = evaluate_child(policy, parent.curves, child, n)
-            if d is None or not d.cancel:
+            if d is None:
+                continue
+            if self.metrics is not None:
+                self.metrics.sweep_evaluations.labels(policy.kind.value).inc()
+            if not d.cancel:
                 continue
             if await self.store.request_cancel(workspace, child, d.reason, n):
                 log.info("early termination: run %r cancel requested: %s", child, d.reason)
                 out.append(d)
                 self.decisions = [*self.decisions[-999:], d]
+                if self.metrics is not None:
+                    self.metrics.sweep_cancelled.labels(policy.kind.value).inc()
             break
         return out
 
@@ -247,6 +264,8 @@ class EarlyTermination:
                 parent.last_steps[run_id] = points[-1][0]
         if fresh is None:
             self.skipped += 1
+            if self.metrics is not None:
+                self.metrics.sweep_skipped.labels(policy.kind.value).inc()
             log.warning(
                 "early termination: the children of run %r have more than %d points of %r;"
                 " not evaluated (bound %d bytes)",
