@@ -185,6 +185,27 @@ def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int)
     return Firehose(total, elapsed, stored, results, samples)
 
 
+async def settle_compaction(url: str, timeout_s: float = 300.0) -> bool:
+    """Wait (at most timeout_s) until the service's compaction (migration 011)
+    has nothing left to do, then VACUUM the point tables as autovacuum would
+    (the space of the rows and blocks it replaced becomes reusable, the files
+    keep their size). True when it settled in time."""
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = await conn.fetchval("SELECT count(*) FROM scalar_compact_candidates(0, 1)")
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+        await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
+        return True
+    finally:
+        await conn.close()
+
+
 async def storage(
     url: str, points: int, table_name: str = "scalar_blocks", layout: str = "blocks"
 ) -> str:
@@ -193,19 +214,27 @@ async def storage(
     stored point; for the blocks, also how many blocks and points per block."""
     conn = await asyncpg.connect(url)
     try:
-        row = await conn.fetchrow(
-            "SELECT table_bytes, index_bytes, toast_bytes, total_bytes"
-            f" FROM hypertable_detailed_size('{table_name}')"
-        )
-        chunks = await conn.fetchval(f"SELECT count(*) FROM show_chunks('{table_name}')")
+        # The block layout's points are blocks and (for series with few points
+        # in a commit, until compaction moves them) rows: both are counted.
+        tables = [table_name, "scalar_rows"] if table_name == "scalar_blocks" else [table_name]
+        table = index = toast = total = chunks = 0
+        for name in tables:
+            row = await conn.fetchrow(
+                "SELECT table_bytes, index_bytes, toast_bytes, total_bytes"
+                f" FROM hypertable_detailed_size('{name}')"
+            )
+            assert row is not None
+            table, index, toast, total = (
+                a + int(row[k] or 0) for k, a in enumerate((table, index, toast, total))
+            )
+            chunks += int(await conn.fetchval(f"SELECT count(*) FROM show_chunks('{name}')"))
         blocks = ""
         if table_name == "scalar_blocks":
             n = int(await conn.fetchval("SELECT count(*) FROM scalar_blocks"))
-            blocks = f" blocks={n} points_per_block={points / max(n, 1):.0f}"
+            rows = int(await conn.fetchval("SELECT count(*) FROM scalar_rows"))
+            blocks = f" blocks={n} points_per_block={(points - rows) / max(n, 1):.0f} rows={rows}"
     finally:
         await conn.close()
-    assert row is not None
-    table, index, toast, total = (int(row[k] or 0) for k in range(4))
     return (
         f"STORAGE bytes_per_point={total / points:.1f} table_bytes_per_point={table / points:.1f}"
         f" index_bytes_per_point={index / points:.1f} toast_bytes_per_point={toast / points:.1f}"
@@ -224,9 +253,12 @@ def main() -> None:
         w1 = firehose(svc, db, ns.writers, ns.names, ns.steps)
         if w1.stored != total:
             raise SystemExit(f"stored {w1.stored} != logged {total}")
+        # W1's data is all there is in scalar_blocks (and scalar_rows): its
+        # size on disk per point, once the service's compaction is done.
+        compacted = asyncio.run(settle_compaction(db))
         svc.stop()
-        # W1's data is all there is in scalar_blocks: its size on disk per point.
-        print(asyncio.run(storage(db, w1.stored)), flush=True)
+        line = asyncio.run(storage(db, w1.stored))
+        print(f"{line} compacted={compacted}", flush=True)
         ceilings = ceiling(db, ceiling_payloads(ns.writers, ns.names, ns.steps), total)
     best = max(ceilings, key=lambda n: ceilings[n])
     ceil = ceilings[best]
