@@ -6,7 +6,11 @@ service's in-flight bytes (every stream and call together), and the write
 pipeline's queue (until commit). The charge starts at the size on the wire
 before the message is decoded, grows to what the decoded batch holds
 (`batch_cost`), and shrinks to what the ack needs once the batch is
-committed (the pipeline drops its arrays then). While a bound is full the
+committed (the pipeline drops its arrays then). A request with images is
+also charged, while it decodes, the pixels of the largest image it decodes
+(core.images.peak_decoded_bytes, from the headers; capped so that it and its
+own bytes fit the service's bound): images are decoded one at a time, and
+their pixels are freed before the batch is queued. While a bound is full the
 stream is not read: gRPC flow control pushes back on the client. A request
 that waits longer than `wait_s` for room is shed: RESOURCE_EXHAUSTED with a
 google.rpc.RetryInfo detail.
@@ -45,6 +49,7 @@ from ingest.core import model
 from ingest.core.batch import CommitResult, DecodedBatch, Outcome
 from ingest.core.decode import decode_batch
 from ingest.core.errors import ApiError, StoreUnavailable, invalid
+from ingest.core.images import peak_decoded_bytes
 from ingest.core.validate import Limits
 from ingest.observe.metrics import Metrics
 from ingest.store.quotas import Quotas, RateLimited
@@ -168,24 +173,54 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         batch = decode_batch(workspace, request.batch, time.time(), self.limits, nbytes=nbytes)
         return batch, batch_cost(batch)
 
-    def _parse_and_decode(self, raw: bytes, cls: type[Request]) -> tuple[DecodedBatch, int]:
-        return self._decode_request(_parse(raw, cls), len(raw))
+    def _parse_and_decode(
+        self, raw: bytes, cls: type[Request]
+    ) -> tuple[DecodedBatch, int] | tuple[Request, int]:
+        """In the thread pool: the decoded batch and its bytes, or for a
+        request with images the parsed request and the pixels its largest
+        image decodes to (decoded once they are charged)."""
+        request = _parse(raw, cls)
+        if _has_images(request):
+            return request, peak_decoded_bytes(request.batch, self.limits.max_image_bytes)
+        return self._decode_request(request, len(raw))
 
-    async def _decode(self, raw: bytes | Request, cls: type[Request]) -> tuple[DecodedBatch, int]:
+    async def _decode(
+        self, raw: bytes | Request, cls: type[Request], held: int = 0
+    ) -> tuple[DecodedBatch, int]:
         """Decode and validate one request: on the loop when it is small, else
-        in the thread pool. Returns the batch and the bytes it holds."""
+        in the thread pool. Returns the batch and the bytes it holds.
+
+        held: the bytes the request holds of the service's bound already."""
         loop = asyncio.get_running_loop()
+        pixels: int | None = None
         if not isinstance(raw, bytes):  # registered with a deserializer (tests, old wiring)
             request, size = raw, raw.ByteSize()
         elif len(raw) > INLINE_BYTES:
-            return await loop.run_in_executor(self._executor, self._parse_and_decode, raw, cls)
+            done = await loop.run_in_executor(self._executor, self._parse_and_decode, raw, cls)
+            if isinstance(done[0], DecodedBatch):
+                return done[0], done[1]
+            request, size, pixels = done[0], len(raw), done[1]
         else:
             request, size = _parse(raw, cls), len(raw)
         series = request.batch.series
         # Images are decoded in full (core.images, Pillow): never on the loop.
-        if len(series) <= INLINE_SERIES and not any(s.series.HasField("images") for s in series):
-            return self._decode_request(request, size)
-        return await loop.run_in_executor(self._executor, self._decode_request, request, size)
+        if pixels is None and not _has_images(request):
+            if len(series) <= INLINE_SERIES:
+                return self._decode_request(request, size)
+            return await loop.run_in_executor(self._executor, self._decode_request, request, size)
+        if pixels is None:
+            pixels = await loop.run_in_executor(
+                self._executor, peak_decoded_bytes, request.batch, self.limits.max_image_bytes
+            )
+        # The pixels are held only while this request decodes. Capped, so a
+        # request over the whole bound passes when it is alone (as ByteBudget
+        # lets a large request pass), instead of waiting for itself.
+        charge = _Charge((("service", self.inflight),))
+        await charge.reserve(min(pixels, max(0, self.inflight.limit - held)), self.wait_s)
+        try:
+            return await loop.run_in_executor(self._executor, self._decode_request, request, size)
+        finally:
+            charge.release()
 
     # -- the unary call -----------------------------------------------------------------
 
@@ -194,7 +229,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         try:
             wire = _size(request)
             await charge.reserve(wire, self.wait_s)
-            batch, cost = await self._decode(request, pb.WriteRequest)
+            batch, cost = await self._decode(request, pb.WriteRequest, charge.n)
             del request
             charge.resize(max(cost, charge.n))
             if self.quotas is not None:
@@ -238,7 +273,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     wire = _size(request)
                     await charge.reserve(wire, self.wait_s)
                     try:
-                        batch, cost = await self._decode(request, pb.IngestRequest)
+                        batch, cost = await self._decode(request, pb.IngestRequest, charge.n)
                         del request  # the decoded batch holds what is needed
                         charge.resize(max(cost, charge.n))
                         if self.quotas is not None:
@@ -325,6 +360,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         else:
             self._writers[writer_id] = n
         self.metrics.active_writers.set(len(self._writers))
+
+
+def _has_images(request: pb.IngestRequest | pb.WriteRequest) -> bool:
+    return any(s.series.HasField("images") for s in request.batch.series)
 
 
 def overloaded_status(exc: Overloaded | RateLimited) -> Any:

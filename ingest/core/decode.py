@@ -29,6 +29,7 @@ from ingest.core.batch import (
     Outcome,
 )
 from ingest.core.errors import invalid
+from ingest.core.images import DecodeBudget
 from ingest.core.tables import table_structure_problem
 from ingest.core.validate import Limits, series_problem, validate_chunk
 from steplog.v1 import data_pb2, ingest_service_pb2
@@ -101,13 +102,15 @@ def decode_batch(
     allocated for it: a series over a limit, or whose columns do not fit
     together, is rejected from its lengths alone. Series past
     limits.max_series_per_batch, or whose points would take the batch past
-    limits.max_points_per_batch, are rejected with LIMIT_EXCEEDED."""
+    limits.max_points_per_batch, are rejected with LIMIT_EXCEEDED, and so are
+    images past limits.max_image_decode_bytes of pixels (core.images)."""
     wid = writer_id(batch.writer_id)
     if batch.sequence <= 0:
         raise invalid("batch.sequence", "sequence numbers start at 1")
     outcome = Outcome()
     chunks: list[Chunk] = []
     points = 0
+    images = DecodeBudget(limits.max_image_decode_bytes)  # all image series together
     for position, rs in enumerate(batch.series):
         series = rs.series
         which, msg, n = _claimed(series)
@@ -129,7 +132,7 @@ def decode_batch(
         if chunk is None:
             continue
         points += len(chunk)
-        validate_chunk(chunk, outcome, limits, series_checked=True)
+        validate_chunk(chunk, outcome, limits, series_checked=True, images=images)
         chunks.append(chunk)
     decoded = DecodedBatch(
         workspace=workspace,

@@ -18,8 +18,21 @@ cheapest first:
    fails here. JPEG has no checksum, so a flipped bit in its entropy-coded
    data decodes to other pixels, as any viewer would show them.
 
-Decoding is CPU work: the ingest servicer runs decode_batch, and so this,
-in its thread pool for any request that carries images.
+Decoding is CPU work in proportion to the pixels (a few KB of lossless
+WebP can legitimately decode to the 128 MiB bound): the ingest servicer runs
+decode_batch, and so this, in its thread pool for any request that carries
+images. Two more bounds keep a request of many small files that decode to
+much from costing without limit:
+
+- per request, a DecodeBudget (STEPLOG_MAX_IMAGE_DECODE_BYTES): the pixel
+  bytes of the request's images, all together, in request order; an image
+  whose header would take the sum past it is rejected LIMIT_EXCEEDED
+  before it is decoded (resending the same request cannot succeed; the
+  other points of the request are kept, as for every per-point problem);
+- in memory, the servicer charges the largest image the request will decode
+  (`peak_decoded_bytes`, headers only) to the service's in-flight bytes
+  while the request decodes, so decoding waits for room like any request
+  (RESOURCE_EXHAUSTED with RetryInfo when the bound stays full).
 
 The SHA-256 is the image's blob address, and also its value for the step
 rules: logging the same image at the same step again is a duplicate, another
@@ -66,6 +79,25 @@ class ImageError(ValueError):
 
 class LimitError(ValueError):
     """An image over the configured size limit, or one that decodes to too much."""
+
+
+class DecodeBudget:
+    """The pixel bytes one request's images may still decode to."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, found: Sniffed) -> None:
+        """Count one image about to be decoded; LimitError past the limit."""
+        n = found.decoded_bytes
+        if self.used + n > self.limit:
+            raise LimitError(
+                f"image decodes to {n} bytes, and this request's earlier images to {self.used}:"
+                f" more than the {self.limit} bytes the images of one request may decode to"
+                " (STEPLOG_MAX_IMAGE_DECODE_BYTES); send it in another request"
+            )
+        self.used += n
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +222,17 @@ def decode(data: bytes, found: Sniffed) -> None:
 
 
 def check(
-    data: bytes, content_type: str, width: int, height: int, sha256: str, max_bytes: int
+    data: bytes,
+    content_type: str,
+    width: int,
+    height: int,
+    sha256: str,
+    max_bytes: int,
+    budget: DecodeBudget | None = None,
 ) -> ImageInfo:
     """Read the header, compare it with the declared fields (empty or 0: not
     declared), then decode. Raises ImageError, or LimitError when over
-    max_bytes or MAX_DECODED_BYTES."""
+    max_bytes, MAX_DECODED_BYTES or what is left of the request's budget."""
     if len(data) > max_bytes:
         raise LimitError(f"image is {len(data)} bytes; the limit is {max_bytes}")
     found = sniff(data)
@@ -211,12 +249,39 @@ def check(
     if sha256 and sha256.lower() != digest:
         raise ImageError(f"sha256 {sha256[:70]!r} does not match the bytes (they hash to {digest})")
     _bounded(found)
+    if budget is not None:
+        budget.take(found)
     decode(data, found)
     return ImageInfo(data, digest, found.content_type, found.width, found.height, len(data))
 
 
-def validate_images(chunk: Chunk, outcome: Outcome, max_bytes: int) -> None:
+def peak_decoded_bytes(batch: Any, max_bytes: int) -> int:
+    """The most pixel memory decoding this batch (an ingest Batch message)
+    takes at once: the largest image it may decode, from the headers alone.
+    Images are decoded one at a time and freed; one the header already
+    refuses is not decoded. An upper bound: validation may refuse more."""
+    peak = 0
+    for rs in batch.series:
+        series = rs.series
+        if series.WhichOneof("points") != "images":
+            continue
+        for image in series.images.images:
+            if len(image.data) > max_bytes:
+                continue
+            try:
+                n = sniff(image.data).decoded_bytes
+            except (ImageError, LimitError):
+                continue
+            if n <= MAX_DECODED_BYTES:
+                peak = max(peak, n)
+    return peak
+
+
+def validate_images(
+    chunk: Chunk, outcome: Outcome, max_bytes: int, budget: DecodeBudget | None = None
+) -> None:
     """Check every alive image of the chunk; reject the bad ones one by one.
+    `budget`: the request's, shared by its image series (None: unbounded).
 
     The payload (the request's repeated Image field, read one image at a
     time) becomes ImageInfo (None for rejected points), so the proto
@@ -232,7 +297,13 @@ def validate_images(chunk: Chunk, outcome: Outcome, max_bytes: int) -> None:
             continue
         try:
             infos[i] = check(
-                image.data, image.content_type, image.width, image.height, image.sha256, max_bytes
+                image.data,
+                image.content_type,
+                image.width,
+                image.height,
+                image.sha256,
+                max_bytes,
+                budget,
             )
         except (ImageError, LimitError) as exc:
             reason = LIMIT_EXCEEDED if isinstance(exc, LimitError) else INVALID_IMAGE

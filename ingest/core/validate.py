@@ -29,7 +29,7 @@ from ingest.core.batch import (
 from ingest.core.checks import CONTROL, LABEL_KEY, clip, label_key_ok
 from ingest.core.evaluations import validate_evaluations
 from ingest.core.histograms import DEFAULT_MAX_BINS, validate_histograms
-from ingest.core.images import validate_images
+from ingest.core.images import DecodeBudget, validate_images
 from ingest.core.model import run_id_ok
 from ingest.core.tables import validate_table
 
@@ -52,6 +52,8 @@ class Limits:
     # Histograms: bins of one point (16 bytes each).
     max_histogram_bins: int = DEFAULT_MAX_BINS
     max_image_bytes: int = 16 * 1024 * 1024
+    # Pixel bytes the images of one batch may decode to, all together.
+    max_image_decode_bytes: int = 1024 * 1024 * 1024
     # One batch: series and points decoded; the rest is rejected LIMIT_EXCEEDED
     # without being decoded (together they bound the memory a batch costs).
     max_series_per_batch: int = 100_000
@@ -109,12 +111,17 @@ def series_problem(
 
 
 def validate_chunk(
-    chunk: Chunk, outcome: Outcome, limits: Limits, series_checked: bool = False
+    chunk: Chunk,
+    outcome: Outcome,
+    limits: Limits,
+    series_checked: bool = False,
+    images: DecodeBudget | None = None,
 ) -> None:
     """Reject what is invalid in the chunk; leave the rest alive.
 
     series_checked: decode already ran `series_problem` on this series (and
-    `table_structure_problem` on a table)."""
+    `table_structure_problem` on a table). images: the batch's decode
+    budget, shared by its image chunks (None: a fresh one for this chunk)."""
     if not series_checked:
         found = series_problem(chunk.run_id, chunk.name, chunk.labels, chunk.description, limits)
         if found is not None:
@@ -141,7 +148,9 @@ def validate_chunk(
     elif chunk.kind == KIND_HISTOGRAM:
         validate_histograms(chunk, outcome, limits.max_histogram_bins)
     elif chunk.kind == KIND_IMAGE:
-        validate_images(chunk, outcome, limits.max_image_bytes)
+        if images is None:
+            images = DecodeBudget(limits.max_image_decode_bytes)
+        validate_images(chunk, outcome, limits.max_image_bytes, images)
     elif chunk.texts is not None:
         _check_texts(chunk, outcome, limits.max_text_value_chars)
 

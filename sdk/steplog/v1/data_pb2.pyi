@@ -237,7 +237,20 @@ Global___TableColumns: _TypeAlias = TableColumns  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
-    """An image, carried inline in the ingest stream (size-limited)."""
+    """An image, carried inline in the ingest stream (size-limited).
+
+    The service rejects an image point on its own (the other points of the
+    batch are kept):
+    - REJECT_REASON_INVALID_IMAGE when the bytes are not one complete PNG, JPEG,
+      GIF or WebP, or disagree with content_type, width, height or sha256;
+    - REJECT_REASON_LIMIT_EXCEEDED when data is larger than the service's
+      STEPLOG_MAX_IMAGE_BYTES, when its pixels would decode to more than 128 MiB
+      (all frames), or when, with the images before it in the same request, the
+      request's images would decode to more than STEPLOG_MAX_IMAGE_DECODE_BYTES
+      (default 1 GiB; counted from the headers, before decoding). The same
+      request sent again is rejected the same way: send such an image in
+      another request.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
