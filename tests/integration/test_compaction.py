@@ -9,7 +9,6 @@ import asyncio
 import math
 import struct
 import time
-import uuid
 from typing import Any
 
 import asyncpg
@@ -18,41 +17,16 @@ import pytest
 from bench.common import scrape
 from ingest.store.compact import CompactionTotals, compact_round
 from steplog import Experiment
-from steplog.client import Client
 from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 from tests.sql import fetch, fetchval
-from tests.support import ServiceProcess, free_port
+from tests.support import ProtoClient, ServiceProcess, free_port
 
 
-def _write(
-    client: Client,
-    run_id: str,
-    writer: str,
-    seq: int,
-    name: str,
-    steps: list[int],
-    values: list[float],
-    times: list[float] | None = None,
-    **kw: object,
-) -> pb.WriteResponse:
+def _sd(
+    name: str, steps: list[int], values: list[float], times: list[float] | None = None, **kw: Any
+) -> data_pb2.SeriesData:
     scalars = data_pb2.ScalarColumns(steps=steps, values=values, times=times or [])
-    return client.ingest.Write(
-        pb.WriteRequest(
-            workspace="default",
-            batch=pb.Batch(
-                writer_id=writer,
-                sequence=seq,
-                series=[
-                    pb.RunSeries(
-                        run_id=run_id,
-                        series=data_pb2.SeriesData(name=name, scalars=scalars, **kw),
-                    )
-                ],  # type: ignore[arg-type]
-            ),
-        ),
-        timeout=30,
-    )
+    return data_pb2.SeriesData(name=name, scalars=scalars, **kw)
 
 
 def _bits(x: float) -> bytes:
@@ -133,23 +107,19 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    raw = ProtoClient(url)
     specials = [math.nan, math.inf, -math.inf, -0.0, 5e-324]
-    seq = 0
     # Seven series, 300 commits of one point each (what a training loop sends).
     for step in range(300):
         for j in range(7):
-            seq += 1
             v = specials[step % 5] if step % 50 == 0 else step + j / 10
-            r = _write(client, run.id, writer, seq, f"m{j}", [step], [v])
+            r = raw.write(run.id, _sd(f"m{j}", [step], [v]))
             assert r.result.accepted == 1
     # A rewind and an out-of-order series rewriting a step: hidden rows.
     assert run.rewind(279, names=["m0"]) == 20
     ooo = data_pb2.STEP_POLICY_OUT_OF_ORDER
-    seq += 1
-    _write(client, run.id, writer, seq, "eval", [0, 1, 2], [1.0, 2.0, 3.0], step_policy=ooo)
-    seq += 1
-    _write(client, run.id, writer, seq, "eval", [1], [20.0], step_policy=ooo)
+    raw.write(run.id, _sd("eval", [0, 1, 2], [1.0, 2.0, 3.0], step_policy=ooo))
+    raw.write(run.id, _sd("eval", [1], [20.0], step_policy=ooo))
     rows, blocks, _ = _layout(database_url, run.id)
     assert (rows, blocks) == (7 * 300 + 4, 0)
     before, counts = _points(database_url, run.id), _series(database_url, run.id)
@@ -176,13 +146,10 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
     # The step rules after compaction: the rewound series continues at 280,
     # a rewind inside a compacted block hides only what follows, the
     # out-of-order series rewrites a step of a compacted block.
-    seq += 1
-    assert _write(client, run.id, writer, seq, "m0", [279], [1.0]).result.rejected == 1
-    seq += 1
-    assert _write(client, run.id, writer, seq, "m0", [280], [1.0]).result.accepted == 1
+    assert raw.write(run.id, _sd("m0", [279], [1.0])).result.rejected == 1
+    assert raw.write(run.id, _sd("m0", [280], [1.0])).result.accepted == 1
     assert run.rewind(99, names=["m1"]) == 200
-    seq += 1
-    _write(client, run.id, writer, seq, "eval", [2], [30.0], step_policy=ooo)
+    raw.write(run.id, _sd("eval", [2], [30.0], step_policy=ooo))
     got = run.get_metrics()
     assert [_bits(v) for v in got["m1"]] == [_bits(v) for v in metrics_before["m1"][:100]]
     assert got["m0"][-1] == 1.0 and len(got["m0"]) == 281
@@ -193,24 +160,20 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    raw = ProtoClient(url)
     t0 = 2_000_000_000.0  # at the start of a 2,000-second cell
-    seq = 0
     # Ten commits of 20 points: ten small blocks in one cell.
     for k in range(10):
-        seq += 1
         steps = list(range(20 * k, 20 * k + 20))
-        _write(client, run.id, writer, seq, "a", steps, [float(s) for s in steps],
-               times=[t0 + s * 0.5 for s in steps])  # fmt: skip
+        times = [t0 + s * 0.5 for s in steps]
+        raw.write(run.id, _sd("a", steps, [float(s) for s in steps], times=times))
     # A full block (1024 points) is left as it is.
-    seq += 1
     steps = list(range(200, 1224))
-    _write(client, run.id, writer, seq, "a", steps, [float(s) for s in steps],
-           times=[t0 + 100 + s * 0.001 for s in steps])  # fmt: skip
+    times = [t0 + 100 + s * 0.001 for s in steps]
+    raw.write(run.id, _sd("a", steps, [float(s) for s in steps], times=times))
     # A slow series: one point an hour for ten hours, each in its own cell.
     for h in range(10):
-        seq += 1
-        _write(client, run.id, writer, seq, "slow", [h], [float(h)], times=[t0 + 3600.0 * h])
+        raw.write(run.id, _sd("slow", [h], [float(h)], times=[t0 + 3600.0 * h]))
     assert _layout(database_url, run.id)[:2] == (10, 11)
     before = _points(database_url, run.id)
 
@@ -224,8 +187,7 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
     _compact(database_url)
     assert _block_ids(database_url, run.id) == ids  # the single blocks of "slow" stay
     # One more point in the last hour's cell merges with that cell's block only.
-    seq += 1
-    _write(client, run.id, writer, seq, "slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5])
+    raw.write(run.id, _sd("slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5]))
     _compact(database_url)
     assert sorted(_layout(database_url, run.id)[2]) == [1] * 9 + [2, 200, 1024]
     assert len(ids - _block_ids(database_url, run.id)) == 1  # that block only was rewritten
