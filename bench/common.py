@@ -223,6 +223,26 @@ def scrape(metrics_port: int, name: str) -> float:
     return total
 
 
+async def compact_now(url: str) -> int:
+    """Compact every numeric series of the database now, as the service's
+    sweep would (ingest.store.compact), for a benchmark whose service runs
+    with STEPLOG_COMPACT_INTERVAL_S=0; returns the points moved."""
+    from ingest.store.compact import CompactionTotals, compact_round
+
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    assert pool is not None
+    totals = CompactionTotals()
+    try:
+        after = await compact_round(pool, totals)
+        while after:
+            after = await compact_round(pool, totals, after)
+        async with pool.acquire() as conn:
+            await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
+    finally:
+        await pool.close()
+    return totals.points
+
+
 async def fetchval(url: str, query: str) -> object:
     conn = await asyncpg.connect(url)
     try:
