@@ -154,7 +154,12 @@ METHOD_ROLES: dict[str, Role] = {
             "GetEarlyTerminationPolicy": _R,
         },
         "IngestService": {"Ingest": _W, "Write": _W},
-        "QueryService": {"GetMetrics": _R, "ReadSeries": _R, "ListSeries": _R},
+        "QueryService": {
+            "GetMetrics": _R,
+            "ReadSeries": _R,
+            "ListSeries": _R,
+            "ReadCharts": _R,
+        },
         "ArtifactService": {"UploadArtifact": _W, "DownloadArtifact": _R, "ListArtifacts": _R},
         "TokenService": {"CreateToken": _A, "ListTokens": _A, "RevokeToken": _A},
     }.items()

@@ -14,11 +14,19 @@ import grpc
 from google.protobuf.message import Message
 
 from ingest.api.common import handle_errors
-from ingest.api.series import series_data
+from ingest.api.series import chart_data, series_data
 from ingest.core import model
-from ingest.core.errors import invalid
+from ingest.core.errors import invalid, not_found
 from ingest.core.kinds import KIND_SCALAR
-from ingest.store.queries import MAX_STEP, MIN_STEP, KindReader, QueryStore, Window
+from ingest.store.queries import (
+    MAX_STEP,
+    MIN_STEP,
+    SCALAR_POINT_BYTES,
+    KindReader,
+    QueryStore,
+    SeriesHead,
+    Window,
+)
 from steplog.v1 import query_service_pb2 as pb
 from steplog.v1 import query_service_pb2_grpc as pb_grpc
 
@@ -28,6 +36,9 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 # 0 asks for the default, larger values are treated as the maximum.
 MAX_PAGE_POINTS = 100_000
 MAX_PAGE_SERIES = 1_000
+# ReadCharts: series in one request, and points of one series at most.
+MAX_CHART_SERIES = 1_000
+MAX_CHART_POINTS = 100_000
 # Bytes of a response besides its points and series headers: run ids, the
 # page token, counts and framing.
 ENVELOPE_BYTES = 2048
@@ -247,6 +258,67 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             reply.next_page_token = encode_token(
                 request, s=s.series_id, e=end, n=total, p=got.slice.next[1]
             )
+        return reply
+
+    # -- ReadCharts --------------------------------------------------------------
+
+    @handle_errors
+    async def ReadCharts(
+        self, request: pb.ReadChartsRequest, context: Ctx
+    ) -> pb.ReadChartsResponse:
+        workspace = model.workspace_name(request.workspace)
+        count = len(request.series)
+        if not 1 <= count <= MAX_CHART_SERIES:
+            raise invalid("series", f"must name 1 to {MAX_CHART_SERIES} series; got {count}")
+        if not 1 <= request.max_points <= MAX_CHART_POINTS:
+            raise invalid(
+                "max_points", f"must be 1 to {MAX_CHART_POINTS}; got {request.max_points}"
+            )
+        limit = page_size(request.page_size, MAX_PAGE_SERIES)
+        start = request.start_step if request.HasField("start_step") else MIN_STEP
+        end = request.end_step if request.HasField("end_step") else MAX_STEP
+        if end < start:
+            raise invalid("end_step", "must be >= start_step")
+        token = decode_token(request, request.page_token, {"i": int})
+        first = 0 if token is None else token["i"]
+        if token is not None and not 0 < first < count:
+            raise invalid("page_token", "names no series of this request")
+        refs = [(r.name, dict(r.labels)) for r in request.series]
+        heads = await self.store.find_many(workspace, model.run_id(request.run_id), refs)
+        for i, h in enumerate(heads):
+            if h is None:
+                raise not_found(
+                    f"series[{i}].name",
+                    f"run {request.run_id!r} has no series {refs[i][0]!r} with labels {refs[i][1]}",
+                )
+            if h.kind != KIND_SCALAR or h.text:
+                raise invalid(
+                    f"series[{i}]", f"{h.name!r} is not a numeric scalar series (use ReadSeries)"
+                )
+        found = [h for h in heads if h is not None]
+        # The series of this page: whole answers, at most their header and
+        # max_points points each (the stored point count bounds a smaller one).
+        budget = self.max_response_bytes - ENVELOPE_BYTES
+        take: list[SeriesHead] = []
+        for h in found[first:]:
+            worst = h.header + 32 + SCALAR_POINT_BYTES * min(request.max_points, h.point_count)
+            if take and (len(take) >= limit or worst > budget):
+                break
+            take.append(h)
+            budget -= worst
+        charts = await self.store.chart([h.series_id for h in take], start, end, request.max_points)
+        reply = pb.ReadChartsResponse(
+            series=[
+                pb.ChartSeries(
+                    series=chart_data(h, charts[h.series_id].points),
+                    downsampled=charts[h.series_id].downsampled,
+                    total_points=charts[h.series_id].total,
+                )
+                for h in take
+            ]
+        )
+        if first + len(take) < count:
+            reply.next_page_token = encode_token(request, i=first + len(take))
         return reply
 
     # -- ListSeries --------------------------------------------------------------

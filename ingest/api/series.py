@@ -14,6 +14,7 @@ from ingest.core.kinds import (
     KIND_TABLE,
 )
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
+from ingest.store.columns import Points
 from ingest.store.queries import Column, Point, Read, SeriesHead
 from steplog.v1 import data_pb2
 
@@ -27,6 +28,14 @@ def scalar_columns(rows: Sequence[Point], text: bool) -> data_pb2.ScalarColumns:
     else:
         cols.values.extend(r["value"] for r in rows)
     return cols
+
+
+def scalar_arrays(points: Points) -> data_pb2.ScalarColumns:
+    """Numeric scalar points read as numpy columns -> ScalarColumns (the
+    arrays handed to protobuf whole: one list each, no per-point loop here)."""
+    return data_pb2.ScalarColumns(
+        steps=points.steps.tolist(), times=points.times.tolist(), values=points.values.tolist()
+    )
 
 
 def table_columns(
@@ -106,7 +115,10 @@ def histogram_points(rows: Sequence[Point], with_steps: bool = True) -> data_pb2
 
 def _fill(data: data_pb2.SeriesData, s: SeriesHead, rows: Sequence[Point], read: Read) -> None:
     """Set the kind's points of data (present even when empty: the kind shows)."""
-    if s.kind == KIND_SCALAR:
+    if s.kind == KIND_SCALAR and s.series_id in read.slice.columns:
+        data.scalars.CopyFrom(scalar_arrays(read.slice.columns[s.series_id]))
+        data.scalars.SetInParent()
+    elif s.kind == KIND_SCALAR:
         data.scalars.CopyFrom(scalar_columns(rows, s.text))
         data.scalars.SetInParent()
     elif s.kind == KIND_TABLE:
@@ -121,6 +133,14 @@ def _fill(data: data_pb2.SeriesData, s: SeriesHead, rows: Sequence[Point], read:
     elif s.kind == KIND_HISTOGRAM:
         data.histograms.CopyFrom(histogram_points(rows))
         data.histograms.SetInParent()
+
+
+def chart_data(s: SeriesHead, points: Points) -> data_pb2.SeriesData:
+    """A numeric scalar series read as columns (ReadCharts) as SeriesData."""
+    data = data_pb2.SeriesData(name=s.name, labels=s.labels, description=s.description)
+    data.scalars.CopyFrom(scalar_arrays(points))
+    data.scalars.SetInParent()
+    return data
 
 
 def series_data(s: SeriesHead, read: Read) -> data_pb2.SeriesData:

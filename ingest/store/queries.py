@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import asyncpg
+import numpy as np
 
 from ingest.core.decode import labels_key
 from ingest.core.errors import not_found
 from ingest.core.kinds import KIND_HISTOGRAM, KIND_IMAGE, KIND_SCALAR, KIND_TABLE, VALUE_TEXT
+from ingest.store.columns import DEFAULT_CACHE_BYTES, BlockCache, Points, downsample, read_points
 from ingest.store.db import acquire
 
 MIN_STEP = -(2**63)
@@ -129,6 +131,9 @@ class Slice:
     next: tuple[int, int] | None
     used: int
     count: int
+    # Numeric scalars read as numpy columns (ingest/store/columns.py), by
+    # series, instead of rows.
+    columns: Mapping[int, Points] = field(default_factory=dict)
 
 
 class PointCount(NamedTuple):
@@ -309,11 +314,27 @@ async def count_points(
     return PointCount(int(row["n"]), row["last"])
 
 
+# Bytes a numeric scalar point takes in an answer, at most (a step, a time, a double).
+SCALAR_POINT_BYTES = 26
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """One series of a chart read: its points (downsampled when `downsampled`)
+    and the visible points of the range before downsampling."""
+
+    points: Points
+    total: int
+    downsampled: bool
+
+
 class QueryStore:
     """Reads: series of runs and their visible (not hidden) points."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.pool = pool
+        # Decoded scalar blocks, shared by every read of this store.
+        self.cache = BlockCache(cache_bytes)
 
     def _conn(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         return acquire(self.pool)
@@ -432,6 +453,25 @@ class QueryStore:
             )
         return SeriesHead.of(row)
 
+    async def find_many(
+        self, workspace: str, run_id: str, refs: Sequence[tuple[str, Mapping[str, str]]]
+    ) -> list[SeriesHead | None]:
+        """The series of a run by (name, labels), in the order asked (None
+        for one that does not exist), in one query."""
+        keys = [labels_key(dict(labels)) for _, labels in refs]
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {self._SERIES}, {self._HEADER} AS header FROM series"
+                " WHERE run_id = $1 AND workspace = $2"
+                " AND (name, labels_key) IN (SELECT * FROM unnest($3::text[], $4::text[]))",
+                run_id,
+                workspace,
+                [name for name, _ in refs],
+                keys,
+            )
+        found = {(r["name"], labels_key(dict(r["labels"]))): SeriesHead.of(r) for r in rows}
+        return [found.get((name, key)) for (name, _), key in zip(refs, keys, strict=True)]
+
     async def read_scalars(self, series: Sequence[SeriesHead], window: Window) -> Read:
         """Visible scalar points of a window (series of one value type), in
         (series_id, step) order: the scalar kind's KindReader."""
@@ -440,11 +480,47 @@ class QueryStore:
 
     async def scalar_points(self, series_ids: Sequence[int], text: bool, window: Window) -> Slice:
         """Visible scalar points of a window, in (series_id, step) order."""
+        if not text and window.extremes:
+            return await self._downsampled(series_ids, window)
         table = "text_points" if text else "scalar_points"
         # Encoded: a step (<= 10 bytes), a time and a double, or a string.
         cost = "octet_length(value) + 24" if text else "26"
         async with self._conn() as conn:
             return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
+
+    async def _downsampled(self, series_ids: Sequence[int], window: Window) -> Slice:
+        """A page of one numeric series' downsampled points (Window.extremes),
+        computed with numpy from the points as columns (columns.downsample)."""
+        if len(series_ids) != 1:
+            raise ValueError("a downsampled read is of one series")
+        sid = series_ids[0]
+        async with self._conn() as conn:
+            got = await read_points(conn, [sid], window.start, window.end, self.cache)
+        kept = downsample(got[sid], window.extremes)
+        a_sid, a_step = window.after
+        first = 0 if a_sid < sid else len(kept) if a_sid > sid else None
+        if first is None:
+            first = int(kept.steps.searchsorted(a_step, "left"))
+        room = min(window.limit, window.budget // SCALAR_POINT_BYTES)
+        if room <= 0 and window.force:
+            room = 1
+        last = min(len(kept), first + max(room, 0))
+        page = kept.take(np.arange(first, last, dtype=np.intp))
+        nxt = (sid, int(kept.steps[last])) if last < len(kept) else None
+        count = last - first
+        return Slice({}, nxt, count * SCALAR_POINT_BYTES, count, {sid: page} if count else {})
+
+    async def chart(
+        self, series_ids: Sequence[int], start: int, end: int, max_points: int
+    ) -> dict[int, Chart]:
+        """Numeric scalar series in one step range, each downsampled to at
+        most max_points points (columns.downsample), read in one snapshot."""
+        async with self._conn() as conn:
+            got = await read_points(conn, series_ids, start, end, self.cache)
+        return {
+            sid: Chart(downsample(p, max_points), len(p), 0 < max_points < len(p))
+            for sid, p in got.items()
+        }
 
     async def count_points(self, series: SeriesHead, start: int, end: int) -> PointCount:
         table = points_table(series.kind, series.value_type)

@@ -749,6 +749,33 @@ class Run(RunFiles, AzureOnly):
         merged = dict(self._series_labels(labels))
         return read_series(self._client, self.id, name, merged, start_step, end_step, max_points)
 
+    def get_charts(
+        self,
+        names: Sequence[str | tuple[str, Mapping[str, str]]],
+        *,
+        max_points: int = 1000,
+        start_step: int | None = None,
+        end_step: int | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Several numeric scalar series of this run for a chart, in one call
+        (ReadCharts): each downsampled to at most max_points points (1 to
+        100,000) like `get_series(..., max_points=...)`, over the same step
+        range. `names` are names or (name, labels) pairs. Returns
+        {key: {"steps", "values", "times", "downsampled", "total_points"}}
+        with numpy arrays (steps int64, values and times float64), key the
+        name, with its labels when it has any: loss{rank=3}."""
+        from steplog.query import key_of, read_charts
+
+        self.flush(None)
+        refs = [
+            (n, dict(self._labels))
+            if isinstance(n, str)
+            else (n[0], dict(self._series_labels(n[1])))
+            for n in names
+        ]
+        got = read_charts(self._client, self.id, refs, start_step, end_step, max_points)
+        return {key_of(one.pop("name"), one.pop("labels")): one for one in got}
+
     # -- tags and properties --------------------------------------------------------
 
     def tag(self, key: str, value: str | None = None) -> None:

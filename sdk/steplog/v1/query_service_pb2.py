@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from steplog.v1 import data_pb2 as steplog_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteplog/v1/query_service.proto\x12\nsteplog.v1\x1a\x15steplog/v1/data.proto\"\x7f\n\x11GetMetricsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05names\x18\x03 \x03(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"D\n\nRunMetrics\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x06series\x18\x02 \x03(\x0b\x32\x16.steplog.v1.SeriesData\"S\n\x12GetMetricsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.steplog.v1.RunMetrics\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcc\x02\n\x11ReadSeriesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).steplog.v1.ReadSeriesRequest.LabelsEntry\x12\x17\n\nstart_step\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08\x65nd_step\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nmax_points\x18\x07 \x01(\x05\x12\x15\n\rinclude_bytes\x18\x08 \x01(\x08\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_start_stepB\x0b\n\t_end_step\"\x80\x01\n\x12ReadSeriesResponse\x12&\n\x06series\x18\x01 \x01(\x0b\x32\x16.steplog.v1.SeriesData\x12\x13\n\x0b\x64ownsampled\x18\x02 \x01(\x08\x12\x14\n\x0ctotal_points\x18\x03 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"]\n\x11ListSeriesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x84\x02\n\nSeriesInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06labels\x18\x02 \x03(\x0b\x32\".steplog.v1.SeriesInfo.LabelsEntry\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.steplog.v1.SeriesKind\x12\x0f\n\x07stepped\x18\x04 \x01(\x08\x12\x13\n\x0bpoint_count\x18\x05 \x01(\x03\x12\x16\n\tlast_step\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_last_step\"U\n\x12ListSeriesResponse\x12&\n\x06series\x18\x01 \x03(\x0b\x32\x16.steplog.v1.SeriesInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf5\x01\n\x0cQueryService\x12K\n\nGetMetrics\x12\x1d.steplog.v1.GetMetricsRequest\x1a\x1e.steplog.v1.GetMetricsResponse\x12K\n\nReadSeries\x12\x1d.steplog.v1.ReadSeriesRequest\x1a\x1e.steplog.v1.ReadSeriesResponse\x12K\n\nListSeries\x12\x1d.steplog.v1.ListSeriesRequest\x1a\x1e.steplog.v1.ListSeriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteplog/v1/query_service.proto\x12\nsteplog.v1\x1a\x15steplog/v1/data.proto\"\x7f\n\x11GetMetricsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05names\x18\x03 \x03(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"D\n\nRunMetrics\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x06series\x18\x02 \x03(\x0b\x32\x16.steplog.v1.SeriesData\"S\n\x12GetMetricsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.steplog.v1.RunMetrics\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcc\x02\n\x11ReadSeriesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).steplog.v1.ReadSeriesRequest.LabelsEntry\x12\x17\n\nstart_step\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08\x65nd_step\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nmax_points\x18\x07 \x01(\x05\x12\x15\n\rinclude_bytes\x18\x08 \x01(\x08\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_start_stepB\x0b\n\t_end_step\"\x80\x01\n\x12ReadSeriesResponse\x12&\n\x06series\x18\x01 \x01(\x0b\x32\x16.steplog.v1.SeriesData\x12\x13\n\x0b\x64ownsampled\x18\x02 \x01(\x08\x12\x14\n\x0ctotal_points\x18\x03 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"{\n\tSeriesRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x06labels\x18\x02 \x03(\x0b\x32!.steplog.v1.SeriesRef.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x11ReadChartsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12%\n\x06series\x18\x03 \x03(\x0b\x32\x15.steplog.v1.SeriesRef\x12\x17\n\nstart_step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08\x65nd_step\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nmax_points\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\tB\r\n\x0b_start_stepB\x0b\n\t_end_step\"`\n\x0b\x43hartSeries\x12&\n\x06series\x18\x01 \x01(\x0b\x32\x16.steplog.v1.SeriesData\x12\x13\n\x0b\x64ownsampled\x18\x02 \x01(\x08\x12\x14\n\x0ctotal_points\x18\x03 \x01(\x03\"V\n\x12ReadChartsResponse\x12\'\n\x06series\x18\x01 \x03(\x0b\x32\x17.steplog.v1.ChartSeries\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x11ListSeriesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x84\x02\n\nSeriesInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06labels\x18\x02 \x03(\x0b\x32\".steplog.v1.SeriesInfo.LabelsEntry\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.steplog.v1.SeriesKind\x12\x0f\n\x07stepped\x18\x04 \x01(\x08\x12\x13\n\x0bpoint_count\x18\x05 \x01(\x03\x12\x16\n\tlast_step\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_last_step\"U\n\x12ListSeriesResponse\x12&\n\x06series\x18\x01 \x03(\x0b\x32\x16.steplog.v1.SeriesInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc2\x02\n\x0cQueryService\x12K\n\nGetMetrics\x12\x1d.steplog.v1.GetMetricsRequest\x1a\x1e.steplog.v1.GetMetricsResponse\x12K\n\nReadSeries\x12\x1d.steplog.v1.ReadSeriesRequest\x1a\x1e.steplog.v1.ReadSeriesResponse\x12K\n\nListSeries\x12\x1d.steplog.v1.ListSeriesRequest\x1a\x1e.steplog.v1.ListSeriesResponse\x12K\n\nReadCharts\x12\x1d.steplog.v1.ReadChartsRequest\x1a\x1e.steplog.v1.ReadChartsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_READSERIESREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_READSERIESREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SERIESREF_LABELSENTRY']._loaded_options = None
+  _globals['_SERIESREF_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SERIESINFO_LABELSENTRY']._loaded_options = None
   _globals['_SERIESINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GETMETRICSREQUEST']._serialized_start=69
@@ -48,14 +50,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READSERIESREQUEST_LABELSENTRY']._serialized_end=658
   _globals['_READSERIESRESPONSE']._serialized_start=689
   _globals['_READSERIESRESPONSE']._serialized_end=817
-  _globals['_LISTSERIESREQUEST']._serialized_start=819
-  _globals['_LISTSERIESREQUEST']._serialized_end=912
-  _globals['_SERIESINFO']._serialized_start=915
-  _globals['_SERIESINFO']._serialized_end=1175
+  _globals['_SERIESREF']._serialized_start=819
+  _globals['_SERIESREF']._serialized_end=942
+  _globals['_SERIESREF_LABELSENTRY']._serialized_start=613
+  _globals['_SERIESREF_LABELSENTRY']._serialized_end=658
+  _globals['_READCHARTSREQUEST']._serialized_start=945
+  _globals['_READCHARTSREQUEST']._serialized_end=1173
+  _globals['_CHARTSERIES']._serialized_start=1175
+  _globals['_CHARTSERIES']._serialized_end=1271
+  _globals['_READCHARTSRESPONSE']._serialized_start=1273
+  _globals['_READCHARTSRESPONSE']._serialized_end=1359
+  _globals['_LISTSERIESREQUEST']._serialized_start=1361
+  _globals['_LISTSERIESREQUEST']._serialized_end=1454
+  _globals['_SERIESINFO']._serialized_start=1457
+  _globals['_SERIESINFO']._serialized_end=1717
   _globals['_SERIESINFO_LABELSENTRY']._serialized_start=613
   _globals['_SERIESINFO_LABELSENTRY']._serialized_end=658
-  _globals['_LISTSERIESRESPONSE']._serialized_start=1177
-  _globals['_LISTSERIESRESPONSE']._serialized_end=1262
-  _globals['_QUERYSERVICE']._serialized_start=1265
-  _globals['_QUERYSERVICE']._serialized_end=1510
+  _globals['_LISTSERIESRESPONSE']._serialized_start=1719
+  _globals['_LISTSERIESRESPONSE']._serialized_end=1804
+  _globals['_QUERYSERVICE']._serialized_start=1807
+  _globals['_QUERYSERVICE']._serialized_end=2129
 # @@protoc_insertion_point(module_scope)

@@ -260,6 +260,183 @@ class ReadSeriesResponse(_message.Message):
 Global___ReadSeriesResponse: _TypeAlias = ReadSeriesResponse  # noqa: Y015
 
 @_typing.final
+class SeriesRef(_message.Message):
+    """A series of a run: its name and labels (as in ReadSeriesRequest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeriesRef: _TypeAlias = SeriesRef  # noqa: Y015
+
+@_typing.final
+class ReadChartsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SERIES_FIELD_NUMBER: _builtins.int
+    START_STEP_FIELD_NUMBER: _builtins.int
+    END_STEP_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    run_id: _builtins.str
+    start_step: _builtins.int
+    """Inclusive step range, the same for every series; unset bounds are open."""
+    end_step: _builtins.int
+    max_points: _builtins.int
+    """At most this many points for each series: 1 to 100000 (0 or out of
+    range is INVALID_ARGUMENT). A series whose range holds more is
+    downsampled exactly as ReadSeriesRequest.max_points describes for
+    numeric scalars (buckets of equal point counts, each keeping its first
+    point, its first NaN and its first smallest and largest non-NaN
+    values); one holding at most max_points returns every visible point.
+    """
+    page_size: _builtins.int
+    """Most series in one response: 0 means the default (1000); larger values
+    are treated as 1000; negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; else the next_page_token of the previous
+    response (see "Paging" above).
+    """
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesRef]:
+        """The series to read, 1 to 1000 of them, each a numeric scalar series of
+        the run (another kind is INVALID_ARGUMENT naming series[i]; a series
+        that does not exist is NOT_FOUND naming name). The answers come in this
+        order; a series named twice is answered twice.
+        """
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        series: _abc.Iterable[Global___SeriesRef] | None = ...,
+        start_step: _builtins.int | None = ...,
+        end_step: _builtins.int | None = ...,
+        max_points: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "start_step", b"start_step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_step", b"_end_step", "_start_step", b"_start_step", "end_step", b"end_step", "max_points", b"max_points", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "series", b"series", "start_step", b"start_step", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_step: _TypeAlias = _typing.Literal["end_step"]  # noqa: Y015
+    _WhichOneofArgType__end_step: _TypeAlias = _typing.Literal["_end_step", b"_end_step"]  # noqa: Y015
+    _WhichOneofReturnType__start_step: _TypeAlias = _typing.Literal["start_step"]  # noqa: Y015
+    _WhichOneofArgType__start_step: _TypeAlias = _typing.Literal["_start_step", b"_start_step"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_step) -> _WhichOneofReturnType__end_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_step) -> _WhichOneofReturnType__start_step | None: ...
+
+Global___ReadChartsRequest: _TypeAlias = ReadChartsRequest  # noqa: Y015
+
+@_typing.final
+class ChartSeries(_message.Message):
+    """One series of a ReadCharts answer, whole."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    DOWNSAMPLED_FIELD_NUMBER: _builtins.int
+    TOTAL_POINTS_FIELD_NUMBER: _builtins.int
+    downsampled: _builtins.bool
+    """True when the points were downsampled."""
+    total_points: _builtins.int
+    """Visible points in the range before downsampling."""
+    @_builtins.property
+    def series(self) -> _data_pb2.SeriesData:
+        """Name, labels, description and the points (scalars: steps, times and
+        values in step order; see "Steps").
+        """
+
+    def __init__(
+        self,
+        *,
+        series: _data_pb2.SeriesData | None = ...,
+        downsampled: _builtins.bool = ...,
+        total_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downsampled", b"downsampled", "series", b"series", "total_points", b"total_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChartSeries: _TypeAlias = ChartSeries  # noqa: Y015
+
+@_typing.final
+class ReadChartsResponse(_message.Message):
+    """One page of a ReadCharts answer: the next series in request order, each
+    whole (never split over pages), read as it stood when its page was
+    served; as many as fit in the response bound (at least one) and
+    page_size.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page; else the page_token for the next one."""
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChartSeries]: ...
+    def __init__(
+        self,
+        *,
+        series: _abc.Iterable[Global___ChartSeries] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadChartsResponse: _TypeAlias = ReadChartsResponse  # noqa: Y015
+
+@_typing.final
 class ListSeriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

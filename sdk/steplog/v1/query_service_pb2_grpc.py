@@ -80,6 +80,11 @@ class QueryServiceStub:
                 request_serializer=steplog_dot_v1_dot_query__service__pb2.ListSeriesRequest.SerializeToString,
                 response_deserializer=steplog_dot_v1_dot_query__service__pb2.ListSeriesResponse.FromString,
                 _registered_method=True)
+        self.ReadCharts = channel.unary_unary(
+                '/steplog.v1.QueryService/ReadCharts',
+                request_serializer=steplog_dot_v1_dot_query__service__pb2.ReadChartsRequest.SerializeToString,
+                response_deserializer=steplog_dot_v1_dot_query__service__pb2.ReadChartsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -138,6 +143,15 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadCharts(self, request, context):
+        """Several numeric scalar series of one run over one step range, each
+        downsampled to at most max_points points: a chart of many lines in one
+        call, in pages of whole series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +169,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListSeries,
                     request_deserializer=steplog_dot_v1_dot_query__service__pb2.ListSeriesRequest.FromString,
                     response_serializer=steplog_dot_v1_dot_query__service__pb2.ListSeriesResponse.SerializeToString,
+            ),
+            'ReadCharts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadCharts,
+                    request_deserializer=steplog_dot_v1_dot_query__service__pb2.ReadChartsRequest.FromString,
+                    response_serializer=steplog_dot_v1_dot_query__service__pb2.ReadChartsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class QueryService:
             '/steplog.v1.QueryService/ListSeries',
             steplog_dot_v1_dot_query__service__pb2.ListSeriesRequest.SerializeToString,
             steplog_dot_v1_dot_query__service__pb2.ListSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadCharts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steplog.v1.QueryService/ReadCharts',
+            steplog_dot_v1_dot_query__service__pb2.ReadChartsRequest.SerializeToString,
+            steplog_dot_v1_dot_query__service__pb2.ReadChartsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,11 @@ class QueryServiceStub:
     """One series by step range, optionally downsampled for charts, in pages."""
     ListSeries: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListSeriesRequest, _query_service_pb2.ListSeriesResponse]
     """The series of a run, without points, in pages."""
+    ReadCharts: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ReadChartsRequest, _query_service_pb2.ReadChartsResponse]
+    """Several numeric scalar series of one run over one step range, each
+    downsampled to at most max_points points: a chart of many lines in one
+    call, in pages of whole series.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -117,6 +122,11 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """One series by step range, optionally downsampled for charts, in pages."""
     ListSeries: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListSeriesRequest, _query_service_pb2.ListSeriesResponse]  # type: ignore[assignment]
     """The series of a run, without points, in pages."""
+    ReadCharts: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ReadChartsRequest, _query_service_pb2.ReadChartsResponse]  # type: ignore[assignment]
+    """Several numeric scalar series of one run over one step range, each
+    downsampled to at most max_points points: a chart of many lines in one
+    call, in pages of whole series.
+    """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Queries over what was stored. Hidden (rewound) points are never returned.
@@ -177,5 +187,16 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListSeriesResponse, _abc.Awaitable[_query_service_pb2.ListSeriesResponse]]:
         """The series of a run, without points, in pages."""
+
+    @_abc_1.abstractmethod
+    def ReadCharts(
+        self,
+        request: _query_service_pb2.ReadChartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.ReadChartsResponse, _abc.Awaitable[_query_service_pb2.ReadChartsResponse]]:
+        """Several numeric scalar series of one run over one step range, each
+        downsampled to at most max_points points: a chart of many lines in one
+        call, in pages of whole series.
+        """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

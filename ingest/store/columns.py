@@ -1,0 +1,386 @@
+"""Numeric scalar points read as numpy columns, and the chart downsampling
+computed on them (issue 13, the READ path).
+
+A block's arrays leave PostgreSQL as their binary send form
+(`array_send`: a 20-byte header, then a 4-byte length and the big-endian
+element for each point), which `np.frombuffer` reads with a strided dtype:
+no Python object per point on either side. Measured on the bench data
+(2,500 blocks, 10M points): sending the arrays costs PostgreSQL about 30-100
+ns a point, which no SQL over the points beats (unnest and aggregate cost
+more), so decoded blocks are kept in a bounded cache keyed by
+(block_id, xmin): a block's xmin changes with every UPDATE of the row (a
+rewind hiding some of its points, an edit), and block ids are never reused,
+so a cached block is always the version the read's snapshot sees; the
+query sends only the arrays of blocks not in the cache.
+
+Block summaries (min/max value, last value, nan_count) are not used here:
+they cover a whole block (4,096 points at most) and include hidden points,
+while a chart bucket of 1,000 buckets over 100k points holds ~100-300
+points, so nearly every block straddles bucket edges and must be unpacked
+anyway (see bench/README.md, Reads).
+
+Every read of several queries runs in one REPEATABLE READ read-only
+transaction, so the rows and the blocks are seen at one snapshot (a
+compaction moving rows into blocks between two queries would otherwise
+lose or double points)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+B = npt.NDArray[np.bool_]
+
+# Decoded blocks kept by a store, in bytes of their arrays.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+
+_F8 = np.dtype([("n", ">i4"), ("v", ">f8")])
+_I8 = np.dtype([("n", ">i4"), ("v", ">i8")])
+_I4 = np.dtype([("n", ">i4"), ("v", ">i4")])
+_BOOL = np.dtype([("n", ">i4"), ("v", "u1")])
+
+
+def unpack(raw: bytes | None, element: np.dtype[Any], out: type) -> npt.NDArray[Any]:
+    """A one-dimensional array without NULLs from its binary send form."""
+    if raw is None:
+        raise ValueError("no array")
+    ndim = int.from_bytes(raw[0:4], "big")
+    if ndim == 0:
+        return np.empty(0, dtype=out)
+    if ndim != 1 or int.from_bytes(raw[4:8], "big") != 0:
+        raise ValueError("a block array must be one-dimensional without NULLs")
+    cells = np.frombuffer(raw, dtype=element, offset=20)
+    return cells["v"].astype(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A block's points as arrays, in their stored order: the times in
+    microseconds since the epoch. `steps` None: the steps are min_step,
+    min_step + 1, ..., max_step; `hidden` None: none is hidden."""
+
+    min_step: int
+    max_step: int
+    values: F64
+    times_us: I64
+    steps: I64 | None
+    hidden: B | None
+
+    @property
+    def nbytes(self) -> int:
+        extra = (0 if self.steps is None else self.steps.nbytes) + (
+            0 if self.hidden is None else self.hidden.nbytes
+        )
+        return self.values.nbytes + self.times_us.nbytes + extra + 160
+
+    @classmethod
+    def of(cls, r: Any) -> Block:
+        offsets = unpack(r["o"], _I4, np.int64)
+        offsets += int(r["t0"])
+        return cls(
+            min_step=int(r["min_step"]),
+            max_step=int(r["max_step"]),
+            values=unpack(r["v"], _F8, np.float64),
+            times_us=offsets,
+            steps=None if r["s"] is None else unpack(r["s"], _I8, np.int64),
+            hidden=None if r["h"] is None else unpack(r["h"], _BOOL, np.bool_),
+        )
+
+
+class BlockCache:
+    """Decoded blocks by (block_id, xmin), least recently used first out,
+    within a bound in bytes (0: no cache)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._blocks: OrderedDict[tuple[int, int], Block] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> Block | None:
+        got = self._blocks.get(key)
+        if got is not None:
+            self._blocks.move_to_end(key)
+        return got
+
+    def keys(self) -> list[tuple[int, int]]:
+        return list(self._blocks)
+
+    def put(self, key: tuple[int, int], block: Block) -> None:
+        size = block.nbytes
+        if size > self.max_bytes or key in self._blocks:
+            return
+        self._blocks[key] = block
+        self.used += size
+        while self.used > self.max_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self.used -= old.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class Points:
+    """Numeric scalar points, in step order: steps, times (microseconds
+    since the epoch) and values."""
+
+    steps: I64
+    times_us: I64
+    values: F64
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def times(self) -> F64:
+        """Epoch seconds, as the SQL reads give them (extract(epoch ...)::float8):
+        the division is correctly rounded, like PostgreSQL's numeric to float8."""
+        return self.times_us / 1e6
+
+    def take(self, index: npt.NDArray[np.intp]) -> Points:
+        return Points(self.steps[index], self.times_us[index], self.values[index])
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """A series' visible points in a step range, in step order, as read: the
+    values in one array; the steps in one array, or None when they are
+    first_step, first_step + 1, ...; the times in consecutive chunks (one per
+    block), joined only for the points a read returns."""
+
+    values: F64
+    steps: I64 | None
+    first_step: int
+    times: Sequence[I64]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, index: npt.NDArray[np.intp]) -> Points:
+        """The points at these indices (ascending)."""
+        steps = (
+            self.first_step + index.astype(np.int64) if self.steps is None else self.steps[index]
+        )
+        if len(self.times) == 1:
+            times = self.times[0][index]
+        else:
+            bounds = np.cumsum([0] + [len(t) for t in self.times])
+            which = np.searchsorted(bounds, index, "right") - 1
+            times = np.empty(len(index), dtype=np.int64)
+            for k in np.unique(which).tolist():
+                sel = which == k
+                times[sel] = self.times[k][index[sel] - bounds[k]]
+        return Points(steps, times, self.values[index])
+
+    def all(self) -> Points:
+        return self.take(np.arange(len(self), dtype=np.intp))
+
+
+_BLOCKS = """
+SELECT b.series_id, b.block_id, b.xmin::text::bigint AS x, b.min_step, b.max_step,
+       (extract(epoch FROM b.min_time) * 1000000)::bigint AS t0,
+       CASE WHEN c.id IS NULL THEN array_send(b.values) END AS v,
+       CASE WHEN c.id IS NULL THEN array_send(b.offsets) END AS o,
+       CASE WHEN c.id IS NULL THEN array_send(b.steps) END AS s,
+       CASE WHEN c.id IS NULL THEN array_send(b.hidden) END AS h
+FROM scalar_blocks b
+LEFT JOIN unnest($4::bigint[], $5::bigint[]) AS c(id, x)
+  ON c.id = b.block_id AND c.x = b.xmin::text::bigint
+WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint AND b.min_step <= $3::bigint
+  AND b.hidden_count < b.n
+ORDER BY b.series_id, b.min_step, b.block_id
+"""
+
+_ROWS = """
+SELECT series_id,
+       array_send(array_agg(step ORDER BY step, time)) AS s,
+       array_send(array_agg((extract(epoch FROM time) * 1000000)::bigint ORDER BY step, time)) AS t,
+       array_send(array_agg(value ORDER BY step, time)) AS v
+FROM scalar_rows
+WHERE series_id = ANY($1::bigint[]) AND NOT hidden AND step >= $2::bigint AND step <= $3::bigint
+GROUP BY series_id
+"""
+
+
+_NONE: Gathered = Gathered(np.empty(0, np.float64), None, 0, [np.empty(0, np.int64)])
+
+
+async def read_points(
+    conn: asyncpg.Connection,
+    series_ids: Sequence[int],
+    start: int,
+    end: int,
+    cache: BlockCache,
+) -> dict[int, Gathered]:
+    """The visible points of each series with a step in [start, end], in
+    step order (rows and blocks, one snapshot), by series id."""
+    ids = sorted(set(series_ids))
+    known = cache.keys()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        blocks = await conn.fetch(
+            _BLOCKS, ids, start, end, [k[0] for k in known], [k[1] for k in known]
+        )
+        rows = await conn.fetch(_ROWS, ids, start, end)
+    found: dict[int, list[Block]] = {}
+    for r in blocks:
+        key = (int(r["block_id"]), int(r["x"]))
+        block = cache.get(key) if r["v"] is None else None
+        if block is None:
+            block = Block.of(r)
+            cache.put(key, block)
+        found.setdefault(int(r["series_id"]), []).append(block)
+    loose = {
+        int(r["series_id"]): (
+            unpack(r["s"], _I8, np.int64),
+            unpack(r["t"], _I8, np.int64),
+            unpack(r["v"], _F8, np.float64),
+        )
+        for r in rows
+    }
+    return {sid: assemble(found.get(sid, []), loose.get(sid), start, end) for sid in ids}
+
+
+def assemble(
+    blocks: Sequence[Block], rows: tuple[I64, I64, F64] | None, start: int, end: int
+) -> Gathered:
+    """A series' visible points in [start, end] in step order, from its
+    blocks (in min_step order) and its visible rows in the range."""
+    if not blocks and rows is None:
+        return _NONE
+    # The usual case: blocks of consecutive steps, one after the other, nothing
+    # hidden, all inside the range, no rows: the steps are implied.
+    step = blocks[0].min_step if blocks else 0
+    clean = rows is None
+    for b in blocks:
+        if not clean:
+            break
+        clean = (
+            b.steps is None
+            and b.hidden is None
+            and b.min_step == step
+            and b.min_step >= start
+            and b.max_step <= end
+        )
+        step = b.max_step + 1
+    if clean:
+        return Gathered(
+            np.concatenate([b.values for b in blocks]),
+            None,
+            blocks[0].min_step,
+            [b.times_us for b in blocks],
+        )
+    parts: list[tuple[I64, I64, F64]] = []
+    for b in blocks:
+        steps = (
+            np.arange(b.min_step, b.max_step + 1, dtype=np.int64) if b.steps is None else b.steps
+        )
+        keep = (steps >= start) & (steps <= end)
+        if b.hidden is not None:
+            keep &= ~b.hidden
+        if keep.all():
+            parts.append((steps, b.times_us, b.values))
+        else:
+            parts.append((steps[keep], b.times_us[keep], b.values[keep]))
+    if rows is not None:
+        parts.append(rows)
+    all_steps = np.concatenate([p[0] for p in parts])
+    times = np.concatenate([p[1] for p in parts])
+    values = np.concatenate([p[2] for p in parts])
+    if len(all_steps) > 1 and bool((all_steps[1:] < all_steps[:-1]).any()):
+        order = np.argsort(all_steps, kind="stable")
+        all_steps, times, values = all_steps[order], times[order], values[order]
+    return Gathered(values, all_steps, 0, [times])
+
+
+def downsample(points: Gathered, max_points: int) -> Points:
+    """The chart downsampling of numeric scalars (query_service.proto,
+    ReadSeriesRequest.max_points), on points in step order:
+
+    - buckets: the points split into B = max(1, max_points // 3) buckets of
+      equal point counts, in step order (PostgreSQL's ntile(B): the first
+      N mod B buckets hold one point more; with N < B, a bucket a point);
+    - each bucket offers its first NaN, the first point holding its largest
+      non-NaN value, the first holding its smallest (so +Inf and -Inf
+      survive: they are the extremes of their bucket), and its first point;
+    - a point offered twice counts once, with its better reason; when the
+      offers are more than max_points, they are kept by reason (NaN, largest,
+      smallest, first), then bucket, then step, and the first max_points
+      kept;
+    - the kept points are returned in step order.
+
+    With max_points 0 or N <= max_points, every point is returned. The same
+    as the SQL of queries._DOWNSAMPLE_EXTREMES (tests/unit/test_columns.py
+    compares them), in two passes over the values for buckets without NaN."""
+    n = len(points)
+    if max_points <= 0 or n <= max_points:
+        return points.all()
+    buckets = max(1, max_points // 3)
+    v = points.values
+    if n < buckets:  # a bucket a point
+        size, big = 1, n
+    else:
+        q, r = divmod(n, buckets)
+        size, big = q + 1, r * (q + 1)
+    # The buckets as two rectangles: `r` buckets of q + 1 points, then the
+    # others of q points (or, with N < B, N buckets of one point).
+    offers: list[npt.NDArray[np.int64]] = []
+    for lo_i, hi_i, width in ((0, big, size), (big, n, size - 1)):
+        if hi_i > lo_i and width > 0:
+            offers.append(_offers(v[lo_i:hi_i], width, lo_i))
+    found = np.concatenate(offers, axis=1)  # rows: NaN, largest, smallest, first
+    prio = np.repeat(np.arange(4, dtype=np.int64), found.shape[1])
+    cand = found.reshape(-1)
+    real = cand >= 0
+    cand, prio = cand[real], prio[real]
+    # One offer per point: its best reason.
+    order = np.lexsort((prio, cand))
+    cand, prio = cand[order], prio[order]
+    first = np.ones(len(cand), dtype=bool)
+    first[1:] = cand[1:] != cand[:-1]
+    cand, prio = cand[first], prio[first]
+    if len(cand) > max_points:
+        # By reason, then bucket, then step (the point's index orders both).
+        keep = np.lexsort((cand, prio))[:max_points]
+        cand = np.sort(cand[keep])
+    return points.take(cand.astype(np.intp))
+
+
+def _offers(v: F64, width: int, base: int) -> npt.NDArray[np.int64]:
+    """For buckets of `width` consecutive points (v holds a whole number of
+    them, its first at index `base`): rows of point indices, -1 for none:
+    each bucket's first NaN, first largest non-NaN, first smallest non-NaN,
+    and first point."""
+    m = len(v) // width
+    vv = v.reshape(m, width)
+    starts = base + np.arange(m, dtype=np.int64) * width
+    rows = np.arange(m)
+    # argmin and argmax give the first index of the extreme, or of the first
+    # NaN when the bucket holds one: only those buckets are looked at again.
+    i_lo = vv.argmin(axis=1)
+    i_hi = vv.argmax(axis=1)
+    i_nan = np.full(m, -1, dtype=np.int64)
+    has_num = np.ones(m, dtype=bool)
+    for k in np.flatnonzero(np.isnan(vv[rows, i_lo])).tolist():
+        nn = np.isnan(vv[k])
+        i_nan[k] = int(nn.argmax())
+        nums = np.flatnonzero(~nn)
+        if len(nums) == 0:
+            has_num[k] = False
+            continue
+        x = vv[k][nums]
+        i_lo[k] = int(nums[x.argmin()])
+        i_hi[k] = int(nums[x.argmax()])
+    return np.stack(
+        [
+            np.where(i_nan >= 0, starts + i_nan, -1),
+            np.where(has_num, starts + i_hi, -1),
+            np.where(has_num, starts + i_lo, -1),
+            starts,
+        ]
+    )

@@ -1,0 +1,174 @@
+"""The numpy read path of numeric scalars (ingest/store/columns.py): the
+binary arrays PostgreSQL sends decode bit for bit, a series is assembled
+from blocks and rows with hidden points and out-of-range steps left out, the
+block cache stays within its bound, and the downsampling equals the
+documented rule (query_service.proto, ReadSeriesRequest.max_points) computed
+point by point in plain Python."""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from ingest.store.columns import Block, BlockCache, Gathered, assemble, downsample, unpack
+
+_F8 = np.dtype([("n", ">i4"), ("v", ">f8")])
+_I8 = np.dtype([("n", ">i4"), ("v", ">i8")])
+_I4 = np.dtype([("n", ">i4"), ("v", ">i4")])
+_BOOL = np.dtype([("n", ">i4"), ("v", "u1")])
+
+
+def send(fmt: str, oid: int, items: list[object]) -> bytes:
+    """An array's binary send form, as PostgreSQL's array_send writes it."""
+    if not items:
+        return struct.pack(">iii", 0, 0, oid)
+    size = struct.calcsize(">" + fmt)
+    out = [struct.pack(">iiiii", 1, 0, oid, len(items), 1)]
+    out += [struct.pack(">i" + fmt, size, x) for x in items]
+    return b"".join(out)
+
+
+def test_unpack_reads_postgres_binary_arrays_bit_for_bit() -> None:
+    values = [math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.5, -2.25e300]
+    got = unpack(send("d", 701, values), _F8, np.float64)
+    assert [struct.pack("<d", x) for x in got] == [struct.pack("<d", x) for x in values]
+    steps = [-(2**63), 0, 2**63 - 1]
+    assert unpack(send("q", 20, steps), _I8, np.int64).tolist() == steps
+    assert unpack(send("i", 23, [0, 2**31 - 1]), _I4, np.int32).tolist() == [0, 2**31 - 1]
+    assert unpack(send("?", 16, [True, False]), _BOOL, np.bool_).tolist() == [True, False]
+    assert len(unpack(send("d", 701, []), _F8, np.float64)) == 0
+    nulls = struct.pack(">iiiii", 1, 1, 701, 1, 1) + struct.pack(">i", -1)
+    with pytest.raises(ValueError, match="without NULLs"):
+        unpack(nulls, _F8, np.float64)
+
+
+def block(
+    min_step: int,
+    values: list[float],
+    steps: list[int] | None = None,
+    hidden: list[bool] | None = None,
+    t0: int = 1_000_000,
+) -> Block:
+    n = len(values)
+    return Block(
+        min_step=min_step if steps is None else min(steps),
+        max_step=min_step + n - 1 if steps is None else max(steps),
+        values=np.array(values, dtype=np.float64),
+        times_us=t0 + np.arange(n, dtype=np.int64) * 10,
+        steps=None if steps is None else np.array(steps, dtype=np.int64),
+        hidden=None if hidden is None else np.array(hidden, dtype=bool),
+    )
+
+
+def test_assemble_joins_consecutive_blocks_without_copying_steps() -> None:
+    got = assemble([block(0, [1.0, 2.0]), block(2, [3.0])], None, -10, 10)
+    assert got.steps is None and got.first_step == 0
+    pts = got.all()
+    assert pts.steps.tolist() == [0, 1, 2]
+    assert pts.values.tolist() == [1.0, 2.0, 3.0]
+    assert pts.times_us.tolist() == [1_000_000, 1_000_010, 1_000_000]
+
+
+def test_assemble_leaves_out_hidden_points_and_steps_outside_the_range() -> None:
+    # An out-of-order series: overlapping blocks, unsorted steps, a hidden
+    # point inside a block, and rows beside them (the query gives only the
+    # visible rows in the range).
+    a = block(0, [0.0, 1.0, 2.0, 3.0], hidden=[False, True, False, False])
+    b = block(0, [40.0, 10.0, 20.0], steps=[4, 1, 2], hidden=[False, False, True], t0=5)
+    rows = (
+        np.array([5, 6], dtype=np.int64),
+        np.array([70, 80], dtype=np.int64),
+        np.array([50.0, 70.0]),
+    )
+    pts = assemble([a, b], rows, 1, 6).all()
+    assert pts.steps.tolist() == [1, 2, 3, 4, 5, 6]
+    assert pts.values.tolist() == [10.0, 2.0, 3.0, 40.0, 50.0, 70.0]
+    assert pts.times_us.tolist() == [15, 1_000_020, 1_000_030, 5, 70, 80]
+
+
+def test_the_cache_keeps_its_bound_and_drops_the_least_recently_used() -> None:
+    one = block(0, [1.0] * 100)
+    cache = BlockCache(max_bytes=one.nbytes * 2)
+    cache.put((1, 1), one)
+    cache.put((2, 1), one)
+    assert cache.get((1, 1)) is one  # (1, 1) is now the most recently used
+    cache.put((3, 1), one)
+    assert cache.get((2, 1)) is None and cache.get((1, 1)) is one
+    assert cache.used <= cache.max_bytes
+    # Another version of a block (its xmin changed) is another key.
+    assert cache.get((1, 2)) is None
+    BlockCache(max_bytes=0).put((1, 1), one)  # no cache: nothing kept, no error
+
+
+def reference(values: list[float], max_points: int) -> list[int]:
+    """The documented rule, point by point: the indices kept."""
+    n = len(values)
+    if max_points <= 0 or n <= max_points:
+        return list(range(n))
+    nb = max(1, max_points // 3)
+    q, r = divmod(n, nb)
+    bucket: list[int] = []
+    for b in range(min(nb, n)):
+        bucket += [b] * (q + 1 if b < r else q) if n >= nb else [b]
+    offers: dict[int, int] = {}
+    for b in sorted(set(bucket)):
+        idx = [i for i in range(n) if bucket[i] == b]
+        nums = [i for i in idx if not math.isnan(values[i])]
+        nans = [i for i in idx if math.isnan(values[i])]
+        mine = []
+        if nans:
+            mine.append((nans[0], 0))
+        if nums:
+            hi = max(values[i] for i in nums)
+            lo = min(values[i] for i in nums)
+            mine.append((next(i for i in nums if values[i] == hi), 1))
+            mine.append((next(i for i in nums if values[i] == lo), 2))
+        mine.append((idx[0], 3))
+        for i, prio in mine:
+            offers[i] = min(prio, offers.get(i, 9))
+    ranked = sorted(offers, key=lambda i: (offers[i], bucket[i], i))
+    return sorted(ranked[:max_points])
+
+
+SPECIALS = [math.nan, math.inf, -math.inf, -0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_downsampling_equals_the_rule_computed_point_by_point(seed: int) -> None:
+    rnd = random.Random(seed)
+    n = rnd.choice([1, 2, 5, 17, 100, 333, 1000, 2500])
+    pick = rnd.random()
+    values = [
+        rnd.choice(SPECIALS) if rnd.random() < pick * 0.3 else float(rnd.randint(-5, 5))
+        for _ in range(n)
+    ]
+    if seed % 7 == 0:  # whole buckets of NaN or of one infinity
+        values = [math.nan] * (n // 2) + [math.inf] * (n - n // 2)
+    steps = np.array(sorted(rnd.sample(range(10 * n + 10), n)), dtype=np.int64)
+    g = Gathered(
+        np.array(values, dtype=np.float64), steps, 0, [np.arange(n, dtype=np.int64) * 7]
+    )
+    for max_points in [0, 1, 2, 3, 4, 7, 10, 99, 300, n - 1, n, n + 1]:
+        got = downsample(g, max_points)
+        want = reference(values, max_points)
+        assert got.steps.tolist() == [int(steps[i]) for i in want], (n, max_points)
+        assert got.times_us.tolist() == [i * 7 for i in want]
+        assert [struct.pack("<d", v) for v in got.values] == [
+            struct.pack("<d", values[i]) for i in want
+        ]
+        if max_points > 0:
+            assert len(got) <= max_points
+
+
+def test_downsampling_keeps_nan_and_both_infinities_of_a_long_series() -> None:
+    values = np.sin(np.arange(100_000) / 1000.0)
+    values[[17, 50_000, 99_998]] = [math.nan, math.inf, -math.inf]
+    g = Gathered(values, None, 10, [np.zeros(100_000, dtype=np.int64)])
+    got = downsample(g, 1000)
+    assert len(got) <= 1000
+    assert np.isnan(got.values).any() and math.inf in got.values and -math.inf in got.values
+    assert got.steps[0] == 10 and bool((np.diff(got.steps) > 0).all())
