@@ -35,9 +35,13 @@ from ingest.store.db import acquire
 
 log = logging.getLogger(__name__)
 
-# Series compacted in one transaction at most (the locks are held for its
-# one statement: a few milliseconds per thousand points).
-SERIES_PER_TRANSACTION = 64
+# Series compacted in one transaction at most, and per series at most this
+# many rows and small blocks (the rest waits for the next round): a
+# transaction moves at most 8 x (16,384 + 64 x 1,023) points, in the usual
+# case a few thousand, and the locks are held for its one statement.
+SERIES_PER_TRANSACTION = 8
+ROWS_PER_SERIES = 16384
+BLOCKS_PER_SERIES = 64
 # Series looked at in one round at most; the next round resumes after them.
 SERIES_PER_ROUND = 4096
 
@@ -71,7 +75,12 @@ async def compact_series(
         totals.skipped += len(ids) - len(locked)
         if not locked:
             return
-        for r in await conn.fetch("SELECT * FROM scalar_compact($1::bigint[])", locked):
+        for r in await conn.fetch(
+            "SELECT * FROM scalar_compact($1::bigint[], $2, $3)",
+            locked,
+            ROWS_PER_SERIES,
+            BLOCKS_PER_SERIES,
+        ):
             totals.series += 1
             totals.points += int(r["points"])
             totals.rows_in += int(r["rows_in"])

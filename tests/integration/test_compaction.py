@@ -275,3 +275,61 @@ def test_deleting_an_experiment_deletes_its_rows_and_blocks(
         ids,
     )
     assert left == 0
+
+
+def test_one_call_takes_a_bounded_share_of_a_long_backlog(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """scalar_compact(ids, most_rows, most_blocks) takes at most most_rows rows
+    of a series (all rows of one step together) and most_blocks small blocks:
+    a backlog is worked off over several calls, every point kept."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    raw = ProtoClient(url)
+    raw.write(run.id, _sd("x", [0], [0.0]))
+    for k in range(5):  # five small blocks (20 points each) in one cell
+        steps = list(range(2000 + 20 * k, 2020 + 20 * k))
+        raw.write(run.id, _sd("x", steps, [1.0] * 20))
+    (sid,) = [
+        r["series_id"]
+        for r in fetch(database_url, "SELECT series_id FROM series WHERE run_id = $1", run.id)
+    ]
+    # 999 more rows, then 300 rows at one step (an out-of-order series' rewrites).
+    fetch(
+        database_url,
+        "INSERT INTO scalar_points (time, series_id, step, value, hidden)"
+        " SELECT now() + i * interval '1 ms', $1, i, i, false FROM generate_series(1, 999) i",
+        sid,
+    )
+    fetch(
+        database_url,
+        "INSERT INTO scalar_points (time, series_id, step, value, hidden)"
+        " SELECT now() + i * interval '1 ms', $1, 1000, i, i < 300"
+        " FROM generate_series(1, 300) i",
+        sid,
+    )
+    before = _points(database_url, run.id)
+
+    async def calls() -> list[tuple[int, int]]:
+        conn = await asyncpg.connect(database_url)
+        taken = []
+        try:
+            for _ in range(50):
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM series WHERE series_id = $1 FOR UPDATE", sid)
+                    got = await conn.fetch(
+                        "SELECT * FROM scalar_compact(ARRAY[$1::bigint], 100, 2)", sid
+                    )
+                if not got:
+                    break
+                taken.append((int(got[0]["rows_in"]), int(got[0]["blocks_in"])))
+        finally:
+            await conn.close()
+        return taken
+
+    taken = asyncio.run(calls())
+    assert sum(r for r, _ in taken) == 1300 and sum(b for _, b in taken) >= 5
+    # At most 100 rows a call, but the 300 rows of step 1000 in one call.
+    assert all(r <= 100 for r, _ in taken if r != 300) and 300 in [r for r, _ in taken]
+    assert all(b <= 2 for _, b in taken)
+    assert _layout(database_url, run.id)[0] == 0
+    assert _points(database_url, run.id) == before

@@ -19,17 +19,31 @@ CREATE INDEX scalar_blocks_small_idx ON scalar_blocks (series_id, min_time) WHER
 
 -- Compact the series `ids`: their rows, and their small blocks in every cell
 -- that holds one of those rows or two small blocks or more, become full
--- blocks. One statement, so it moves exactly the rows and blocks it read
--- (a row or block committed meanwhile stays for the next round). The
--- caller holds the series rows locked (FOR UPDATE), as every writer,
--- rewind and deletion of those series does first, so no point is hidden,
--- written or deleted under it. Returns per series the points moved, and
--- the rows and blocks taken and the blocks made.
-CREATE FUNCTION scalar_compact(ids bigint[])
+-- blocks. At most `most_rows` rows per series (those of its lowest steps;
+-- all rows of one step together) and `most_blocks` small blocks per series
+-- (the earliest) are taken, so one call's work is bounded however far
+-- behind compaction is; what is left is taken by the next call. One
+-- statement, so it moves exactly the rows and blocks it read (a row or
+-- block committed meanwhile stays for the next round). The caller holds the
+-- series rows locked (FOR UPDATE), as every writer, rewind and deletion of
+-- those series does first, so no point is hidden, written or deleted under
+-- it. Returns per series the points moved, and the rows and blocks taken
+-- and the blocks made.
+CREATE FUNCTION scalar_compact(ids bigint[], most_rows integer, most_blocks integer)
 RETURNS TABLE (series_id bigint, points bigint, rows_in bigint, blocks_in bigint, blocks_out bigint)
 LANGUAGE sql VOLATILE AS $$
-    WITH r AS (
-        DELETE FROM scalar_rows x WHERE x.series_id = ANY(ids)
+    WITH lim AS (
+        SELECT i.sid, f.first_step,
+               (SELECT y.step FROM scalar_rows y WHERE y.series_id = i.sid
+                ORDER BY y.step OFFSET most_rows LIMIT 1) AS bound
+        FROM unnest(ids) AS i(sid),
+             LATERAL (SELECT min(z.step) AS first_step FROM scalar_rows z
+                      WHERE z.series_id = i.sid) f
+    ), r AS (
+        DELETE FROM scalar_rows x USING lim
+        WHERE x.series_id = lim.sid
+          AND (lim.bound IS NULL OR x.step < lim.bound
+               OR (lim.bound = lim.first_step AND x.step = lim.bound))
         RETURNING x.series_id, x.step, x.time, x.value, x.hidden
     ), cells AS (
         SELECT DISTINCT r.series_id, floor(extract(epoch FROM r.time) / 2000)::bigint AS tb FROM r
@@ -37,10 +51,17 @@ LANGUAGE sql VOLATILE AS $$
         SELECT b.series_id, floor(extract(epoch FROM b.min_time) / 2000)::bigint
         FROM scalar_blocks b WHERE b.series_id = ANY(ids) AND b.n < 1024
         GROUP BY 1, 2 HAVING count(*) >= 2
+    ), picked AS (
+        SELECT q.block_id FROM (
+            SELECT b.block_id, row_number() OVER (PARTITION BY b.series_id ORDER BY b.min_time) AS k
+            FROM scalar_blocks b JOIN cells c
+              ON b.series_id = c.series_id
+             AND floor(extract(epoch FROM b.min_time) / 2000)::bigint = c.tb
+            WHERE b.series_id = ANY(ids) AND b.n < 1024
+        ) q WHERE q.k <= most_blocks
     ), bo AS (
-        DELETE FROM scalar_blocks b USING cells c
-        WHERE b.series_id = ANY(ids) AND b.n < 1024 AND b.series_id = c.series_id
-          AND floor(extract(epoch FROM b.min_time) / 2000)::bigint = c.tb
+        DELETE FROM scalar_blocks b USING picked
+        WHERE b.series_id = ANY(ids) AND b.block_id = picked.block_id
         RETURNING b.series_id, b.min_time, b.min_step, b.steps, b.offsets, b.values, b.hidden
     ), p AS (
         SELECT r.series_id, r.step, r.time, r.value, r.hidden, 1 AS from_rows FROM r
