@@ -13,8 +13,10 @@ never exceeds max_batch_bytes without serializing it first.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from array import array
+from typing import Any
 
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
@@ -68,14 +70,67 @@ def le_bytes(column: array[float]) -> bytes:
     return swapped.tobytes()
 
 
-def packed_varints(column: array[int]) -> bytes:
+# The smallest value that takes k + 1 varint bytes, for k = 1..9.
+_VARINT_FLOORS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+
+
+# The record a varint of k bytes is written as: little-endian unsigned fields
+# of these sizes (numpy writes a record of 2 + 1 bytes several times faster
+# than it copies 3 bytes out of every 4).
+_WIDTH_FIELDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+
+
+def _varints_of_width(v: np.ndarray[Any, Any], width: int) -> bytes:
+    """Varints of values that all take `width` (1..8) bytes: each value's
+    7-bit groups are spread into the bytes of one machine word (group k goes
+    to byte k: a left shift by k), the continuation bits set in all but the
+    last byte, and the word's low `width` bytes written little-endian. About
+    a dozen whole-array operations instead of a pass per byte."""
+    x: np.ndarray[Any, Any] = v.astype(np.uint32 if width <= 4 else np.uint64)
+    one: Any = x.dtype.type
+    word: np.ndarray[Any, Any] = x & one(0x7F)
+    for k in range(1, width):
+        word |= (x << one(k)) & one(0x7F << (8 * k))
+    word |= one(sum(0x80 << (8 * k) for k in range(width - 1)))
+    sizes = _WIDTH_FIELDS[width]
+    if len(sizes) == 1:
+        return word.astype(f"<u{width}").tobytes()
+    out = np.empty(len(x), dtype=[(f"f{i}", f"<u{size}") for i, size in enumerate(sizes)])
+    shift = 0
+    for i, size in enumerate(sizes):
+        out[f"f{i}"] = word >> one(shift) if shift else word
+        shift += 8 * size
+    return out.tobytes()
+
+
+def _varint_width(value: int) -> int:
+    return int(np.searchsorted(_VARINT_FLOORS, np.uint64(value), side="right")) + 1
+
+
+def packed_varints(column: array[int] | np.ndarray[Any, Any]) -> bytes:
     """The payload of a packed int64 field, vectorised (negative values take
-    10 bytes, as protobuf encodes them)."""
-    if not column:
+    10 bytes, as protobuf encodes them). Steps in order (the usual case) are
+    cut where their varint width changes and each run is encoded at its one
+    width; any other column byte by byte."""
+    if not len(column):
         return b""
-    v = np.frombuffer(column, dtype=np.int64).view(np.uint64)
-    if int(v.max()) < 0x80:  # the common case: small steps, one byte each
-        return v.astype(np.uint8).tobytes()
+    s = np.frombuffer(column, dtype=np.int64) if isinstance(column, array) else column
+    lo, hi = int(s.min()), int(s.max())
+    if lo >= 0 and hi < 1 << 56:
+        v = s.view(np.uint64)
+        w_lo, w_hi = _varint_width(lo), _varint_width(hi)
+        if w_lo == w_hi:
+            return _varints_of_width(v, w_lo)
+        if bool(np.all(s[1:] >= s[:-1])):
+            cuts = np.searchsorted(v, _VARINT_FLOORS[w_lo - 1 : w_hi - 1]).tolist()
+            bounds = [0, *cuts, len(v)]
+            runs = enumerate(itertools.pairwise(bounds))
+            return b"".join(_varints_of_width(v[a:b], w_lo + i) for i, (a, b) in runs)
+    return _packed_varints_any(s.view(np.uint64))
+
+
+def _packed_varints_any(v: np.ndarray[Any, Any]) -> bytes:
+    """Varints of any uint64 values, a pass per byte position."""
     nbytes = np.ones(v.shape, dtype=np.int64)
     for k in range(1, 10):
         nbytes += v >= np.uint64(1 << (7 * k))
@@ -95,14 +150,28 @@ def length_delimited(number: int, payload: bytes) -> bytes:
     return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
+def _le_view(column: array[float]) -> bytes | memoryview:
+    """The little-endian bytes of a double column, without a copy when the
+    machine is little-endian (the view is released before the column changes)."""
+    return memoryview(column).cast("B") if _LITTLE_ENDIAN else le_bytes(column)
+
+
 def scalar_columns(steps: array[int], times: array[float], values: array[float] | None) -> bytes:
-    """The packed steps, times and (numeric) values of ScalarColumns, encoded."""
-    raw = b""
+    """The packed steps, times and (numeric) values of ScalarColumns, encoded
+    (the parts joined once: each payload is copied once)."""
+    parts: list[bytes | memoryview] = []
+    fields: list[tuple[int, bytes | memoryview]] = []
     if steps:
-        raw += length_delimited(STEPS_FIELD, packed_varints(steps))
-    raw += length_delimited(TIMES_FIELD, le_bytes(times))
+        fields.append((STEPS_FIELD, packed_varints(steps)))
+    fields.append((TIMES_FIELD, _le_view(times)))
     if values is not None:
-        raw += length_delimited(VALUES_FIELD, le_bytes(values))
+        fields.append((VALUES_FIELD, _le_view(values)))
+    for number, payload in fields:
+        parts += (encode_varint(number << 3 | 2), encode_varint(len(payload)), payload)
+    raw = b"".join(parts)
+    for _, payload in fields:
+        if isinstance(payload, memoryview):
+            payload.release()
     return raw
 
 
