@@ -262,15 +262,28 @@ ROW_BYTES = 64
 
 def row_cost(table: str, row: Mapping[str, Any]) -> int:
     """Check a row's cells (the error names the column) and return the bytes
-    it holds in memory while buffered."""
-    values = row.values()
-    types = set(map(type, values))
-    if not _CELL_TYPES.issuperset(types):
-        _check_cells(table, row)
-    cost = ROW_BYTES + CELL_BYTES * len(row)
-    if str in types:
-        cost += sum([len(v) if v.isascii() else 4 * len(v) for v in values if type(v) is str])
+    it holds in memory while buffered. A row's cell types (its signature)
+    are checked once; later rows alike only count their strings."""
+    values = tuple(row.values())
+    signature = tuple(map(type, values))
+    strings = _SIGNATURES.get(signature)
+    if strings is None:
+        if not _CELL_TYPES.issuperset(signature):
+            _check_cells(table, row)
+        if len(_SIGNATURES) >= _SIGNATURES_KEPT:
+            _SIGNATURES.clear()
+        strings = _SIGNATURES[signature] = tuple(i for i, t in enumerate(signature) if t is str)
+    cost = ROW_BYTES + CELL_BYTES * len(values)
+    for i in strings:
+        v = values[i]
+        cost += len(v) if v.isascii() else 4 * len(v)
     return cost
+
+
+# Row signatures (the cells' types) seen valid -> the positions of their
+# strings; a bounded cache.
+_SIGNATURES: dict[tuple[type, ...], tuple[int, ...]] = {}
+_SIGNATURES_KEPT = 4096
 
 
 def check_row_names(table: str, names: Sequence[str]) -> None:

@@ -167,6 +167,7 @@ class Run(RunFiles, AzureOnly):
         # {name: series} of the writer's stepped numeric series of this run
         # (default labels), filled by the first log of each: Run.log's hot path.
         self._hot: dict[str, NumericBuffer] = {}
+        self._hot_rows: dict[str, Callable[[Mapping[str, Any], float, str], int | None]] = {}
         # An offline run (Run.get_context with STEPLOG_OFFLINE): status, tags
         # and properties go to the spool, in order with the points; no call.
         self._offline = False
@@ -483,9 +484,16 @@ class Run(RunFiles, AzureOnly):
         message; a column's type is fixed by its first value. Only the cells'
         types are checked here (the error names the column) and the values
         appended; the background writer encodes the rows."""
-        self._client.writer.log_row(
-            self._proto.run_id, name, self._labels, kwargs, time.time(), description or ""
-        )
+        append = self._hot_rows.get(name)
+        if append is not None:  # the hot path: a table this run logged before
+            cost = append(kwargs, _wall_time(), description or "")
+            if cost is not None:
+                self._client.writer.after_hot(cost)
+            return
+        writer = self._client.writer
+        run_id = self._proto.run_id
+        writer.log_row(run_id, name, self._labels, kwargs, _wall_time(), description or "")
+        self._hot_rows = writer.hot_rows(run_id, self._labels)
 
     def log_table(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from array import array
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from time import monotonic
 from time import time as wall_time
 from typing import Any, cast
@@ -73,6 +74,7 @@ class Buffers:
         self._scalars: dict[ScalarKey, ScalarBuffer] = {}
         # (run, labels) -> {name: its stepped numeric series}: Run.log's table.
         self._hot: dict[tuple[str, Labels], dict[str, NumericBuffer]] = {}
+        self._hot_rows: dict[tuple[str, Labels], dict[str, Any]] = {}  # Run.log_row's
         self._messages: dict[MessageKey, MessageBuffer] = {}
         self.dirty: dict[Buffer, None] = {}  # buffers with points, oldest first
         self.raw: dict[MessageBuffer, None] = {}  # holding items not yet encoded
@@ -196,17 +198,38 @@ class Buffers:
     ) -> int | None:
         """Append one table row ({column: cell}, None a missing cell). Its
         cells are checked here (the error names the column) and its values
-        appended to the series' open RowsItem; the sender encodes the rows."""
-        cost = row_cost(name, row)
-        names = tuple(row)
+        appended to the series' open RowsItem; the sender encodes the rows.
+        Later rows of the table can go straight to `append_row` (the
+        callable `hot_rows` holds for it)."""
+        row_cost(name, row)  # a bad cell raises before the series exists
         key = (run_id, name, labels, "table")
         with self.lock:
             mbuf = self._messages.get(key)
             if mbuf is None:
                 mbuf = self._new_message_series(key)
+            table = self._hot_rows.setdefault((run_id, labels), {})
+            if name not in table:
+                table[name] = partial(self.append_row, mbuf)
+        return self.append_row(mbuf, row, time, description)
+
+    def hot_rows(
+        self, run_id: str, labels: Labels
+    ) -> dict[str, Callable[[Mapping[str, Any], float, str], int | None]]:
+        """{table name: append_row of its series} for Run.log_row's hot path
+        (emptied by `forget_hot`, as hot_table is)."""
+        with self.lock:
+            return self._hot_rows.setdefault((run_id, labels), {})
+
+    def append_row(
+        self, mbuf: MessageBuffer, row: Mapping[str, Any], time: float, description: str
+    ) -> int | None:
+        """log_row's work once the series is known (returns as log_row)."""
+        cost = row_cost(mbuf.name, row)
+        names = tuple(row)
+        with self.lock:
             rows: RowsItem | None = mbuf.open
             if rows is None or names != rows.names:
-                check_row_names(name, names)
+                check_row_names(mbuf.name, names)
             if not mbuf.points:
                 self.first_point(mbuf)
             if rows is None:
@@ -284,6 +307,8 @@ class Buffers:
     def forget_hot(self) -> None:
         for table in self._hot.values():
             table.clear()
+        for rows in self._hot_rows.values():
+            rows.clear()
 
     def first_point(self, buf: Buffer) -> None:
         """A buffer was empty and gets a point (lock held): it joins the

@@ -106,7 +106,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from time import monotonic
 from typing import Any
@@ -265,6 +265,14 @@ class BatchWriter:
         `log` and calls `after_hot` with what it returns, the same as
         log_scalar without the key (steplog._writer.intake)."""
         return self._main.buffers.hot_table(run_id, labels)
+
+    def hot_rows(
+        self, run_id: str, labels: Labels
+    ) -> dict[str, Callable[[Mapping[str, Any], float, str], int | None]]:
+        """The main stream's {table: append(row, time, description)} of this
+        run's tables with these labels: `Run.log_row`'s hot path, the same as
+        log_row without the key; `after_hot` with what it returns."""
+        return self._main.buffers.hot_rows(run_id, labels)
 
     def after_hot(self, cost: int) -> None:
         """A hot-path point crossed a threshold: the slow path, as log_scalar's."""
