@@ -329,17 +329,56 @@ def merge_accepted(
     """One block per series from (series_id, times, steps, values) parts in
     commit order. In a series of `last_write_wins` (out of order), a step
     written twice keeps its last point visible and the earlier ones hidden."""
+    return merge_taken([(sid, t, s, v, None) for sid, t, s, v in parts], last_write_wins)
+
+
+def _whole(index: np.ndarray[Any, Any] | None, n: int) -> bool:
+    """Whether an increasing index of positions takes all n of them."""
+    return index is None or (index.size == n and bool(np.all(index[1:] > index[:-1])))
+
+
+def merge_taken(
+    parts: Sequence[
+        tuple[
+            int,
+            np.ndarray[Any, Any],
+            np.ndarray[Any, Any],
+            np.ndarray[Any, Any],
+            np.ndarray[Any, Any] | None,
+        ]
+    ],
+    last_write_wins: set[int],
+) -> list[Block]:
+    """merge_accepted of (series_id, times, steps, values, index) parts: the
+    points at the increasing positions `index` (None: all) of each part's
+    columns, taken straight into the series' block (one copy; none when a
+    series has one part taken whole)."""
     by_series: dict[int, list[int]] = {}
     for i, part in enumerate(parts):
         by_series.setdefault(part[0], []).append(i)
     blocks: list[Block] = []
     for sid, idx in by_series.items():
-        if len(idx) == 1:
-            _, times, steps, values = parts[idx[0]]
+        # Each part's columns and the positions to take (None: all of them).
+        taken = []
+        for i in idx:
+            _, t, s, v, ix = parts[i]
+            taken.append((t, s, v, None if _whole(ix, int(v.shape[0])) else ix))
+        if len(taken) == 1 and taken[0][3] is None:
+            times, steps, values, _ = taken[0]
         else:
-            times = np.concatenate([parts[i][1] for i in idx])
-            steps = np.concatenate([parts[i][2] for i in idx])
-            values = np.concatenate([parts[i][3] for i in idx])
+            sizes = [int((v if ix is None else ix).shape[0]) for _, _, v, ix in taken]
+            n = sum(sizes)
+            times = np.empty(n, dtype=np.float64)
+            steps = np.empty(n, dtype=np.int64)
+            values = np.empty(n, dtype=np.float64)
+            at = 0
+            for (t, s, v, ix), k in zip(taken, sizes, strict=True):
+                for src, dst in ((t, times), (s, steps), (v, values)):
+                    if ix is None:
+                        dst[at : at + k] = src
+                    else:
+                        np.take(src, ix, out=dst[at : at + k])
+                at += k
         hidden = None
         if sid in last_write_wins and steps.size > 1:
             _, last = np.unique(steps[::-1], return_index=True)

@@ -8,7 +8,6 @@ copy.py, writers.py)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from ingest.store.blocks import (
     MIN_BLOCK_POINTS,
     encode_block_rows,
     encode_blocks_copy,
-    merge_accepted,
+    merge_taken,
 )
 from ingest.store.copy import SCALAR_COLUMNS
 from ingest.store.kinds import CheckItem, KindCheck, KindWriter, hide_superseded
@@ -474,9 +473,9 @@ class PointStore:
                 await hide_superseded(conn, table, a)
         if numeric:
             # One block per series of the group (ingest/store/blocks.py).
-            blocks = merge_accepted(
+            blocks = merge_taken(
                 [
-                    (a.series_id, a.chunk.times[a.index], a.chunk.steps[a.index], values[a.index])
+                    (a.series_id, a.chunk.times, a.chunk.steps, values, a.index)
                     for a in numeric
                     if (values := a.chunk.values) is not None
                 ],
@@ -491,14 +490,14 @@ class PointStore:
                 )
                 await conn.copy_to_table(
                     "scalar_blocks",
-                    source=io.BytesIO(payload),
+                    source=memoryview(payload),  # sent as it is (a file is read in a thread)
                     columns=BLOCK_COLUMNS,
                     format="binary",
                 )
             if small:
                 await conn.copy_to_table(
                     "scalar_rows",
-                    source=io.BytesIO(encode_block_rows(small)),
+                    source=memoryview(encode_block_rows(small)),
                     columns=SCALAR_COLUMNS,
                     format="binary",
                 )

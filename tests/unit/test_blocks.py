@@ -17,6 +17,7 @@ from ingest.store.blocks import (
     encode_block_row,
     encode_blocks_copy,
     merge_accepted,
+    merge_taken,
     split_span,
 )
 from ingest.store.copy import COPY_HEADER, COPY_TRAILER
@@ -175,3 +176,35 @@ def test_the_payload_is_the_rows_of_encode_block_row_byte_for_byte() -> None:
             COPY_HEADER + b"".join(rows) + COPY_TRAILER,
             len(rows),
         )
+
+
+def test_parts_taken_at_their_positions_merge_as_if_gathered_first() -> None:
+    """merge_taken takes each part's points at its positions (an increasing
+    index, or None for all) straight into the block: the same blocks as
+    merge_accepted of the gathered parts."""
+    rng = np.random.default_rng(11)
+    cols = [(rng.random(9) * 1e9, np.arange(9) * 3, rng.standard_normal(9)) for _ in range(3)]
+    picks = [np.arange(9), np.array([0, 4, 8]), None]
+    sids = [7, 7, 8]
+    taken = merge_taken(
+        [(sid, t, s, v, ix) for sid, (t, s, v), ix in zip(sids, cols, picks, strict=True)], {7}
+    )
+    gathered = merge_accepted(
+        [
+            (sid, t, s, v) if ix is None else (sid, t[ix], s[ix], v[ix])
+            for sid, (t, s, v), ix in zip(sids, cols, picks, strict=True)
+        ],
+        {7},
+    )
+    assert len(taken) == len(gathered) == 2
+    for a, b in zip(taken, gathered, strict=True):
+        assert a.series_id == b.series_id
+        for x, y in ((a.times_us, b.times_us), (a.steps, b.steps), (a.values, b.values)):
+            assert x.tolist() == y.tolist()
+        assert (a.hidden is None) == (b.hidden is None)
+        if a.hidden is not None and b.hidden is not None:
+            assert a.hidden.tolist() == b.hidden.tolist()
+    assert taken[0].hidden is not None and taken[0].hidden.sum() == 3  # steps 0, 12, 24 twice
+    # One part taken whole: its columns are used as they are (no copy).
+    (alone,) = merge_taken([(8, *cols[2], np.arange(9))], set())
+    assert alone.values is cols[2][2]
