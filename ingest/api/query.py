@@ -191,7 +191,12 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                     for s in chunk:
                         sid = s.series_id
                         if nxt is not None and (
-                            sid > nxt[0] or (sid == nxt[0] and sid not in got.slice.rows)
+                            sid > nxt[0]
+                            or (
+                                sid == nxt[0]
+                                and sid not in got.slice.rows
+                                and sid not in got.slice.columns
+                            )
                         ):
                             break
                         run_metrics.series.append(series_data(s, got))

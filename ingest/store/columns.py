@@ -208,6 +208,58 @@ GROUP BY series_id
 """
 
 
+# The blocks of one page of a full-resolution read: scalar_points_page's
+# choice (migration 010) of the blocks that can hold the first $8 visible
+# points from the resume position ($6, $7) in (series_id, step) order, with
+# the arrays of those not in the cache ($4, $5).
+_PAGE_BLOCKS = """
+WITH c AS (
+    SELECT b.series_id, b.block_id, b.xmin, b.min_step, b.max_step, b.min_time,
+           b.values, b.offsets, b.steps, b.hidden,
+           sum(CASE WHEN b.min_step >= $2::bigint AND b.max_step <= $3::bigint
+                     AND (b.series_id > $6::bigint OR b.min_step >= $7::bigint)
+                    THEN b.n - b.hidden_count ELSE 0 END)
+               OVER (ORDER BY b.series_id, b.min_step, b.block_id) AS upto
+    FROM scalar_blocks b
+    WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint
+      AND b.min_step <= $3::bigint AND (b.series_id, b.max_step) >= ($6::bigint, $7::bigint)
+      AND b.hidden_count < b.n
+), k AS (
+    SELECT c.series_id, c.upto FROM c WHERE c.upto >= $8::bigint
+    ORDER BY c.series_id, c.min_step, c.block_id LIMIT 1
+), x AS (
+    SELECT k.series_id AS sid,
+           (SELECT max(c.max_step) FROM c WHERE c.series_id = k.series_id AND c.upto <= k.upto)
+           AS step
+    FROM k
+)
+SELECT c.series_id, c.block_id, c.xmin::text::bigint AS x, c.min_step, c.max_step,
+       (extract(epoch FROM c.min_time) * 1000000)::bigint AS t0,
+       CASE WHEN h.id IS NULL THEN array_send(c.values) END AS v,
+       CASE WHEN h.id IS NULL THEN array_send(c.offsets) END AS o,
+       CASE WHEN h.id IS NULL THEN array_send(c.steps) END AS s,
+       CASE WHEN h.id IS NULL THEN array_send(c.hidden) END AS h
+FROM c LEFT JOIN x ON true
+LEFT JOIN unnest($4::bigint[], $5::bigint[]) AS h(id, x)
+  ON h.id = c.block_id AND h.x = c.xmin::text::bigint
+WHERE x.sid IS NULL OR c.series_id < x.sid OR (c.series_id = x.sid AND c.min_step <= x.step)
+ORDER BY c.series_id, c.min_step, c.block_id
+"""
+
+# The first $6 visible rows of a page from the resume position ($4, $5).
+_PAGE_ROWS = """
+SELECT series_id,
+       array_send(array_agg(step ORDER BY step, time)) AS s,
+       array_send(array_agg((extract(epoch FROM time) * 1000000)::bigint ORDER BY step, time)) AS t,
+       array_send(array_agg(value ORDER BY step, time)) AS v
+FROM (SELECT series_id, step, time, value FROM scalar_rows
+      WHERE series_id = ANY($1::bigint[]) AND NOT hidden AND step >= $2::bigint
+        AND step <= $3::bigint AND (series_id, step) >= ($4::bigint, $5::bigint)
+      ORDER BY series_id, step LIMIT $6::bigint) r
+GROUP BY series_id
+"""
+
+
 _NONE: Gathered = Gathered(np.empty(0, np.float64), None, 0, [np.empty(0, np.int64)])
 
 
@@ -227,23 +279,93 @@ async def read_points(
             _BLOCKS, ids, start, end, [k[0] for k in known], [k[1] for k in known]
         )
         rows = await conn.fetch(_ROWS, ids, start, end)
+    found = _blocks_of(blocks, cache)
+    loose = _rows_of(rows)
+    return {sid: assemble(found.get(sid, []), loose.get(sid), start, end) for sid in ids}
+
+
+async def read_page(
+    conn: asyncpg.Connection,
+    series_ids: Sequence[int],
+    start: int,
+    end: int,
+    after: tuple[int, int],
+    room: int,
+    cache: BlockCache,
+) -> tuple[dict[int, Points], tuple[int, int] | None]:
+    """One page of a full-resolution read: the first `room` visible points
+    with a step in [start, end] from `after` = (series_id, step) on,
+    inclusive, in (series_id, step) order, by series (series without points
+    in the page left out), and where the next page starts (None: the end).
+    Only the blocks that can hold those points (and the next one) are read."""
+    ids = sorted(set(series_ids))
+    known = cache.keys()
+    lim = room + 1
+    a_sid, a_step = after
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        blocks = await conn.fetch(
+            _PAGE_BLOCKS,
+            ids,
+            start,
+            end,
+            [k[0] for k in known],
+            [k[1] for k in known],
+            a_sid,
+            a_step,
+            lim,
+        )
+        rows = await conn.fetch(_PAGE_ROWS, ids, start, end, a_sid, a_step, lim)
+    found = _blocks_of(blocks, cache)
+    loose = _rows_of(rows)
+    out: dict[int, Points] = {}
+    left = lim
+    nxt: tuple[int, int] | None = None
+    for sid in ids:
+        if sid < a_sid or left <= 0:
+            continue
+        g = assemble(found.get(sid, []), loose.get(sid), start, end)
+        first = 0
+        if sid == a_sid and len(g):
+            first = (
+                max(0, a_step - g.first_step)
+                if g.steps is None
+                else int(g.steps.searchsorted(a_step, "left"))
+            )
+        count = min(max(len(g) - first, 0), left)
+        if count <= 0:
+            continue
+        got = g.take(np.arange(first, first + count, dtype=np.intp))
+        left -= count
+        if left == 0:  # the last point read is where the next page starts
+            nxt = (sid, int(got.steps[-1]))
+            got = got.take(np.arange(count - 1, dtype=np.intp))
+        if len(got):
+            out[sid] = got
+    return out, nxt
+
+
+def _blocks_of(records: Sequence[Any], cache: BlockCache) -> dict[int, list[Block]]:
+    """Blocks by series, decoded or from the cache (their arrays not sent)."""
     found: dict[int, list[Block]] = {}
-    for r in blocks:
+    for r in records:
         key = (int(r["block_id"]), int(r["x"]))
         block = cache.get(key) if r["v"] is None else None
         if block is None:
             block = Block.of(r)
             cache.put(key, block)
         found.setdefault(int(r["series_id"]), []).append(block)
-    loose = {
+    return found
+
+
+def _rows_of(records: Sequence[Any]) -> dict[int, tuple[I64, I64, F64]]:
+    return {
         int(r["series_id"]): (
             unpack(r["s"], _I8, np.int64),
             unpack(r["t"], _I8, np.int64),
             unpack(r["v"], _F8, np.float64),
         )
-        for r in rows
+        for r in records
     }
-    return {sid: assemble(found.get(sid, []), loose.get(sid), start, end) for sid in ids}
 
 
 def assemble(

@@ -20,7 +20,14 @@ import numpy as np
 from ingest.core.decode import labels_key
 from ingest.core.errors import not_found
 from ingest.core.kinds import KIND_HISTOGRAM, KIND_IMAGE, KIND_SCALAR, KIND_TABLE, VALUE_TEXT
-from ingest.store.columns import DEFAULT_CACHE_BYTES, BlockCache, Points, downsample, read_points
+from ingest.store.columns import (
+    DEFAULT_CACHE_BYTES,
+    BlockCache,
+    Points,
+    downsample,
+    read_page,
+    read_points,
+)
 from ingest.store.db import acquire
 
 MIN_STEP = -(2**63)
@@ -482,11 +489,28 @@ class QueryStore:
         """Visible scalar points of a window, in (series_id, step) order."""
         if not text and window.extremes:
             return await self._downsampled(series_ids, window)
+        if not text and not window.spread:
+            return await self._page(series_ids, window)
         table = "text_points" if text else "scalar_points"
         # Encoded: a step (<= 10 bytes), a time and a double, or a string.
         cost = "octet_length(value) + 24" if text else "26"
         async with self._conn() as conn:
             return await visible_points(conn, table, [("value", "value")], series_ids, window, cost)
+
+    async def _page(self, series_ids: Sequence[int], window: Window) -> Slice:
+        """A page of numeric scalars at full resolution, as numpy columns
+        (columns.read_page): every point costs SCALAR_POINT_BYTES."""
+        room = min(window.limit, window.budget // SCALAR_POINT_BYTES)
+        if room <= 0:
+            if not window.force:
+                return Slice({}, window.after, 0, 0)
+            room = 1
+        async with self._conn() as conn:
+            got, nxt = await read_page(
+                conn, series_ids, window.start, window.end, window.after, room, self.cache
+            )
+        count = sum(len(p) for p in got.values())
+        return Slice({}, nxt, count * SCALAR_POINT_BYTES, count, got)
 
     async def _downsampled(self, series_ids: Sequence[int], window: Window) -> Slice:
         """A page of one numeric series' downsampled points (Window.extremes),

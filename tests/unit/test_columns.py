@@ -172,3 +172,21 @@ def test_downsampling_keeps_nan_and_both_infinities_of_a_long_series() -> None:
     assert len(got) <= 1000
     assert np.isnan(got.values).any() and math.inf in got.values and -math.inf in got.values
     assert got.steps[0] == 10 and bool((np.diff(got.steps) > 0).all())
+
+
+def test_scalar_columns_encoded_with_numpy_equal_protobufs_own_encoding() -> None:
+    from ingest.api.series import scalar_arrays
+    from ingest.store.columns import Points
+    from steplog.v1 import data_pb2
+
+    rng = np.random.default_rng(7)
+    edges = [0, 1, 127, 128, 16383, 16384, 2**35, 2**63 - 1, -1, -(2**63)]
+    steps = np.concatenate([np.array(edges), rng.integers(-(2**63), 2**63 - 1, 500)])
+    values = rng.standard_normal(len(steps))
+    values[:4] = [math.nan, -0.0, math.inf, 5e-324]
+    times = rng.integers(0, 2**52, len(steps))
+    pts = Points(steps.astype(np.int64), times.astype(np.int64), values)
+    want = data_pb2.ScalarColumns(steps=steps.tolist(), times=pts.times.tolist(), values=values)
+    assert scalar_arrays(pts).SerializeToString() == want.SerializeToString()
+    empty = Points(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0))
+    assert scalar_arrays(empty).SerializeToString() == b""
