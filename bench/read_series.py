@@ -14,10 +14,16 @@ NaN, +Inf and -Inf values among its numbers. Then, each repeated R times
 - `get_metrics`: `run.get_metrics(long)` (GetMetrics, Azure's shape: the
   list of values), checked to hold L values;
 - `downsampled_one`: `run.get_series(long, max_points=1000)`;
-- `chart`: the N series downsampled to 1,000 points each (`get_series(...,
-  max_points=1000)` for each, one after the other: what a chart of N lines
-  asks), checked that every series' answer is downsampled, within its bound,
-  and keeps NaN, +Inf and -Inf;
+- `chart`: the N series downsampled to 1,000 points each in one call
+  (`run.get_charts(names, max_points=1000)`, ReadCharts: what a chart of N
+  lines asks), checked that every series' answer is downsampled, within its
+  bound, and keeps NaN, +Inf and -Inf; `chart_cold` is its first call (the
+  service's cache of decoded blocks does not hold these series yet: every
+  block's arrays come from PostgreSQL), `chart` the median of the next
+  `repeat` calls (the blocks cached, only their ids and versions read);
+  likewise `full_cold` and `full` (the long series);
+- `chart_loop`: the same chart asked series by series (`get_series(...,
+  max_points=1000)` for each, one after the other), once;
 - the reference, the same table read by SQL (asyncpg) in the same run:
   `sql_full` (the long series' step and value, ordered by step) and
   `sql_chart` (one query: the N series in 1,000 step buckets each, with
@@ -179,6 +185,7 @@ async def to_rows(url: str) -> None:
 
 def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
     """Every read of the module docstring, timed; the READ line's figures."""
+    full_cold_ms, full = timed(lambda: run.get_series("long"), 1)
     full_ms, full = timed(lambda: run.get_series("long"), ns.repeat)
     if len(full["values"]) != ns.long:
         raise SystemExit(f"get_series returned {len(full['values'])} points of {ns.long}")
@@ -188,17 +195,23 @@ def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
     one_ms, one = timed(lambda: run.get_series("long", max_points=BUCKETS), ns.repeat)
 
     def chart() -> list[dict[str, Any]]:
-        return [run.get_series(n, max_points=BUCKETS) for n in names]
+        got = run.get_charts(names, max_points=BUCKETS)
+        return [got[n] for n in names]
 
+    chart_cold_ms, lines = timed(chart, 1)
     chart_ms, lines = timed(chart, ns.repeat)
+    loop_ms, looped = timed(lambda: [run.get_series(n, max_points=BUCKETS) for n in names], 1)
+    if [list(x["steps"]) for x in lines] != [x["steps"] for x in looped]:
+        raise SystemExit("chart: get_charts and get_series disagree")
     points = [len(line["values"]) for line in lines]
     if not all(line["downsampled"] for line in lines) or max(points) > BUCKETS:
         raise SystemExit(f"chart: not downsampled within {BUCKETS}: {max(points)} points")
     specials = [kept(line["values"]) for line in lines]
     sql_full_ms, sql_chart_ms = asyncio.run(sql_reads(db, run.id, "long", names, ns.repeat))
     return (
-        f"full_ms={full_ms:.0f} get_metrics_ms={gm_ms:.0f}"
+        f"full_ms={full_ms:.0f} full_cold_ms={full_cold_ms:.0f} get_metrics_ms={gm_ms:.0f}"
         f" downsampled_one_ms={one_ms:.1f} chart_ms={chart_ms:.0f}"
+        f" chart_cold_ms={chart_cold_ms:.0f} chart_loop_ms={loop_ms:.0f}"
         f" sql_full_ms={sql_full_ms:.0f} sql_chart_ms={sql_chart_ms:.0f}"
         f" full_vs_sql={full_ms / sql_full_ms:.1f} chart_vs_sql={chart_ms / sql_chart_ms:.1f}"
         f" long_points={ns.long} chart_series={ns.series} points_per_series={ns.points}"
@@ -206,6 +219,7 @@ def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
         f" one_points_returned={len(one['values'])}"
         f" nan_kept={all(s[0] for s in specials)} inf_kept={all(s[1] for s in specials)}"
         f" neg_inf_kept={all(s[2] for s in specials)} repeat={ns.repeat}"
+        f" load1={os.getloadavg()[0]:.1f}"
     )
 
 

@@ -26,6 +26,7 @@ lose or double points)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -264,22 +265,42 @@ _NONE: Gathered = Gathered(np.empty(0, np.float64), None, 0, [np.empty(0, np.int
 
 
 async def read_points(
-    conn: asyncpg.Connection,
+    conns: Sequence[asyncpg.Connection],
     series_ids: Sequence[int],
     start: int,
     end: int,
     cache: BlockCache,
 ) -> dict[int, Gathered]:
     """The visible points of each series with a step in [start, end], in
-    step order (rows and blocks, one snapshot), by series id."""
+    step order (rows and blocks, one snapshot), by series id. With several
+    connections, the series are shared among them and read at once, every
+    connection in the first one's snapshot (pg_export_snapshot): sending the
+    arrays is PostgreSQL's work, and one backend does it on one core."""
     ids = sorted(set(series_ids))
     known = cache.keys()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        blocks = await conn.fetch(
-            _BLOCKS, ids, start, end, [k[0] for k in known], [k[1] for k in known]
-        )
-        rows = await conn.fetch(_ROWS, ids, start, end)
-    found = _blocks_of(blocks, cache)
+    ks, xs = [k[0] for k in known], [k[1] for k in known]
+    groups = [g for g in (ids[i :: len(conns)] for i in range(len(conns))) if g]
+    lead = conns[0]
+
+    async def fetch(conn: asyncpg.Connection, group: list[int]) -> list[Any]:
+        return list(await conn.fetch(_BLOCKS, group, start, end, ks, xs))
+
+    async def beside(conn: asyncpg.Connection, group: list[int], snapshot: str) -> list[Any]:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return await fetch(conn, group)
+
+    async with lead.transaction(isolation="repeatable_read", readonly=True):
+        if len(groups) > 1:
+            snapshot = str(await lead.fetchval("SELECT pg_export_snapshot()"))
+            parts = await asyncio.gather(
+                fetch(lead, groups[0]),
+                *(beside(c, g, snapshot) for c, g in zip(conns[1:], groups[1:], strict=False)),
+            )
+        else:
+            parts = [await fetch(lead, ids)]
+        rows = await lead.fetch(_ROWS, ids, start, end)
+    found = _blocks_of([r for part in parts for r in part], cache)
     loose = _rows_of(rows)
     return {sid: assemble(found.get(sid, []), loose.get(sid), start, end) for sid in ids}
 

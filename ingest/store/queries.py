@@ -10,7 +10,7 @@ protobuf messages of an answer is the api's job (ingest/api/series.py)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -321,6 +321,9 @@ async def count_points(
     return PointCount(int(row["n"]), row["last"])
 
 
+# A chart of at least this many series is read on two connections at once.
+PARALLEL_FROM_SERIES = 8
+
 # Bytes a numeric scalar point takes in an answer, at most (a step, a time, a double).
 SCALAR_POINT_BYTES = 26
 
@@ -519,7 +522,7 @@ class QueryStore:
             raise ValueError("a downsampled read is of one series")
         sid = series_ids[0]
         async with self._conn() as conn:
-            got = await read_points(conn, [sid], window.start, window.end, self.cache)
+            got = await read_points([conn], [sid], window.start, window.end, self.cache)
         kept = downsample(got[sid], window.extremes)
         a_sid, a_step = window.after
         first = 0 if a_sid < sid else len(kept) if a_sid > sid else None
@@ -539,8 +542,11 @@ class QueryStore:
     ) -> dict[int, Chart]:
         """Numeric scalar series in one step range, each downsampled to at
         most max_points points (columns.downsample), read in one snapshot."""
-        async with self._conn() as conn:
-            got = await read_points(conn, series_ids, start, end, self.cache)
+        async with AsyncExitStack() as stack:
+            # Many series: two connections at once (columns.read_points).
+            n = 2 if len(set(series_ids)) >= PARALLEL_FROM_SERIES else 1
+            conns = [await stack.enter_async_context(self._conn()) for _ in range(n)]
+            got = await read_points(conns, series_ids, start, end, self.cache)
         return {
             sid: Chart(downsample(p, max_points), len(p), 0 < max_points < len(p))
             for sid, p in got.items()

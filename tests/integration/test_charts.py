@@ -233,3 +233,32 @@ def test_get_charts_returns_numpy_columns(logged: tuple[Any, ProtoClient]) -> No
     assert plain["steps"].tolist() == one["steps"] and plain["times"].tolist() == one["times"]
     tagged = got["tagged{rank=3}"]
     assert not tagged["downsampled"] and tagged["values"].tolist() == [1.5]
+
+
+def test_a_chart_of_many_series_is_read_on_two_connections_in_one_snapshot(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """Eight series or more: the blocks are read on two connections sharing
+    one snapshot (queries.PARALLEL_FROM_SERIES); every series still equals
+    the SQL downsampling."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    raw = ProtoClient(url, prefix="charts", strict=True)
+    names = [f"s{j}" for j in range(9)]
+    for k in range(2):
+        steps = range(600 * k, 600 * k + 600)
+        raw.write(
+            run.id,
+            *(
+                series(n, list(steps), [v * (j + 1) for v in wave(steps)])
+                for j, n in enumerate(names)
+            ),
+        )
+    got = chart(raw, run.id, names, max_points=60)
+    assert [c.series.name for c in got] == names
+    for c in got:
+        steps, times, values = sql_downsample(
+            database_url, series_id(database_url, run.id, c.series.name), MIN_STEP, MAX_STEP, 60
+        )
+        assert list(c.series.scalars.steps) == steps and list(c.series.scalars.times) == times
+        assert bits(c.series.scalars.values) == bits(values)
+        assert c.downsampled and c.total_points == 1200
