@@ -12,7 +12,10 @@ keeps its metrics in arrays would. Prints
 
 `call_points_per_s` is the logging calls alone (points over the time the
 loop spent in `log_batch`); the CPU seconds (user + system, from /proc) of
-this process, the service's process tree and PostgreSQL over the timed part.
+this process alone (`client_cpu_s`: the service is its child, counted
+apart), the service's process tree and PostgreSQL (the whole bench server,
+shared with any other database on it) over the timed part, and the 1-minute
+load average at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def main() -> None:
         in_calls = 0.0
         assert svc.proc is not None
         pg = postmaster_pid(stack)
-        cpu0 = (cpu_seconds(os.getpid()), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
+        cpu0 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
         start = time.perf_counter()
         for steps, metrics in chunks:
             t = time.perf_counter()
@@ -56,7 +59,7 @@ def main() -> None:
             in_calls += time.perf_counter() - t
         ok = run.flush(600)
         elapsed = time.perf_counter() - start
-        cpu1 = (cpu_seconds(os.getpid()), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
+        cpu1 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
         run.complete()
         stored = int(
             sql(  # type: ignore[call-overload]
@@ -72,7 +75,8 @@ def main() -> None:
         f" flushed={ok} calls={len(chunks)} call_points_per_s={total / in_calls:.0f}"
         f" series={ns.series} chunk={ns.chunk} elapsed_s={elapsed:.2f}"
         f" client_cpu_s={cpu1[0] - cpu0[0]:.2f} service_cpu_s={cpu1[1] - cpu0[1]:.2f}"
-        f" postgres_cpu_s={cpu1[2] - cpu0[2]:.2f} cpus={os.cpu_count()}",
+        f" postgres_cpu_s={cpu1[2] - cpu0[2]:.2f} cpus={os.cpu_count()}"
+        f" load1={os.getloadavg()[0]:.2f}",
         flush=True,
     )
 

@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
-import numpy as np
-
 from steplog import _azure, _settings
+from steplog._batch import batch_columns
 from steplog._run_azure import AzureOnly
 from steplog._run_files import RunFiles
 from steplog._writer.outcomes import WriterStats
@@ -435,33 +434,12 @@ class Run(RunFiles, AzureOnly):
         unstepped; without `times` every point gets the current time. The
         arrays are copied into the series' columns as they are (no Python
         object per point), so this is the fast way to log what is already in
-        arrays; the step rules are the same as for `log` (the service checks
-        them)."""
-        columns: Mapping[str, Any] = {metrics: values} if isinstance(metrics, str) else metrics
-        if isinstance(metrics, str) and values is None:
-            raise InvalidArgumentError(
-                f"metric {metrics!r}: log_batch needs the values", field="value"
-            )
-        checked: list[tuple[str, np.ndarray[Any, Any]]] = []
-        for name, col in columns.items():
-            try:
-                arr = np.asarray(col, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise InvalidArgumentError(
-                    f"metric {name!r}: log_batch values must be numbers", field="value"
-                ) from None
-            if arr.ndim != 1:
-                raise InvalidArgumentError(
-                    f"metric {name!r}: log_batch values must be one-dimensional, not {arr.shape}",
-                    field="value",
-                )
-            checked.append((name, arr))
-        step_col = None if steps is None else np.asarray(steps)
-        if step_col is not None and (step_col.ndim != 1 or step_col.dtype.kind not in "iu"):
-            raise InvalidArgumentError(
-                "log_batch steps must be a one-dimensional array of integers", field="step"
-            )
-        time_col = np.asarray(times, dtype=np.float64) if times is not None else None
+        arrays. Checked here with numpy before anything is logged
+        (steplog._batch: numeric dtypes only, lengths, steps integers >= 0
+        that never decrease within the call, finite times), so a bad call
+        raises InvalidArgumentError naming the field and logs nothing; across
+        calls the step rules are `log`'s (the service checks them)."""
+        checked, step_col, time_col = batch_columns(metrics, values, steps, times)
         series_labels = self._series_labels(labels)
         for name, arr in checked:
             if arr.size == 0:
@@ -692,6 +670,32 @@ class Run(RunFiles, AzureOnly):
         """Counters of this process's background writer (logged, acknowledged,
         duplicates, rejected, dropped, spooled, reconnects, ...)."""
         return self._client.writer.stats
+
+    def new_stream(self, labels: Mapping[str, str] | None = None) -> Run:
+        """Another handle on this run with a writer of its own: its own
+        stream to the service, writer id and sequence numbers, buffers,
+        memory bound (STEPLOG_MAX_BUFFERED_BYTES) and background thread, on
+        the process's gRPC channel (steplog.client.Client.independent). Its
+        series carry this handle's labels updated with `labels` (say
+        `{"rank": "3"}`, so ranks logging "loss" do not collide). For one
+        process that logs for several writers at once, such as the ranks of
+        a data-parallel job on one host: each handle's `log`, `flush` and
+        `writer_stats` are its own, every point is stored exactly once, and
+        a slow or failing stream holds no other back. `with stream:` flushes
+        it (an exception marks the run Failed, as with
+        `Run.get_context(used_for_context_manager=True)`); the run is
+        completed by whoever created it. Its writer
+        is closed at interpreter exit, as the process's shared one is."""
+        merged = dict(self._labels)
+        merged.update(labels or {})
+        proto = common_pb2.Run()
+        proto.CopyFrom(self._proto)
+        stream = Run(
+            self._experiment, _proto=proto, _client=self._client.independent(), labels=merged
+        )
+        stream._offline = self._offline
+        stream._attached = True
+        return stream
 
     def rewind(self, step: int, names: Iterable[str] | None = None) -> int:
         """Resume from a checkpoint at `step`: points after it are hidden from

@@ -340,6 +340,83 @@ def test_log_batch_logs_arrays_of_one_series_or_many(url: str, experiment_name: 
     assert (rejection.name, rejection.step, rejection.reason) == ("a", 999, "STEP_CONFLICT")
 
 
+def test_log_batch_refuses_a_bad_call_whole_before_logging_anything(
+    url: str, experiment_name: str
+) -> None:
+    """log_batch checks every column with numpy before it appends any: a
+    wrong dtype, a wrong shape, lengths that differ, steps that go back or
+    leave int64, times that are not finite raise InvalidArgumentError naming
+    the field, and no series of that call is logged (steplog._batch)."""
+    import pytest
+
+    from steplog.errors import InvalidArgumentError
+
+    run = Experiment(experiment_name, url=url).start_logging()
+    steps = np.arange(3)
+    bad: list[tuple[dict[str, object], str, str]] = [
+        ({"metrics": {"ok": np.ones(3), "s": np.array(["1.5", "2", "3"])}}, "value", "dtype <U3"),
+        ({"metrics": {"ok": np.ones(3), "z": np.ones(3) * 1j}}, "value", "complex128"),
+        ({"metrics": {"ok": np.ones(3), "o": [1.0, None, 2.0]}}, "value", "object"),
+        ({"metrics": {"ok": np.ones(3), "m": np.zeros((3, 1))}}, "value", "one-dimensional"),
+        ({"metrics": {"ok": np.ones(3), "short": np.ones(2)}}, "value", "2 log_batch values for 3"),
+        ({"metrics": {"ok": np.ones(3)}, "steps_": np.array([0.0, 1.0, 2.0])}, "step", "float64"),
+        ({"metrics": {"ok": np.ones(3)}, "steps_": np.array([True, False, True])}, "step", "bool"),
+        ({"metrics": {"ok": np.ones(3)}, "steps_": np.array([0, 5, 4])}, "step", "not decrease"),
+        ({"metrics": {"ok": np.ones(3)}, "steps_": np.array([-2, -1, 0])}, "step", ">= 0"),
+        (
+            {"metrics": {"ok": np.ones(3)}, "steps_": np.array([0, 1, 2**63], dtype=np.uint64)},
+            "step",
+            "at most",
+        ),
+        ({"metrics": {"ok": np.ones(3)}, "times_": np.array([1.0, np.nan, 2.0])}, "time", "finite"),
+        ({"metrics": {"ok": np.ones(3)}, "times_": np.ones(2)}, "time", "3 steps but 2 times"),
+    ]
+    for case, field, words in bad:
+        kwargs = {"steps": case.get("steps_", steps)}
+        if "times_" in case:
+            kwargs["times"] = case["times_"]
+        with pytest.raises(InvalidArgumentError, match=words) as err:
+            run.log_batch(case["metrics"], **kwargs)  # type: ignore[arg-type]
+        assert err.value.field == field, (words, err.value)
+    # The same columns, well formed: logged (ints, bools and float32 as float64).
+    run.log_batch(
+        {"ok": np.ones(3), "i": np.array([1, 2, 3]), "b": [True, False, True]},
+        steps=np.array([0, 1, 1], dtype=np.uint8),  # an equal step is the service's to judge
+        times=np.array([1.7e9, 1.7e9 + 1, 1.7e9 + 2], dtype=np.float32),
+    )
+    assert run.flush(30)
+    got = run.get_metrics()
+    assert sorted(got) == ["b", "i", "ok"]
+    assert got["i"] == [1.0, 2.0] and got["b"] == [1.0, 0.0]  # step 1 again: conflict
+    assert {(r.name, r.step, r.reason) for r in run.rejections()} == {
+        ("i", 1, "STEP_CONFLICT"),
+        ("b", 1, "STEP_CONFLICT"),
+    }
+    assert got["ok"] == [1.0, 1.0]  # the repeat of (1, 1.0) is a duplicate, not stored
+
+
+def test_log_batch_keeps_every_float_bit_for_bit_and_int64_steps(
+    url: str, experiment_name: str
+) -> None:
+    """NaN, both infinities, -0.0, subnormals and the extremes of float64
+    through log_batch, the wire and the blocks, read back bit for bit; steps
+    up to the int64 limit (every varint width), many series in one call."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    specials = [math.nan, math.inf, -math.inf, -0.0, 0.0, 5e-324, -5e-324, 2.2250738585072014e-308]
+    specials += [1.7976931348623157e308, -1.7976931348623157e308, 1.0, -1.5]
+    steps = np.array([0, 1, 127, 128, 16383, 16384, 2**21, 2**28, 2**35, 2**49, 2**56, I64_MAX])
+    run.log_batch({"x": specials, "y": np.array(specials[::-1])}, steps=steps)
+    big = np.arange(50_000, dtype=np.int64) * 7 + 100
+    run.log_batch("z", np.sin(big.astype(np.float64)), steps=big)
+    assert run.flush(60)
+    for name, want in (("x", specials), ("y", specials[::-1])):
+        got = run.get_series(name)
+        assert got["steps"] == steps.tolist()
+        assert [_bits(v) for v in got["values"]] == [_bits(v) for v in want], name
+    z = run.get_series("z")
+    assert z["steps"] == big.tolist() and z["values"] == np.sin(big.astype(np.float64)).tolist()
+
+
 def test_pages_over_overlapping_blocks_return_every_visible_point_once(
     url: str, experiment_name: str, database_url: str
 ) -> None:
