@@ -51,9 +51,9 @@ _COLUMN_BYTES = 8
 _TEXT_VALUE_BYTES = 56
 # A numeric series' open chunk: _CHUNK_MIN slots at first, doubling each
 # time one fills, up to _CHUNK_MAX. Its unwritten slots are not counted by
-# the memory bound: at most 24 KiB a series (3 columns x 8 bytes x 1024).
+# the memory bound: at most 96 KiB a series (3 columns x 8 bytes x 4096).
 _CHUNK_MIN = 64
-_CHUNK_MAX = 1024
+_CHUNK_MAX = 4096
 _ZERO_D: array[float] = array("d", bytes(8 * _CHUNK_MAX))
 _ZERO_Q: array[int] = array("q", bytes(8 * _CHUNK_MAX))
 
