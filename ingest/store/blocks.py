@@ -13,7 +13,7 @@ NaN, last value).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +292,35 @@ def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
             rows += _series_rows(b, parts)
     parts.append(COPY_TRAILER)
     return b"".join(parts), rows
+
+
+# A COPY of blocks is sent in pieces of about this many bytes (whole rows):
+# PostgreSQL stores the first while the service encodes the next.
+COPY_CHUNK_BYTES = 256 * 1024
+
+
+def encode_blocks_chunks(blocks: Sequence[Block]) -> Iterator[bytes]:
+    """The payload of encode_blocks_copy in pieces of about COPY_CHUNK_BYTES
+    (whole rows, a series at a time), each encoded when it is asked for."""
+    parts: list[bytes | memoryview] = [COPY_HEADER]
+    size = 0
+    for b in blocks:
+        n = int(b.values.shape[0])
+        if n:
+            rows = _series_rows(b, parts)
+            size += 20 * n + 160 * rows  # values, offsets and a row's fixed fields
+            if size >= COPY_CHUNK_BYTES:
+                yield b"".join(parts)
+                parts, size = [], 0
+    parts.append(COPY_TRAILER)
+    yield b"".join(parts)
+
+
+async def blocks_copy_source(blocks: Sequence[Block]) -> AsyncIterator[bytes]:
+    """encode_blocks_chunks as the source of asyncpg's copy_to_table: each
+    piece is encoded once the one before it is on the wire."""
+    for chunk in encode_blocks_chunks(blocks):
+        yield chunk
 
 
 def encode_block_rows(blocks: Sequence[Block]) -> bytes:

@@ -30,8 +30,8 @@ from ingest.core.order import Accepted, SeriesState, reject_unwritable_run
 from ingest.store.blocks import (
     BLOCK_COLUMNS,
     MIN_BLOCK_POINTS,
+    blocks_copy_source,
     encode_block_rows,
-    encode_blocks_copy,
     merge_taken,
 )
 from ingest.store.copy import SCALAR_COLUMNS
@@ -485,12 +485,10 @@ class PointStore:
             # blocks later by the compaction sweep (ingest/store/compact.py).
             small = [b for b in blocks if b.values.shape[0] < MIN_BLOCK_POINTS]
             if len(small) < len(blocks):
-                payload, _ = encode_blocks_copy(
-                    [b for b in blocks if b.values.shape[0] >= MIN_BLOCK_POINTS]
-                )
+                big = [b for b in blocks if b.values.shape[0] >= MIN_BLOCK_POINTS]
                 await conn.copy_to_table(
                     "scalar_blocks",
-                    source=memoryview(payload),  # sent as it is (a file is read in a thread)
+                    source=blocks_copy_source(big),  # encoded while it is sent
                     columns=BLOCK_COLUMNS,
                     format="binary",
                 )

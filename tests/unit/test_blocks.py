@@ -15,6 +15,7 @@ from ingest.store.blocks import (
     MAX_SPAN_US,
     Block,
     encode_block_row,
+    encode_blocks_chunks,
     encode_blocks_copy,
     merge_accepted,
     merge_taken,
@@ -208,3 +209,17 @@ def test_parts_taken_at_their_positions_merge_as_if_gathered_first() -> None:
     # One part taken whole: its columns are used as they are (no copy).
     (alone,) = merge_taken([(8, *cols[2], np.arange(9))], set())
     assert alone.values is cols[2][2]
+
+
+def test_the_payload_in_chunks_is_the_payload() -> None:
+    """encode_blocks_chunks cuts the same bytes into pieces of whole rows of
+    about COPY_CHUNK_BYTES (what the commit streams to PostgreSQL)."""
+    rng = np.random.default_rng(2)
+    blocks = [
+        Block(sid, np.arange(n, dtype=np.int64), np.arange(n), rng.standard_normal(n))
+        for sid, n in enumerate([20_000, 5, 0, 30_000, 17])
+    ]
+    chunks = list(encode_blocks_chunks(blocks))
+    assert len(chunks) == 3  # cut after the first and the fourth series
+    assert b"".join(chunks) == encode_blocks_copy(blocks)[0]
+    assert list(encode_blocks_chunks([])) == [COPY_HEADER + COPY_TRAILER]
