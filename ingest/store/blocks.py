@@ -348,7 +348,10 @@ def encode_block_rows(blocks: Sequence[Block]) -> bytes:
 def to_pg_us(times: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Wall times in seconds since the Unix epoch (float64) to PostgreSQL's
     int64 microseconds since 2000-01-01, rounded as the row layout rounds them."""
-    return np.asarray(np.rint((times - PG_EPOCH) * 1e6), dtype=np.int64)
+    us: np.ndarray[Any, Any] = np.subtract(times, PG_EPOCH, dtype=np.float64)  # worked in place
+    us *= 1e6
+    np.rint(us, out=us)
+    return us.astype(np.int64)
 
 
 def merge_accepted(
@@ -362,8 +365,9 @@ def merge_accepted(
 
 
 def _whole(index: np.ndarray[Any, Any] | None, n: int) -> bool:
-    """Whether an increasing index of positions takes all n of them."""
-    return index is None or (index.size == n and bool(np.all(index[1:] > index[:-1])))
+    """Whether a strictly increasing index of positions (as order.apply
+    makes them) takes all n of them."""
+    return index is None or index.size == n
 
 
 def merge_taken(
