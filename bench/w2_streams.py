@@ -53,12 +53,9 @@ def _ranks(
     url: str, run_id: str, ranks: list[int], series: int, steps: int, ready: Any, out: Any
 ) -> None:
     from steplog import Run
-    from steplog.client import Client, resolve_workspace
 
-    runs = [
-        Run(run_id=run_id, _client=Client(url, resolve_workspace(None)), labels={"rank": str(r)})
-        for r in ranks
-    ]
+    run = Run.get(run_id, url=url)
+    runs = [run.new_stream(labels={"rank": str(r)}) for r in ranks]
     names = [f"metric_{i:02d}" for i in range(series)]
     logged_at = np.zeros((steps, len(runs)))  # perf_counter after rank j logged step s
     polls: list[tuple[float, list[int]]] = []

@@ -175,6 +175,7 @@ class Quotas:
         self._clock = clock
         self.max_wait_s = max_wait_s
         self._limits: dict[str, tuple[float, Limits]] = {}
+        self._loading: dict[str, asyncio.Task[Limits]] = {}
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
     def exceeded(self, quota: str) -> None:
@@ -182,24 +183,39 @@ class Quotas:
             self._on_exceeded(quota)
 
     async def limits(self, workspace: str) -> Limits:
-        """The workspace's limits (its overrides cached LIMITS_TTL_S)."""
+        """The workspace's limits (its overrides cached LIMITS_TTL_S). The
+        requests that find the cache empty or old at the same moment share
+        one load (200 streams of one workspace made 200 queries at once)."""
         if self._loader is None:
             return self.defaults
-        now = self._clock()
         cached = self._limits.get(workspace)
-        if cached is not None and now - cached[0] < LIMITS_TTL_S:
+        if cached is not None and self._clock() - cached[0] < LIMITS_TTL_S:
             return cached[1]
+        task = self._loading.get(workspace)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(workspace))
+            self._loading[workspace] = task
+        # Shielded: a caller that is cancelled does not cancel the others' load.
+        return await asyncio.shield(task)
+
+    async def _load(self, workspace: str) -> Limits:
         try:
-            row = await self._loader(workspace)
-        except StoreUnavailable:
-            # The database is away: the last known limits (or the settings)
-            # hold until it is back; the write itself fails on its own.
-            return cached[1] if cached is not None else self.defaults
-        limits = self.defaults.with_overrides(row)
-        if len(self._limits) >= MAX_BUCKETS:
-            self._limits.clear()
-        self._limits[workspace] = (now, limits)
-        return limits
+            now = self._clock()
+            cached = self._limits.get(workspace)
+            assert self._loader is not None
+            try:
+                row = await self._loader(workspace)
+            except StoreUnavailable:
+                # The database is away: the last known limits (or the settings)
+                # hold until it is back; the write itself fails on its own.
+                return cached[1] if cached is not None else self.defaults
+            limits = self.defaults.with_overrides(row)
+            if len(self._limits) >= MAX_BUCKETS:
+                self._limits.clear()
+            self._limits[workspace] = (now, limits)
+            return limits
+        finally:
+            self._loading.pop(workspace, None)
 
     def _bucket(self, workspace: str, quota: str, per_s: int, now: float) -> TokenBucket:
         rate = per_s / self.replicas
@@ -261,22 +277,52 @@ _USAGE_COLUMNS = (
 @dataclass
 class Usage:
     """A workspace's usage row (locked by the caller's transaction) and its
-    effective hard limits."""
+    effective hard limits. `delta`: the workspace has no hard limit, so its
+    row was not locked and the counts are what this transaction adds
+    (written by add_usage as increments)."""
 
     workspace: str
     runs: int
     series: int
     stored_bytes: int
     limits: Limits
+    delta: bool = False
+
+
+def _unlimited(limits: Limits) -> bool:
+    return not (limits.runs or limits.series or limits.stored_bytes)
 
 
 async def lock_usage(conn: Any, workspaces: Iterable[str], defaults: Limits) -> dict[str, Usage]:
     """Lock the usage rows of these workspaces (created when missing), in
     workspace order: every transaction takes them in that order, after its
-    series rows, and at most once."""
+    series rows, and at most once.
+
+    A workspace without any hard limit (runs, series, stored bytes) is not
+    locked here: nothing this transaction decides depends on its counts, so
+    it gets a `delta` Usage (counts from 0) and add_usage adds to its row at
+    the end. Two commits of one workspace then do not take turns from the
+    moment they create a series until they commit (the pipeline's workers
+    did, for every commit that created series: issue 13, W2)."""
     names = sorted(set(workspaces))
     if not names:
         return {}
+    out: dict[str, Usage] = {}
+    quotas = await conn.fetch(
+        "SELECT w AS workspace, q.runs AS q_runs, q.series AS q_series,"
+        " q.stored_bytes AS q_stored_bytes FROM unnest($1::text[]) AS w"
+        " LEFT JOIN workspace_quotas q ON q.workspace = w",
+        names,
+    )
+    for r in quotas:
+        limits = defaults.with_overrides(
+            {"runs": r["q_runs"], "series": r["q_series"], "stored_bytes": r["q_stored_bytes"]}
+        )
+        if _unlimited(limits):
+            out[r["workspace"]] = Usage(r["workspace"], 0, 0, 0, limits, delta=True)
+    names = [n for n in names if n not in out]
+    if not names:
+        return out
     await conn.execute(
         "INSERT INTO workspace_usage (workspace) SELECT w FROM unnest($1::text[]) AS w"
         " ORDER BY w ON CONFLICT (workspace) DO NOTHING",
@@ -288,7 +334,6 @@ async def lock_usage(conn: Any, workspaces: Iterable[str], defaults: Limits) -> 
         " WHERE u.workspace = ANY($1::text[]) ORDER BY u.workspace FOR UPDATE OF u",
         names,
     )
-    out: dict[str, Usage] = {}
     for r in rows:
         limits = defaults.with_overrides(
             {"runs": r["q_runs"], "series": r["q_series"], "stored_bytes": r["q_stored_bytes"]}
@@ -300,19 +345,36 @@ async def lock_usage(conn: Any, workspaces: Iterable[str], defaults: Limits) -> 
 
 
 async def add_usage(conn: Any, usage: Sequence[Usage]) -> None:
-    """Write back locked usage rows (their counts changed in memory)."""
-    if not usage:
-        return
-    await conn.execute(
-        "UPDATE workspace_usage u SET runs = v.runs, series = v.series,"
-        " stored_bytes = v.stored_bytes"
-        " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])"
-        " AS v(workspace, runs, series, stored_bytes) WHERE u.workspace = v.workspace",
-        [u.workspace for u in usage],
-        [u.runs for u in usage],
-        [u.series for u in usage],
-        [u.stored_bytes for u in usage],
+    """Write back locked usage rows (their counts changed in memory), and add
+    the counts of `delta` ones to their rows (in workspace order)."""
+    locked = [u for u in usage if not u.delta]
+    added = sorted(
+        (u for u in usage if u.delta and (u.runs or u.series or u.stored_bytes)),
+        key=lambda u: u.workspace,
     )
+    if locked:
+        await conn.execute(
+            "UPDATE workspace_usage u SET runs = v.runs, series = v.series,"
+            " stored_bytes = v.stored_bytes"
+            " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])"
+            " AS v(workspace, runs, series, stored_bytes) WHERE u.workspace = v.workspace",
+            [u.workspace for u in locked],
+            [u.runs for u in locked],
+            [u.series for u in locked],
+            [u.stored_bytes for u in locked],
+        )
+    if added:
+        await conn.execute(
+            "INSERT INTO workspace_usage AS u (workspace, runs, series, stored_bytes)"
+            " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])"
+            " ON CONFLICT (workspace) DO UPDATE SET runs = u.runs + EXCLUDED.runs,"
+            " series = u.series + EXCLUDED.series,"
+            " stored_bytes = u.stored_bytes + EXCLUDED.stored_bytes",
+            [u.workspace for u in added],
+            [u.runs for u in added],
+            [u.series for u in added],
+            [u.stored_bytes for u in added],
+        )
 
 
 async def stored_bytes(conn: Any, workspace: str) -> int:

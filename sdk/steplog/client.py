@@ -1,6 +1,7 @@
 """The connection to a steplog service: one channel and one background writer
 per (address, workspace, connection settings) in a process, shared by every
-Experiment and Run. How channels are opened (TLS, mutual TLS, the token) is
+Experiment and Run; a stream of `Run.new_stream` has a writer of its own
+(`Client.independent`) on the same channel. How channels are opened (TLS, mutual TLS, the token) is
 steplog._channel.ChannelSettings: every channel here comes from it."""
 
 from __future__ import annotations
@@ -109,15 +110,42 @@ class Client:
     `settings` says how to connect (TLS, client certificate, token); without
     it they come from the environment (ChannelSettings.resolve)."""
 
-    def __init__(self, url: str, workspace: str, settings: ChannelSettings | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        workspace: str,
+        settings: ChannelSettings | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.settings = settings or ChannelSettings.resolve(url)
         self.url = self.settings.target
         self.workspace = workspace
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._open_channel()
+        if channel is None:
+            self._open_channel()
+        else:
+            self._use_channel(channel)
         self._writer: BatchWriter | None = None
         self.heartbeat = Heartbeat(self)
+
+    def independent(self, *, share_channel: bool = True) -> Client:
+        """A client for the same address, workspace and connection settings
+        with a background writer of its own (`Run.new_stream`): its own
+        writer id, sequence numbers, stream, buffers, memory bound
+        (STEPLOG_MAX_BUFFERED_BYTES) and thread, so its points are delivered
+        and acknowledged independently of this client's. It shares this
+        client's gRPC channel (one connection; gRPC carries many streams on
+        it) unless `share_channel` is False. Not cached: every call makes
+        another."""
+        self._check_fork()
+        return Client(
+            self.url,
+            self.workspace,
+            self.settings,
+            channel=self.channel if share_channel else None,
+        )
 
     def _after_fork_in_child(self) -> None:
         """A lock another thread held at fork() would stay held in the child."""
@@ -128,7 +156,10 @@ class Client:
         return self.settings.open(_CHANNEL_OPTIONS)
 
     def _open_channel(self) -> None:
-        self.channel = self.new_channel()
+        self._use_channel(self.new_channel())
+
+    def _use_channel(self, channel: grpc.Channel) -> None:
+        self.channel = channel
         self.experiments = experiment_service_pb2_grpc.ExperimentServiceStub(self.channel)
         self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
         self.ingest = ingest_service_pb2_grpc.IngestServiceStub(self.channel)

@@ -60,6 +60,10 @@ class OfflineRun:
     def flush(self, timeout_seconds: float | None = 300, **kwargs: Any) -> bool:
         return True
 
+    def new_stream(self, labels: Mapping[str, str] | None = None) -> OfflineRun:
+        """Run.new_stream: here the same printer."""
+        return self
+
     def complete(self, *args: Any, **kwargs: Any) -> None:
         self.status = "Completed"
 

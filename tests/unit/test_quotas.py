@@ -175,3 +175,28 @@ def test_a_database_outage_keeps_the_last_known_limits() -> None:
     clock.now += 11
     assert run(q.limits("w")).points_per_s == 10
     assert run(q.limits("new")).points_per_s == 1000
+
+
+def test_requests_that_miss_the_cache_together_share_one_load() -> None:
+    clock = Clock()
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def loader(workspace: str) -> Any:
+        calls.append(workspace)
+        await gate.wait()
+        return {"points_per_s": 10}
+
+    q = Quotas(Limits(points_per_s=1000), loader=loader, clock=clock)
+
+    async def many() -> list[Limits]:
+        waiting = [asyncio.create_task(q.limits("w")) for _ in range(50)]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(*waiting)
+
+    assert {x.points_per_s for x in run(many())} == {10}
+    assert calls == ["w"]
+    clock.now += 11
+    assert run(q.limits("w")).points_per_s == 10
+    assert calls == ["w", "w"]

@@ -1,0 +1,144 @@
+"""Several independent writers in one process (`Run.new_stream`): each stream
+has its own writer id and sequence numbers, is acknowledged on its own, and
+stores each of its points exactly once, also when the service is killed
+under it (its unacknowledged batches are resent and deduplicated by its own
+high-water mark). Real service process; what is stored is counted with SQL."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from steplog import Experiment, Run
+from tests.sql import fetch
+from tests.support import ServiceProcess
+
+STREAMS = 6
+NAMES = ("loss", "acc")
+STEPS = 1500
+WAIT = 60.0
+
+
+def _log(stream: Run, rank: int, steps: range, logged: threading.Event | None) -> None:
+    log = stream.log
+    for step in steps:
+        for name in NAMES:
+            log(name, rank * 1e6 + step, step=step)
+        if logged is not None and step == steps.start + len(steps) // 2:
+            logged.set()
+
+
+def test_streams_of_one_process_each_have_a_writer_and_store_every_point_once(
+    service_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    experiment_name: str,
+) -> None:
+    # Small batches, sent often: many sequence numbers per stream, and
+    # batches in flight when the service dies.
+    monkeypatch.setenv("STEPLOG_MAX_BATCH_POINTS", "50")
+    monkeypatch.setenv("STEPLOG_FLUSH_INTERVAL", "0.01")
+    monkeypatch.setenv("STEPLOG_SPOOL_DIR", str(tmp_path / "spool"))
+    proc = ServiceProcess(service_env, log_path=tmp_path / "service.log").start()
+    try:
+        # A workspace of its own, without quotas: its usage row counts by increments.
+        workspace = f"ws-{experiment_name}"
+        run = Experiment(workspace, experiment_name, url=proc.address).start_logging()
+        streams = [run.new_stream(labels={"rank": str(r)}) for r in range(STREAMS)]
+        assert all(s.id == run.id for s in streams)
+        assert [s.labels for s in streams] == [{"rank": str(r)} for r in range(STREAMS)]
+
+        # First half, everything acknowledged, then the second half with a
+        # kill -9 of the service in the middle of it.
+        threads = [
+            threading.Thread(target=_log, args=(s, r, range(STEPS // 2), None))
+            for r, s in enumerate(streams)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(s.flush(WAIT) for s in streams)
+        before = [s.writer_stats() for s in streams]
+        assert all(b.points_acked == STEPS // 2 * len(NAMES) for b in before)
+
+        halfway = [threading.Event() for _ in streams]
+        threads = [
+            threading.Thread(target=_log, args=(s, r, range(STEPS // 2, STEPS), halfway[r]))
+            for r, s in enumerate(streams)
+        ]
+        for t in threads:
+            t.start()
+        for e in halfway:
+            assert e.wait(WAIT)
+        proc.kill()
+        proc.start()
+        for t in threads:
+            t.join()
+        assert all(s.flush(WAIT) for s in streams)
+        stats = [s.writer_stats() for s in streams]
+        run.complete()
+    finally:
+        proc.stop()
+
+    # Each stream its own writer, none of them the process's shared one.
+    ids = [s.writer_id for s in stats]
+    assert len(set(ids)) == STREAMS
+    assert run._client.writer.writer_id not in ids
+    assert [s.writer_id for s in before] == ids  # a kill -9 is no new writer
+    for s in stats:
+        assert s.points_logged == STEPS * len(NAMES)
+        assert s.points_acked == STEPS * len(NAMES)
+        assert s.rejected == s.dropped == s.refused == 0
+        assert s.points_unacked == s.points_buffered == 0
+    assert any(s.reconnects for s in stats)  # the kill reached the streams
+
+    # Each writer's own sequence, from 1 up to its own number of batches.
+    marks = {
+        r["writer_id"]: r["last_sequence"]
+        for r in fetch(
+            service_env["STEPLOG_DATABASE_URL"],
+            "SELECT writer_id, last_sequence FROM writers WHERE writer_id = ANY($1::text[])",
+            ids,
+        )
+    }
+    assert sorted(marks) == sorted(ids)
+    for s in stats:
+        # Batches of at most 50 points: at least 60 of them, each counted once.
+        assert marks[s.writer_id] == s.batches_acked >= STEPS * len(NAMES) // 50
+
+    # Every point of every rank stored once, under its rank's label.
+    rows = fetch(
+        service_env["STEPLOG_DATABASE_URL"],
+        "SELECT s.labels->>'rank' AS rank, s.name, count(*) AS n,"
+        " count(DISTINCT p.step) AS steps, min(p.step) AS lo, max(p.step) AS hi,"
+        " bool_and(p.value = (s.labels->>'rank')::float8 * 1e6 + p.step) AS right"
+        " FROM scalar_points p JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 AND NOT p.hidden GROUP BY 1, 2 ORDER BY 1, 2",
+        run.id,
+    )
+    assert [(r["rank"], r["name"]) for r in rows] == [
+        (str(rank), name) for rank in range(STREAMS) for name in sorted(NAMES)
+    ]
+    for r in rows:
+        assert (r["n"], r["steps"], r["lo"], r["hi"], r["right"]) == (
+            STEPS,
+            STEPS,
+            0,
+            STEPS - 1,
+            True,
+        )
+
+    # The workspace's usage row counts every series the streams' commits
+    # created, though no commit locked it before its last statement.
+    usage = fetch(
+        service_env["STEPLOG_DATABASE_URL"],
+        "SELECT u.series, u.runs, (SELECT count(*) FROM series s WHERE s.workspace = $1) AS n"
+        " FROM workspace_usage u WHERE u.workspace = $1",
+        workspace,
+    )
+    assert [(r["series"], r["runs"], r["n"]) for r in usage] == [
+        (STREAMS * len(NAMES), 1, STREAMS * len(NAMES))
+    ]
