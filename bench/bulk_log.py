@@ -14,7 +14,9 @@ keeps its metrics in arrays would. Prints
 loop spent in `log_batch`); the CPU seconds (user + system, from /proc) of
 this process alone (`client_cpu_s`: the service is its child, counted
 apart), the service's process tree and PostgreSQL (the whole bench server,
-shared with any other database on it) over the timed part, and the 1-minute
+shared with any other database on it), the backends serving this run's
+database alone (`pg_db_cpu_s`: the service's connections, found by the
+database name in their process title) over the timed part, and the 1-minute
 load average at the end.
 """
 
@@ -27,6 +29,25 @@ import time
 import numpy as np
 
 from bench.common import bench_stack, cpu_seconds, postmaster_pid, service, sql
+
+
+def backends_cpu(postmaster: int, database: str) -> float:
+    """CPU seconds of the PostgreSQL backends (children of `postmaster`)
+    connected to `database` ("postgres: <user> <database> ..." titles)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace").split()
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster and len(title) > 2 and title[2] == database:
+            total += sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def main() -> None:
@@ -51,7 +72,9 @@ def main() -> None:
         in_calls = 0.0
         assert svc.proc is not None
         pg = postmaster_pid(stack)
+        dbname = db.rsplit("/", 1)[-1].split("?")[0]
         cpu0 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
+        db0 = backends_cpu(pg, dbname)
         start = time.perf_counter()
         for steps, metrics in chunks:
             t = time.perf_counter()
@@ -60,6 +83,7 @@ def main() -> None:
         ok = run.flush(600)
         elapsed = time.perf_counter() - start
         cpu1 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
+        db1 = backends_cpu(pg, dbname)
         run.complete()
         stored = int(
             sql(  # type: ignore[call-overload]
@@ -75,7 +99,7 @@ def main() -> None:
         f" flushed={ok} calls={len(chunks)} call_points_per_s={total / in_calls:.0f}"
         f" series={ns.series} chunk={ns.chunk} elapsed_s={elapsed:.2f}"
         f" client_cpu_s={cpu1[0] - cpu0[0]:.2f} service_cpu_s={cpu1[1] - cpu0[1]:.2f}"
-        f" postgres_cpu_s={cpu1[2] - cpu0[2]:.2f} cpus={os.cpu_count()}"
+        f" postgres_cpu_s={cpu1[2] - cpu0[2]:.2f} pg_db_cpu_s={db1 - db0:.2f} cpus={os.cpu_count()}"
         f" load1={os.getloadavg()[0]:.2f}",
         flush=True,
     )
