@@ -43,7 +43,11 @@ class Config:
     # Writers: one database connection each; a writer's batches always go to one.
     pipeline_workers: int = 2
     # Batches waiting for a commit, across workers; a full queue stops stream reads.
-    queue_batches: int = 256
+    # Room for several batches of each of a few hundred streams (their bytes
+    # are bounded by queue_bytes), so a group commit merges a writer's
+    # consecutive batches into one block per series (issue 13, W2: with 256,
+    # 200 streams left about one batch each in a group).
+    queue_batches: int = 4096
     # Bytes of batches waiting for a commit, across workers (counted as they
     # sit in memory, decoded); a full queue stops stream reads.
     queue_bytes: int = 256 * 1024 * 1024
@@ -56,8 +60,8 @@ class Config:
     backpressure_timeout_s: float = 30.0
     # Threads that decode and validate large messages off the event loop.
     decode_threads: int = 2
-    # Points gathered into one transaction at most.
-    group_commit_points: int = 200_000
+    # Points gathered into one transaction at most (about 30 MB decoded).
+    group_commit_points: int = 1_000_000
     max_message_bytes: int = 64 * 1024 * 1024
     # Connections are closed (gracefully) after this long, so clients spread
     # over replicas added later; they reconnect and resend what is unacknowledged.
