@@ -11,10 +11,10 @@ the ranks run in a pool of P spawned processes (default 4, as many as W1's
 writer processes), R/P ranks in each: one training thread per process logs
 every rank's step s, rank after rank (data-parallel ranks move in lock step),
 with `run.log(name, value, step=s)`, while each rank's own background writer
-sends its batches on its own stream. Each rank attaches to the one run as a
-rank of a distributed job does (`Run.get`), with a client of its own
-(`steplog.client.Client`, passed as the run's client: `get_client` would
-share one writer per process).
+sends its batches on its own stream. Each process attaches to the one run as
+a rank of a distributed job does (`Run.get`) and takes a handle per rank with
+`run.new_stream(labels={"rank": r})`: its own writer (writer id, sequence,
+stream, buffers, thread) on the process's gRPC channel.
 
 Prints
 
