@@ -23,12 +23,15 @@ load average at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
+from typing import Any
 
+import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, cpu_seconds, postmaster_pid, service, sql
+from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service, sql
 
 
 def backends_cpu(postmaster: int, database: str) -> float:
@@ -48,6 +51,60 @@ def backends_cpu(postmaster: int, database: str) -> float:
         if int(fields[1]) == postmaster and len(title) > 2 and title[2] == database:
             total += sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def blocks_ceiling(
+    address: str, db: str, names: list[str], chunks: list[tuple[Any, dict[str, Any]]]
+) -> float:
+    """The fastest known way to store the same points (the reference of the
+    same run): the blocks the service would write for them (one COPY per
+    call's worth: every series' steps of that call, cut into blocks of at
+    most MAX_BLOCK_POINTS), encoded before the clock starts, sent with
+    binary copy_to_table into scalar_blocks, for the series of another run,
+    from 1 and 2 connections; points/s of the better."""
+    from ingest.store.blocks import (
+        BLOCK_COLUMNS,
+        MAX_BLOCK_POINTS,
+        Block,
+        encode_blocks_copy,
+        to_pg_us,
+    )
+    from steplog import Experiment
+
+    ref = Experiment("bulk-ceiling", url=address).start_logging()
+    for name in names:
+        ref.log(name, 0.0, step=0)  # creates the series
+    ref.flush(60)
+    ref.complete()
+    ids = asyncio.run(series_ids(db, ref.id, names))
+    now = time.time()
+    payloads, points = [], 0
+    for steps, metrics in chunks:
+        blocks = []
+        for name, values in metrics.items():
+            times = to_pg_us(np.full(steps.size, now))
+            for k in range(0, steps.size, MAX_BLOCK_POINTS):
+                part = slice(k, k + MAX_BLOCK_POINTS)
+                blocks.append(Block(ids[name], times[part], steps[part] + 1, values[part]))
+            points += steps.size
+        payloads.append(encode_blocks_copy(blocks)[0])
+    best = min(
+        asyncio.run(copy_ceiling(db, "scalar_blocks", BLOCK_COLUMNS, payloads, c)) for c in (1, 2)
+    )
+    return points / best
+
+
+async def series_ids(db: str, run_id: str, names: list[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT name, series_id FROM series WHERE run_id = $1 AND name = ANY($2::text[])",
+            run_id,
+            names,
+        )
+    finally:
+        await conn.close()
+    return {r["name"]: int(r["series_id"]) for r in rows}
 
 
 def main() -> None:
@@ -85,6 +142,7 @@ def main() -> None:
         cpu1 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
         db1 = backends_cpu(pg, dbname)
         run.complete()
+        ceiling = blocks_ceiling(svc.address, db, names, chunks)
         stored = int(
             sql(  # type: ignore[call-overload]
                 db,
@@ -94,8 +152,10 @@ def main() -> None:
         )
     if stored != total:
         raise SystemExit(f"stored {stored} != logged {total}")
+    rate = total / elapsed
     print(
-        f"BULK points_per_s={total / elapsed:.0f} points={total} stored={stored}"
+        f"BULK points_per_s={rate:.0f} ceiling_points_per_s={ceiling:.0f}"
+        f" ratio={rate / ceiling:.2f} points={total} stored={stored}"
         f" flushed={ok} calls={len(chunks)} call_points_per_s={total / in_calls:.0f}"
         f" series={ns.series} chunk={ns.chunk} elapsed_s={elapsed:.2f}"
         f" client_cpu_s={cpu1[0] - cpu0[0]:.2f} service_cpu_s={cpu1[1] - cpu0[1]:.2f}"
