@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, cast
 
 import grpc
@@ -117,8 +117,11 @@ class Client:
         settings: ChannelSettings | None = None,
         *,
         channel: grpc.Channel | None = None,
+        writer_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings or ChannelSettings.resolve(url)
+        # WriterSettings fields given here win over STEPLOG_* variables.
+        self._writer_overrides = dict(writer_overrides or {})
         self.url = self.settings.target
         self.workspace = workspace
         self._lock = threading.Lock()
@@ -130,22 +133,31 @@ class Client:
         self._writer: BatchWriter | None = None
         self.heartbeat = Heartbeat(self)
 
-    def independent(self, *, share_channel: bool = True) -> Client:
+    def independent(self, *, share_channel: bool = True, **writer_overrides: Any) -> Client:
         """A client for the same address, workspace and connection settings
         with a background writer of its own (`Run.new_stream`): its own
         writer id, sequence numbers, stream, buffers, memory bound
         (STEPLOG_MAX_BUFFERED_BYTES) and thread, so its points are delivered
         and acknowledged independently of this client's. It shares this
         client's gRPC channel (one connection; gRPC carries many streams on
-        it) unless `share_channel` is False. Not cached: every call makes
-        another."""
+        it) unless `share_channel` is False. `writer_overrides` are
+        WriterSettings fields for its writer (say `max_buffered_bytes`). Not
+        cached: every call makes another."""
         self._check_fork()
         return Client(
             self.url,
             self.workspace,
             self.settings,
             channel=self.channel if share_channel else None,
+            writer_overrides={**self._writer_overrides, **writer_overrides},
         )
+
+    def close_writer(self, timeout: float | None = None) -> bool:
+        """Flush this client's writer and stop its thread (`Run.close` of a
+        stream), within `timeout`; True when everything was delivered. Points
+        logged through it afterwards are dropped with a warning (counted)."""
+        writer = self._writer
+        return True if writer is None else writer.close(timeout)
 
     def _after_fork_in_child(self) -> None:
         """A lock another thread held at fork() would stay held in the child."""
@@ -245,7 +257,7 @@ class Client:
                     from steplog._writer.transport import GrpcTransport
                     from steplog._writer.writer import BatchWriter
 
-                    settings = WriterSettings.from_env()
+                    settings = WriterSettings.from_env(**self._writer_overrides)
                     transport = None
                     if not settings.offline:
                         transport = GrpcTransport(self.channel, channel_factory=self.new_channel)

@@ -176,6 +176,7 @@ class Run(RunFiles, AzureOnly):
         # flushes (and marks the run Failed on an exception); the process that
         # created the run completes it.
         self._attached = False
+        self._stream = False  # a handle from new_stream(), with a writer of its own
         # start_logging(log_system_metrics=True): steplog.integrations.system's
         # sampler, stopped (after one last sample) before the run ends.
         self._system_metrics: Any = None
@@ -671,7 +672,9 @@ class Run(RunFiles, AzureOnly):
         duplicates, rejected, dropped, spooled, reconnects, ...)."""
         return self._client.writer.stats
 
-    def new_stream(self, labels: Mapping[str, str] | None = None) -> Run:
+    def new_stream(
+        self, labels: Mapping[str, str] | None = None, *, max_buffered_bytes: int | None = None
+    ) -> Run:
         """Another handle on this run with a writer of its own: its own
         stream to the service, writer id and sequence numbers, buffers,
         memory bound (STEPLOG_MAX_BUFFERED_BYTES) and background thread, on
@@ -683,19 +686,46 @@ class Run(RunFiles, AzureOnly):
         `writer_stats` are its own, every point is stored exactly once, and
         a slow or failing stream holds no other back. `with stream:` flushes
         it (an exception marks the run Failed, as with
-        `Run.get_context(used_for_context_manager=True)`); the run is
-        completed by whoever created it. Its writer
-        is closed at interpreter exit, as the process's shared one is."""
+        `Run.get_context(used_for_context_manager=True)`) and closes it; the
+        run is completed by whoever created it. `stream.close(timeout)`
+        flushes it and stops its writer's thread (points logged afterwards
+        are dropped with a warning); a stream not closed is closed at
+        interpreter exit, as the process's shared writer is.
+
+        Memory: each stream's writer has a bound of its own,
+        `max_buffered_bytes` (default STEPLOG_MAX_BUFFERED_BYTES, 256 MiB),
+        so N streams may hold N times it: give a smaller one when a process
+        opens many."""
         merged = dict(self._labels)
         merged.update(labels or {})
         proto = common_pb2.Run()
         proto.CopyFrom(self._proto)
+        overrides: dict[str, Any] = (
+            {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
+        )
         stream = Run(
-            self._experiment, _proto=proto, _client=self._client.independent(), labels=merged
+            self._experiment,
+            _proto=proto,
+            _client=self._client.independent(**overrides),
+            labels=merged,
         )
         stream._offline = self._offline
         stream._attached = True
+        stream._stream = True
         return stream
+
+    def close(self, timeout: float | None = None) -> bool:
+        """A stream (`new_stream`): flush its points and stop its writer's
+        thread, within `timeout` seconds (None: no limit); True when every
+        point was delivered. Only a stream has a writer of its own to close:
+        on any other handle it raises FailedPreconditionError (use
+        `complete()`)."""
+        if not self._stream:
+            raise FailedPreconditionError(
+                "close() is for a handle from run.new_stream(); complete() ends a run",
+                field="run",
+            )
+        return self._client.close_writer(timeout)
 
     def rewind(self, step: int, names: Iterable[str] | None = None) -> int:
         """Resume from a checkpoint at `step`: points after it are hidden from
@@ -1126,6 +1156,15 @@ class Run(RunFiles, AzureOnly):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            self._exit_run(exc)
+        finally:
+            if self._stream:
+                self.close(None)
+
+    def _exit_run(self, exc: BaseException | None) -> None:
+        if self._stream and exc is None:
+            return  # closed (flushed) by __exit__
         if self.status in TERMINAL_STATUSES or (self._attached and exc is None):
             self.flush(None)
             return

@@ -142,3 +142,41 @@ def test_streams_of_one_process_each_have_a_writer_and_store_every_point_once(
     assert [(r["series"], r["runs"], r["n"]) for r in usage] == [
         (STREAMS * len(NAMES), 1, STREAMS * len(NAMES))
     ]
+
+
+def test_a_stream_closes_on_its_own_with_its_own_memory_bound(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """`with stream:` and `stream.close()` flush that stream and stop its
+    writer's thread, leaving the run and the other streams running; a
+    stream's `max_buffered_bytes` bounds its writer alone."""
+    from steplog.errors import FailedPreconditionError
+
+    run = Experiment(experiment_name, url=url).start_logging()
+    with run.new_stream(labels={"rank": "0"}, max_buffered_bytes=1 << 20) as first:
+        assert first._client.writer.settings.max_buffered_bytes == 1 << 20
+        for step in range(100):
+            first.log("loss", float(step), step=step)
+    thread = first._client.writer._sender.thread  # the stream's own thread, stopped
+    assert thread is not None and not thread.is_alive()
+    assert first.writer_stats().points_acked == 100
+
+    second = run.new_stream(labels={"rank": "1"})
+    assert second._client.writer.settings.max_buffered_bytes == 256 * 1024 * 1024
+    second.log("loss", 1.0, step=0)
+    assert second.close(30) and second.close(30)  # twice: the first result
+    assert second.writer_stats().points_acked == 1
+
+    run.log("loss", 5.0, step=0)  # the run's own writer is untouched
+    assert run.flush(30)
+    with pytest.raises(FailedPreconditionError):
+        run.close()  # not a stream: complete() ends a run
+    run.complete()
+    stored = fetch(
+        database_url,
+        "SELECT coalesce(s.labels->>'rank', '-') AS rank, count(*) AS n"
+        " FROM scalar_points p JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 AND s.name = 'loss' GROUP BY 1 ORDER BY 1",
+        run.id,
+    )
+    assert [(r["rank"], r["n"]) for r in stored] == [("-", 1), ("0", 100), ("1", 1)]
