@@ -87,13 +87,22 @@ class Block:
     def of(cls, r: Any) -> Block:
         offsets = unpack(r["o"], _I4, np.int64)
         offsets += int(r["t0"])
+        lo, hi = int(r["min_step"]), int(r["max_step"])
+        steps = None if r["s"] is None else unpack(r["s"], _I8, np.int64)
+        # Steps stored although they are lo, lo + 1, ..., hi (a compacted
+        # block) are implied here, so the block joins the fast path.
+        if steps is not None and hi - lo + 1 == len(steps) and bool((np.diff(steps) == 1).all()):
+            steps = None
+        hidden = None if r["h"] is None else unpack(r["h"], _BOOL, np.bool_)
+        if hidden is not None and not hidden.any():
+            hidden = None
         return cls(
-            min_step=int(r["min_step"]),
-            max_step=int(r["max_step"]),
+            min_step=lo,
+            max_step=hi,
             values=unpack(r["v"], _F8, np.float64),
             times_us=offsets,
-            steps=None if r["s"] is None else unpack(r["s"], _I8, np.int64),
-            hidden=None if r["h"] is None else unpack(r["h"], _BOOL, np.bool_),
+            steps=steps,
+            hidden=hidden,
         )
 
 

@@ -190,3 +190,26 @@ def test_scalar_columns_encoded_with_numpy_equal_protobufs_own_encoding() -> Non
     assert scalar_arrays(pts).SerializeToString() == want.SerializeToString()
     empty = Points(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0))
     assert scalar_arrays(empty).SerializeToString() == b""
+
+
+def test_a_block_with_stored_consecutive_steps_reads_as_implied_steps() -> None:
+    """A compacted block stores its steps even when they are consecutive; read
+    back they are implied, so the series takes the fast path, and the points
+    are the same."""
+    record = {
+        "min_step": 10,
+        "max_step": 12,
+        "t0": 100,
+        "v": send("d", 701, [1.0, 2.0, 3.0]),
+        "o": send("i", 23, [0, 1, 2]),
+        "s": send("q", 20, [10, 11, 12]),
+        "h": send("?", 16, [False, False, False]),
+    }
+    b = Block.of(record)
+    assert b.steps is None and b.hidden is None and b.times_us.tolist() == [100, 101, 102]
+    record["s"] = send("q", 20, [10, 12, 11])
+    record["h"] = send("?", 16, [False, True, False])
+    b = Block.of(record)
+    assert b.steps is not None and b.steps.tolist() == [10, 12, 11]
+    assert b.hidden is not None
+    assert assemble([b], None, 0, 99).all().steps.tolist() == [10, 11]
