@@ -149,9 +149,7 @@ def test_downsampling_equals_the_rule_computed_point_by_point(seed: int) -> None
     if seed % 7 == 0:  # whole buckets of NaN or of one infinity
         values = [math.nan] * (n // 2) + [math.inf] * (n - n // 2)
     steps = np.array(sorted(rnd.sample(range(10 * n + 10), n)), dtype=np.int64)
-    g = Gathered(
-        np.array(values, dtype=np.float64), steps, 0, [np.arange(n, dtype=np.int64) * 7]
-    )
+    g = Gathered(np.array(values, dtype=np.float64), steps, 0, [np.arange(n, dtype=np.int64) * 7])
     for max_points in [0, 1, 2, 3, 4, 7, 10, 99, 300, n - 1, n, n + 1]:
         got = downsample(g, max_points)
         want = reference(values, max_points)
