@@ -1,7 +1,8 @@
 """The connection to a steplog service: one channel and one background writer
 per (address, workspace, connection settings) in a process, shared by every
 Experiment and Run; a stream of `Run.new_stream` has a writer of its own
-(`Client.independent`) on the same channel. How channels are opened (TLS, mutual TLS, the token) is
+(`Client.independent`) on the same channel, driven by the process's one
+thread for streams. How channels are opened (TLS, mutual TLS, the token) is
 steplog._channel.ChannelSettings: every channel here comes from it."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from steplog.v1 import (
 )
 
 if TYPE_CHECKING:
+    from steplog._writer.sender import Sender
     from steplog._writer.writer import BatchWriter
 
 T = TypeVar("T")
@@ -118,10 +120,13 @@ class Client:
         *,
         channel: grpc.Channel | None = None,
         writer_overrides: Mapping[str, Any] | None = None,
+        sender: Sender | None = None,
     ) -> None:
         self.settings = settings or ChannelSettings.resolve(url)
         # WriterSettings fields given here win over STEPLOG_* variables.
         self._writer_overrides = dict(writer_overrides or {})
+        # The thread that drives its writer's lanes: None, one of its own.
+        self._sender = sender
         self.url = self.settings.target
         self.workspace = workspace
         self._lock = threading.Lock()
@@ -137,12 +142,17 @@ class Client:
         """A client for the same address, workspace and connection settings
         with a background writer of its own (`Run.new_stream`): its own
         writer id, sequence numbers, stream, buffers, memory bound
-        (STEPLOG_MAX_BUFFERED_BYTES) and thread, so its points are delivered
-        and acknowledged independently of this client's. It shares this
-        client's gRPC channel (one connection; gRPC carries many streams on
-        it) unless `share_channel` is False. `writer_overrides` are
-        WriterSettings fields for its writer (say `max_buffered_bytes`). Not
-        cached: every call makes another."""
+        (STEPLOG_MAX_BUFFERED_BYTES), window and spool, so its points are
+        delivered and acknowledged independently of this client's. Its
+        writer has no thread of its own: the process's one thread for
+        streams (steplog._writer.sender.shared_sender) drives every such
+        writer, each visited once per round. It shares this client's gRPC
+        channel (one connection; gRPC carries many streams on it) unless
+        `share_channel` is False. `writer_overrides` are WriterSettings
+        fields for its writer (say `max_buffered_bytes`). Not cached: every
+        call makes another."""
+        from steplog._writer.sender import shared_sender
+
         self._check_fork()
         return Client(
             self.url,
@@ -150,12 +160,14 @@ class Client:
             self.settings,
             channel=self.channel if share_channel else None,
             writer_overrides={**self._writer_overrides, **writer_overrides},
+            sender=shared_sender(),
         )
 
     def close_writer(self, timeout: float | None = None) -> bool:
-        """Flush this client's writer and stop its thread (`Run.close` of a
-        stream), within `timeout`; True when everything was delivered. Points
-        logged through it afterwards are dropped with a warning (counted)."""
+        """Flush this client's writer and stop it (`Run.close` of a stream:
+        its lanes leave the shared thread, which goes on with the others),
+        within `timeout`; True when everything was delivered. Points logged
+        through it afterwards are dropped with a warning (counted)."""
         writer = self._writer
         return True if writer is None else writer.close(timeout)
 
@@ -261,7 +273,9 @@ class Client:
                     transport = None
                     if not settings.offline:
                         transport = GrpcTransport(self.channel, channel_factory=self.new_channel)
-                    writer = self._writer = BatchWriter(transport, self.workspace, settings)
+                    writer = self._writer = BatchWriter(
+                        transport, self.workspace, settings, sender=self._sender
+                    )
         return writer
 
     def flush(self, timeout: float | None = None) -> bool:

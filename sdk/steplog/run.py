@@ -677,8 +677,9 @@ class Run(RunFiles, AzureOnly):
     ) -> Run:
         """Another handle on this run with a writer of its own: its own
         stream to the service, writer id and sequence numbers, buffers,
-        memory bound (STEPLOG_MAX_BUFFERED_BYTES) and background thread, on
-        the process's gRPC channel (steplog.client.Client.independent). Its
+        memory bound (STEPLOG_MAX_BUFFERED_BYTES), window and spool, on the
+        process's gRPC channel (steplog.client.Client.independent); one
+        background thread drives every stream of the process. Its
         series carry this handle's labels updated with `labels` (say
         `{"rank": "3"}`, so ranks logging "loss" do not collide). For one
         process that logs for several writers at once, such as the ranks of
@@ -688,8 +689,9 @@ class Run(RunFiles, AzureOnly):
         it (an exception marks the run Failed, as with
         `Run.get_context(used_for_context_manager=True)`) and closes it; the
         run is completed by whoever created it. `stream.close(timeout)`
-        flushes it and stops its writer's thread (points logged afterwards
-        are dropped with a warning); a stream not closed is closed at
+        flushes it and stops its writer (points logged afterwards are
+        dropped with a warning; the other streams go on, and the streams'
+        thread ends with the last); a stream not closed is closed at
         interpreter exit, as the process's shared writer is.
 
         Memory: each stream's writer has a bound of its own,
@@ -715,8 +717,8 @@ class Run(RunFiles, AzureOnly):
         return stream
 
     def close(self, timeout: float | None = None) -> bool:
-        """A stream (`new_stream`): flush its points and stop its writer's
-        thread, within `timeout` seconds (None: no limit); True when every
+        """A stream (`new_stream`): flush its points and stop its writer,
+        within `timeout` seconds (None: no limit); True when every
         point was delivered. Only a stream has a writer of its own to close:
         on any other handle it raises FailedPreconditionError (use
         `complete()`)."""

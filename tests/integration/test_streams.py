@@ -148,8 +148,9 @@ def test_a_stream_closes_on_its_own_with_its_own_memory_bound(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     """`with stream:` and `stream.close()` flush that stream and stop its
-    writer's thread, leaving the run and the other streams running; a
-    stream's `max_buffered_bytes` bounds its writer alone."""
+    writer (its lanes leave the streams' shared thread), leaving the run and
+    the other streams running; a stream's `max_buffered_bytes` bounds its
+    writer alone."""
     from steplog.errors import FailedPreconditionError
 
     run = Experiment(experiment_name, url=url).start_logging()
@@ -157,8 +158,7 @@ def test_a_stream_closes_on_its_own_with_its_own_memory_bound(
         assert first._client.writer.settings.max_buffered_bytes == 1 << 20
         for step in range(100):
             first.log("loss", float(step), step=step)
-    thread = first._client.writer._sender.thread  # the stream's own thread, stopped
-    assert thread is not None and not thread.is_alive()
+    assert first._client.writer._main.finished  # its last round ran: stopped
     assert first.writer_stats().points_acked == 100
 
     second = run.new_stream(labels={"rank": "1"})
@@ -180,3 +180,95 @@ def test_a_stream_closes_on_its_own_with_its_own_memory_bound(
         run.id,
     )
     assert [(r["rank"], r["n"]) for r in stored] == [("-", 1), ("0", 100), ("1", 1)]
+
+
+def _writer_threads() -> list[threading.Thread]:
+    from steplog._writer.sender import THREAD_NAME
+
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+
+
+def test_the_streams_of_a_process_share_one_thread_and_close_one_by_one(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """N streams: one background thread for all of them (not one each), each
+    its own writer id; closing one stops its writer while the others go on
+    delivering on the same thread."""
+    from steplog._writer.sender import STREAMS_THREAD_NAME
+
+    run = Experiment(experiment_name, url=url).start_logging()
+    run.log("loss", 0.0, step=0)  # the run's own writer: a thread of its own
+    assert run.flush(30)
+    before = set(_writer_threads())
+    streams = [run.new_stream(labels={"rank": str(r)}) for r in range(STREAMS)]
+    for step in range(200):
+        for s in streams:
+            s.log("loss", float(step), step=step)
+    assert all(s.flush(30) for s in streams)
+    added = [t for t in _writer_threads() if t not in before]
+    shared = {s._client.writer.thread for s in streams}
+    assert len(shared) == 1
+    (thread,) = shared
+    assert thread is not None and thread.name == STREAMS_THREAD_NAME and thread.is_alive()
+    assert added in ([], [thread])  # at most one new thread for all the streams
+    assert len({s.writer_stats().writer_id for s in streams}) == STREAMS
+
+    assert streams[0].close(30)
+    assert streams[0]._client.writer._main.finished
+    for step in range(200, 400):
+        for s in streams[1:]:
+            s.log("loss", float(step), step=step)
+    assert all(s.flush(30) for s in streams[1:])
+    assert thread.is_alive() and all(s._client.writer.thread is thread for s in streams[1:])
+    for s in streams[1:]:
+        assert s.close(30)
+    run.complete()
+    stored = fetch(
+        database_url,
+        "SELECT s.labels->>'rank' AS rank, count(*) AS n"
+        " FROM scalar_points p JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 AND s.name = 'loss' AND s.labels ? 'rank'"
+        " GROUP BY 1 ORDER BY 1",
+        run.id,
+    )
+    assert [(r["rank"], r["n"]) for r in stored] == [("0", 200)] + [
+        (str(r), 400) for r in range(1, STREAMS)
+    ]
+
+
+_AT_EXIT = """
+import sys
+from steplog import Run
+run = Run.get(sys.argv[2], url=sys.argv[1])
+streams = [run.new_stream(labels={"rank": str(r)}) for r in range(int(sys.argv[3]))]
+for step in range(300):
+    for s in streams:
+        s.log("loss", float(step), step=step)
+# No flush, no close: interpreter exit closes every stream (steplog._lifecycle).
+"""
+
+
+def test_streams_left_open_are_delivered_at_interpreter_exit(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    import subprocess
+    import sys
+
+    run = Experiment(experiment_name, url=url).start_logging()
+    done = subprocess.run(
+        [sys.executable, "-c", _AT_EXIT, url, run.id, str(STREAMS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "steplog" not in done.stderr  # no warning: nothing was lost at exit
+    run.complete()
+    stored = fetch(
+        database_url,
+        "SELECT s.labels->>'rank' AS rank, count(*) AS n"
+        " FROM scalar_points p JOIN series s USING (series_id)"
+        " WHERE s.run_id = $1 GROUP BY 1 ORDER BY 1",
+        run.id,
+    )
+    assert [(r["rank"], r["n"]) for r in stored] == [(str(r), 300) for r in range(STREAMS)]

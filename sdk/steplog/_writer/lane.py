@@ -1,6 +1,7 @@
 """One stream of the writer (a "lane"): its buffers, its ledger, its `Ingest`
 stream and its spool file, driven by the writer's one sender thread
-(steplog._writer.sender), which calls `tick()` and `next_wake()`.
+(steplog._writer.sender; for `Run.new_stream`'s writers, one thread shared by
+all of them), which calls `tick()` and `next_wake()`.
 
 Over 500 lines because it is the state machine of one stream (connect, send
 within the window, acks, stream ends under the retry table, refusals, the
@@ -325,6 +326,22 @@ class Lane:
             self._rearm()
             self._wake.set()
 
+    def wait_finished(self, timeout: float | None) -> bool:
+        """Wait (after request_stop) until the sender has run this lane's
+        last round; False on timeout. For a lane on a shared sender, whose
+        thread goes on with other lanes."""
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._cond:
+            while not self.finished:
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     def delivered_all(self) -> bool:
         with self._lock:
             return self.buffers.buffered == 0 and not self._outbox and not self.ledger.unacked
@@ -390,7 +407,9 @@ class Lane:
             )
         if stop:
             self._shutdown()
-            self.finished = True
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
             return
         if self._settings.offline:
             self._write_offline(due or cut)

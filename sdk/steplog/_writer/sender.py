@@ -1,5 +1,7 @@
 """The writer's ONE background thread, `steplog-writer`: it drives every lane
-(the main stream and the image stream) of one writer.
+(the main stream and the image stream) of one writer, or, for the streams of
+`Run.new_stream` (`shared_sender()`, thread `steplog-writer-streams`), every
+lane of every stream writer of the process: a stream is lanes, not a thread.
 
 It sleeps on one Event that log calls (the first point after a quiet spell, a
 full batch, the memory bound), flush/close and the transport's callbacks (an
@@ -13,26 +15,38 @@ other lane's batches keep flowing and being acknowledged. The CPU work of a
 round (encoding rows, hashing an image, cutting a batch) is bounded by the
 batch size, so one lane delays the other by at most one batch's encoding.
 
+Fairness: every round visits every lane once, in the order they were added,
+and a lane's round only moves what it has (its buffered points, its window's
+room), so a lane that cannot send (its window full behind a slow commit, its
+stream down) costs the others one quick look per round.
+
 A bug in one lane's round marks that lane failed (its waiters are released
-and told) and the thread goes on with the others.
+and told) and the thread goes on with the others. A lane that has run its
+last round (closed) is dropped from the list; the thread ends when no lane
+is left and starts again for the next lane that has work (`start`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from time import monotonic
 
+from steplog import _lifecycle
 from steplog._writer.lane import Lane
 
 THREAD_NAME = "steplog-writer"
+STREAMS_THREAD_NAME = f"{THREAD_NAME}-streams"
 
 
 class Sender:
-    def __init__(self) -> None:
+    def __init__(self, name: str = THREAD_NAME) -> None:
+        self.name = name
         self.wake = threading.Event()
         self._lanes: list[Lane] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
     def add(self, lane: Lane) -> None:
         with self._lock:
@@ -40,12 +54,15 @@ class Sender:
         self.wake.set()
 
     def start(self) -> None:
-        """Start the thread unless it runs (lazily: also in a forked child)."""
+        """Start the thread unless it runs (lazily: also in a forked child,
+        and again after it ended with its last lane). A lane is added before
+        it asks, and the thread ends only under the lock with no lane left,
+        so a lane that asks is always served."""
         if self._thread is not None:
             return
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
 
     @property
@@ -57,12 +74,19 @@ class Sender:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def lanes(self) -> int:
+        """How many lanes it drives (not yet finished)."""
+        with self._lock:
+            return sum(not lane.finished for lane in self._lanes)
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                lanes = [lane for lane in self._lanes if not lane.finished]
-            if not lanes:
-                return
+                lanes = self._lanes = [lane for lane in self._lanes if not lane.finished]
+                if not lanes:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
             wakes = [w for w in (lane.next_wake() for lane in lanes) if w is not None]
             timeout = None if not wakes else max(0.0, min(wakes) - monotonic())
             self.wake.wait(timeout)
@@ -77,8 +101,38 @@ class Sender:
 
     def after_fork_in_child(self) -> None:
         """The parent's thread does not exist here: a new Event, no thread,
-        no lanes (the writer adds its reset lanes again)."""
+        no lanes (each writer adds its reset lanes again). Once per child:
+        the shared sender's writers each call it, and only the first resets."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._thread = None
         self._lanes = []
+
+
+_shared: Sender | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_sender() -> Sender:
+    """The process's one sender for the streams of `Run.new_stream` (each a
+    BatchWriter whose lanes it drives; steplog.client.Client.independent).
+    A forked child keeps the object: its writers reset it (after_fork_in_child)."""
+    global _shared
+    sender = _shared
+    if sender is None:
+        with _shared_lock:
+            if _shared is None:
+                _shared = Sender(STREAMS_THREAD_NAME)
+            sender = _shared
+    return sender
+
+
+def _reset_lock_after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+_lifecycle.on_fork(_reset_lock_after_fork)

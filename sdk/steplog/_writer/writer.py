@@ -16,7 +16,10 @@ object store never holds the other kinds behind images. ONE daemon thread,
 `steplog-writer` (steplog._writer.sender), drives both: woken by one Event
 (a full batch, the first point after a quiet spell, an acknowledgement, a
 flush) or by the earliest timer of either stream (the flush interval, a
-reconnect). Nothing it does waits on the network. For each stream it cuts
+reconnect). Nothing it does waits on the network. The writers of a
+process's `Run.new_stream` streams have no thread of their own: one shared
+thread, `steplog-writer-streams` (sender.shared_sender), drives the lanes
+of all of them, each visited once per round; closing one stops its lanes. For each stream it cuts
 the buffers into `Batch`es (one RunSeries per series, columnar, within
 max_batch_points and max_batch_bytes) and gives
 each the writer id and the next sequence number when the batch is formed. It
@@ -141,7 +144,12 @@ class BatchWriter:
     """Buffers points per series and delivers them from one background thread.
 
     `transport` is None only in offline mode. The caller owns the transport
-    (and its channel): close() ends the writer's streams, not the channel."""
+    (and its channel): close() ends the writer's streams, not the channel.
+    `sender`: a Sender shared with other writers (steplog._writer.sender.
+    shared_sender, the streams of `Run.new_stream`) that drives this
+    writer's lanes beside theirs; None: a thread of its own. Either way the
+    writer's lanes, ids, sequences, buffers, bound, windows and spools are
+    its own, and close() stops only them."""
 
     def __init__(
         self,
@@ -149,6 +157,7 @@ class BatchWriter:
         workspace: str,
         settings: WriterSettings,
         writer_id: str | None = None,
+        sender: Sender | None = None,
     ) -> None:
         if transport is None and not settings.offline:
             raise ValueError("a transport is required unless settings.offline is true")
@@ -159,12 +168,13 @@ class BatchWriter:
         self._transport = transport
         self._workspace = workspace
         self._settings = settings
+        self._shared = sender is not None
+        self._sender = sender or Sender()
         self._init_state(writer_id or new_writer_id())
         _lifecycle.register(self)
 
     def _init_state(self, writer_id: str) -> None:
         self._lock = threading.Lock()
-        self._sender = Sender()
         self._main = Lane(
             self._transport,
             self._workspace,
@@ -217,7 +227,9 @@ class BatchWriter:
 
     @property
     def thread(self) -> threading.Thread | None:
-        """The one background thread (None until something is logged)."""
+        """The background thread that drives this writer (None until
+        something is logged; on a shared sender, the thread of every writer
+        on it, None again once the last of them is closed)."""
         return self._sender.thread
 
     @property
@@ -417,7 +429,14 @@ class BatchWriter:
             for lane in lanes:
                 lane.request_stop()
         remaining = None if deadline is None else max(0.0, deadline - monotonic())
-        self._sender.join(None if remaining is None else remaining + _STOP_GRACE)
+        wait = None if remaining is None else remaining + _STOP_GRACE
+        if self._shared:  # the thread goes on with the other writers' lanes
+            self._sender.start()  # runs their last round even if nothing was logged
+            end = None if wait is None else monotonic() + wait
+            for lane in lanes:
+                lane.wait_finished(None if end is None else max(0.0, end - monotonic()))
+        else:
+            self._sender.join(wait)
         ok, notes = self._take_news(ok)
         ok = ok and all(lane.delivered_all() for lane in lanes)
         with self._lock:
