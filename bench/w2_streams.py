@@ -1,6 +1,6 @@
 """W2 "many writers": one run, R ranks (default 200), each rank a writer of
-its own (its own client, gRPC channel, background writer and writer id, its
-series labelled `rank=<n>`) logging 10 series x S steps, all at once; in the
+its own (`run.new_stream`: its own writer id, sequence, stream and buffers,
+its series labelled `rank=<n>`) logging 10 series x S steps, all at once; in the
 same invocation and on the same service, W1 (bench/w1_firehose.py's
 `firehose`, the same number of points) as the reference.
 
@@ -10,14 +10,16 @@ A 200-GPU job has 200 processes, one per rank. This machine has 2 cores, so
 the ranks run in a pool of P spawned processes (default 4, as many as W1's
 writer processes), R/P ranks in each: one training thread per process logs
 every rank's step s, rank after rank (data-parallel ranks move in lock step),
-with `run.log(name, value, step=s)`, while each rank's own background writer
-sends its batches on its own stream. Each process attaches to the one run as
-a rank of a distributed job does (`Run.get`) and takes a handle per rank with
+with `run.log(name, value, step=s)`, while each rank's writer sends its
+batches on its own stream. Each process attaches to the one run as a rank of
+a distributed job does (`Run.get`) and takes a handle per rank with
 `run.new_stream(labels={"rank": r})`: its own writer (writer id, sequence,
-stream, buffers, thread) on the process's gRPC channel.
+stream, buffers) on the process's gRPC channel, all of a process's streams
+driven by one background thread.
 
 Prints
 
+    STORAGE_W2 bytes_per_point=... points_per_block=... compacted=True
     W2 points_per_s=... ratio_to_w1=... ack_p99_ms=... ack_p50_ms=...
 
 timed from the common start until every rank has flushed, the stored count
@@ -27,7 +29,9 @@ POLL_S; a point's latency is from the moment the training thread logged the
 step it belongs to until the first poll that finds its rank's acknowledged
 count at or past it (so it is rounded up to the poll interval), over every
 step of every rank. scalar_points is emptied between W1 and W2 (neither pays
-for the other's rows).
+for the other's rows). STORAGE_W2 is W2's size on disk once the service's
+compaction has nothing left to do (`settle_compaction`, then VACUUM, as
+bench.w1_firehose measures W1's), measured after the W2 line's clock stopped.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import asyncpg
 import numpy as np
 
 from bench.common import bench_stack, service
-from bench.w1_firehose import firehose, fresh_table, storage, stored_points
+from bench.w1_firehose import firehose, fresh_table, settle_compaction, storage, stored_points
 
 POLL_S = 0.005
 
@@ -170,8 +174,10 @@ def main() -> None:
         stored = asyncio.run(stored_points(db, [run.id]))
         ranks_stored = asyncio.run(_count_writers(db, run.id))
         # W2's blocks are all there is in scalar_blocks (emptied after W1):
-        # what many small writers' commits cost on disk.
-        print(asyncio.run(storage(db, stored, layout="blocks_w2")).replace("STORAGE", "STORAGE_W2"))
+        # what many small writers' commits cost on disk, once compacted.
+        compacted = asyncio.run(settle_compaction(db))
+        line = asyncio.run(storage(db, stored, layout="blocks_w2")).replace("STORAGE", "STORAGE_W2")
+        print(f"{line} compacted={compacted}", flush=True)
     rate = total / elapsed
     lat = np.concatenate([r[3] for r in results]) * 1e3
     print(
