@@ -50,8 +50,11 @@ _COMPACT_AT = 4096
 _COLUMN_BYTES = 8
 _TEXT_VALUE_BYTES = 56
 # A numeric series' open chunk: _CHUNK_MIN slots at first, doubling each
-# time one fills, up to _CHUNK_MAX. Its unwritten slots are not counted by
-# the memory bound: at most 96 KiB a series (3 columns x 8 bytes x 4096).
+# time one fills, up to _CHUNK_MAX, and halving each time the sender empties
+# it while under a quarter of it was written. Its unwritten slots are not
+# counted by the memory bound: at most 96 KiB a series (3 columns x 8 bytes
+# x 4096) right after a burst, back to 1.5 KiB after six quiet flushes (the
+# sender empties it every flush interval, 0.2 s by default).
 _CHUNK_MIN = 64
 _CHUNK_MAX = 4096
 _ZERO_D: array[float] = array("d", bytes(8 * _CHUNK_MAX))
@@ -295,7 +298,11 @@ class NumericBuffer:
                 ss.append(self.cs[c : c + k] if self.stepped else array("q"))
             c += k
             if c >= self.n:
-                self.n = c = 0  # all taken: the chunk is written again from its start
+                # All taken: the chunk is written again from its start, or a
+                # chunk mostly unused since it was last emptied shrinks.
+                used, self.n, c = self.n, 0, 0
+                if used < self.cap // 4 and self.cap > _CHUNK_MIN:
+                    self._open(max(_CHUNK_MIN, self.cap // 2))
             self.cstart = c
         return vs, ts, ss
 

@@ -64,8 +64,9 @@ costs one warning and a stream of spooled batches, never a hang.
 
 Memory bound, in bytes. `max_buffered_bytes` (STEPLOG_MAX_BUFFERED_BYTES,
 256 MiB) counts what buffered points and in-memory batches hold: a numeric
-point 16-24 bytes (its columns; a numeric series' preallocated open chunk,
-at most 96 KiB, is not counted), a text value its characters + 56, a table,
+point 16-24 bytes (its columns; a numeric series' preallocated open chunk
+is not counted: 1.5 KiB, up to 96 KiB right after a burst, halved at each
+quiet flush), a text value its characters + 56, a table,
 image or evaluation message its encoded size + 200. At the bound: "wait"
 waits for the sender to free room, at most `max_block_s` (0.5 s), then the
 buffers spill to the spool and the call returns; "spool" keeps every batch
