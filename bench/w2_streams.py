@@ -23,7 +23,11 @@ Prints
     W2 points_per_s=... ratio_to_w1=... ack_p99_ms=... ack_p50_ms=...
 
 timed from the common start until every rank has flushed, the stored count
-by SQL. Ack latency: a monitor thread in each process reads every rank's
+by SQL; `client_cpu_us_per_point`: the CPU the rank processes spent from the
+start until their flush returned (training loop, writers, the monitor), per
+point; `batches`: batches acknowledged, all ranks; `writer_threads`: the
+client's writer threads (`steplog-writer*`) alive at the end, all processes.
+Ack latency: a monitor thread in each process reads every rank's
 acknowledged-points counter (`run.writer_stats().points_acked`) every
 POLL_S; a point's latency is from the moment the training thread logged the
 step it belongs to until the first poll that finds its rank's acknowledged
@@ -77,6 +81,7 @@ def _ranks(
     th.start()
     ready.wait()
     start = time.perf_counter()
+    cpu0 = time.process_time()
     clock = time.perf_counter
     for step in range(steps):
         v = 1.0 / (step + 1)
@@ -87,6 +92,7 @@ def _ranks(
     logged = clock() - start
     ok = all(r.flush(600) for r in runs)
     acked = clock() - start
+    cpu = time.process_time() - cpu0
     time.sleep(2 * POLL_S)
     done.set()
     th.join()
@@ -108,6 +114,9 @@ def _ranks(
             np.concatenate(lat),
             sum(s.rejected + s.dropped + s.refused for s in stats),
             len({s.writer_id for s in stats}),
+            cpu,
+            sum(s.batches_acked for s in stats),
+            len([t for t in threading.enumerate() if t.name.startswith("steplog-writer")]),
         )
     )
 
@@ -188,6 +197,9 @@ def main() -> None:
         f" series_per_rank={ns.series} points={total} stored={stored}"
         f" all_acked={all(r[2] for r in results)} not_stored={sum(r[4] for r in results)}"
         f" processes={ns.processes} loops_points_per_s={total / max(r[0] for r in results):.0f}"
+        f" client_cpu_us_per_point={sum(r[6] for r in results) / total * 1e6:.2f}"
+        f" batches={sum(r[7] for r in results)}"
+        f" writer_threads={sum(r[8] for r in results)}"
         f" poll_ms={POLL_S * 1e3:.0f} cpus={os.cpu_count()}",
         flush=True,
     )
