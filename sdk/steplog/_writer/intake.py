@@ -464,7 +464,8 @@ class Buffers:
 def _float_column(values: Any) -> array[float]:
     if isinstance(values, np.ndarray):
         col: array[float] = array("d")
-        col.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+        # One copy: the array's buffer straight into the column.
+        col.frombytes(np.ascontiguousarray(values, dtype=np.float64).data.cast("B"))
         return col
     return array("d", values)
 
@@ -472,6 +473,6 @@ def _float_column(values: Any) -> array[float]:
 def _int_column(values: Any) -> array[int]:
     if isinstance(values, np.ndarray):
         col: array[int] = array("q")
-        col.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        col.frombytes(np.ascontiguousarray(values, dtype=np.int64).data.cast("B"))
         return col
     return array("q", values)
