@@ -354,6 +354,9 @@ def request_for(method: str, e: Env, workspace: str = WS) -> Any:
         "/steplog.v1.QueryService/ReadSeries": lambda: qry.ReadSeriesRequest(
             workspace=ws, run_id=RUN, name="loss"
         ),
+        "/steplog.v1.QueryService/ReadCharts": lambda: qry.ReadChartsRequest(
+            workspace=ws, run_id=RUN, series=[qry.SeriesRef(name="loss")], max_points=10
+        ),
         "/steplog.v1.QueryService/ListSeries": lambda: qry.ListSeriesRequest(
             workspace=ws, run_id=RUN
         ),
