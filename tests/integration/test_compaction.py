@@ -333,3 +333,32 @@ def test_one_call_takes_a_bounded_share_of_a_long_backlog(
     assert all(b <= 2 for _, b in taken)
     assert _layout(database_url, run.id)[0] == 0
     assert _points(database_url, run.id) == before
+
+
+def test_steps_at_the_int64_limits_compact(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """Rows with steps 0 and 2**63 - 1 in one series, and a contiguous run
+    ending at 2**63 - 1: compaction's step arithmetic does not overflow."""
+    top = 2**63 - 1
+    run = Experiment(experiment_name, url=url).start_logging()
+    raw = ProtoClient(url, strict=True)
+    for step in (0, 1, top):
+        raw.write(run.id, _sd("wide", [step], [float(step % 7)]))
+    for step in range(top - 4, top + 1):
+        raw.write(run.id, _sd("end", [step], [1.0]))
+    before = _points(database_url, run.id)
+    _compact(database_url)
+    assert _layout(database_url, run.id)[:2] == (0, 2)
+    assert _points(database_url, run.id) == before
+    implied = {
+        r["name"]: r["implied"]
+        for r in fetch(
+            database_url,
+            "SELECT s.name, b.steps IS NULL AS implied FROM scalar_blocks b"
+            " JOIN series s USING (series_id) WHERE s.run_id = $1",
+            run.id,
+        )
+    }
+    assert implied == {"wide": False, "end": True}
+    assert run.get_metrics()["end"] == [1.0] * 5

@@ -272,7 +272,7 @@ SELECT g.series_id, o.t0, max(g.time), min(g.step), max(g.step), count(*)::int,
        count(*) FILTER (WHERE g.hidden)::int, count(*) FILTER (WHERE g.value = 'NaN')::int,
        min(g.value) FILTER (WHERE g.value <> 'NaN'), max(g.value) FILTER (WHERE g.value <> 'NaN'),
        (array_agg(g.value ORDER BY g.step, g.time))[count(*)],
-       CASE WHEN max(g.step) - min(g.step) + 1 = count(*) AND count(DISTINCT g.step) = count(*)
+       CASE WHEN max(g.step)::numeric - min(g.step) + 1 = count(*) AND count(DISTINCT g.step) = count(*)
             THEN NULL ELSE array_agg(g.step ORDER BY g.step, g.time) END,
        array_agg(round(extract(epoch FROM g.time - o.t0) * 1000000)::int ORDER BY g.step, g.time),
        array_agg(g.value ORDER BY g.step, g.time),

@@ -86,7 +86,7 @@ LANGUAGE sql VOLATILE AS $$
                min(g.value) FILTER (WHERE g.value <> 'NaN'),
                max(g.value) FILTER (WHERE g.value <> 'NaN'),
                (array_agg(g.value ORDER BY g.step, g.time))[count(*)],
-               CASE WHEN max(g.step) - min(g.step) + 1 = count(*)
+               CASE WHEN max(g.step)::numeric - min(g.step) + 1 = count(*)
                          AND count(DISTINCT g.step) = count(*)
                     THEN NULL ELSE array_agg(g.step ORDER BY g.step, g.time) END,
                array_agg(round(extract(epoch FROM g.time - o.t0) * 1000000)::int
