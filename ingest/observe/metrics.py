@@ -188,6 +188,12 @@ class Metrics:
             "Series compaction skipped for a round because a writer held them.",
             registry=r,
         )
+        self.compaction_failed = Counter(
+            "steplog_compaction_series_failed_total",
+            "Series whose compaction transaction failed (left as they were; the round "
+            "went on with the others).",
+            registry=r,
+        )
 
         # -- stores --------------------------------------------------------------------
         self.db_seconds = Histogram(

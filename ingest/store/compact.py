@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ingest.observe.metrics import Metrics
-from ingest.store.db import acquire
+from ingest.store.db import UNAVAILABLE_ERRORS, acquire
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class CompactionTotals:
     blocks_in: int = 0
     blocks_out: int = 0
     skipped: int = 0  # series locked by a writer when their turn came
+    failed: int = 0  # series whose transaction failed (left for the next round)
 
 
 async def compact_series(
@@ -106,7 +107,16 @@ async def compact_round(
             )
         ]
         for i in range(0, len(ids), per_transaction):
-            await compact_series(conn, ids[i : i + per_transaction], totals)
+            group = ids[i : i + per_transaction]
+            try:
+                await compact_series(conn, group, totals)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, UNAVAILABLE_ERRORS):
+                    raise  # the database is gone: the round ends here
+                # Those series stay as they are (the transaction rolled
+                # back); the others of the round are still compacted.
+                totals.failed += len(group)
+                log.warning("compaction of series %s failed: %s", group, exc)
     totals.rounds += 1
     return ids[-1] if len(ids) == per_round else 0
 
@@ -132,7 +142,7 @@ class Compactor:
         while True:
             await asyncio.sleep(self.interval_s)
             t = self.totals
-            before = (t.points, t.rows_in, t.blocks_out, t.skipped)
+            before = (t.points, t.rows_in, t.blocks_out, t.skipped, t.failed)
             try:
                 after = await compact_round(self.pool, t, after)
                 self.metrics.compaction_rounds.labels("done").inc()
@@ -146,6 +156,7 @@ class Compactor:
             self.metrics.compaction_points.labels("block").inc(t.points - before[0] - rows)
             self.metrics.compaction_blocks.inc(t.blocks_out - before[2])
             self.metrics.compaction_skipped.inc(t.skipped - before[3])
+            self.metrics.compaction_failed.inc(t.failed - before[4])
 
     async def close(self) -> None:
         if self._task is not None:

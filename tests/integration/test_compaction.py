@@ -9,6 +9,7 @@ import asyncio
 import math
 import struct
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -362,3 +363,60 @@ def test_steps_at_the_int64_limits_compact(
     }
     assert implied == {"wide": False, "end": True}
     assert run.get_metrics()["end"] == [1.0] * 5
+
+
+def test_a_series_that_fails_to_compact_holds_no_other_back(
+    url: str, experiment_name: str, database_url: str
+) -> None:
+    """A fault placed in the database (a trigger refusing one series' new
+    blocks): that series' transaction rolls back and stays rows, counted as
+    failed; the series of the other transactions of the round are compacted."""
+    run = Experiment(experiment_name, url=url).start_logging()
+    raw = ProtoClient(url, strict=True)
+    for step in range(3):
+        for name in ("bad", "good"):
+            raw.write(run.id, _sd(name, [step], [float(step)]))
+    ids = {
+        r["name"]: r["series_id"]
+        for r in fetch(database_url, "SELECT name, series_id FROM series WHERE run_id = $1", run.id)
+    }
+    fault = f"refuse_{uuid.uuid4().hex[:8]}"
+
+    async def go() -> CompactionTotals:
+        conn = await asyncpg.connect(database_url)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+        assert pool is not None
+        try:
+            await conn.execute(
+                f"CREATE FUNCTION {fault}() RETURNS trigger LANGUAGE plpgsql AS $$"
+                f" BEGIN IF NEW.series_id = {ids['bad']} THEN RAISE EXCEPTION 'injected';"
+                " END IF; RETURN NEW; END $$"
+            )
+            await conn.execute(
+                f"CREATE TRIGGER {fault} BEFORE INSERT ON scalar_blocks"
+                f" FOR EACH ROW EXECUTE FUNCTION {fault}()"
+            )
+            totals = CompactionTotals()
+            after = await compact_round(pool, totals, per_transaction=1)
+            while after:
+                after = await compact_round(pool, totals, after, per_transaction=1)
+            return totals
+        finally:
+            await conn.execute(f"DROP TRIGGER IF EXISTS {fault} ON scalar_blocks")
+            await conn.execute(f"DROP FUNCTION IF EXISTS {fault}()")
+            await conn.close()
+            await pool.close()
+
+    totals = asyncio.run(go())
+    assert totals.failed >= 1
+    rows = {
+        r["series_id"]: r["n"]
+        for r in fetch(
+            database_url,
+            "SELECT series_id, count(*) AS n FROM scalar_rows"
+            " WHERE series_id = ANY($1::bigint[]) GROUP BY 1",
+            list(ids.values()),
+        )
+    }
+    assert rows == {ids["bad"]: 3}  # "good" was compacted, "bad" stayed rows
+    assert run.get_metrics() == {"bad": [0.0, 1.0, 2.0], "good": [0.0, 1.0, 2.0]}
