@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from bench.common import scrape
-from ingest.store.compact import CompactionTotals, compact_round
+from ingest.store.compact import CompactionTotals, compact_round, compact_series
 from steplog import Experiment
 from steplog.v1 import data_pb2
 from tests.sql import fetch, fetchval
@@ -85,18 +85,29 @@ def _series(database_url: str, run_id: str) -> list[tuple[str, int, int]]:
     return [(r["name"], r["point_count"], r["last_step"]) for r in rows]
 
 
-def _compact(database_url: str) -> CompactionTotals:
-    """Rounds until nothing is left to compact (each round resumes). The
-    database is the test session's: the totals count other tests' series too."""
+def _compact(database_url: str, run_id: str) -> CompactionTotals:
+    """Compact a run's series until nothing of theirs is left to move (the
+    session's database holds other tests' series too: those are not
+    touched here; the live-writer test runs the service's own sweep)."""
 
     async def go() -> CompactionTotals:
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
         assert pool is not None
         totals = CompactionTotals()
         try:
-            after = await compact_round(pool, totals, per_round=3, per_transaction=2)
-            while after:
-                after = await compact_round(pool, totals, after, per_round=3, per_transaction=2)
+            async with pool.acquire() as conn:
+                ids = [
+                    r["series_id"]
+                    for r in await conn.fetch(
+                        "SELECT series_id FROM series WHERE run_id = $1 ORDER BY 1", run_id
+                    )
+                ]
+                for _ in range(1000):
+                    before = totals.points
+                    for i in range(0, len(ids), 2):
+                        await compact_series(conn, ids[i : i + 2], totals)
+                    if totals.points == before:
+                        break
         finally:
             await pool.close()
         return totals
@@ -126,7 +137,7 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
     before, counts = _points(database_url, run.id), _series(database_url, run.id)
     metrics_before = run.get_metrics()
 
-    totals = _compact(database_url)
+    totals = _compact(database_url, run.id)
     assert totals.rows_in >= 7 * 300 + 4
     rows, blocks, sizes = _layout(database_url, run.id)
     assert rows == 0 and blocks == 8  # one block per series
@@ -141,7 +152,7 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
 
     # Nothing left: another pass rewrites none of these blocks.
     ids = _block_ids(database_url, run.id)
-    _compact(database_url)
+    _compact(database_url, run.id)
     assert _block_ids(database_url, run.id) == ids
 
     # The step rules after compaction: the rewound series continues at 280,
@@ -178,18 +189,18 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
     assert _layout(database_url, run.id)[:2] == (10, 11)
     before = _points(database_url, run.id)
 
-    _compact(database_url)
+    _compact(database_url, run.id)
     rows, _, sizes = _layout(database_url, run.id)
     # "a": one block of the 200 small-block points, the 1024 block untouched;
     # "slow": one block per hour (a block spans at most one cell).
     assert rows == 0 and sorted(sizes) == [1] * 10 + [200, 1024]
     assert _points(database_url, run.id) == before
     ids = _block_ids(database_url, run.id)
-    _compact(database_url)
+    _compact(database_url, run.id)
     assert _block_ids(database_url, run.id) == ids  # the single blocks of "slow" stay
     # One more point in the last hour's cell merges with that cell's block only.
     raw.write(run.id, _sd("slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5]))
-    _compact(database_url)
+    _compact(database_url, run.id)
     assert sorted(_layout(database_url, run.id)[2]) == [1] * 9 + [2, 200, 1024]
     assert len(ids - _block_ids(database_url, run.id)) == 1  # that block only was rewritten
     assert run.get_metrics()["slow"] == [float(h) for h in range(11)]
@@ -266,7 +277,7 @@ def test_deleting_an_experiment_deletes_its_rows_and_blocks(
         for r in fetch(database_url, "SELECT series_id FROM series WHERE run_id = $1", run.id)
     ]
     if compacted:
-        _compact(database_url)
+        _compact(database_url, run.id)
         assert _layout(database_url, run.id)[0] == 0
     Experiment.delete(None, exp.id, url=url)
     left = fetchval(
@@ -349,7 +360,7 @@ def test_steps_at_the_int64_limits_compact(
     for step in range(top - 4, top + 1):
         raw.write(run.id, _sd("end", [step], [1.0]))
     before = _points(database_url, run.id)
-    _compact(database_url)
+    _compact(database_url, run.id)
     assert _layout(database_url, run.id)[:2] == (0, 2)
     assert _points(database_url, run.id) == before
     implied = {

@@ -33,17 +33,24 @@ CREATE FUNCTION scalar_compact(ids bigint[], most_rows integer, most_blocks inte
 RETURNS TABLE (series_id bigint, points bigint, rows_in bigint, blocks_in bigint, blocks_out bigint)
 LANGUAGE sql VOLATILE AS $$
     WITH lim AS (
-        SELECT i.sid, f.first_step,
-               (SELECT y.step FROM scalar_rows y WHERE y.series_id = i.sid
-                ORDER BY y.step OFFSET most_rows LIMIT 1) AS bound
-        FROM unnest(ids) AS i(sid),
-             LATERAL (SELECT min(z.step) AS first_step FROM scalar_rows z
-                      WHERE z.series_id = i.sid) f
+        -- The last step taken per series: everything below the row at
+        -- offset most_rows, or that one step alone when all of those rows
+        -- share it; one inclusive bound, so the DELETE is an index range scan.
+        SELECT q.sid,
+               CASE WHEN q.bound IS NULL THEN 9223372036854775807
+                    WHEN q.bound = q.first_step THEN q.bound
+                    ELSE q.bound - 1 END AS upto
+        FROM (
+            SELECT i.sid,
+                   (SELECT y.step FROM scalar_rows y WHERE y.series_id = i.sid
+                    ORDER BY y.step OFFSET most_rows LIMIT 1) AS bound,
+                   (SELECT z.step FROM scalar_rows z WHERE z.series_id = i.sid
+                    ORDER BY z.step LIMIT 1) AS first_step
+            FROM unnest(ids) AS i(sid)
+        ) q
     ), r AS (
         DELETE FROM scalar_rows x USING lim
-        WHERE x.series_id = lim.sid
-          AND (lim.bound IS NULL OR x.step < lim.bound
-               OR (lim.bound = lim.first_step AND x.step = lim.bound))
+        WHERE x.series_id = lim.sid AND x.step <= lim.upto
         RETURNING x.series_id, x.step, x.time, x.value, x.hidden
     ), cells AS (
         SELECT DISTINCT r.series_id, floor(extract(epoch FROM r.time) / 2000)::bigint AS tb FROM r
