@@ -20,7 +20,19 @@ from steplog.v1 import query_service_pb2 as qs
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "ProtoClient", "ServiceProcess", "free_port"]
+__all__ = ["ROOT", "ProtoClient", "ServiceProcess", "free_port", "scalar_series"]
+
+
+def scalar_series(
+    name: str,
+    steps: list[int],
+    values: list[float],
+    times: list[float] | None = None,
+    **kw: Any,
+) -> data_pb2.SeriesData:
+    """A numeric series' columns as SeriesData, for ProtoClient.write."""
+    scalars = data_pb2.ScalarColumns(steps=steps, values=values, times=times or [])
+    return data_pb2.SeriesData(name=name, scalars=scalars, **kw)
 
 
 class ProtoClient:

@@ -19,49 +19,15 @@ from ingest.devstack import LocalStack
 from ingest.store.blocks import BLOCK_COLUMNS, Block, encode_blocks_copy, to_pg_us
 from ingest.store.migrate import migrate
 from steplog import Experiment
-from steplog.client import Client
 from steplog.v1 import data_pb2
-from steplog.v1 import ingest_service_pb2 as pb
 from tests.sql import fetch
-from tests.support import ServiceProcess
+from tests.support import ProtoClient, ServiceProcess, scalar_series
 
 I64_MAX = 2**63 - 1
 
 
 def _bits(x: float) -> bytes:
     return struct.pack("<d", x)
-
-
-def write(
-    client: Client,
-    run_id: str,
-    writer: str,
-    seq: int,
-    name: str,
-    steps: list[int],
-    values: list[float],
-    **kw: object,
-) -> pb.WriteResponse:
-    return client.ingest.Write(
-        pb.WriteRequest(
-            workspace="default",
-            batch=pb.Batch(
-                writer_id=writer,
-                sequence=seq,
-                series=[
-                    pb.RunSeries(
-                        run_id=run_id,
-                        series=data_pb2.SeriesData(
-                            name=name,
-                            scalars=data_pb2.ScalarColumns(steps=steps, values=values),
-                            **kw,
-                        ),
-                    )
-                ],  # type: ignore[arg-type]
-            ),
-        ),
-        timeout=30,
-    )
 
 
 def _points(database_url: str, run_id: str, name: str) -> list[tuple[int, float, bool]]:
@@ -89,7 +55,7 @@ def test_values_and_int64_steps_survive_a_block_bit_for_bit(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    raw = ProtoClient(url)
     subnormal = 5e-324
     values = [
         math.nan,
@@ -103,11 +69,11 @@ def test_values_and_int64_steps_survive_a_block_bit_for_bit(
         0.1,
     ]
     steps = [0, 1, 2, 3, 5, *range(6, 14), 2**31, 2**62, I64_MAX]  # steps are >= 0
-    r = write(client, run.id, writer, 1, "edge", steps, values)
+    r = raw.write(run.id, scalar_series("edge", steps, values))
     assert (r.result.accepted, r.result.rejected) == (16, 0)
     # A contiguous block ending at the int64 limit: its steps are implied.
     top = [float(i) for i in range(1, 17)]
-    r = write(client, run.id, writer, 2, "top", list(range(I64_MAX - 15, I64_MAX + 1)), top)
+    r = raw.write(run.id, scalar_series("top", list(range(I64_MAX - 15, I64_MAX + 1)), top))
     assert r.result.accepted == 16
 
     got = _points(database_url, run.id, "edge")
@@ -142,8 +108,8 @@ def test_rewind_inside_a_block_hides_the_later_points_only(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
-    write(client, run.id, writer, 1, "loss", list(range(20)), [float(s) for s in range(20)])
+    raw = ProtoClient(url)
+    raw.write(run.id, scalar_series("loss", list(range(20)), [float(s) for s in range(20)]))
     assert len(_blocks(database_url, run.id, "loss")) == 1
     assert run.rewind(4) == 15
     (block,) = _blocks(database_url, run.id, "loss")
@@ -151,7 +117,7 @@ def test_rewind_inside_a_block_hides_the_later_points_only(
     assert list(block["hidden"]) == [False] * 5 + [True] * 15
     assert run.rewind(4) == 0  # nothing more to hide
     # Three points: rows beside the block (a commit of fewer than 16 points).
-    r = write(client, run.id, writer, 2, "loss", [5, 6, 7], [-5.0, -6.0, -7.0])
+    r = raw.write(run.id, scalar_series("loss", [5, 6, 7], [-5.0, -6.0, -7.0]))
     assert (r.result.accepted, r.result.rejected) == (3, 0)
     assert run.get_metrics()["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, -5.0, -6.0, -7.0]
     visible = [(s, v) for s, v, h in _points(database_url, run.id, "loss") if not h]
@@ -166,7 +132,7 @@ def test_rewind_inside_a_block_hides_the_later_points_only(
         (7, -7.0),
     ]
     # The next point after the rewind's last visible one still follows the step rules.
-    r = write(client, run.id, writer, 3, "loss", [7], [1.0])
+    r = raw.write(run.id, scalar_series("loss", [7], [1.0]))
     assert r.result.rejected == 1
 
 
@@ -174,20 +140,19 @@ def test_last_write_wins_rewrites_a_step_inside_a_block(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    raw = ProtoClient(url)
     ooo = data_pb2.STEP_POLICY_OUT_OF_ORDER
-    write(
-        client,
+    raw.write(
         run.id,
-        writer,
-        1,
-        "eval",
-        list(range(20)),
-        [float(s) for s in range(20)],
-        step_policy=ooo,
+        scalar_series(
+            "eval",
+            list(range(20)),
+            [float(s) for s in range(20)],
+            step_policy=ooo,
+        ),
     )
     # Two points (rows): the block's point at step 3 is hidden.
-    r = write(client, run.id, writer, 2, "eval", [3, 25], [30.0, 120.0])
+    r = raw.write(run.id, scalar_series("eval", [3, 25], [30.0, 120.0]))
     assert (r.result.accepted, r.result.rejected) == (2, 0)
     (first,) = _blocks(database_url, run.id, "eval")
     assert first["hidden_count"] == 1 and [i for i, h in enumerate(first["hidden"]) if h] == [3]
@@ -195,11 +160,11 @@ def test_last_write_wins_rewrites_a_step_inside_a_block(
     expected[3] = 30.0
     assert run.get_metrics()["eval"] == [*expected, 120.0]
     # Sixteen points rewriting steps 10..25 (a block): the block's and the rows' hidden.
-    r = write(client, run.id, writer, 3, "eval", list(range(10, 26)), [-1.0] * 16)
+    r = raw.write(run.id, scalar_series("eval", list(range(10, 26)), [-1.0] * 16))
     assert (r.result.accepted, r.result.rejected) == (16, 0)
     assert run.get_metrics()["eval"] == [*expected[:10], *[-1.0] * 16]
     # Writing step 3 a third time hides the second write, not the first again.
-    write(client, run.id, writer, 4, "eval", [3], [300.0])
+    raw.write(run.id, scalar_series("eval", [3], [300.0]))
     at3 = [(v, h) for s, v, h in _points(database_url, run.id, "eval") if s == 3]
     assert sorted(at3) == [(3.0, True), (30.0, True), (300.0, False)]
 
@@ -491,9 +456,9 @@ def test_an_update_of_the_view_changes_a_point_inside_a_block(
     url: str, experiment_name: str, database_url: str
 ) -> None:
     run = Experiment(experiment_name, url=url).start_logging()
-    client, writer = run._client, f"t-{uuid.uuid4().hex}"
+    raw = ProtoClient(url)
     values = [1.0, 2.0, 9.0, 4.0, 5.0, *[float(i) for i in range(6, 17)]]  # 16: a block
-    write(client, run.id, writer, 1, "x", list(range(16)), values)
+    raw.write(run.id, scalar_series("x", list(range(16)), values))
     fetch(
         database_url,
         "UPDATE scalar_points p SET value = 'NaN' FROM series s WHERE s.series_id = p.series_id"

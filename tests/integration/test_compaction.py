@@ -20,14 +20,7 @@ from ingest.store.compact import CompactionTotals, compact_round, compact_series
 from steplog import Experiment
 from steplog.v1 import data_pb2
 from tests.sql import fetch, fetchval
-from tests.support import ProtoClient, ServiceProcess, free_port
-
-
-def _sd(
-    name: str, steps: list[int], values: list[float], times: list[float] | None = None, **kw: Any
-) -> data_pb2.SeriesData:
-    scalars = data_pb2.ScalarColumns(steps=steps, values=values, times=times or [])
-    return data_pb2.SeriesData(name=name, scalars=scalars, **kw)
+from tests.support import ProtoClient, ServiceProcess, free_port, scalar_series
 
 
 def _bits(x: float) -> bytes:
@@ -125,13 +118,13 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
     for step in range(300):
         for j in range(7):
             v = specials[step % 5] if step % 50 == 0 else step + j / 10
-            r = raw.write(run.id, _sd(f"m{j}", [step], [v]))
+            r = raw.write(run.id, scalar_series(f"m{j}", [step], [v]))
             assert r.result.accepted == 1
     # A rewind and an out-of-order series rewriting a step: hidden rows.
     assert run.rewind(279, names=["m0"]) == 20
     ooo = data_pb2.STEP_POLICY_OUT_OF_ORDER
-    raw.write(run.id, _sd("eval", [0, 1, 2], [1.0, 2.0, 3.0], step_policy=ooo))
-    raw.write(run.id, _sd("eval", [1], [20.0], step_policy=ooo))
+    raw.write(run.id, scalar_series("eval", [0, 1, 2], [1.0, 2.0, 3.0], step_policy=ooo))
+    raw.write(run.id, scalar_series("eval", [1], [20.0], step_policy=ooo))
     rows, blocks, _ = _layout(database_url, run.id)
     assert (rows, blocks) == (7 * 300 + 4, 0)
     before, counts = _points(database_url, run.id), _series(database_url, run.id)
@@ -158,10 +151,10 @@ def test_small_commits_are_rows_and_compaction_makes_them_blocks(
     # The step rules after compaction: the rewound series continues at 280,
     # a rewind inside a compacted block hides only what follows, the
     # out-of-order series rewrites a step of a compacted block.
-    assert raw.write(run.id, _sd("m0", [279], [1.0])).result.rejected == 1
-    assert raw.write(run.id, _sd("m0", [280], [1.0])).result.accepted == 1
+    assert raw.write(run.id, scalar_series("m0", [279], [1.0])).result.rejected == 1
+    assert raw.write(run.id, scalar_series("m0", [280], [1.0])).result.accepted == 1
     assert run.rewind(99, names=["m1"]) == 200
-    raw.write(run.id, _sd("eval", [2], [30.0], step_policy=ooo))
+    raw.write(run.id, scalar_series("eval", [2], [30.0], step_policy=ooo))
     got = run.get_metrics()
     assert [_bits(v) for v in got["m1"]] == [_bits(v) for v in metrics_before["m1"][:100]]
     assert got["m0"][-1] == 1.0 and len(got["m0"]) == 281
@@ -178,14 +171,14 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
     for k in range(10):
         steps = list(range(20 * k, 20 * k + 20))
         times = [t0 + s * 0.5 for s in steps]
-        raw.write(run.id, _sd("a", steps, [float(s) for s in steps], times=times))
+        raw.write(run.id, scalar_series("a", steps, [float(s) for s in steps], times=times))
     # A full block (1024 points) is left as it is.
     steps = list(range(200, 1224))
     times = [t0 + 100 + s * 0.001 for s in steps]
-    raw.write(run.id, _sd("a", steps, [float(s) for s in steps], times=times))
+    raw.write(run.id, scalar_series("a", steps, [float(s) for s in steps], times=times))
     # A slow series: one point an hour for ten hours, each in its own cell.
     for h in range(10):
-        raw.write(run.id, _sd("slow", [h], [float(h)], times=[t0 + 3600.0 * h]))
+        raw.write(run.id, scalar_series("slow", [h], [float(h)], times=[t0 + 3600.0 * h]))
     assert _layout(database_url, run.id)[:2] == (10, 11)
     before = _points(database_url, run.id)
 
@@ -199,7 +192,7 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
     _compact(database_url, run.id)
     assert _block_ids(database_url, run.id) == ids  # the single blocks of "slow" stay
     # One more point in the last hour's cell merges with that cell's block only.
-    raw.write(run.id, _sd("slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5]))
+    raw.write(run.id, scalar_series("slow", [10], [10.0], times=[t0 + 3600.0 * 9 + 5]))
     _compact(database_url, run.id)
     assert sorted(_layout(database_url, run.id)[2]) == [1] * 9 + [2, 200, 1024]
     assert len(ids - _block_ids(database_url, run.id)) == 1  # that block only was rewritten
@@ -297,10 +290,10 @@ def test_one_call_takes_a_bounded_share_of_a_long_backlog(
     a backlog is worked off over several calls, every point kept."""
     run = Experiment(experiment_name, url=url).start_logging()
     raw = ProtoClient(url)
-    raw.write(run.id, _sd("x", [0], [0.0]))
+    raw.write(run.id, scalar_series("x", [0], [0.0]))
     for k in range(5):  # five small blocks (20 points each) in one cell
         steps = list(range(2000 + 20 * k, 2020 + 20 * k))
-        raw.write(run.id, _sd("x", steps, [1.0] * 20))
+        raw.write(run.id, scalar_series("x", steps, [1.0] * 20))
     (sid,) = [
         r["series_id"]
         for r in fetch(database_url, "SELECT series_id FROM series WHERE run_id = $1", run.id)
@@ -356,9 +349,9 @@ def test_steps_at_the_int64_limits_compact(
     run = Experiment(experiment_name, url=url).start_logging()
     raw = ProtoClient(url, strict=True)
     for step in (0, 1, top):
-        raw.write(run.id, _sd("wide", [step], [float(step % 7)]))
+        raw.write(run.id, scalar_series("wide", [step], [float(step % 7)]))
     for step in range(top - 4, top + 1):
-        raw.write(run.id, _sd("end", [step], [1.0]))
+        raw.write(run.id, scalar_series("end", [step], [1.0]))
     before = _points(database_url, run.id)
     _compact(database_url, run.id)
     assert _layout(database_url, run.id)[:2] == (0, 2)
@@ -386,7 +379,7 @@ def test_a_series_that_fails_to_compact_holds_no_other_back(
     raw = ProtoClient(url, strict=True)
     for step in range(3):
         for name in ("bad", "good"):
-            raw.write(run.id, _sd(name, [step], [float(step)]))
+            raw.write(run.id, scalar_series(name, [step], [float(step)]))
     ids = {
         r["name"]: r["series_id"]
         for r in fetch(database_url, "SELECT name, series_id FROM series WHERE run_id = $1", run.id)
