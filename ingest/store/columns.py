@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -64,6 +64,42 @@ def unpack(raw: bytes | None, element: np.dtype[Any], out: type) -> npt.NDArray[
 
 
 @dataclass(frozen=True, slots=True)
+class Runs:
+    """Points in their stored order (a block's visible ones, or a series'
+    rows), their steps as runs of consecutive steps: row k of `table`,
+    (first, pos, count), is the points pos .. pos + count - 1, at steps
+    first, first + 1, ..."""
+
+    values: F64
+    times_us: I64
+    table: I64  # shape (runs, 3)
+
+    @classmethod
+    def of(cls, b: Block) -> Runs:
+        if b.hidden is None and b.steps is None:
+            table = np.array([[b.min_step, 0, len(b.values)]], dtype=np.int64)
+            return cls(b.values, b.times_us, table)
+        steps = (
+            np.arange(b.min_step, b.max_step + 1, dtype=np.int64) if b.steps is None else b.steps
+        )
+        if b.hidden is None:
+            return cls.of_steps(steps, b.times_us, b.values)
+        keep = ~b.hidden
+        return cls.of_steps(steps[keep], b.times_us[keep], b.values[keep])
+
+    @classmethod
+    def of_steps(cls, steps: I64, times_us: I64, values: F64) -> Runs:
+        if len(steps) == 0:
+            return cls(values, times_us, np.empty((0, 3), dtype=np.int64))
+        # A run breaks where the next step is not this one + 1 (the second
+        # test: int64 differences wrap, 2**63 - 1 then -2**63 differ by 1).
+        cut = np.flatnonzero((np.diff(steps) != 1) | (steps[1:] <= steps[:-1])) + 1
+        pos = np.concatenate((np.zeros(1, dtype=np.int64), cut.astype(np.int64)))
+        count = np.diff(np.append(pos, len(steps)))
+        return cls(values, times_us, np.stack([steps[pos], pos, count], axis=1))
+
+
+@dataclass(frozen=True, slots=True)
 class Block:
     """A block's points as arrays, in their stored order: the times in
     microseconds since the epoch. `steps` None: the steps are min_step,
@@ -75,13 +111,28 @@ class Block:
     times_us: I64
     steps: I64 | None
     hidden: B | None
+    # The visible points as runs of consecutive steps (Block.visible),
+    # derived once per block, when first read.
+    _runs: Runs | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
         extra = (0 if self.steps is None else self.steps.nbytes) + (
             0 if self.hidden is None else self.hidden.nbytes
         )
+        if self.hidden is not None:  # the visible copies of Block.visible
+            extra += self.values.nbytes + self.times_us.nbytes
         return self.values.nbytes + self.times_us.nbytes + extra + 160
+
+    def visible(self) -> Runs:
+        """The block's visible points (hidden ones left out, stored order
+        kept) and their steps as runs of consecutive steps: computed once,
+        kept with the block (a cached block is read by every chart)."""
+        runs = self._runs
+        if runs is None:
+            runs = Runs.of(self)
+            object.__setattr__(self, "_runs", runs)
+        return runs
 
     @classmethod
     def of(cls, r: Any) -> Block:
@@ -168,43 +219,75 @@ class Gathered:
     steps: I64 | None
     first_step: int
     times: Sequence[I64]
+    # With steps None: the steps as runs of consecutive steps (the index in
+    # `values` where each run starts, ascending from 0, and its first step);
+    # None: one run, first_step, first_step + 1, ...
+    runs: tuple[I64, I64] | None = None
 
     def __len__(self) -> int:
         return len(self.values)
 
+    def steps_at(self, index: npt.NDArray[np.intp]) -> I64:
+        if self.steps is not None:
+            return self.steps[index]
+        if self.runs is None:
+            return self.first_step + index.astype(np.int64)
+        out, first = self.runs
+        k = np.searchsorted(out, index, "right") - 1
+        return first[k] + (index.astype(np.int64) - out[k])
+
+    def start_of(self, step: int) -> int:
+        """The index of the first point at `step` or after (len: none)."""
+        if self.steps is not None:
+            return int(self.steps.searchsorted(step, "left"))
+        if self.runs is None:
+            return min(max(0, step - self.first_step), len(self))
+        out, first = self.runs
+        k = int(first.searchsorted(step, "right")) - 1
+        if k < 0:
+            return 0
+        end = int(out[k + 1]) if k + 1 < len(out) else len(self)
+        return min(int(out[k]) + step - int(first[k]), end)
+
     def take(self, index: npt.NDArray[np.intp]) -> Points:
         """The points at these indices (ascending)."""
-        steps = (
-            self.first_step + index.astype(np.int64) if self.steps is None else self.steps[index]
-        )
+        steps = self.steps_at(index)
         if len(self.times) == 1:
             times = self.times[0][index]
         else:
+            # The chunks as consecutive index ranges: the indices (ascending)
+            # of each chunk are one slice of `index`.
             bounds = np.cumsum([0] + [len(t) for t in self.times])
-            which = np.searchsorted(bounds, index, "right") - 1
+            cuts = np.searchsorted(index, bounds, "left").tolist()
             times = np.empty(len(index), dtype=np.int64)
-            for k in np.unique(which).tolist():
-                sel = which == k
-                times[sel] = self.times[k][index[sel] - bounds[k]]
+            base = bounds.tolist()
+            for k, chunk in enumerate(self.times):
+                a, b = cuts[k], cuts[k + 1]
+                if b > a:
+                    times[a:b] = chunk[index[a:b] - base[k]]
         return Points(steps, times, self.values[index])
 
     def all(self) -> Points:
         return self.take(np.arange(len(self), dtype=np.intp))
 
 
-_BLOCKS = """
-SELECT b.series_id, b.block_id, b.xmin::text::bigint AS x, b.min_step, b.max_step,
-       (extract(epoch FROM b.min_time) * 1000000)::bigint AS t0,
-       CASE WHEN c.id IS NULL THEN array_send(b.values) END AS v,
-       CASE WHEN c.id IS NULL THEN array_send(b.offsets) END AS o,
-       CASE WHEN c.id IS NULL THEN array_send(b.steps) END AS s,
-       CASE WHEN c.id IS NULL THEN array_send(b.hidden) END AS h
+# The blocks of the series in a step range, by (block_id, xmin): only the
+# keys; the arrays of those not in the cache come from _SEND (one snapshot).
+_LIST = """
+SELECT b.series_id, b.block_id, b.xmin::text::bigint AS x
 FROM scalar_blocks b
-LEFT JOIN unnest($4::bigint[], $5::bigint[]) AS c(id, x)
-  ON c.id = b.block_id AND c.x = b.xmin::text::bigint
 WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint AND b.min_step <= $3::bigint
   AND b.hidden_count < b.n
 ORDER BY b.series_id, b.min_step, b.block_id
+"""
+
+_SEND = """
+SELECT b.block_id, b.xmin::text::bigint AS x, b.min_step, b.max_step,
+       (extract(epoch FROM b.min_time) * 1000000)::bigint AS t0,
+       array_send(b.values) AS v, array_send(b.offsets) AS o,
+       array_send(b.steps) AS s, array_send(b.hidden) AS h
+FROM scalar_blocks b JOIN unnest($4::bigint[]) AS m(id) ON m.id = b.block_id
+WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint AND b.min_step <= $3::bigint
 """
 
 _ROWS = """
@@ -281,20 +364,58 @@ async def read_points(
     cache: BlockCache,
 ) -> dict[int, Gathered]:
     """The visible points of each series with a step in [start, end], in
-    step order (rows and blocks, one snapshot), by series id. With several
+    step order (rows and blocks, one snapshot), by series id (read_parts)."""
+    found, loose = await read_parts(conns, series_ids, start, end, cache)
+    return {
+        sid: assemble(found.get(sid, []), loose.get(sid), start, end)
+        for sid in sorted(set(series_ids))
+    }
+
+
+Parts = tuple[dict[int, list[Block]], dict[int, tuple[I64, I64, F64]]]
+
+
+async def read_parts(
+    conns: Sequence[asyncpg.Connection],
+    series_ids: Sequence[int],
+    start: int,
+    end: int,
+    cache: BlockCache,
+) -> Parts:
+    """The blocks (in min_step order) and the visible rows of each series
+    with a step in [start, end], one snapshot, by series id: `assemble`
+    makes a series' points of them. The blocks' keys are listed first and
+    only the arrays of those not in the cache are sent. With several
     connections, the series are shared among them and read at once, every
     connection in the first one's snapshot (pg_export_snapshot): sending the
     arrays is PostgreSQL's work, and one backend does it on one core."""
     ids = sorted(set(series_ids))
-    known = cache.keys()
-    ks, xs = [k[0] for k in known], [k[1] for k in known]
     groups = [g for g in (ids[i :: len(conns)] for i in range(len(conns))) if g]
     lead = conns[0]
 
-    async def fetch(conn: asyncpg.Connection, group: list[int]) -> list[Any]:
-        return list(await conn.fetch(_BLOCKS, group, start, end, ks, xs))
+    async def fetch(conn: asyncpg.Connection, group: list[int]) -> list[tuple[int, Block]]:
+        listed = [tuple(r) for r in await conn.fetch(_LIST, group, start, end)]
+        blocks = [cache.get((bid, x)) for _, bid, x in listed]
+        missing = [listed[i][1] for i, blk in enumerate(blocks) if blk is None]
+        if missing:
+            sent = {
+                int(r["block_id"]): r for r in await conn.fetch(_SEND, group, start, end, missing)
+            }
+            for i, (_, bid, x) in enumerate(listed):
+                if blocks[i] is None:
+                    r = sent.get(bid)
+                    if r is None or int(r["x"]) != x:  # one snapshot: cannot happen
+                        raise RuntimeError(f"block {bid} changed within a read's snapshot")
+                    block = Block.of(r)
+                    cache.put((bid, x), block)
+                    blocks[i] = block
+        return [
+            (sid, blk) for (sid, _, _), blk in zip(listed, blocks, strict=True) if blk is not None
+        ]
 
-    async def beside(conn: asyncpg.Connection, group: list[int], snapshot: str) -> list[Any]:
+    async def beside(
+        conn: asyncpg.Connection, group: list[int], snapshot: str
+    ) -> list[tuple[int, Block]]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             return await fetch(conn, group)
@@ -309,9 +430,11 @@ async def read_points(
         else:
             parts = [await fetch(lead, ids)]
         rows = await lead.fetch(_ROWS, ids, start, end)
-    found = _blocks_of([r for part in parts for r in part], cache)
-    loose = _rows_of(rows)
-    return {sid: assemble(found.get(sid, []), loose.get(sid), start, end) for sid in ids}
+    found: dict[int, list[Block]] = {}
+    for part in parts:
+        for sid, blk in part:
+            found.setdefault(sid, []).append(blk)
+    return found, _rows_of(rows)
 
 
 async def read_page(
@@ -354,13 +477,7 @@ async def read_page(
         if sid < a_sid or left <= 0:
             continue
         g = assemble(found.get(sid, []), loose.get(sid), start, end)
-        first = 0
-        if sid == a_sid and len(g):
-            first = (
-                max(0, a_step - g.first_step)
-                if g.steps is None
-                else int(g.steps.searchsorted(a_step, "left"))
-            )
+        first = g.start_of(a_step) if sid == a_sid and len(g) else 0
         count = min(max(len(g) - first, 0), left)
         if count <= 0:
             continue
@@ -427,6 +544,10 @@ def assemble(
             blocks[0].min_step,
             [b.times_us for b in blocks],
         )
+    got = _by_runs(blocks, rows, start, end)
+    if got is not None:
+        return got
+    # Runs that overlap (a step visible twice): every point sorted by step.
     parts: list[tuple[I64, I64, F64]] = []
     for b in blocks:
         steps = (
@@ -448,6 +569,62 @@ def assemble(
         order = np.argsort(all_steps, kind="stable")
         all_steps, times, values = all_steps[order], times[order], values[order]
     return Gathered(values, all_steps, 0, [times])
+
+
+def _by_runs(
+    blocks: Sequence[Block], rows: tuple[I64, I64, F64] | None, start: int, end: int
+) -> Gathered | None:
+    """assemble's points from the runs of consecutive steps of every block's
+    visible points (Block.visible, kept with a cached block) and of the rows:
+    the runs cut to [start, end] and put in step order, then the values of
+    runs that follow each other in one block taken as one slice. None when
+    two runs overlap (the same step visible twice: assemble's point by point
+    sort decides their order)."""
+    sources = [b.visible() for b in blocks]
+    if rows is not None:
+        sources.append(Runs.of_steps(*rows))
+    table = np.concatenate([r.table for r in sources])
+    first, pos, count = table[:, 0], table[:, 1], table[:, 2]
+    src = np.repeat(np.arange(len(sources)), [len(r.table) for r in sources])
+    last = first + (count - 1)
+    lo, hi = np.maximum(first, start), np.minimum(last, end)
+    inside = lo <= hi
+    if not bool(inside.all()):
+        lo, hi, first, pos, src = lo[inside], hi[inside], first[inside], pos[inside], src[inside]
+    if len(lo) == 0:
+        return _NONE
+    pos = pos + (lo - first)
+    order = np.argsort(lo, kind="stable")
+    first, last, pos, src = lo[order], hi[order], pos[order], src[order]
+    count = last - first + 1
+    if len(first) > 1 and not bool((first[1:] > last[:-1]).all()):
+        return None
+    heads = np.ones(len(first), dtype=bool)
+    heads[1:] = (src[1:] != src[:-1]) | (pos[1:] != pos[:-1] + count[:-1])
+    at = np.flatnonzero(heads)
+    slices = zip(
+        src[at].tolist(), pos[at].tolist(), np.add.reduceat(count, at).tolist(), strict=True
+    )
+    values: list[F64] = []
+    times: list[I64] = []
+    for k, p, n in slices:
+        r = sources[k]
+        if p == 0 and n == len(r.values):
+            values.append(r.values)
+            times.append(r.times_us)
+        else:
+            values.append(r.values[p : p + n])
+            times.append(r.times_us[p : p + n])
+    if len(values) == 1:
+        joined, when = values[0], times
+    else:
+        # The times joined too: one copy costs less than a look-up per chunk
+        # of the points a read returns (one chunk a block, ~100 a series).
+        joined, when = np.concatenate(values), [np.concatenate(times)]
+    if len(first) == 1 or bool((first[1:] == last[:-1] + 1).all()):
+        return Gathered(joined, None, int(first[0]), when)
+    out = np.cumsum(count) - count
+    return Gathered(joined, None, int(first[0]), when, (out, first))
 
 
 def downsample(points: Gathered, max_points: int) -> Points:
@@ -518,16 +695,19 @@ def _offers(v: F64, width: int, base: int) -> npt.NDArray[np.int64]:
     i_hi = vv.argmax(axis=1)
     i_nan = np.full(m, -1, dtype=np.int64)
     has_num = np.ones(m, dtype=bool)
-    for k in np.flatnonzero(np.isnan(vv[rows, i_lo])).tolist():
-        nn = np.isnan(vv[k])
-        i_nan[k] = int(nn.argmax())
-        nums = np.flatnonzero(~nn)
-        if len(nums) == 0:
-            has_num[k] = False
-            continue
-        x = vv[k][nums]
-        i_lo[k] = int(nums[x.argmin()])
-        i_hi[k] = int(nums[x.argmax()])
+    ks = np.flatnonzero(np.isnan(vv[rows, i_lo]))
+    if len(ks):
+        # The buckets holding a NaN, all at once: the first NaN, and the
+        # first point equal to the bucket's smallest (largest) non-NaN value
+        # (fmin/fmax skip NaN; equal compares -0.0 and 0.0 alike, as argmin).
+        sub = vv[ks]
+        nn = np.isnan(sub)
+        i_nan[ks] = nn.argmax(axis=1)
+        has_num[ks] = ~nn.all(axis=1)
+        lo = np.fmin.reduce(sub, axis=1)
+        hi = np.fmax.reduce(sub, axis=1)
+        i_lo[ks] = (sub == lo[:, None]).argmax(axis=1)
+        i_hi[ks] = (sub == hi[:, None]).argmax(axis=1)
     return np.stack(
         [
             np.where(i_nan >= 0, starts + i_nan, -1),

@@ -24,8 +24,10 @@ from ingest.store.columns import (
     DEFAULT_CACHE_BYTES,
     BlockCache,
     Points,
+    assemble,
     downsample,
     read_page,
+    read_parts,
     read_points,
 )
 from ingest.store.db import acquire
@@ -546,11 +548,14 @@ class QueryStore:
             # Many series: two connections at once (columns.read_points).
             n = 2 if len(set(series_ids)) >= PARALLEL_FROM_SERIES else 1
             conns = [await stack.enter_async_context(self._conn()) for _ in range(n)]
-            got = await read_points(conns, series_ids, start, end, self.cache)
-        return {
-            sid: Chart(downsample(p, max_points), len(p), 0 < max_points < len(p))
-            for sid, p in got.items()
-        }
+            found, loose = await read_parts(conns, series_ids, start, end, self.cache)
+        out: dict[int, Chart] = {}
+        # A series at a time: its joined arrays are freed before the next
+        # one's (the memory reused, not 160 MB of new pages per chart).
+        for sid in sorted(set(series_ids)):
+            p = assemble(found.get(sid, []), loose.get(sid), start, end)
+            out[sid] = Chart(downsample(p, max_points), len(p), 0 < max_points < len(p))
+        return out
 
     async def count_points(self, series: SeriesHead, start: int, end: int) -> PointCount:
         table = points_table(series.kind, series.value_type)

@@ -211,3 +211,139 @@ def test_a_block_with_stored_consecutive_steps_reads_as_implied_steps() -> None:
     assert b.steps is not None and b.steps.tolist() == [10, 12, 11]
     assert b.hidden is not None
     assert assemble([b], None, 0, 99).all().steps.tolist() == [10, 11]
+
+
+def straightforward(
+    blocks: list[Block], rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None, lo: int, hi: int
+) -> list[tuple[int, int, bytes]]:
+    """A series' visible points in [lo, hi] point by point: every block's
+    visible points, then the rows, sorted by step (stable)."""
+    out: list[tuple[int, int, bytes]] = []
+    for b in blocks:
+        n = len(b.values)
+        steps = list(range(b.min_step, b.min_step + n)) if b.steps is None else b.steps.tolist()
+        for i in range(n):
+            if (b.hidden is None or not b.hidden[i]) and lo <= steps[i] <= hi:
+                out.append((steps[i], int(b.times_us[i]), struct.pack("<d", b.values[i])))
+    if rows is not None:
+        out += [
+            (int(s), int(t), struct.pack("<d", v))
+            for s, t, v in zip(rows[0], rows[1], rows[2], strict=True)
+        ]
+    return sorted(out, key=lambda p: p[0])
+
+
+def random_series(
+    rnd: random.Random,
+) -> tuple[list[Block], tuple[np.ndarray, np.ndarray, np.ndarray] | None, int, int]:
+    """Blocks as a series' commits, rewinds and compaction leave them: runs
+    of consecutive steps, a rewind hiding a block's tail and logging the
+    steps again, compacted blocks holding two distant runs (stored steps),
+    sparse steps, every kind of special value, rows after the blocks."""
+    specials = [math.nan, math.inf, -math.inf, -0.0, 0.0]
+
+    def vals(n: int) -> list[float]:
+        return [
+            rnd.choice(specials) if rnd.random() < 0.2 else float(rnd.randint(-9, 9))
+            for _ in range(n)
+        ]
+
+    blocks: list[Block] = []
+    step, t0 = rnd.randint(-5, 5), 1_000_000
+    pending: list[int] = []  # steps of small pieces left for a compacted block
+    for _ in range(rnd.randint(0, 8)):
+        n = rnd.randint(1, 40)
+        kind = rnd.random()
+        if kind < 0.15:  # a small piece, compacted later with another one
+            pending += list(range(step, step + n))
+        elif kind < 0.3:  # sparse stored steps
+            steps = sorted(rnd.sample(range(step, step + 3 * n), n))
+            blocks.append(block(0, vals(n), steps=steps, t0=t0))
+            step = steps[-1] + 1 - n
+        elif kind < 0.45 and blocks:  # a rewind: the last block's tail hidden, logged again
+            last = blocks[-1]
+            cut = rnd.randint(0, len(last.values) - 1)
+            hidden = [i >= cut for i in range(len(last.values))]
+            blocks[-1] = block(
+                last.min_step,
+                last.values.tolist(),
+                steps=None if last.steps is None else last.steps.tolist(),
+                hidden=hidden,
+                t0=int(last.times_us[0]),
+            )
+            lsteps = (
+                list(range(last.min_step, last.min_step + len(last.values)))
+                if last.steps is None
+                else last.steps.tolist()
+            )
+            step = lsteps[cut]
+            blocks.append(block(step, vals(n), t0=t0))
+        else:
+            hidden = [rnd.random() < 0.2 for _ in range(n)] if rnd.random() < 0.3 else None
+            blocks.append(block(step, vals(n), hidden=hidden, t0=t0))
+        step += n
+        t0 += 7_000
+    if pending:
+        blocks.append(block(0, vals(len(pending)), steps=pending, t0=t0))
+    rows = None
+    if rnd.random() < 0.5:
+        k = rnd.randint(1, 20)
+        steps = sorted(rnd.sample(range(step, step + 2 * k), k))
+        rows = (
+            np.array(steps, dtype=np.int64),
+            np.array([t0 + i for i in range(k)], dtype=np.int64),
+            np.array(vals(k)),
+        )
+    blocks.sort(key=lambda b: b.min_step)  # the query's order
+    lo = rnd.choice([-(2**63), rnd.randint(-5, step)])
+    hi = rnd.choice([2**63 - 1, rnd.randint(lo if lo > -100 else -5, step + 50)])
+    if rows is not None:  # the query gives the visible rows in the range only
+        inside = (rows[0] >= lo) & (rows[0] <= hi)
+        rows = (rows[0][inside], rows[1][inside], rows[2][inside]) if inside.any() else None
+    return blocks, rows, lo, hi
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_assemble_equals_the_points_taken_one_by_one(seed: int) -> None:
+    """Any mix of blocks (hidden points, rewinds, stored and implied steps,
+    runs of one block on both sides of another's) and rows, cut by any step
+    range: the same points in the same order as taken one by one, and the
+    downsampling of them the documented rule's."""
+    rnd = random.Random(seed)
+    blocks, rows, lo, hi = random_series(rnd)
+    if seed % 10 == 9 and blocks:  # a step visible twice: the point by point sort
+        b = blocks[0]
+        blocks.append(block(b.min_step, [99.0], t0=5))
+        blocks.sort(key=lambda x: x.min_step)
+    want = straightforward(blocks, rows, lo, hi)
+    g = assemble(blocks, rows, lo, hi)
+    pts = g.all()
+    got = list(
+        zip(
+            pts.steps.tolist(),
+            pts.times_us.tolist(),
+            [struct.pack("<d", v) for v in pts.values],
+            strict=True,
+        )
+    )
+    assert got == want
+    steps = [p[0] for p in want]
+    for probe in {lo, hi, *steps[:3], *(s + 1 for s in steps[-3:]), *(s - 1 for s in steps)}:
+        if -(2**63) <= probe < 2**63:
+            assert g.start_of(probe) == sum(1 for s in steps if s < probe), probe
+    values = [struct.unpack("<d", p[2])[0] for p in want]
+    for max_points in [1, 3, 5, 10, 31]:
+        kept = downsample(g, max_points)
+        assert kept.steps.tolist() == [steps[i] for i in reference(values, max_points)]
+        assert kept.times_us.tolist() == [want[i][1] for i in reference(values, max_points)]
+
+
+def test_a_block_read_once_keeps_its_visible_runs() -> None:
+    b = block(0, [1.0, 2.0, 3.0, 4.0], hidden=[False, True, False, False])
+    runs = b.visible()
+    assert b.visible() is runs
+    assert runs.values.tolist() == [1.0, 3.0, 4.0]
+    assert runs.table.tolist() == [[0, 0, 1], [2, 1, 2]]
+    # Steps wrapping around int64 are two runs, not one.
+    wrap = block(0, [1.0, 2.0], steps=[2**63 - 1, -(2**63)])
+    assert wrap.visible().table.tolist() == [[2**63 - 1, 0, 1], [-(2**63), 1, 1]]
