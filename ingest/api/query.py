@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import Message
 
 from ingest.api.common import handle_errors
-from ingest.api.series import chart_data, series_data
+from ingest.api.series import fill_chart, series_data
 from ingest.core import model
 from ingest.core.errors import invalid, not_found
 from ingest.core.kinds import KIND_SCALAR
@@ -312,16 +312,11 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             take.append(h)
             budget -= worst
         charts = await self.store.chart([h.series_id for h in take], start, end, request.max_points)
-        reply = pb.ReadChartsResponse(
-            series=[
-                pb.ChartSeries(
-                    series=chart_data(h, charts[h.series_id].points),
-                    downsampled=charts[h.series_id].downsampled,
-                    total_points=charts[h.series_id].total,
-                )
-                for h in take
-            ]
-        )
+        reply = pb.ReadChartsResponse()
+        for h in take:
+            chart = charts[h.series_id]
+            one = reply.series.add(downsampled=chart.downsampled, total_points=chart.total)
+            fill_chart(one.series, h, chart.points)  # in place: the points never copied
         if first + len(take) < count:
             reply.next_page_token = encode_token(request, i=first + len(take))
         return reply

@@ -33,6 +33,11 @@ def scalar_columns(rows: Sequence[Point], text: bool) -> data_pb2.ScalarColumns:
     return cols
 
 
+# 2**7, 2**14, ..., 2**63: a value at or above k of these takes k + 1 bytes.
+_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+_VARINT_SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
+
+
 def varints(x: npt.NDArray[np.int64]) -> bytes:
     """Protobuf's varint encoding of int64 values, all at once with numpy (a
     negative value takes ten bytes, its two's complement, as protobuf writes it)."""
@@ -41,36 +46,50 @@ def varints(x: npt.NDArray[np.int64]) -> bytes:
     u = x.astype(np.uint64)
     top = int(u.max())
     width = max(1, (top.bit_length() + 6) // 7)  # bytes of the largest value
-    size = np.ones(len(u), dtype=np.int64)
-    for k in range(1, width):
-        size += u >= np.uint64(1 << (7 * k))
+    if width == 1:
+        return u.astype(np.uint8).tobytes()
+    # Bytes beyond the first, per value: how many limits it reaches.
+    more = np.searchsorted(_VARINT_LIMITS[: width - 1], u, "right")
     # A byte per (value, position), the continuation bit on all but a value's
     # last byte; the bytes past a value's size are dropped, row by row.
-    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
-    cells = ((u[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
-    position = np.arange(width, dtype=np.int64)
-    cells |= ((position < size[:, None] - 1).astype(np.uint8)) << np.uint8(7)
-    return bytes(cells[position < size[:, None]].tobytes())
+    cells = ((u[:, None] >> _VARINT_SHIFTS[:width]) & np.uint64(0x7F)).astype(np.uint8)
+    position = np.arange(width)
+    cont = position < more[:, None]
+    cells[cont] |= np.uint8(0x80)
+    return cells[position <= more[:, None]].tobytes()
+
+
+def _varint(n: int) -> bytes:
+    """One non-negative int's varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _packed(field: int, payload: bytes) -> bytes:
     """A packed repeated field: its tag (wire type 2), length and bytes."""
     if not payload:
         return b""
-    n = np.array([len(payload)], dtype=np.int64)
-    return bytes([field << 3 | 2]) + varints(n) + payload
+    return bytes([field << 3 | 2]) + _varint(len(payload)) + payload
 
 
-def scalar_arrays(points: Points) -> data_pb2.ScalarColumns:
-    """Numeric scalar points read as numpy columns -> ScalarColumns, encoded
-    with numpy (packed steps as varints, times and values as little-endian
-    doubles, bit for bit) and parsed by protobuf: no Python object per point."""
-    raw = (
+def scalar_bytes(points: Points) -> bytes:
+    """Numeric scalar points read as numpy columns -> ScalarColumns' bytes,
+    encoded with numpy (packed steps as varints, times and values as
+    little-endian doubles, bit for bit): no Python object per point."""
+    return (
         _packed(1, varints(points.steps))
         + _packed(2, points.times.astype("<f8").tobytes())
         + _packed(3, points.values.astype("<f8").tobytes())
     )
-    return data_pb2.ScalarColumns.FromString(raw)
+
+
+def scalar_arrays(points: Points) -> data_pb2.ScalarColumns:
+    """scalar_bytes parsed by protobuf."""
+    return data_pb2.ScalarColumns.FromString(scalar_bytes(points))
 
 
 def table_columns(
@@ -170,12 +189,15 @@ def _fill(data: data_pb2.SeriesData, s: SeriesHead, rows: Sequence[Point], read:
         data.histograms.SetInParent()
 
 
-def chart_data(s: SeriesHead, points: Points) -> data_pb2.SeriesData:
-    """A numeric scalar series read as columns (ReadCharts) as SeriesData."""
-    data = data_pb2.SeriesData(name=s.name, labels=s.labels, description=s.description)
-    data.scalars.CopyFrom(scalar_arrays(points))
+def fill_chart(data: data_pb2.SeriesData, s: SeriesHead, points: Points) -> None:
+    """A numeric scalar series read as columns (ReadCharts) into its
+    SeriesData in place (a ChartSeries' own: the points parsed once into the
+    answer, never copied)."""
+    data.name = s.name
+    data.labels.update(s.labels)
+    data.description = s.description
+    data.scalars.MergeFromString(scalar_bytes(points))
     data.scalars.SetInParent()
-    return data
 
 
 def series_data(s: SeriesHead, read: Read) -> data_pb2.SeriesData:

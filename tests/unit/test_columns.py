@@ -347,3 +347,19 @@ def test_a_block_read_once_keeps_its_visible_runs() -> None:
     # Steps wrapping around int64 are two runs, not one.
     wrap = block(0, [1.0, 2.0], steps=[2**63 - 1, -(2**63)])
     assert wrap.visible().table.tolist() == [[2**63 - 1, 0, 1], [-(2**63), 1, 1]]
+
+
+@pytest.mark.parametrize("width", range(1, 11))
+def test_varints_equal_protobufs_at_every_width(width: int) -> None:
+    from ingest.api.series import scalar_bytes
+    from ingest.store.columns import Points
+    from steplog.v1 import data_pb2
+
+    # Values around each width's edges up to this width (all one width and mixed).
+    edges = [(1 << (7 * k)) + d for k in range(width) for d in (-1, 0, 1)]
+    steps = np.array([e for e in edges if 0 <= e < 2**63] or [-1], dtype=np.int64)
+    if width == 10:
+        steps = np.concatenate([steps, np.array([-1, -(2**63), 5])])
+    pts = Points(steps, np.zeros(len(steps), dtype=np.int64), np.zeros(len(steps)))
+    want = data_pb2.ScalarColumns(steps=steps.tolist(), times=pts.times.tolist(), values=pts.values)
+    assert scalar_bytes(pts) == want.SerializeToString()
