@@ -11,7 +11,9 @@ copy of the caller's dict in one). No protobuf is built there. The writer's
 one background thread encodes the items (`encode`, the contract is in
 steplog._writer.items) when it cuts a batch:
 every flush interval, when a batch's worth of points is buffered, on flush,
-spill and close. Column types are decided then, per column: floats (and
+spill and close. Rows whose cells had the same plain types (the signature
+log_row checked) are written column by column without a look at each cell
+(`RowsItem.kinds`). Otherwise column types are decided then, per column: floats (and
 ints among floats) -> double, ints -> int64, bools -> bool, strings ->
 string, None -> a missing cell. A column holding values of several of
 those kinds is sent as one part per kind; the service keeps the rows whose
@@ -145,15 +147,30 @@ def fill_table(
     columns: Mapping[str, Sequence[Any]],
     times: Sequence[float],
     steps: Sequence[int] | None = None,
+    kinds: Mapping[str, int] | None = None,
 ) -> data_pb2.TableColumns:
     """{column: [cells]} -> TableColumns, built in place (a message built
-    elsewhere would be copied into its SeriesData). Sender thread only."""
+    elsewhere would be copied into its SeriesData). Sender thread only.
+    `kinds`: {column: wire type} of columns known to hold only cells of that
+    one plain Python type (RowsItem.kinds), written without a look at each."""
     table.row_count = len(times)
     table.times.extend(times)
     if steps is not None:
         table.steps.extend(steps)
     for name, values in columns.items():
-        table.columns.extend(column_parts(name, values))
+        kind = kinds.get(name) if kinds is not None else None
+        if kind is None:
+            table.columns.extend(column_parts(name, values))
+        elif kind == _INT64:
+            table.columns.append(_column(name, kind, values, False))
+        else:
+            col = table.columns.add(name=name, type=kind)
+            if kind == _DOUBLE:
+                col.doubles.extend(values)
+            elif kind == _BOOL:
+                col.bools.extend(values)
+            else:
+                col.strings.extend(values)
     return table
 
 
@@ -172,12 +189,13 @@ def table_series_messages(
     times: Sequence[float],
     steps: Sequence[int] | None,
     max_bytes: int,
+    kinds: Mapping[str, int] | None = None,
 ) -> list[data_pb2.SeriesData]:
     """SeriesData (a copy of `series` with a table) of at most max_bytes each,
-    split by rows (one row may exceed it)."""
+    split by rows (one row may exceed it). `kinds` as fill_table's."""
     out = data_pb2.SeriesData()
     out.CopyFrom(series)
-    fill_table(out.table, columns, times, steps)
+    fill_table(out.table, columns, times, steps, kinds)
     n = len(times)
     if n <= 1 or not _may_exceed(out.table, max_bytes) or out.ByteSize() <= max_bytes:
         return [out]
@@ -190,6 +208,7 @@ def table_series_messages(
             times[lo:hi],
             None if steps is None else steps[lo:hi],
             max_bytes,
+            kinds,
         )
     return parts
 
@@ -201,33 +220,71 @@ class RowsItem:
     """The rows log_row buffered for one table series, not yet encoded. Rows
     with the same column names form a segment whose values sit in one flat
     list, row after row: `extend` per row creates no object the cyclic GC
-    must track, and the columns come back out as slices. Appended under the
+    must track, and the columns come back out as slices. Each segment also
+    keeps its rows' cell types (`sigs`: the one signature all its rows share,
+    None once two differ), so a column whose cells are all of one plain type
+    is encoded without looking at each cell again. Appended under the
     writer's lock; encoded on the sender thread (`encode`)."""
 
-    __slots__ = ("cells", "cost", "description", "flat", "names", "points", "segments", "times")
+    __slots__ = (
+        "_cells_before",
+        "cost",
+        "description",
+        "flat",
+        "full_at",
+        "names",
+        "points",
+        "segments",
+        "sig",
+        "sigs",
+        "times",
+    )
 
     def __init__(self, description: str) -> None:
         self.description = description
         self.segments: list[tuple[tuple[str, ...], list[Any]]] = []
+        self.sigs: list[tuple[type, ...] | None] = []  # per segment
         self.names: tuple[str, ...] | None = None
+        self.sig: tuple[type, ...] | None = None  # the open segment's, or None (mixed)
         self.flat: list[Any] = []
         self.times: list[float] = []
         self.points = 0
-        self.cells = 0
         self.cost = 0
+        self.full_at = MAX_ROWS  # the item is full once it holds this many rows
+        self._cells_before = 0  # cells of the segments before the open one
 
-    def add(self, names: tuple[str, ...], values: Any, now: float, cost: int) -> bool:
-        """Append one row (names already checked); whether the item is full."""
+    @property
+    def cells(self) -> int:
+        return self._cells_before + len(self.flat)
+
+    def add(
+        self,
+        names: tuple[str, ...],
+        values: Any,
+        now: float,
+        cost: int,
+        sig: tuple[type, ...] | None = None,
+    ) -> bool:
+        """Append one row (names already checked); whether the item is full.
+        `sig`: the row's cell types (row_signature), None if not known."""
         if names != self.names:
+            self._cells_before += len(self.flat)
             self.names = names
             self.flat = []
             self.segments.append((names, self.flat))
+            self.sigs.append(sig)
+            self.sig = sig
+            k = len(names)
+            room = MAX_CELLS - self._cells_before
+            rows = -(-room // k) if k else MAX_ROWS
+            self.full_at = max(self.points + 1, min(MAX_ROWS, self.points + rows))
+        elif sig is not self.sig and self.sig is not None:
+            self.sig = self.sigs[-1] = None
         self.flat.extend(values)
         self.times.append(now)
         self.points += 1
-        self.cells += len(names)
         self.cost += cost
-        return self.points >= MAX_ROWS or self.cells >= MAX_CELLS
+        return self.points >= self.full_at
 
     def columns(self) -> dict[str, list[Any]]:
         """{column: cells}, None where a row lacked the column."""
@@ -249,9 +306,31 @@ class RowsItem:
                 col.extend([None] * (start - len(col)))
         return out
 
+    def kinds(self) -> dict[str, int] | None:
+        """{column: its one wire type} when the item is one segment whose rows
+        all had the same plain cell types (float, int, bool, str: no None, no
+        numpy scalar), so no cell needs looking at again; else None."""
+        if len(self.segments) != 1 or self.sigs[0] is None:
+            return None
+        names = self.segments[0][0]
+        out: dict[str, int] = {}
+        for name, t in zip(names, self.sigs[0], strict=True):
+            kind = _PLAIN_KINDS.get(t)
+            if kind is None:
+                return None
+            out[name] = kind
+        return out
+
     def encode(self, name: str, labels: Labels, max_bytes: int) -> list[data_pb2.SeriesData]:
         head = data_pb2.SeriesData(name=name, labels=dict(labels), description=self.description)
-        return table_series_messages(head, self.columns(), self.times, None, max_bytes)
+        return table_series_messages(
+            head, self.columns(), self.times, None, max_bytes, self.kinds()
+        )
+
+
+# The wire type of a cell of exactly this Python type (the fast path of
+# RowsItem.kinds; bool before int does not matter: type() is exact).
+_PLAIN_KINDS: dict[type, int] = {float: _DOUBLE, int: _INT64, bool: _BOOL, str: _STRING}
 
 
 # What a buffered cell costs in memory (its list slot and a number object);
@@ -265,14 +344,7 @@ def row_cost(table: str, row: Mapping[str, Any]) -> int:
     it holds in memory while buffered. A row's cell types (its signature)
     are checked once; later rows alike only count their strings."""
     values = tuple(row.values())
-    signature = tuple(map(type, values))
-    strings = _SIGNATURES.get(signature)
-    if strings is None:
-        if not _CELL_TYPES.issuperset(signature):
-            _check_cells(table, row)
-        if len(_SIGNATURES) >= _SIGNATURES_KEPT:
-            _SIGNATURES.clear()
-        strings = _SIGNATURES[signature] = tuple(i for i, t in enumerate(signature) if t is str)
+    strings = row_signature(table, row, values)[1]
     cost = ROW_BYTES + CELL_BYTES * len(values)
     for i in strings:
         v = values[i]
@@ -280,9 +352,28 @@ def row_cost(table: str, row: Mapping[str, Any]) -> int:
     return cost
 
 
-# Row signatures (the cells' types) seen valid -> the positions of their
-# strings; a bounded cache.
-_SIGNATURES: dict[tuple[type, ...], tuple[int, ...]] = {}
+def row_signature(
+    table: str, row: Mapping[str, Any], values: tuple[Any, ...]
+) -> tuple[tuple[type, ...], tuple[int, ...]]:
+    """(the row's cell types, the positions of its strings), checked (the
+    error names the column). The signature returned is the one kept in the
+    cache, so rows alike get the same object (RowsItem compares them by
+    identity)."""
+    signature = tuple(map(type, values))
+    known = _SIGNATURES.get(signature)
+    if known is None:
+        if not _CELL_TYPES.issuperset(signature):
+            _check_cells(table, row)
+        if len(_SIGNATURES) >= _SIGNATURES_KEPT:
+            _SIGNATURES.clear()
+        strings = tuple(i for i, t in enumerate(signature) if t is str)
+        known = _SIGNATURES[signature] = (signature, strings)
+    return known
+
+
+# Row signatures (the cells' types) seen valid -> (the signature, the
+# positions of its strings); a bounded cache.
+_SIGNATURES: dict[tuple[type, ...], tuple[tuple[type, ...], tuple[int, ...]]] = {}
 _SIGNATURES_KEPT = 4096
 
 

@@ -25,7 +25,16 @@ from typing import Any, cast
 
 import numpy as np
 
-from steplog._tables import RowsItem, check_row_names, row_cost, table_item
+from steplog._tables import (
+    _SIGNATURES,
+    CELL_BYTES,
+    ROW_BYTES,
+    RowsItem,
+    check_row_names,
+    row_cost,
+    row_signature,
+    table_item,
+)
 from steplog._writer.items import Encodable
 from steplog._writer.outcomes import Outcomes
 from steplog._writer.series import (
@@ -223,29 +232,70 @@ class Buffers:
     def append_row(
         self, mbuf: MessageBuffer, row: Mapping[str, Any], time: float, description: str
     ) -> int | None:
-        """log_row's work once the series is known (returns as log_row)."""
-        cost = row_cost(mbuf.name, row)
+        """log_row's work once the series is known (returns as log_row). The
+        hot path: a row with the same columns as the one before extends the
+        open RowsItem's segment (lock taken with acquire/release: cheaper
+        than `with`)."""
+        values = tuple(row.values())
+        known = _SIGNATURES.get(tuple(map(type, values)))  # row_signature's cache, inline
+        if known is None:
+            known = row_signature(mbuf.name, row, values)  # a bad cell raises here
+        sig, strings = known
+        cost = ROW_BYTES + CELL_BYTES * len(values)
+        for i in strings:
+            v = values[i]
+            cost += len(v) if v.isascii() else 4 * len(v)
         names = tuple(row)
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             rows: RowsItem | None = mbuf.open
             if rows is None or names != rows.names:
-                check_row_names(mbuf.name, names)
-            if not mbuf.points:
-                self.first_point(mbuf)
-            if rows is None:
-                rows = RowsItem(description)
-                mbuf.add_raw(rows)
-                mbuf.open = rows
-                self.raw[mbuf] = None
-            if rows.add(names, row.values(), time, cost):
-                mbuf.open = None  # full: the next row starts the next message
+                self._new_row_segment(mbuf, rows, names, values, sig, time, cost, description)
+            else:
+                if not mbuf.points:
+                    self.first_point(mbuf)
+                rows.flat.extend(values)
+                rows.times.append(time)
+                if sig is not rows.sig and rows.sig is not None:
+                    rows.sig = rows.sigs[-1] = None
+                rows.cost += cost
+                rows.points = n = rows.points + 1
+                if n >= rows.full_at:
+                    mbuf.open = None  # full: the next row starts the next message
             mbuf.points += 1
             mbuf.cost += cost
             self.buffered += 1
-            self.buffered_bytes += cost
-            if self.buffered < self.check_at and self.buffered_bytes < self.mem_check_at:
+            self.buffered_bytes = nbytes = self.buffered_bytes + cost
+            if self.buffered < self.check_at and nbytes < self.mem_check_at:
                 return None
+        finally:
+            lock.release()
         return cost
+
+    def _new_row_segment(
+        self,
+        mbuf: MessageBuffer,
+        rows: RowsItem | None,
+        names: tuple[str, ...],
+        values: tuple[Any, ...],
+        sig: tuple[type, ...],
+        time: float,
+        cost: int,
+        description: str,
+    ) -> None:
+        """append_row's slow path (lock held): the first row of a RowsItem,
+        or a row whose columns differ from the one before (names checked)."""
+        check_row_names(mbuf.name, names)
+        if not mbuf.points:
+            self.first_point(mbuf)
+        if rows is None:
+            rows = RowsItem(description)
+            mbuf.add_raw(rows)
+            mbuf.open = rows
+            self.raw[mbuf] = None
+        if rows.add(names, values, time, cost, sig):
+            mbuf.open = None  # full: the next row starts the next message
 
     def log_item(
         self, run_id: str, name: str, labels: Labels, kind: str, item: Encodable, bound: int = 0

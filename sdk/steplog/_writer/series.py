@@ -181,7 +181,9 @@ class NumericBuffer:
         when). A value or step of the wrong type raises before anything is
         recorded (TypeError, OverflowError)."""
         owner = self.owner
-        with owner.lock:
+        lock = owner.lock
+        lock.acquire()  # acquire/release in try/finally: cheaper than `with`
+        try:
             n = self.n
             self.cv[n] = value
             self.ct[n] = time
@@ -197,6 +199,8 @@ class NumericBuffer:
             owner.buffered_bytes += cost
             if owner.buffered < owner.check_at and owner.buffered_bytes < owner.mem_check_at:
                 return None
+        finally:
+            lock.release()
         return cost
 
     def add(self, value: float, step: int | None, time: float) -> int:
