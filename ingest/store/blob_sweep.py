@@ -68,6 +68,7 @@ from ingest.core.errors import StoreUnavailable
 from ingest.observe.metrics import Metrics
 from ingest.store.blobs import BlobNotFound, BlobStore, ListedBlob
 from ingest.store.db import acquire
+from ingest.store.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,10 @@ async def _sweep_group(
         log.debug("blob sweep: deleted %s (%d bytes)", b.sha256, b.size)
 
 
-class BlobSweeper:
+class BlobSweeper(Periodic):
     """The service's periodic sweep (every `interval_s`; one replica at a time)."""
+
+    name = "steplog-blob-sweep"
 
     def __init__(
         self,
@@ -249,49 +252,32 @@ class BlobSweeper:
         interval_s: float,
         grace_s: float,
     ) -> None:
+        super().__init__(interval_s)
         self.pool = pool
         self.blobs = blobs
         self.metrics = metrics
-        self.interval_s = interval_s
         self.grace_s = grace_s
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        if self.interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name="steplog-blob-sweep")
+    async def round(self) -> None:
+        started = time.monotonic()
+        result = await sweep_once(self.pool, self.blobs, self.grace_s, metrics=self.metrics)
+        if result is None:
+            self.metrics.blob_sweeps.labels("skipped").inc()
+            return
+        self.metrics.blob_sweeps.labels("done").inc()
+        if result.deleted or result.failed:
+            log.info(
+                "blob sweep: %d blobs listed, %d deleted (%d bytes), %d failed, in %.1f s",
+                result.listed,
+                result.deleted,
+                result.deleted_bytes,
+                result.failed,
+                time.monotonic() - started,
+            )
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            started = time.monotonic()
-            try:
-                result = await sweep_once(self.pool, self.blobs, self.grace_s, metrics=self.metrics)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.metrics.blob_sweeps.labels("failed").inc()
-                log.warning("blob sweep failed (next in %.0f s): %s", self.interval_s, exc)
-                continue
-            if result is None:
-                self.metrics.blob_sweeps.labels("skipped").inc()
-                continue
-            self.metrics.blob_sweeps.labels("done").inc()
-            if result.deleted or result.failed:
-                log.info(
-                    "blob sweep: %d blobs listed, %d deleted (%d bytes), %d failed, in %.1f s",
-                    result.listed,
-                    result.deleted,
-                    result.deleted_bytes,
-                    result.failed,
-                    time.monotonic() - started,
-                )
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def failed(self, exc: Exception) -> None:
+        self.metrics.blob_sweeps.labels("failed").inc()
+        log.warning("blob sweep failed (next in %.0f s): %s", self.interval_s, exc)
 
 
 # -- `steplog-ingest sweep-blobs [--dry-run]` ----------------------------------------------

@@ -23,8 +23,6 @@ is over rows and blocks), and a series' count and last step never change.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ import asyncpg
 
 from ingest.observe.metrics import Metrics
 from ingest.store.db import UNAVAILABLE_ERRORS, acquire
+from ingest.store.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -121,36 +120,27 @@ async def compact_round(
     return ids[-1] if len(ids) == per_round else 0
 
 
-class Compactor:
+class Compactor(Periodic):
     """The background task: a compaction round every `interval_s` seconds
     (0: never). Rows left when the service stops are compacted by the next
     round of any process on the database."""
 
+    name = "steplog-compaction"
+
     def __init__(self, pool: asyncpg.Pool, interval_s: float, metrics: Metrics) -> None:
+        super().__init__(interval_s)
         self.pool = pool
-        self.interval_s = interval_s
         self.metrics = metrics
         self.totals = CompactionTotals()
-        self._task: asyncio.Task[None] | None = None
+        self._after = 0
 
-    def start(self) -> None:
-        if self.interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name="steplog-compaction")
-
-    async def _run(self) -> None:
-        after = 0
-        while True:
-            await asyncio.sleep(self.interval_s)
-            t = self.totals
-            before = (t.points, t.rows_in, t.blocks_out, t.skipped, t.failed)
-            try:
-                after = await compact_round(self.pool, t, after)
-                self.metrics.compaction_rounds.labels("done").inc()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next round tries again
-                self.metrics.compaction_rounds.labels("failed").inc()
-                log.warning("compaction round failed: %s", exc)
+    async def round(self) -> None:
+        t = self.totals
+        before = (t.points, t.rows_in, t.blocks_out, t.skipped, t.failed)
+        try:
+            self._after = await compact_round(self.pool, t, self._after)
+            self.metrics.compaction_rounds.labels("done").inc()
+        finally:  # what the round did before it failed counts too
             rows = t.rows_in - before[1]
             self.metrics.compaction_points.labels("row").inc(rows)
             self.metrics.compaction_points.labels("block").inc(t.points - before[0] - rows)
@@ -158,9 +148,6 @@ class Compactor:
             self.metrics.compaction_skipped.inc(t.skipped - before[3])
             self.metrics.compaction_failed.inc(t.failed - before[4])
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def failed(self, exc: Exception) -> None:
+        self.metrics.compaction_rounds.labels("failed").inc()
+        log.warning("compaction round failed: %s", exc)

@@ -4,8 +4,6 @@ batches kept for resends, and the sweep of writers gone quiet (asyncpg)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -15,6 +13,7 @@ import asyncpg
 
 from ingest.core.batch import CommitResult, DecodedBatch, Outcome, SequenceGap
 from ingest.store.db import acquire
+from ingest.store.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -137,36 +136,24 @@ async def sweep_writers(
     return deleted
 
 
-class WriterSweeper:
+class WriterSweeper(Periodic):
     """The background task that expires idle writers (see sweep_writers)."""
 
+    name = "steplog-writer-sweep"
+    sleep_first = False
+
     def __init__(self, pool: asyncpg.Pool, retention_s: float) -> None:
+        super().__init__(sweep_interval(retention_s))
         self.pool = pool
         self.retention_s = retention_s
         self.deleted = 0
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="steplog-writer-sweep")
+    async def round(self) -> None:
+        async with acquire(self.pool) as conn:
+            n = await sweep_writers(conn, self.retention_s)
+        self.deleted += n
+        if n:
+            log.info("expired %d idle writer(s)", n)
 
-    async def _run(self) -> None:
-        interval = sweep_interval(self.retention_s)
-        while True:
-            try:
-                async with acquire(self.pool) as conn:
-                    n = await sweep_writers(conn, self.retention_s)
-                self.deleted += n
-                if n:
-                    log.info("expired %d idle writer(s)", n)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next round tries again
-                log.warning("writer retention sweep failed: %s", exc)
-            await asyncio.sleep(interval)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def failed(self, exc: Exception) -> None:
+        log.warning("writer retention sweep failed: %s", exc)
