@@ -56,7 +56,12 @@ class ColumnPart:
     present: Mask
 
     def take(self, index: Any) -> Any:
+        """The cells at `index` (sorted, distinct: np.flatnonzero of a mask),
+        a list for strings: every row is the list itself, not a copy by index."""
         if isinstance(self.values, list):
+            n = len(self.values)
+            if n and index.shape[0] == n and index[0] == 0 and index[-1] == n - 1:
+                return self.values
             return [self.values[i] for i in index.tolist()]
         return self.values[index]
 

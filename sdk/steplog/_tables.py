@@ -174,13 +174,26 @@ def fill_table(
     return table
 
 
-def _may_exceed(table: data_pb2.TableColumns, max_bytes: int) -> bool:
+def _may_exceed(
+    table: data_pb2.TableColumns,
+    max_bytes: int,
+    columns: Mapping[str, Sequence[Any]],
+    kinds: Mapping[str, int] | None,
+) -> bool:
     """Whether the message could be larger than max_bytes, without measuring
-    it (ByteSize encodes it): a number takes at most 11 bytes a cell."""
+    it (ByteSize encodes it): a number takes at most 11 bytes a cell; a
+    string cell of a column known to hold only str (`kinds`) at most 4
+    bytes a character and 11 of tag and length (len() of each is counted in
+    C); any other string column: it could."""
     n = table.row_count
-    if any(c.type == _STRING for c in table.columns):
-        return True
-    return 64 + 20 * n + sum(len(c.name) + 16 + 12 * n for c in table.columns) > max_bytes
+    bound = 64 + 20 * n
+    for c in table.columns:
+        bound += len(c.name) + 16 + 12 * n
+        if c.type == _STRING:
+            if kinds is None or kinds.get(c.name) != _STRING:
+                return True
+            bound += 4 * sum(map(len, columns[c.name]))
+    return bound > max_bytes
 
 
 def table_series_messages(
@@ -197,7 +210,11 @@ def table_series_messages(
     out.CopyFrom(series)
     fill_table(out.table, columns, times, steps, kinds)
     n = len(times)
-    if n <= 1 or not _may_exceed(out.table, max_bytes) or out.ByteSize() <= max_bytes:
+    if (
+        n <= 1
+        or not _may_exceed(out.table, max_bytes, columns, kinds)
+        or out.ByteSize() <= max_bytes
+    ):
         return [out]
     half = n // 2
     parts = []

@@ -213,3 +213,23 @@ def test_a_large_typed_item_is_split_by_bytes() -> None:
         for k, v in table_columns(p.table).items():
             rows.setdefault(k, []).extend(v)
     assert rows["i"] == list(range(1000)) and rows["ok"] == [True] * 1000
+
+
+@pytest.mark.parametrize("text", ["a" * 50, "é" * 50, "😀" * 50, "汉" * 50])
+def test_typed_string_columns_never_exceed_the_byte_bound(text: str) -> None:
+    """The size bound that spares the typed encoding its ByteSize holds for
+    1- to 4-byte UTF-8 characters: every message is within max_bytes, by
+    bytes, however the rows are split."""
+    n = 400
+    b = buffers()
+    log_rows(b, [{"s": text, "i": i} for i in range(n)])
+    (item,) = items(b)
+    whole = item.encode("t", (), 1 << 24)[0].ByteSize()
+    for max_bytes in (whole, whole - 1, whole // 3, 4096):
+        parts = item.encode("t", (), max_bytes)
+        assert all(p.ByteSize() <= max_bytes for p in parts), max_bytes
+        assert (len(parts) == 1) == (max_bytes >= whole)
+        got: list[Any] = []
+        for p in parts:
+            got += table_columns(p.table)["s"]
+        assert got == [text] * n
