@@ -27,8 +27,9 @@ lose or double points)."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,17 +68,21 @@ def unpack(raw: bytes | None, element: np.dtype[Any], out: type) -> npt.NDArray[
 class Runs:
     """Points in their stored order (a block's visible ones, or a series'
     rows), their steps as runs of consecutive steps: row k of `table`,
-    (first, pos, count), is the points pos .. pos + count - 1, at steps
-    first, first + 1, ..."""
+    (first, pos, count, at), is the points pos .. pos + count - 1 of the
+    stored order, at steps first, first + 1, ..., held in `values` and
+    `times_us` at at .. at + count - 1. `base` None: those arrays are the
+    points' own (at = pos); else they are the base's, the joined points of
+    the blocks read together with this one (Base)."""
 
     values: F64
     times_us: I64
-    table: I64  # shape (runs, 3)
+    table: I64  # shape (runs, 4)
+    base: Base | None = None
 
     @classmethod
     def of(cls, b: Block) -> Runs:
         if b.hidden is None and b.steps is None:
-            table = np.array([[b.min_step, 0, len(b.values)]], dtype=np.int64)
+            table = np.array([[b.min_step, 0, len(b.values), 0]], dtype=np.int64)
             return cls(b.values, b.times_us, table)
         steps = (
             np.arange(b.min_step, b.max_step + 1, dtype=np.int64) if b.steps is None else b.steps
@@ -90,16 +95,45 @@ class Runs:
     @classmethod
     def of_steps(cls, steps: I64, times_us: I64, values: F64) -> Runs:
         if len(steps) == 0:
-            return cls(values, times_us, np.empty((0, 3), dtype=np.int64))
+            return cls(values, times_us, np.empty((0, 4), dtype=np.int64))
         # A run breaks where the next step is not this one + 1 (the second
         # test: int64 differences wrap, 2**63 - 1 then -2**63 differ by 1).
         cut = np.flatnonzero((np.diff(steps) != 1) | (steps[1:] <= steps[:-1])) + 1
         pos = np.concatenate((np.zeros(1, dtype=np.int64), cut.astype(np.int64)))
         count = np.diff(np.append(pos, len(steps)))
-        return cls(values, times_us, np.stack([steps[pos], pos, count], axis=1))
+        return cls(values, times_us, np.stack([steps[pos], pos, count, pos], axis=1))
+
+    def own(self) -> Runs:
+        """The same points in arrays of their own (out of their base)."""
+        if self.base is None:
+            return self
+        t = self.table
+        if len(t) == 0:
+            return Runs(np.empty(0), np.empty(0, dtype=np.int64), t)
+        parts = [(int(a), int(a + n)) for a, n in zip(t[:, 3], t[:, 2], strict=True)]
+        values = np.concatenate([self.values[a:b] for a, b in parts])
+        times = np.concatenate([self.times_us[a:b] for a, b in parts])
+        table = t.copy()
+        table[:, 3] = table[:, 1]
+        return Runs(values, times, table)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
+class Base:
+    """The visible points of the blocks of one series read together, joined
+    in step order: each member's runs are ranges of these arrays (its own
+    arrays freed), so the next read of those blocks takes them as one slice,
+    no copy. A member read again into another base leaves this one, and the
+    members left then take arrays of their own (Block.rebase): a base holds
+    no point of a block that is not its member. BlockCache evicts a base's
+    members together (they were read together), which frees it."""
+
+    values: F64
+    times_us: I64
+    members: weakref.WeakValueDictionary[int, Block]
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Block:
     """A block's points as arrays, in their stored order: the times in
     microseconds since the epoch. `steps` None: the steps are min_step,
@@ -120,7 +154,8 @@ class Block:
         extra = (0 if self.steps is None else self.steps.nbytes) + (
             0 if self.hidden is None else self.hidden.nbytes
         )
-        if self.hidden is not None:  # the visible copies of Block.visible
+        if self.hidden is not None or self.steps is not None:
+            # The visible points' copies (Block.visible, or in a Base).
             extra += self.values.nbytes + self.times_us.nbytes
         return self.values.nbytes + self.times_us.nbytes + extra + 160
 
@@ -133,6 +168,16 @@ class Block:
             runs = Runs.of(self)
             object.__setattr__(self, "_runs", runs)
         return runs
+
+    def rebase(self, runs: Runs) -> None:
+        """Take `runs` (the same points, other arrays) as this block's own; a
+        block of consecutive steps without hidden points also takes them as
+        its values and times (its old arrays freed)."""
+        object.__setattr__(self, "_runs", runs)
+        if self.hidden is None and self.steps is None:
+            at, n = int(runs.table[0, 3]), int(runs.table[0, 2])
+            object.__setattr__(self, "values", runs.values[at : at + n])
+            object.__setattr__(self, "times_us", runs.times_us[at : at + n])
 
     @classmethod
     def of(cls, r: Any) -> Block:
@@ -165,12 +210,24 @@ class BlockCache:
         self.max_bytes = max_bytes
         self.used = 0
         self._blocks: OrderedDict[tuple[int, int], Block] = OrderedDict()
+        self._key_of: dict[int, tuple[int, int]] = {}  # by id(block), the blocks held
 
     def get(self, key: tuple[int, int]) -> Block | None:
         got = self._blocks.get(key)
         if got is not None:
             self._blocks.move_to_end(key)
         return got
+
+    def get_many(self, keys: Iterable[tuple[int, int]]) -> list[Block | None]:
+        """get of each key, in order."""
+        blocks, touch = self._blocks, self._blocks.move_to_end
+        out: list[Block | None] = []
+        for key in keys:
+            got = blocks.get(key)
+            if got is not None:
+                touch(key)
+            out.append(got)
+        return out
 
     def keys(self) -> list[tuple[int, int]]:
         return list(self._blocks)
@@ -180,10 +237,22 @@ class BlockCache:
         if size > self.max_bytes or key in self._blocks:
             return
         self._blocks[key] = block
+        self._key_of[id(block)] = key
         self.used += size
-        while self.used > self.max_bytes:
+        while self.used > self.max_bytes and self._blocks:
             _, old = self._blocks.popitem(last=False)
-            self.used -= old.nbytes
+            self._dropped(old)
+            # The blocks read together with it (a Base) go with it.
+            base = old.visible().base if old._runs is not None else None
+            for mate in [] if base is None else list(base.members.values()):
+                k = self._key_of.get(id(mate))
+                if k is not None and self._blocks.get(k) is mate:
+                    del self._blocks[k]
+                    self._dropped(mate)
+
+    def _dropped(self, block: Block) -> None:
+        self.used -= block.nbytes
+        self._key_of.pop(id(block), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +340,16 @@ class Gathered:
         return self.take(np.arange(len(self), dtype=np.intp))
 
 
-# The blocks of the series in a step range, by (block_id, xmin): only the
-# keys; the arrays of those not in the cache come from _SEND (one snapshot).
+# The blocks of the series in a step range, by (block_id, xmin), a series a
+# row in min_step order: only the keys; the arrays of those not in the cache
+# come from _SEND (one snapshot).
 _LIST = """
-SELECT b.series_id, b.block_id, b.xmin::text::bigint AS x
+SELECT b.series_id, array_agg(b.block_id ORDER BY b.min_step, b.block_id) AS b,
+       array_agg(b.xmin::text::bigint ORDER BY b.min_step, b.block_id) AS x
 FROM scalar_blocks b
 WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint AND b.min_step <= $3::bigint
   AND b.hidden_count < b.n
-ORDER BY b.series_id, b.min_step, b.block_id
+GROUP BY b.series_id
 """
 
 _SEND = """
@@ -393,29 +464,33 @@ async def read_parts(
     groups = [g for g in (ids[i :: len(conns)] for i in range(len(conns))) if g]
     lead = conns[0]
 
-    async def fetch(conn: asyncpg.Connection, group: list[int]) -> list[tuple[int, Block]]:
-        listed = [tuple(r) for r in await conn.fetch(_LIST, group, start, end)]
-        blocks = [cache.get((bid, x)) for _, bid, x in listed]
-        missing = [listed[i][1] for i, blk in enumerate(blocks) if blk is None]
+    async def fetch(conn: asyncpg.Connection, group: list[int]) -> dict[int, list[Block]]:
+        listed = {int(r[0]): (r[1], r[2]) for r in await conn.fetch(_LIST, group, start, end)}
+        found = {sid: cache.get_many(zip(b, x, strict=True)) for sid, (b, x) in listed.items()}
+        missing = [
+            bid
+            for sid, blocks in found.items()
+            for bid, blk in zip(listed[sid][0], blocks, strict=True)
+            if blk is None
+        ]
         if missing:
             sent = {
                 int(r["block_id"]): r for r in await conn.fetch(_SEND, group, start, end, missing)
             }
-            for i, (_, bid, x) in enumerate(listed):
-                if blocks[i] is None:
-                    r = sent.get(bid)
-                    if r is None or int(r["x"]) != x:  # one snapshot: cannot happen
-                        raise RuntimeError(f"block {bid} changed within a read's snapshot")
-                    block = Block.of(r)
-                    cache.put((bid, x), block)
-                    blocks[i] = block
-        return [
-            (sid, blk) for (sid, _, _), blk in zip(listed, blocks, strict=True) if blk is not None
-        ]
+            for sid, blocks in found.items():
+                for i, (bid, x) in enumerate(zip(*listed[sid], strict=True)):
+                    if blocks[i] is None:
+                        r = sent.get(bid)
+                        if r is None or int(r["x"]) != x:  # one snapshot: cannot happen
+                            raise RuntimeError(f"block {bid} changed within a read's snapshot")
+                        block = Block.of(r)
+                        cache.put((bid, x), block)
+                        blocks[i] = block
+        return {sid: [b for b in blocks if b is not None] for sid, blocks in found.items()}
 
     async def beside(
         conn: asyncpg.Connection, group: list[int], snapshot: str
-    ) -> list[tuple[int, Block]]:
+    ) -> dict[int, list[Block]]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             return await fetch(conn, group)
@@ -432,8 +507,7 @@ async def read_parts(
         rows = await lead.fetch(_ROWS, ids, start, end)
     found: dict[int, list[Block]] = {}
     for part in parts:
-        for sid, blk in part:
-            found.setdefault(sid, []).append(blk)
+        found.update(part)
     return found, _rows_of(rows)
 
 
@@ -522,28 +596,6 @@ def assemble(
     blocks (in min_step order) and its visible rows in the range."""
     if not blocks and rows is None:
         return _NONE
-    # The usual case: blocks of consecutive steps, one after the other, nothing
-    # hidden, all inside the range, no rows: the steps are implied.
-    step = blocks[0].min_step if blocks else 0
-    clean = rows is None
-    for b in blocks:
-        if not clean:
-            break
-        clean = (
-            b.steps is None
-            and b.hidden is None
-            and b.min_step == step
-            and b.min_step >= start
-            and b.max_step <= end
-        )
-        step = b.max_step + 1
-    if clean:
-        return Gathered(
-            np.concatenate([b.values for b in blocks]),
-            None,
-            blocks[0].min_step,
-            [b.times_us for b in blocks],
-        )
     got = _by_runs(blocks, rows, start, end)
     if got is not None:
         return got
@@ -576,55 +628,93 @@ def _by_runs(
 ) -> Gathered | None:
     """assemble's points from the runs of consecutive steps of every block's
     visible points (Block.visible, kept with a cached block) and of the rows:
-    the runs cut to [start, end] and put in step order, then the values of
-    runs that follow each other in one block taken as one slice. None when
+    the runs cut to [start, end] and put in step order, then runs that follow
+    each other in one array taken as one slice, the slices joined. None when
     two runs overlap (the same step visible twice: assemble's point by point
-    sort decides their order)."""
+    sort decides their order). Blocks read whole and joined become members
+    of one Base (their points there, in step order): the next read of them
+    is one slice, no copy."""
     sources = [b.visible() for b in blocks]
     if rows is not None:
         sources.append(Runs.of_steps(*rows))
+    arrays: dict[int, int] = {}  # id(values) -> tag
+    tags = [arrays.setdefault(id(r.values), len(arrays)) for r in sources]
     table = np.concatenate([r.table for r in sources])
-    first, pos, count = table[:, 0], table[:, 1], table[:, 2]
-    src = np.repeat(np.arange(len(sources)), [len(r.table) for r in sources])
+    first, count, at = table[:, 0], table[:, 2], table[:, 3]
+    tag = np.repeat(np.array(tags, dtype=np.int64), [len(r.table) for r in sources])
     last = first + (count - 1)
     lo, hi = np.maximum(first, start), np.minimum(last, end)
+    whole = rows is None and bool((lo == first).all()) and bool((hi == last).all())
     inside = lo <= hi
     if not bool(inside.all()):
-        lo, hi, first, pos, src = lo[inside], hi[inside], first[inside], pos[inside], src[inside]
+        lo, hi, first, at, tag = lo[inside], hi[inside], first[inside], at[inside], tag[inside]
     if len(lo) == 0:
         return _NONE
-    pos = pos + (lo - first)
+    at = at + (lo - first)
     order = np.argsort(lo, kind="stable")
-    first, last, pos, src = lo[order], hi[order], pos[order], src[order]
+    first, last, at, tag = lo[order], hi[order], at[order], tag[order]
     count = last - first + 1
     if len(first) > 1 and not bool((first[1:] > last[:-1]).all()):
         return None
     heads = np.ones(len(first), dtype=bool)
-    heads[1:] = (src[1:] != src[:-1]) | (pos[1:] != pos[:-1] + count[:-1])
-    at = np.flatnonzero(heads)
-    slices = zip(
-        src[at].tolist(), pos[at].tolist(), np.add.reduceat(count, at).tolist(), strict=True
-    )
+    heads[1:] = (tag[1:] != tag[:-1]) | (at[1:] != at[:-1] + count[:-1])
+    cut = np.flatnonzero(heads)
+    by_tag = {t: r for t, r in zip(tags, sources, strict=True)}
     values: list[F64] = []
     times: list[I64] = []
-    for k, p, n in slices:
-        r = sources[k]
-        if p == 0 and n == len(r.values):
+    sizes = np.add.reduceat(count, cut).tolist()
+    slices = zip(tag[cut].tolist(), at[cut].tolist(), sizes, strict=True)
+    for t, a, n in slices:
+        r = by_tag[t]
+        if a == 0 and n == len(r.values):
             values.append(r.values)
             times.append(r.times_us)
         else:
-            values.append(r.values[p : p + n])
-            times.append(r.times_us[p : p + n])
+            values.append(r.values[a : a + n])
+            times.append(r.times_us[a : a + n])
+    out = np.cumsum(count) - count
     if len(values) == 1:
         joined, when = values[0], times
     else:
         # The times joined too: one copy costs less than a look-up per chunk
         # of the points a read returns (one chunk a block, ~100 a series).
         joined, when = np.concatenate(values), [np.concatenate(times)]
+        if whole and blocks:
+            _rejoin(blocks, sources, joined, when[0], out, order)
     if len(first) == 1 or bool((first[1:] == last[:-1] + 1).all()):
         return Gathered(joined, None, int(first[0]), when)
-    out = np.cumsum(count) - count
     return Gathered(joined, None, int(first[0]), when, (out, first))
+
+
+def _rejoin(
+    blocks: Sequence[Block],
+    sources: Sequence[Runs],
+    values: F64,
+    times: I64,
+    out: I64,
+    order: npt.NDArray[np.intp],
+) -> None:
+    """Make `blocks`, read whole and joined into `values` and `times` (their
+    runs, in the order `order`, start at `out`), the members of one Base."""
+    base = Base(values, times, weakref.WeakValueDictionary())
+    at = np.empty(len(out), dtype=np.int64)
+    at[order] = out
+    olds = {id(r.base): r.base for r in sources if r.base is not None}
+    for b in blocks:
+        for old in olds.values():
+            old.members.pop(id(b), None)
+    k = 0
+    for b, r in zip(blocks, sources, strict=False):
+        table = r.table.copy()
+        table[:, 3] = at[k : k + len(table)]
+        k += len(table)
+        b.rebase(Runs(values, times, table, base))
+        base.members[id(b)] = b
+    # Blocks of an earlier base not read here take arrays of their own.
+    for old in olds.values():
+        for left in list(old.members.values()):
+            left.rebase(left.visible().own())
+        old.members.clear()
 
 
 def downsample(points: Gathered, max_points: int) -> Points:

@@ -343,10 +343,10 @@ def test_a_block_read_once_keeps_its_visible_runs() -> None:
     runs = b.visible()
     assert b.visible() is runs
     assert runs.values.tolist() == [1.0, 3.0, 4.0]
-    assert runs.table.tolist() == [[0, 0, 1], [2, 1, 2]]
+    assert runs.table.tolist() == [[0, 0, 1, 0], [2, 1, 2, 1]]
     # Steps wrapping around int64 are two runs, not one.
     wrap = block(0, [1.0, 2.0], steps=[2**63 - 1, -(2**63)])
-    assert wrap.visible().table.tolist() == [[2**63 - 1, 0, 1], [-(2**63), 1, 1]]
+    assert wrap.visible().table.tolist() == [[2**63 - 1, 0, 1, 0], [-(2**63), 1, 1, 1]]
 
 
 @pytest.mark.parametrize("width", range(1, 11))
@@ -363,3 +363,79 @@ def test_varints_equal_protobufs_at_every_width(width: int) -> None:
     pts = Points(steps, np.zeros(len(steps), dtype=np.int64), np.zeros(len(steps)))
     want = data_pb2.ScalarColumns(steps=steps.tolist(), times=pts.times.tolist(), values=pts.values)
     assert scalar_bytes(pts) == want.SerializeToString()
+
+
+def points_of(g: Gathered) -> list[tuple[int, int, bytes]]:
+    pts = g.all()
+    return list(
+        zip(
+            pts.steps.tolist(),
+            pts.times_us.tolist(),
+            [struct.pack("<d", v) for v in pts.values],
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_blocks_read_again_from_their_joined_arrays_give_the_same_points(seed: int) -> None:
+    """A series read whole makes its blocks members of one joined array
+    (Base); reading them again (whole, a step range, some of them, or with
+    one block replaced by its next version, as a rewind does) gives the
+    points taken one by one, and a block left behind in an old base keeps
+    its points."""
+    rnd = random.Random(seed)
+    blocks, _, _, _ = random_series(rnd)
+    lo, hi = -(2**63), 2**63 - 1
+    for _ in range(2):
+        assert points_of(assemble(blocks, None, lo, hi)) == straightforward(blocks, None, lo, hi)
+    if not blocks:
+        return
+    steps = [p[0] for p in straightforward(blocks, None, lo, hi)] or [0]
+    a, b = sorted(rnd.choice(steps) for _ in range(2))
+    assert points_of(assemble(blocks, None, a, b)) == straightforward(blocks, None, a, b)
+    some = [x for x in blocks if rnd.random() < 0.6]
+    assert points_of(assemble(some, None, lo, hi)) == straightforward(some, None, lo, hi)
+    # A block replaced by another version of itself (a point hidden).
+    j = rnd.randrange(len(blocks))
+    old = blocks[j]
+    hidden = [False] * len(old.values) if old.hidden is None else old.hidden.tolist()
+    hidden[rnd.randrange(len(hidden))] = True
+    new = Block(
+        old.min_step,
+        old.max_step,
+        old.values.copy(),
+        old.times_us.copy(),
+        old.steps,
+        np.array(hidden),
+    )
+    again = [*blocks[:j], new, *blocks[j + 1 :]]
+    for _ in range(2):
+        assert points_of(assemble(again, None, lo, hi)) == straightforward(again, None, lo, hi)
+    assert points_of(assemble([old], None, lo, hi)) == straightforward([old], None, lo, hi)
+    for x in blocks:
+        assert points_of(assemble([x], None, lo, hi)) == straightforward([x], None, lo, hi)
+
+
+def test_a_joined_read_is_one_slice_of_its_blocks_arrays() -> None:
+    blocks = [block(0, [1.0, 2.0]), block(2, [3.0], steps=[2]), block(3, [4.0, 5.0])]
+    first = assemble(blocks, None, -10, 10)
+    again = assemble(blocks, None, -10, 10)
+    assert again.values.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert np.shares_memory(again.values, first.values)  # no copy the second time
+    assert np.shares_memory(blocks[0].values, first.values)  # the block's own arrays freed
+
+
+def test_the_cache_evicts_the_blocks_of_a_joined_read_together() -> None:
+    a, b, c = block(0, [1.0] * 100), block(100, [2.0] * 100), block(500, [3.0] * 100)
+    cache = BlockCache(max_bytes=a.nbytes * 3)
+    for k, x in enumerate([a, b, c]):
+        cache.put((k, 1), x)
+    assemble([a, b], None, 0, 1000)  # a and b joined into one base
+    cache.get((0, 1))
+    cache.get((1, 1))  # c is now the least recently used
+    cache.put((3, 1), block(900, [4.0] * 100))
+    assert cache.get((2, 1)) is None and cache.get((0, 1)) is a
+    cache.put((4, 1), block(990, [5.0] * 100))  # a (now the oldest) takes b with it
+    assert cache.get((0, 1)) is None and cache.get((1, 1)) is None
+    assert cache.used == 2 * a.nbytes
