@@ -189,16 +189,21 @@ class Lane:
                 )
             else:
                 self._ensure_started()
+                woke = False
                 if b.buffered >= self._batch_points and not self._wake_pending:
-                    self._wake_pending = True
+                    self._wake_pending = woke = True
                     self._wake.set()
                 if (
                     self._spill
                     and not self._spill_pending
                     and b.buffered_bytes + self._outbox_mem >= self._spill_at
                 ):
-                    self._spill_pending = True
+                    self._spill_pending = woke = True
                     self._wake.set()
+                if woke:
+                    # The next calls stay on the fast path: the sender has been
+                    # told (until its round rearms, each call would come here).
+                    self._rearm()
                 self._apply_bound(added)
             return self._take_notes()
 
