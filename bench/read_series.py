@@ -213,7 +213,7 @@ def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
         f" downsampled_one_ms={one_ms:.1f} chart_ms={chart_ms:.0f}"
         f" chart_cold_ms={chart_cold_ms:.0f} chart_loop_ms={loop_ms:.0f}"
         f" sql_full_ms={sql_full_ms:.0f} sql_chart_ms={sql_chart_ms:.0f}"
-        f" full_vs_sql={full_ms / sql_full_ms:.1f} chart_vs_sql={chart_ms / sql_chart_ms:.1f}"
+        f" full_vs_sql={full_ms / sql_full_ms:.3g} chart_vs_sql={chart_ms / sql_chart_ms:.3g}"
         f" long_points={ns.long} chart_series={ns.series} points_per_series={ns.points}"
         f" buckets={BUCKETS} chart_points_returned={sum(points)}"
         f" one_points_returned={len(one['values'])}"

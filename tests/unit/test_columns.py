@@ -439,3 +439,14 @@ def test_the_cache_evicts_the_blocks_of_a_joined_read_together() -> None:
     cache.put((4, 1), block(990, [5.0] * 100))  # a (now the oldest) takes b with it
     assert cache.get((0, 1)) is None and cache.get((1, 1)) is None
     assert cache.used == 2 * a.nbytes
+
+
+def test_a_few_blocks_read_after_their_series_leave_its_joined_array_alone() -> None:
+    blocks = [block(10 * k, [float(k)] * 10) for k in range(8)]
+    assemble(blocks, None, -100, 1000)
+    chart = assemble(blocks, None, -100, 1000)
+    # Two of the eight blocks, not side by side in the joined array: a copy.
+    page = assemble([blocks[2], blocks[5]], None, -100, 1000)
+    assert page.values.tolist() == [2.0] * 10 + [5.0] * 10
+    again = assemble(blocks, None, -100, 1000)
+    assert np.shares_memory(again.values, chart.values)  # still one slice of one base
