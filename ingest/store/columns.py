@@ -715,13 +715,13 @@ def _rejoin(
     olds = {id(r.base): r.base for r in sources if r.base is not None}
     if olds:
         mine = {id(b) for b in blocks}
-        left = sum(
+        behind = sum(
             int(m.visible().table[:, 2].sum())
             for old in olds.values()
             for m in old.members.values()
             if id(m) not in mine
         )
-        if 4 * left > len(values):
+        if 4 * behind > len(values):
             return
     base = Base(values, times, weakref.WeakValueDictionary())
     at = np.empty(len(out), dtype=np.int64)
