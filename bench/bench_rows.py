@@ -13,6 +13,12 @@ cost goes, as CPU time per row measured from /proc over the log_row phase
 process: the training loop and the client's sender), `service_cpu_us` (the
 service and its children), `postgres_cpu_us` (the stack's PostgreSQL, every
 backend), and `loop_us` (wall time of the training loop alone, per call).
+Split further: `train_cpu_us` (the training thread alone: the loop and
+`log_row`), `writer_cpu_us` (the client's writer thread: encoding rows,
+cutting batches), `pg_own_cpu_us` (the PostgreSQL backends connected to
+this run's database, which other work on the stack does not touch) and
+`ceiling_pg_cpu_us` (the same for the ceiling's COPY, its one connection
+sampled every 20 ms: its CPU per row into the same table).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import threading
 import time
 import uuid
 from typing import Any
@@ -34,6 +41,71 @@ from ingest.store.copy import copy_payload
 from ingest.store.tables import TABLE_ROW_COLUMNS, Cells, encode_table_rows
 
 COPY_ROWS = 10_000  # rows per COPY (and commit) in the ceiling
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(native_id: int | None) -> float:
+    """CPU seconds (user + system) of one thread of this process, from /proc."""
+    if native_id is None:
+        return 0.0
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def database_cpu(dbname: str) -> float:
+    """CPU seconds of the live PostgreSQL backends connected to `dbname`
+    (their process title names it)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+            if not title.startswith("postgres:") or f" {dbname} " not in title:
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+class DatabaseCpu:
+    """Samples database_cpu(dbname) every 20 ms on a thread: the CPU of a
+    connection that closes when its work ends (the ceiling's) is its last
+    sample, at most 20 ms short."""
+
+    def __init__(self, dbname: str) -> None:
+        self.dbname = dbname
+        self.first = self.last = database_cpu(dbname)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.last = max(self.last, database_cpu(self.dbname))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.last - self.first
+
+
+def writer_thread() -> int | None:
+    """The native id of the client's writer thread (steplog-writer)."""
+    from steplog._writer.sender import THREAD_NAME
+
+    for t in threading.enumerate():
+        if t.name == THREAD_NAME:
+            return t.native_id
+    return None
 
 
 def columns_of(n: int, numeric: bool) -> dict[str, list[Any]]:
@@ -88,16 +160,22 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[int, Cells]:
     return out
 
 
-def through_log_row(address: str, cols: dict[str, list[Any]]) -> tuple[float, float, str]:
+def through_log_row(
+    address: str, cols: dict[str, list[Any]]
+) -> tuple[float, float, str, float, float]:
     """rows/s through log_row, called with 10 keywords as a training loop
     calls it, until every row is acknowledged; seconds of the loop alone;
-    and the run id."""
+    the run id; CPU seconds of the training thread and of the writer thread
+    over the same span."""
     from steplog import Experiment
 
     run = Experiment(f"bench-rows-{uuid.uuid4().hex[:8]}", url=address).start_logging()
     log_row = run.log_row
     epoch, batch, loss, acc, lr, grad, tokens, speed, c9, c10 = cols.values()
     n = len(epoch)
+    me = threading.get_native_id()
+    train0 = thread_cpu(me)
+    writer0 = thread_cpu(writer_thread())  # 0.0 if it starts with the first row
     start = time.perf_counter()
     if "phase" in cols:
         for i in range(n):
@@ -133,8 +211,10 @@ def through_log_row(address: str, cols: dict[str, list[Any]]) -> tuple[float, fl
     if not run.flush(600):
         raise SystemExit("rows were not acknowledged within 600 s")
     elapsed = time.perf_counter() - start
+    train = thread_cpu(me) - train0
+    writer = thread_cpu(writer_thread()) - writer0
     run.complete()
-    return n / elapsed, loop, run.id
+    return n / elapsed, loop, run.id, train, writer
 
 
 async def fresh_table(database_url: str) -> None:
@@ -189,27 +269,51 @@ def main() -> None:
     cols = columns_of(args.rows, args.numeric)
     rates: list[float] = []
     ceilings: list[float] = []
-    costs: list[tuple[float, float, float, float]] = []
+    names = ("client", "service", "postgres", "loop", "train", "writer", "pg_own", "ceiling_pg")
+    costs: list[dict[str, float]] = []
     with bench_stack() as (stack, info, database_url), service(info, database_url) as svc:
         assert svc.proc is not None
         postgres = postmaster_pid(stack)
+        dbname = database_url.rsplit("/", 1)[1].split("?")[0]
         for i in range(args.repeat):
             asyncio.run(fresh_table(database_url))
+            sampler = DatabaseCpu(dbname)
             ceil = asyncio.run(ceiling(database_url, cols, 900_000_000 + i))
+            ceiling_pg = sampler.stop()
             asyncio.run(fresh_table(database_url))
-            before = (os.times(), cpu_seconds(svc.proc.pid), cpu_seconds(postgres))
-            rate, loop, run_id = through_log_row(svc.address, cols)
-            after = (os.times(), cpu_seconds(svc.proc.pid), cpu_seconds(postgres))
+            before = (
+                os.times(),
+                cpu_seconds(svc.proc.pid),
+                cpu_seconds(postgres),
+                database_cpu(dbname),
+            )
+            rate, loop, run_id, train, writer = through_log_row(svc.address, cols)
+            after = (
+                os.times(),
+                cpu_seconds(svc.proc.pid),
+                cpu_seconds(postgres),
+                database_cpu(dbname),
+            )
             stored = asyncio.run(stored_rows(database_url, run_id))
             if stored != args.rows:
                 raise SystemExit(f"stored {stored} rows of {args.rows}")
             us = 1e6 / args.rows
             client = (after[0].user + after[0].system) - (before[0].user + before[0].system)
-            cost = (
-                client * us,
-                (after[1] - before[1]) * us,
-                (after[2] - before[2]) * us,
-                loop * us,
+            cost = dict(
+                zip(
+                    names,
+                    (
+                        client * us,
+                        (after[1] - before[1]) * us,
+                        (after[2] - before[2]) * us,
+                        loop * us,
+                        train * us,
+                        writer * us,
+                        (after[3] - before[3]) * us,
+                        ceiling_pg * us,
+                    ),
+                    strict=True,
+                )
             )
             rates.append(rate)
             ceilings.append(ceil)
@@ -217,18 +321,23 @@ def main() -> None:
             print(
                 f"  rep {i + 1}: log_row {rate:,.0f} rows/s, ceiling {ceil:,.0f} rows/s, "
                 f"ratio {rate / ceil:.2f} ({stored} rows stored); per row: "
-                f"client_cpu_us={cost[0]:.2f} service_cpu_us={cost[1]:.2f} "
-                f"postgres_cpu_us={cost[2]:.2f} loop_us={cost[3]:.2f}",
+                + " ".join(
+                    f"{k}_cpu_us={v:.2f}" if k != "loop" else f"loop_us={v:.2f}"
+                    for k, v in cost.items()
+                ),
                 flush=True,
             )
     rate, ceil = statistics.median(rates), statistics.median(ceilings)
     ratio = statistics.median([a / b for a, b in zip(rates, ceilings, strict=True)])
-    client, svc_us, pg_us, loop_us = (statistics.median(c[k] for c in costs) for k in range(4))
+    med = {k: statistics.median(c[k] for c in costs) for k in names}
     print(
         f"ROWS rows_per_s={rate:.0f} ceiling_rows_per_s={ceil:.0f} ratio={ratio:.2f}"
         f" ratios={','.join(f'{a / b:.2f}' for a, b in zip(rates, ceilings, strict=True))}"
-        f" client_cpu_us={client:.2f} service_cpu_us={svc_us:.2f} postgres_cpu_us={pg_us:.2f}"
-        f" loop_us={loop_us:.2f} rows={args.rows} repeats={args.repeat} cpus={os.cpu_count()}"
+        f" client_cpu_us={med['client']:.2f} service_cpu_us={med['service']:.2f}"
+        f" postgres_cpu_us={med['postgres']:.2f} loop_us={med['loop']:.2f}"
+        f" train_cpu_us={med['train']:.2f} writer_cpu_us={med['writer']:.2f}"
+        f" pg_own_cpu_us={med['pg_own']:.2f} ceiling_pg_cpu_us={med['ceiling_pg']:.2f}"
+        f" rows={args.rows} repeats={args.repeat} cpus={os.cpu_count()}"
     )
 
 

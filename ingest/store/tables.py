@@ -18,7 +18,7 @@ dropping the bytes they do not use with one boolean mask.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -33,7 +33,7 @@ from ingest.core.evaluations import Document
 from ingest.core.order import Accepted
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING, ColumnPart, TableBlock, resolve_types
 from ingest.core.validate import Limits
-from ingest.store.copy import POINT_HEAD, copy_source, fill_point_head
+from ingest.store.copy import COPY_HEADER, COPY_TRAILER, POINT_HEAD, fill_point_head
 from ingest.store.db import acquire
 from ingest.store.kinds import CheckItem, hide_superseded
 from ingest.store.queries import Column, Read, SeriesHead, Window, visible_points
@@ -265,6 +265,17 @@ def layout(
     return out
 
 
+async def _copy_stream(
+    laid_out: Sequence[tuple[Accepted, dict[int, Cells]]],
+) -> AsyncIterator[bytes]:
+    """The COPY stream of the accepted chunks, each chunk's rows encoded
+    when asyncpg asks for them (after it sent the chunk before)."""
+    yield COPY_HEADER
+    for a, cells in laid_out:
+        yield encode_table_rows(a.chunk.times[a.index], a.series_id, a.chunk.steps[a.index], cells)
+    yield COPY_TRAILER
+
+
 # -- the store --------------------------------------------------------------------------
 
 
@@ -320,23 +331,25 @@ class TableStore:
             types.update(new)
 
     async def write_tables(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
-        """Append the accepted rows (one binary COPY) and any new columns."""
+        """Append the accepted rows (one binary COPY) and any new columns.
+
+        The rows are laid out (their columns' slots fixed) before the COPY
+        and encoded during it, one accepted chunk at a time as asyncpg asks
+        for the next piece: PostgreSQL parses a chunk's rows while the next
+        one is encoded, instead of waiting for all of them."""
         columns = await self._columns(conn, sorted({a.series_id for a in accepted}))
         new: list[tuple[int, Column]] = []
-        payload: list[bytes] = []
+        laid_out: list[tuple[Accepted, dict[int, Cells]]] = []
         rows = 0
+        for a in accepted:
+            await hide_superseded(conn, "table_rows", a)
         for a in accepted:
             block = a.chunk.payload[0] if a.chunk.payload else None
             assert isinstance(block, TableBlock)
-            await hide_superseded(conn, "table_rows", a)
             added: list[Column] = []
             cells = layout(block, a.index, columns.setdefault(a.series_id, {}), added)
             new += [(a.series_id, c) for c in added]
-            payload.append(
-                encode_table_rows(
-                    a.chunk.times[a.index], a.series_id, a.chunk.steps[a.index], cells
-                )
-            )
+            laid_out.append((a, cells))
             rows += int(a.index.size)
         if new:
             await conn.execute(
@@ -349,7 +362,10 @@ class TableStore:
                 [c.slot for _, c in new],
             )
         await conn.copy_to_table(
-            "table_rows", source=copy_source(payload), columns=TABLE_ROW_COLUMNS, format="binary"
+            "table_rows",
+            source=_copy_stream(laid_out),
+            columns=TABLE_ROW_COLUMNS,
+            format="binary",
         )
         return rows
 
