@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 from array import array
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from time import monotonic
 from time import time as wall_time
 from typing import Any, cast
@@ -217,9 +216,10 @@ class Buffers:
             if mbuf is None:
                 mbuf = self._new_message_series(key)
             table = self._hot_rows.setdefault((run_id, labels), {})
-            if name not in table:
-                table[name] = partial(self.append_row, mbuf)
-        return self.append_row(mbuf, row, time, description)
+            append = table.get(name)
+            if append is None:
+                append = table[name] = self.row_appender(mbuf)
+        return append(row, time, description)
 
     def hot_rows(
         self, run_id: str, labels: Labels
@@ -232,46 +232,63 @@ class Buffers:
     def append_row(
         self, mbuf: MessageBuffer, row: Mapping[str, Any], time: float, description: str
     ) -> int | None:
-        """log_row's work once the series is known (returns as log_row). The
-        hot path: a row with the same columns as the one before extends the
-        open RowsItem's segment (lock taken with acquire/release: cheaper
-        than `with`)."""
-        values = tuple(row.values())
-        known = _SIGNATURES.get(tuple(map(type, values)))  # row_signature's cache, inline
-        if known is None:
-            known = row_signature(mbuf.name, row, values)  # a bad cell raises here
-        sig, strings = known
-        cost = ROW_BYTES + CELL_BYTES * len(values)
-        for i in strings:
-            v = values[i]
-            cost += len(v) if v.isascii() else 4 * len(v)
-        names = tuple(row)
-        lock = self.lock
-        lock.acquire()
-        try:
-            rows: RowsItem | None = mbuf.open
-            if rows is None or names != rows.names:
-                self._new_row_segment(mbuf, rows, names, values, sig, time, cost, description)
-            else:
-                if not mbuf.points:
-                    self.first_point(mbuf)
-                rows.flat.extend(values)
-                rows.times.append(time)
-                if sig is not rows.sig and rows.sig is not None:
-                    rows.sig = rows.sigs[-1] = None
-                rows.cost += cost
-                rows.points = n = rows.points + 1
-                if n >= rows.full_at:
-                    mbuf.open = None  # full: the next row starts the next message
-            mbuf.points += 1
-            mbuf.cost += cost
-            self.buffered += 1
-            self.buffered_bytes = nbytes = self.buffered_bytes + cost
-            if self.buffered < self.check_at and nbytes < self.mem_check_at:
-                return None
-        finally:
-            lock.release()
-        return cost
+        """log_row's work once the series is known (returns as log_row);
+        the hot path calls the series' `row_appender` instead."""
+        return self.row_appender(mbuf)(row, time, description)
+
+    def row_appender(
+        self, mbuf: MessageBuffer
+    ) -> Callable[[Mapping[str, Any], float, str], int | None]:
+        """`append(row, time, description)` for one table series: log_row's
+        hot path (what `hot_rows` holds). A row with the same columns as the
+        one before extends the open RowsItem's segment. A closure: the lock,
+        the series and the cache are its own variables, no attribute looked
+        up for them; the lock is taken with acquire/release (cheaper than
+        `with`)."""
+        buffers = self
+        acquire = self.lock.acquire
+        release = self.lock.release
+        signatures = _SIGNATURES.get
+        new_segment = self._new_row_segment
+
+        def append(row: Mapping[str, Any], time: float, description: str) -> int | None:
+            values = tuple(row.values())
+            known = signatures(tuple(map(type, values)))  # row_signature's cache
+            if known is None:
+                known = row_signature(mbuf.name, row, values)  # a bad cell raises here
+            sig, strings = known
+            cost = ROW_BYTES + CELL_BYTES * len(values)
+            for i in strings:
+                v = values[i]
+                cost += len(v) if v.isascii() else 4 * len(v)
+            names = tuple(row)
+            acquire()
+            try:
+                rows: RowsItem | None = mbuf.open
+                if rows is None or names != rows.names:
+                    new_segment(mbuf, rows, names, values, sig, time, cost, description)
+                else:
+                    if not mbuf.points:
+                        buffers.first_point(mbuf)
+                    rows.flat.extend(values)
+                    rows.times.append(time)
+                    if sig is not rows.sig and rows.sig is not None:
+                        rows.sig = rows.sigs[-1] = None
+                    rows.cost += cost
+                    rows.points = n = rows.points + 1
+                    if n >= rows.full_at:
+                        mbuf.open = None  # full: the next row starts the next message
+                mbuf.points += 1
+                mbuf.cost += cost
+                buffers.buffered = count = buffers.buffered + 1
+                buffers.buffered_bytes = nbytes = buffers.buffered_bytes + cost
+                if count < buffers.check_at and nbytes < buffers.mem_check_at:
+                    return None
+            finally:
+                release()
+            return cost
+
+        return append
 
     def _new_row_segment(
         self,
