@@ -262,3 +262,31 @@ def test_a_chart_of_many_series_is_read_on_two_connections_in_one_snapshot(
         assert list(c.series.scalars.steps) == steps and list(c.series.scalars.times) == times
         assert bits(c.series.scalars.values) == bits(values)
         assert c.downsampled and c.total_points == 1200
+
+
+def test_a_chart_read_again_after_more_points_equals_the_sql_downsampling(
+    logged: tuple[Any, ProtoClient], database_url: str
+) -> None:
+    """A chart read (its blocks cached and joined), then more points
+    logged (a block, then a few points that stay rows), then a rewind: every
+    read equals the SQL downsampling, whole and in a step range."""
+    run, raw = logged
+    sid = series_id(database_url, run.id, "plain")
+
+    def same(start: int = MIN_STEP, end: int = MAX_STEP) -> None:
+        got = chart(raw, run.id, ["plain"], start_step=start, end_step=end, max_points=90)[0]
+        steps, times, values = sql_downsample(database_url, sid, start, end, 90)
+        assert list(got.series.scalars.steps) == steps and list(got.series.scalars.times) == times
+        assert bits(got.series.scalars.values) == bits(values)
+
+    same()
+    same()
+    steps = range(5000, 6000)
+    raw.write(run.id, series("plain", list(steps), wave(steps)))
+    same()
+    raw.write(run.id, series("plain", [6000, 6001, 6005], [math.nan, -0.0, math.inf]))
+    same()
+    same(4990, 6003)
+    assert run.rewind(5499, names=["plain"]) == 503  # 5500-5999 and the three rows
+    same()
+    same(100, 5600)
