@@ -34,7 +34,13 @@ anyway (see bench/README.md, Reads).
 Every read of several queries runs in one REPEATABLE READ read-only
 transaction, so the rows and the blocks are seen at one snapshot (a
 compaction moving rows into blocks between two queries would otherwise
-lose or double points)."""
+lose or double points).
+
+Why one module of this length: the cache, the assembly of blocks and rows
+into step order and the downsampling share the Block layout (its runs and
+joined arrays) and are tested together, against points taken one by one
+(tests/unit/test_columns.py).
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,10 @@ string, None -> a missing cell. A column holding values of several of
 those kinds is sent as one part per kind; the service keeps the rows whose
 cell has the column's type (fixed by its first value) and rejects the
 others, naming the column, so nothing is converted behind the user's back.
+
+Why one module of this length: the checks log_row makes on the caller's
+thread and the encoding the writer does later must agree cell for cell
+(types, byte costs), so they live side by side.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ is full, the memory bound, news to deliver), and the lane then takes the
 slow path. Table rows (`log_row`) extend the series' open RowsItem in place,
 tables, evaluations and images are queued as items (steplog._writer.items)
 the sender encodes (`encode_pending`) before it cuts a batch (`take`).
+
+Why one module of this length: every buffer kind shares the one lock and the
+thresholds the lane sets, and the hot paths (log, log_row) read best beside
+the slow paths they fall back to.
 """
 
 from __future__ import annotations
