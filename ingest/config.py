@@ -88,6 +88,9 @@ class Config:
     # Every query response at most this many bytes (a page holds at least one
     # point, so one larger point comes alone); the rest continues on the next page.
     max_response_bytes: int = 4 * 1024 * 1024
+    # Decoded numeric scalar blocks the query service keeps for the next read
+    # (ingest/store/columns.py BlockCache; 0: none).
+    read_cache_bytes: int = 256 * 1024 * 1024
     # Early termination: the children's curves cached per parent, all parents
     # together; a parent whose children's curves alone exceed it is not evaluated.
     sweep_curve_bytes: int = 64 * 1024 * 1024
@@ -284,6 +287,9 @@ _HELP = {
     ),
     "max_artifact_bytes": "largest file a run can upload (bytes)",
     "max_response_bytes": "largest query response (bytes, at least 65536); the rest is paged",
+    "read_cache_bytes": (
+        "bytes of decoded numeric scalar blocks the query service caches for later reads (0: none)"
+    ),
     "sweep_curve_bytes": (
         "bytes of child curves early termination caches, all parents together;"
         " a parent whose children's curves exceed it is not evaluated"
@@ -348,6 +354,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "health_port": _port,
     "s3_part_bytes": _part_bytes,
     "max_response_bytes": lambda text: _at_least(text, 65536),
+    "read_cache_bytes": _non_negative_int,
     "quota_points_per_s": _non_negative_int,
     "quota_bytes_per_s": _non_negative_int,
     "quota_runs": _non_negative_int,

@@ -249,8 +249,10 @@ class Service:
             KIND_IMAGE: images.read_images,
             KIND_HISTOGRAM: histograms.read_histograms,
         }
+        query_store = QueryStore(self.pool, cfg.read_cache_bytes)
+        self.metrics.read_cache_bytes.set_function(lambda: query_store.cache.used)
         self.queries = QueryServicer(
-            QueryStore(self.pool), readers, max_response_bytes=cfg.max_response_bytes
+            query_store, readers, max_response_bytes=cfg.max_response_bytes
         )
         artifacts = artifacts_store.ArtifactStore(
             self.pool, quota_defaults, lambda quota: on_quota(quota).inc()

@@ -194,6 +194,12 @@ class Metrics:
             "went on with the others).",
             registry=r,
         )
+        self.read_cache_bytes = Gauge(
+            "steplog_query_block_cache_bytes",
+            "Bytes of decoded numeric scalar blocks the query service holds for later "
+            "reads (at most STEPLOG_READ_CACHE_BYTES).",
+            registry=r,
+        )
 
         # -- stores --------------------------------------------------------------------
         self.db_seconds = Histogram(

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 import pytest
 
+from bench.common import scrape
 from ingest.store.queries import MAX_STEP, MIN_STEP, Window, visible_points
-from steplog import Experiment
+from steplog import Experiment, Run
 from steplog.errors import InvalidArgumentError, NotFoundError
 from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as qs
-from tests.support import ProtoClient
+from tests.support import ProtoClient, ServiceProcess, free_port
 
 Triple = tuple[list[int], list[float], list[float]]
 
@@ -290,3 +292,41 @@ def test_a_chart_read_again_after_more_points_equals_the_sql_downsampling(
     assert run.rewind(5499, names=["plain"]) == 503  # 5500-5999 and the three rows
     same()
     same(100, 5600)
+
+
+def test_the_block_cache_holds_its_bound_and_can_be_off(
+    url: str, service_env: dict[str, str], experiment_name: str, tmp_path: Path
+) -> None:
+    """STEPLOG_READ_CACHE_BYTES bounds the decoded blocks a service keeps
+    (steplog_query_block_cache_bytes); 0 keeps none; the answers are the same."""
+    names = [f"c{k}" for k in range(4)]
+    steps = np.arange(20_000)
+    run = Experiment(experiment_name, url=url).start_logging()
+    run.log_batch({n: np.sin(steps / (k + 3.0)) for k, n in enumerate(names)}, steps=steps)
+    assert run.flush(timeout=60)
+    charts = {}
+    for bound in (0, 300_000):
+        env = service_env | {"STEPLOG_READ_CACHE_BYTES": str(bound)}
+        log = tmp_path / f"cache-{bound}.log"
+        proc = ServiceProcess(env, metrics_port=free_port(), log_path=log).start()
+        try:
+            reader = Run.get(run.id, url=proc.address)
+            first = reader.get_charts(names, max_points=600)
+            again = reader.get_charts(names, max_points=600)
+            used = scrape(proc.metrics_port, "steplog_query_block_cache_bytes")
+        finally:
+            proc.stop()
+        for name in names:
+            for column in ("steps", "values"):
+                assert np.array_equal(first[name][column], again[name][column])
+        charts[bound] = first
+        if bound == 0:
+            assert used == 0
+        else:
+            # 4 x 20,000 points are 640 kB of values alone: only part of them fits.
+            assert 0 < used <= bound, used
+    for name in names:
+        assert len(charts[0][name]["steps"]) > 100
+        for column in ("steps", "values"):
+            assert np.array_equal(charts[0][name][column], charts[300_000][name][column])
+    run.complete()
