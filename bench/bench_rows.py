@@ -35,7 +35,14 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service
+from bench.common import (
+    bench_stack,
+    copy_ceiling,
+    cpu_seconds,
+    database_cpu,
+    postmaster_pid,
+    service,
+)
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
 from ingest.store.copy import copy_payload
 from ingest.store.tables import TABLE_ROW_COLUMNS, Cells, encode_table_rows
@@ -54,26 +61,6 @@ def thread_cpu(native_id: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def database_cpu(dbname: str) -> float:
-    """CPU seconds of the live PostgreSQL backends connected to `dbname`
-    (their process title names it)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().decode(errors="replace")
-            if not title.startswith("postgres:") or f" {dbname} " not in title:
-                continue
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
 
 
 class DatabaseCpu:

@@ -31,26 +31,15 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, copy_ceiling, cpu_seconds, postmaster_pid, service, sql
-
-
-def backends_cpu(postmaster: int, database: str) -> float:
-    """CPU seconds of the PostgreSQL backends (children of `postmaster`)
-    connected to `database` ("postgres: <user> <database> ..." titles)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace").split()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == postmaster and len(title) > 2 and title[2] == database:
-            total += sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
-    return total
+from bench.common import (
+    bench_stack,
+    copy_ceiling,
+    cpu_seconds,
+    database_cpu,
+    postmaster_pid,
+    service,
+    sql,
+)
 
 
 def blocks_ceiling(
@@ -131,7 +120,7 @@ def main() -> None:
         pg = postmaster_pid(stack)
         dbname = db.rsplit("/", 1)[-1].split("?")[0]
         cpu0 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
-        db0 = backends_cpu(pg, dbname)
+        db0 = database_cpu(dbname)
         start = time.perf_counter()
         for steps, metrics in chunks:
             t = time.perf_counter()
@@ -140,7 +129,7 @@ def main() -> None:
         ok = run.flush(600)
         elapsed = time.perf_counter() - start
         cpu1 = (time.process_time(), cpu_seconds(svc.proc.pid), cpu_seconds(pg))
-        db1 = backends_cpu(pg, dbname)
+        db1 = database_cpu(dbname)
         run.complete()
         ceiling = blocks_ceiling(svc.address, db, names, chunks)
         stored = int(

@@ -310,3 +310,24 @@ def cpu_seconds(root_pid: int) -> float:
 def postmaster_pid(stack: LocalStack) -> int:
     """The pid of the stack's PostgreSQL server (first line of postmaster.pid)."""
     return int((stack.pg_data / "postmaster.pid").read_text().split()[0])
+
+
+def database_cpu(database: str) -> float:
+    """CPU seconds (user + system) of the live PostgreSQL backends connected to
+    `database`, from /proc (their process title is "postgres: <user> <database> ...")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace").split()
+            if len(title) < 3 or title[0] != "postgres:" or title[2] != database:
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
