@@ -1,4 +1,4 @@
-"""log_row's hot path (steplog._writer.intake.Buffers.append_row) and the
+"""log_row's hot path (steplog._writer.intake.Buffers.row_appender) and the
 typed encoding of rows whose cells are all of one plain type per column
 (steplog._tables.RowsItem.kinds): every column type round-trips, a column
 set or a cell type changing mid-stream falls back to the general encoding,

@@ -1,6 +1,6 @@
 """Run.log's and Run.log_row's hot paths (a series or table the run logged
 before writes its point itself, steplog._writer.series.NumericBuffer.log and
-Buffers.append_row) keep every semantic of the general path: value types,
+Buffers.row_appender) keep every semantic of the general path: value types,
 errors, text series of the same name, the memory bound's slow path, exactly
 once, and a forked child's points going to the child's writer."""
 

@@ -211,7 +211,7 @@ class Buffers:
         """Append one table row ({column: cell}, None a missing cell). Its
         cells are checked here (the error names the column) and its values
         appended to the series' open RowsItem; the sender encodes the rows.
-        Later rows of the table can go straight to `append_row` (the
+        Later rows of the table can go straight to its `row_appender` (the
         callable `hot_rows` holds for it)."""
         row_cost(name, row)  # a bad cell raises before the series exists
         key = (run_id, name, labels, "table")
@@ -228,17 +228,10 @@ class Buffers:
     def hot_rows(
         self, run_id: str, labels: Labels
     ) -> dict[str, Callable[[Mapping[str, Any], float, str], int | None]]:
-        """{table name: append_row of its series} for Run.log_row's hot path
+        """{table name: the row_appender of its series} for Run.log_row's hot path
         (emptied by `forget_hot`, as hot_table is)."""
         with self.lock:
             return self._hot_rows.setdefault((run_id, labels), {})
-
-    def append_row(
-        self, mbuf: MessageBuffer, row: Mapping[str, Any], time: float, description: str
-    ) -> int | None:
-        """log_row's work once the series is known (returns as log_row);
-        the hot path calls the series' `row_appender` instead."""
-        return self.row_appender(mbuf)(row, time, description)
 
     def row_appender(
         self, mbuf: MessageBuffer
@@ -305,7 +298,7 @@ class Buffers:
         cost: int,
         description: str,
     ) -> None:
-        """append_row's slow path (lock held): the first row of a RowsItem,
+        """row_appender's slow path (lock held): the first row of a RowsItem,
         or a row whose columns differ from the one before (names checked)."""
         check_row_names(mbuf.name, names)
         if not mbuf.points:
