@@ -29,6 +29,15 @@ NaN, +Inf and -Inf values among its numbers. Then, each repeated R times
   `sql_chart` (one query: the N series in 1,000 step buckets each, with
   min, max and the last value of every bucket, TimescaleDB's `last`).
 
+`chart_fresh` is the chart's very first call, before any other read: the
+service that took the points compacts them with its own sweep
+(STEPLOG_COMPACT_INTERVAL_S=1 while they are logged, waited for until
+nothing is left to compact), and commits and compactions put the blocks
+they store into its cache (write-through, STEPLOG_READ_CACHE_WRITE_THROUGH):
+what a user opening the chart of a run that is training meets. Then the
+service is restarted (its cache empty, no compaction from there on) and
+every read above runs, `chart_cold` and `full_cold` on that empty cache.
+
 Then the same points are moved into the row table (`scalar_rows`, one row
 per point, the layout before migration 010), the blocks emptied, and every
 read is repeated. Prints, one line per layout,
@@ -51,7 +60,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import bench_stack, compact_now, median, service
+from bench.common import bench_stack, median, service
 
 BUCKETS = 1000
 
@@ -126,14 +135,18 @@ def main() -> None:
     p.add_argument("--series", type=int, default=100)
     p.add_argument("--points", type=int, default=100_000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--skip-rows", action="store_true", help="no row-layout reference line (its reads are slow)"
+    )
     ns = p.parse_args()
-    # Compaction by hand (below), not by the service: the row layout's reads
-    # must not see their rows compacted back into blocks.
+    # The service's own compaction while the points are logged (its
+    # write-through is what chart_fresh measures); none after the restart:
+    # the row layout's reads must not see their rows compacted back into blocks.
     with (
         bench_stack() as (_stack, info, db),
-        service(info, db, STEPLOG_COMPACT_INTERVAL_S="0") as svc,
+        service(info, db, STEPLOG_COMPACT_INTERVAL_S="1") as svc,
     ):
-        from steplog import Experiment
+        from steplog import Experiment, Run
 
         run = Experiment("read", url=svc.address).start_logging()
         log = run.log
@@ -148,25 +161,72 @@ def main() -> None:
         if not run.flush(1800):
             raise SystemExit("the points were not all acknowledged")
         load_s = time.perf_counter() - t
-        asyncio.run(compact_now(db))  # the blocks as the service's sweep leaves them
+        blocks = asyncio.run(compacted(db))  # by the service's sweep
 
         rate = (ns.long + ns.series * ns.points) / load_s
-        first = reads(run, db, names, ns)
+
+        # The first read of all: the chart, served by the service that took
+        # the points (and compacted them), to a client of its own as a
+        # dashboard's (the logging client's get_charts first waits for its
+        # writer's flush).
+        viewer = Run.get(run.id, url=svc.address)
+
+        def chart() -> list[dict[str, Any]]:
+            got = viewer.get_charts(names, max_points=BUCKETS)
+            return [got[n] for n in names]
+
+        fresh_ms, lines = timed(chart, 1)
+        check_chart(lines)
+        # Restarted on the same address: its cache empty, no compaction.
+        svc.stop()
+        svc.env["STEPLOG_COMPACT_INTERVAL_S"] = "0"
+        svc.start()
+        # Read through a client of its own (a new connection, opened here by
+        # Run.get: the logging client's channel is still backing off).
+        reader = Run.get(run.id, url=svc.address)
+        first = reads(reader, db, names, ns, fresh_ms)
         print(
-            f"READ {first} load_points_per_s={rate:.0f} layout=blocks cpus={os.cpu_count()}",
+            f"READ {first} load_points_per_s={rate:.0f} blocks={blocks} layout=blocks"
+            f" cpus={os.cpu_count()}",
             flush=True,
         )
         # The row layout as the reference, in the same run: the same points
         # moved into scalar_rows (one row each, what scalar_points was before
         # migration 010), the blocks emptied, every read again.
-        asyncio.run(to_rows(db))
-        second = reads(run, db, names, ns)
-        print(
-            f"READ {second} load_points_per_s={rate:.0f} layout=row_per_point"
-            f" cpus={os.cpu_count()}",
-            flush=True,
-        )
+        if not ns.skip_rows:
+            asyncio.run(to_rows(db))
+            second = reads(reader, db, names, ns)
+            print(
+                f"READ {second} load_points_per_s={rate:.0f} layout=row_per_point"
+                f" cpus={os.cpu_count()}",
+                flush=True,
+            )
         run.complete()
+
+
+async def compacted(url: str, timeout_s: float = 1800.0) -> int:
+    """Wait until the service's sweep left nothing to compact (no row, no
+    two small blocks of a series in one cell), then VACUUM (ANALYZE) as
+    bench.common.compact_now does; the number of blocks."""
+    conn = await asyncpg.connect(url)
+    try:
+        until = time.monotonic() + timeout_s
+        while await conn.fetchval("SELECT count(*) FROM scalar_compact_candidates(0, 1)"):
+            if time.monotonic() > until:
+                raise SystemExit("the service's compaction did not finish")
+            await asyncio.sleep(0.5)
+        await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
+        return int(await conn.fetchval("SELECT count(*) FROM scalar_blocks"))
+    finally:
+        await conn.close()
+
+
+def check_chart(lines: list[dict[str, Any]]) -> list[int]:
+    """A chart's answers downsampled within the bound; their point counts."""
+    points = [len(line["values"]) for line in lines]
+    if not all(line["downsampled"] for line in lines) or max(points) > BUCKETS:
+        raise SystemExit(f"chart: not downsampled within {BUCKETS}: {max(points)} points")
+    return points
 
 
 async def to_rows(url: str) -> None:
@@ -183,8 +243,11 @@ async def to_rows(url: str) -> None:
         await conn.close()
 
 
-def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
-    """Every read of the module docstring, timed; the READ line's figures."""
+def reads(
+    run: Any, db: str, names: list[str], ns: argparse.Namespace, fresh_ms: float | None = None
+) -> str:
+    """Every read of the module docstring, timed; the READ line's figures
+    (with chart_fresh_ms when given)."""
     full_cold_ms, full = timed(lambda: run.get_series("long"), 1)
     full_ms, full = timed(lambda: run.get_series("long"), ns.repeat)
     if len(full["values"]) != ns.long:
@@ -203,15 +266,15 @@ def reads(run: Any, db: str, names: list[str], ns: argparse.Namespace) -> str:
     loop_ms, looped = timed(lambda: [run.get_series(n, max_points=BUCKETS) for n in names], 1)
     if [list(x["steps"]) for x in lines] != [x["steps"] for x in looped]:
         raise SystemExit("chart: get_charts and get_series disagree")
-    points = [len(line["values"]) for line in lines]
-    if not all(line["downsampled"] for line in lines) or max(points) > BUCKETS:
-        raise SystemExit(f"chart: not downsampled within {BUCKETS}: {max(points)} points")
+    points = check_chart(lines)
     specials = [kept(line["values"]) for line in lines]
     sql_full_ms, sql_chart_ms = asyncio.run(sql_reads(db, run.id, "long", names, ns.repeat))
     return (
         f"full_ms={full_ms:.0f} full_cold_ms={full_cold_ms:.0f} get_metrics_ms={gm_ms:.0f}"
         f" downsampled_one_ms={one_ms:.1f} chart_ms={chart_ms:.0f}"
-        f" chart_cold_ms={chart_cold_ms:.0f} chart_loop_ms={loop_ms:.0f}"
+        f" chart_cold_ms={chart_cold_ms:.0f}"
+        + ("" if fresh_ms is None else f" chart_fresh_ms={fresh_ms:.0f}")
+        + f" chart_loop_ms={loop_ms:.0f}"
         f" sql_full_ms={sql_full_ms:.0f} sql_chart_ms={sql_chart_ms:.0f}"
         f" full_vs_sql={full_ms / sql_full_ms:.3g} chart_vs_sql={chart_ms / sql_chart_ms:.3g}"
         f" long_points={ns.long} chart_series={ns.series} points_per_series={ns.points}"

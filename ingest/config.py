@@ -91,6 +91,9 @@ class Config:
     # Decoded numeric scalar blocks the query service keeps for the next read
     # (ingest/store/columns.py BlockCache; 0: none).
     read_cache_bytes: int = 256 * 1024 * 1024
+    # The blocks a commit or a compaction stores go into that cache too, once
+    # committed (write-through): the first chart of a live run is read from it.
+    read_cache_write_through: bool = True
     # Early termination: the children's curves cached per parent, all parents
     # together; a parent whose children's curves alone exceed it is not evaluated.
     sweep_curve_bytes: int = 64 * 1024 * 1024
@@ -290,6 +293,10 @@ _HELP = {
     "read_cache_bytes": (
         "bytes of decoded numeric scalar blocks the query service caches for later reads (0: none)"
     ),
+    "read_cache_write_through": (
+        "put the numeric scalar blocks each commit and compaction stores into that cache"
+        " (the first read of a live run's chart is served from it)"
+    ),
     "sweep_curve_bytes": (
         "bytes of child curves early termination caches, all parents together;"
         " a parent whose children's curves exceed it is not evaluated"
@@ -355,6 +362,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "s3_part_bytes": _part_bytes,
     "max_response_bytes": lambda text: _at_least(text, 65536),
     "read_cache_bytes": _non_negative_int,
+    "read_cache_write_through": _bool,
     "quota_points_per_s": _non_negative_int,
     "quota_bytes_per_s": _non_negative_int,
     "quota_runs": _non_negative_int,

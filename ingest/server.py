@@ -51,6 +51,7 @@ from ingest.store import histograms as histogram_store
 from ingest.store import quotas as quota_mod
 from ingest.store import tables as tables_store
 from ingest.store.blobs import BlobSettings, BlobStore
+from ingest.store.columns import publisher
 from ingest.store.compact import Compactor
 from ingest.store.metadata import MetadataStore
 from ingest.store.points import PointStore
@@ -212,8 +213,17 @@ class Service:
         )
         blob_sweeper.start()
         self._closers.append(blob_sweeper.close)
+        # Decoded numeric scalar blocks for reads; commits and compactions put
+        # the blocks they store into it (write-through, on this loop).
+        query_store = QueryStore(self.pool, cfg.read_cache_bytes)
+        self.metrics.read_cache_bytes.set_function(lambda: query_store.cache.used)
+        publish = (
+            publisher(query_store.cache, asyncio.get_running_loop())
+            if cfg.read_cache_write_through and cfg.read_cache_bytes > 0
+            else None
+        )
         # Numeric scalars: rows and small blocks into full blocks (migration 011).
-        compactor = Compactor(self.pool, cfg.compact_interval_s, self.metrics)
+        compactor = Compactor(self.pool, cfg.compact_interval_s, self.metrics, publish)
         compactor.start()
         self._closers.append(compactor.close)
         limits = Limits(
@@ -242,6 +252,7 @@ class Service:
                 KIND_HISTOGRAM: histograms.write_histograms,
             },
             checks={KIND_TABLE: tables.check_tables},
+            publish=publish,
         )
         readers: dict[int, KindReader] = {
             KIND_TABLE: tables.read_tables,
@@ -249,8 +260,6 @@ class Service:
             KIND_IMAGE: images.read_images,
             KIND_HISTOGRAM: histograms.read_histograms,
         }
-        query_store = QueryStore(self.pool, cfg.read_cache_bytes)
-        self.metrics.read_cache_bytes.set_function(lambda: query_store.cache.used)
         self.queries = QueryServicer(
             query_store, readers, max_response_bytes=cfg.max_response_bytes
         )

@@ -39,6 +39,10 @@ BLOCK_COLUMNS = [
     "hidden",
 ]
 
+# The columns of a COPY whose rows bring their block_id (allocated ahead
+# from scalar_blocks_id_seq, so the writer knows each block's id).
+BLOCK_COLUMNS_WITH_ID = ["block_id", *BLOCK_COLUMNS]
+
 # A block spans at most this many microseconds (int4 offsets).
 MAX_SPAN_US = 2**31 - 1
 # ... and holds at most this many points: a read that needs a few points of a
@@ -165,6 +169,10 @@ def encode_block_row(block: Block) -> bytes:
 # A row's fixed start: the field count, then (length, value) of series_id,
 # min_time, max_time, min_step, max_step (int8), n, hidden_count, nan_count (int4).
 _ROW_HEAD = struct.Struct(">h" + "iq" * 5 + "ii" * 3)
+# With the block_id first (BLOCK_COLUMNS_WITH_ID): the field count and the
+# block_id, then the same fields.
+_ID_HEAD = struct.Struct(">hiq")
+_ROW_FIELDS = struct.Struct(">" + "iq" * 5 + "ii" * 3)
 _FLOAT_FIELD = struct.Struct(">id")
 # An array column's start: its length, then ndim, flags, element oid, n, lower bound.
 _ARRAY_HEAD = struct.Struct(">iiiiii")
@@ -180,16 +188,24 @@ def _elements(oid: int, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return el
 
 
-def _series_rows(block: Block, parts: list[bytes | memoryview]) -> int:
-    """Append the scalar_blocks rows of one series' points (cut by split_span)
-    to `parts`, each summary computed for all its pieces at once (reduceat)
-    and each array a slice of one whole-column buffer; the row count. The
-    bytes are those of encode_block_row for each piece."""
+def _series_rows(
+    block: Block,
+    parts: list[bytes | memoryview],
+    cuts: list[slice] | None = None,
+    ids: Iterator[int] | None = None,
+) -> int:
+    """Append the scalar_blocks rows of one series' points (cut by split_span,
+    or `cuts` when given: its result) to `parts`, each summary computed for
+    all its pieces at once (reduceat) and each array a slice of one
+    whole-column buffer; the row count. The bytes are those of
+    encode_block_row for each piece; with `ids`, each row starts with its
+    block_id, the next of `ids` (the columns BLOCK_COLUMNS_WITH_ID)."""
     t = block.times_us
     steps = np.asarray(block.steps, dtype=np.int64)
     values = np.ascontiguousarray(block.values, dtype=np.float64)
     n = int(values.shape[0])
-    cuts = split_span(t)
+    if cuts is None:
+        cuts = split_span(t)
     starts = np.fromiter((c.start for c in cuts), dtype=np.intp, count=len(cuts))
     counts = np.diff(np.append(starts, n))
     t_min = np.minimum.reduceat(t, starts)
@@ -245,11 +261,15 @@ def _series_rows(block: Block, parts: list[bytes | memoryview]) -> int:
         strict=True,
     ):
         b = a + k
-        parts.append(
-            _ROW_HEAD.pack(
-                len(BLOCK_COLUMNS), 8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc
+        if ids is None:
+            parts.append(
+                _ROW_HEAD.pack(
+                    len(BLOCK_COLUMNS), 8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc
+                )
             )
-        )
+        else:
+            parts.append(_ID_HEAD.pack(len(BLOCK_COLUMNS_WITH_ID), 8, next(ids)))
+            parts.append(_ROW_FIELDS.pack(8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc))
         if nc < k:
             parts += (_FLOAT_FIELD.pack(8, lo), _FLOAT_FIELD.pack(8, hi))
         else:
@@ -299,15 +319,22 @@ def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
 COPY_CHUNK_BYTES = 256 * 1024
 
 
-def encode_blocks_chunks(blocks: Sequence[Block]) -> Iterator[bytes]:
+def encode_blocks_chunks(
+    blocks: Sequence[Block],
+    cuts: Sequence[list[slice]] | None = None,
+    ids: Sequence[int] | None = None,
+) -> Iterator[bytes]:
     """The payload of encode_blocks_copy in pieces of about COPY_CHUNK_BYTES
-    (whole rows, a series at a time), each encoded when it is asked for."""
+    (whole rows, a series at a time), each encoded when it is asked for.
+    With `cuts` (split_span of each block) and `ids` (one block_id a piece,
+    in order): rows of BLOCK_COLUMNS_WITH_ID."""
     parts: list[bytes | memoryview] = [COPY_HEADER]
     size = 0
-    for b in blocks:
+    next_id = None if ids is None else iter(ids)
+    for i, b in enumerate(blocks):
         n = int(b.values.shape[0])
         if n:
-            rows = _series_rows(b, parts)
+            rows = _series_rows(b, parts, None if cuts is None else cuts[i], next_id)
             size += 20 * n + 160 * rows  # values, offsets and a row's fixed fields
             if size >= COPY_CHUNK_BYTES:
                 yield b"".join(parts)
@@ -316,10 +343,14 @@ def encode_blocks_chunks(blocks: Sequence[Block]) -> Iterator[bytes]:
     yield b"".join(parts)
 
 
-async def blocks_copy_source(blocks: Sequence[Block]) -> AsyncIterator[bytes]:
+async def blocks_copy_source(
+    blocks: Sequence[Block],
+    cuts: Sequence[list[slice]] | None = None,
+    ids: Sequence[int] | None = None,
+) -> AsyncIterator[bytes]:
     """encode_blocks_chunks as the source of asyncpg's copy_to_table: each
     piece is encoded once the one before it is on the wire."""
-    for chunk in encode_blocks_chunks(blocks):
+    for chunk in encode_blocks_chunks(blocks, cuts, ids):
         yield chunk
 
 

@@ -14,6 +14,22 @@ so a cached block is always the version the read's snapshot sees; a read
 lists the keys of its blocks first and has only the arrays of blocks not in
 the cache sent.
 
+Write-through: the blocks a commit stores (ingest/store/points.py, its
+block ids allocated ahead from scalar_blocks_id_seq) and those a compaction
+makes (ingest/store/compact.py, read back in its transaction: `made_here`)
+are put into the cache once their transaction committed, keyed by
+(block_id, the transaction's xid: pg_current_xact_id()::xid). That xid is
+the rows' xmin because no subtransaction is open when they are inserted
+(pg_current_xact_id() returns the top-level xid, a row inserted in a
+subtransaction carries the subtransaction's) and nothing later in that
+transaction updates them (a hide runs before the commit's COPY): a later
+UPDATE (a rewind, a later write of the step) gives the row another xmin,
+which the next read lists and fetches. A commit runs on a pipeline worker's
+thread: `publisher` hands its blocks to the loop of the reads
+(call_soon_threadsafe, before the commit's acknowledgement crosses back),
+so the cache and its blocks are only ever touched on that loop. The first
+chart of a run being written then sends no array at all.
+
 A cached chart costs no Python per point and little per block: a block's
 visible points are kept as runs of consecutive steps (Block.visible,
 derived once), a series is put in step order run by run (a point by point
@@ -45,9 +61,10 @@ joined arrays) and are tested together, against points taken one by one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +215,26 @@ class Block:
             object.__setattr__(self, "times_us", runs.times_us[at : at + n])
 
     @classmethod
+    def written(cls, steps: I64, times_us: I64, values: F64, hidden: B | None = None) -> Block:
+        """A block as a read would decode it, from the points a writer stored
+        in it (its arrays copied: the writer's may be views of larger ones):
+        the steps implied when they are consecutive, no mask without a
+        hidden point (Block.of's rules)."""
+        lo, hi = int(steps[0]), int(steps[-1])
+        n = len(steps)
+        consecutive = hi - lo + 1 == n and (n == 1 or bool((np.diff(steps) == 1).all()))
+        if not consecutive:
+            lo, hi = int(steps.min()), int(steps.max())
+        return cls(
+            min_step=lo,
+            max_step=hi,
+            values=np.array(values, dtype=np.float64),
+            times_us=np.array(times_us, dtype=np.int64),
+            steps=None if consecutive else np.array(steps, dtype=np.int64),
+            hidden=None if hidden is None or not hidden.any() else np.array(hidden, np.bool_),
+        )
+
+    @classmethod
     def of(cls, r: Any) -> Block:
         offsets = unpack(r["o"], _I4, np.int64)
         offsets += int(r["t0"])
@@ -249,6 +286,12 @@ class BlockCache:
 
     def keys(self) -> list[tuple[int, int]]:
         return list(self._blocks)
+
+    def put_many(self, items: Iterable[tuple[tuple[int, int], Block]]) -> None:
+        """put of each (key, block): the blocks a commit or a compaction
+        just stored (write-through, after their transaction committed)."""
+        for key, block in items:
+            self.put(key, block)
 
     def put(self, key: tuple[int, int], block: Block) -> None:
         size = block.nbytes
@@ -377,6 +420,18 @@ SELECT b.block_id, b.xmin::text::bigint AS x, b.min_step, b.max_step,
        array_send(b.steps) AS s, array_send(b.hidden) AS h
 FROM scalar_blocks b JOIN unnest($4::bigint[]) AS m(id) ON m.id = b.block_id
 WHERE b.series_id = ANY($1::bigint[]) AND b.max_step >= $2::bigint AND b.min_step <= $3::bigint
+"""
+
+# The blocks of these series this transaction stored (their xmin is its
+# xid; a transaction without subtransactions, as the compaction's): what a
+# compaction just made, decoded for the cache once it commits.
+_MADE = """
+SELECT b.block_id, b.xmin::text::bigint AS x, b.min_step, b.max_step,
+       (extract(epoch FROM b.min_time) * 1000000)::bigint AS t0,
+       array_send(b.values) AS v, array_send(b.offsets) AS o,
+       array_send(b.steps) AS s, array_send(b.hidden) AS h
+FROM scalar_blocks b
+WHERE b.series_id = ANY($1::bigint[]) AND b.xmin = pg_current_xact_id()::xid
 """
 
 _ROWS = """
@@ -527,6 +582,42 @@ async def read_parts(
     for part in parts:
         found.update(part)
     return found, _rows_of(rows)
+
+
+Written = list[tuple[tuple[int, int], Block]]
+
+
+async def made_here(conn: asyncpg.Connection, series_ids: Sequence[int]) -> list[Any]:
+    """The blocks of `series_ids` the transaction open on `conn` stored, as
+    sent (decoded by `decoded` once it committed, not before: a transaction
+    rolled back stored nothing)."""
+    return list(await conn.fetch(_MADE, list(series_ids)))
+
+
+def decoded(records: Sequence[Any]) -> Written:
+    """Blocks as sent (_MADE, _SEND), decoded, by cache key, for
+    BlockCache.put_many; their visible runs derived here rather than by the
+    first read."""
+    out: Written = []
+    for r in records:
+        block = Block.of(r)
+        block.visible()
+        out.append(((int(r["block_id"]), int(r["x"])), block))
+    return out
+
+
+def publisher(cache: BlockCache, loop: asyncio.AbstractEventLoop) -> Callable[[Written], None]:
+    """Hands the blocks a commit stored to `cache` on `loop`, the loop of
+    every read (a commit runs on a worker thread of its own: the cache and
+    its blocks are only touched on one loop). Never raises: a commit that
+    happened must not fail for its cache (a closed loop drops them)."""
+
+    def publish(items: Written) -> None:
+        if items:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(cache.put_many, items)
+
+    return publish
 
 
 async def read_page(

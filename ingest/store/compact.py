@@ -24,11 +24,14 @@ is over rows and blocks), and a series' count and last step never change.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 from ingest.observe.metrics import Metrics
+from ingest.store.columns import Written, decoded, made_here
 from ingest.store.db import UNAVAILABLE_ERRORS, acquire
 from ingest.store.periodic import Periodic
 
@@ -60,9 +63,15 @@ class CompactionTotals:
 
 
 async def compact_series(
-    conn: asyncpg.Connection, ids: list[int], totals: CompactionTotals
+    conn: asyncpg.Connection,
+    ids: list[int],
+    totals: CompactionTotals,
+    publish: Callable[[Written], None] | None = None,
 ) -> None:
-    """Compact the series `ids` that no one else holds, in one transaction."""
+    """Compact the series `ids` that no one else holds, in one transaction;
+    with `publish`, the blocks it made (decoded) are handed to it once the
+    transaction committed (write-through to the read cache)."""
+    made: list[Any] = []
     async with conn.transaction():
         locked = [
             r["series_id"]
@@ -75,6 +84,7 @@ async def compact_series(
         totals.skipped += len(ids) - len(locked)
         if not locked:
             return
+        out = 0
         for r in await conn.fetch(
             "SELECT * FROM scalar_compact($1::bigint[], $2, $3)",
             locked,
@@ -85,7 +95,17 @@ async def compact_series(
             totals.points += int(r["points"])
             totals.rows_in += int(r["rows_in"])
             totals.blocks_in += int(r["blocks_in"])
-            totals.blocks_out += int(r["blocks_out"])
+            out += int(r["blocks_out"])
+        totals.blocks_out += out
+        if out and publish is not None:
+            # The blocks just made (this transaction's xid is their xmin),
+            # sent once here rather than by the first read of each.
+            made = await made_here(conn, locked)
+    if made and publish is not None:
+        try:
+            publish(decoded(made))
+        except Exception:  # the compaction happened; only the cache misses them
+            log.exception("compacted blocks not handed to the read cache")
 
 
 async def compact_round(
@@ -94,6 +114,7 @@ async def compact_round(
     after: int = 0,
     per_round: int = SERIES_PER_ROUND,
     per_transaction: int = SERIES_PER_TRANSACTION,
+    publish: Callable[[Written], None] | None = None,
 ) -> int:
     """One round: up to `per_round` candidate series after `after`, compacted
     `per_transaction` at a time. Returns where the next round resumes (0:
@@ -108,7 +129,7 @@ async def compact_round(
         for i in range(0, len(ids), per_transaction):
             group = ids[i : i + per_transaction]
             try:
-                await compact_series(conn, group, totals)
+                await compact_series(conn, group, totals, publish)
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, UNAVAILABLE_ERRORS):
                     raise  # the database is gone: the round ends here
@@ -127,10 +148,18 @@ class Compactor(Periodic):
 
     name = "steplog-compaction"
 
-    def __init__(self, pool: asyncpg.Pool, interval_s: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        interval_s: float,
+        metrics: Metrics,
+        publish: Callable[[Written], None] | None = None,
+    ) -> None:
         super().__init__(interval_s)
         self.pool = pool
         self.metrics = metrics
+        # The blocks each transaction made, for the read cache (None: none).
+        self.publish = publish
         self.totals = CompactionTotals()
         self._after = 0
 
@@ -138,7 +167,7 @@ class Compactor(Periodic):
         t = self.totals
         before = (t.points, t.rows_in, t.blocks_out, t.skipped, t.failed)
         try:
-            self._after = await compact_round(self.pool, t, self._after)
+            self._after = await compact_round(self.pool, t, self._after, publish=self.publish)
             self.metrics.compaction_rounds.labels("done").inc()
         finally:  # what the round did before it failed counts too
             rows = t.rows_in - before[1]

@@ -8,6 +8,7 @@ copy.py, writers.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,12 +30,17 @@ from ingest.core.batch import (
 from ingest.core.order import Accepted, SeriesState, reject_unwritable_run
 from ingest.store.blocks import (
     BLOCK_COLUMNS,
+    BLOCK_COLUMNS_WITH_ID,
     MIN_BLOCK_POINTS,
+    Block,
     blocks_copy_source,
     encode_block_rows,
     merge_taken,
+    split_span,
 )
-from ingest.store.copy import SCALAR_COLUMNS
+from ingest.store.columns import Block as CachedBlock
+from ingest.store.columns import Written
+from ingest.store.copy import PG_EPOCH, SCALAR_COLUMNS
 from ingest.store.kinds import CheckItem, KindCheck, KindWriter, hide_superseded
 from ingest.store.quotas import (
     SERIES,
@@ -51,6 +57,39 @@ from ingest.store.writers import (
     decode_outcome,
     encode_outcome,
 )
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL's timestamp origin in microseconds since the Unix epoch.
+PG_EPOCH_US = int(PG_EPOCH) * 1_000_000
+
+# Write-through (PointStore.publish): the transaction's xid, as the xmin its
+# rows will have (no subtransaction is open at the COPY), and block ids
+# allocated ahead for the commit's blocks.
+_XID_AND_IDS = (
+    "SELECT pg_current_xact_id()::xid::text::bigint AS x,"
+    " ARRAY(SELECT nextval('scalar_blocks_id_seq') FROM generate_series(1, $1::int)) AS ids"
+)
+
+# The blocks a commit stored, for the read cache: (xid, blocks, each
+# block's split_span, the block ids in COPY order).
+Stored = list[tuple[int, list[Block], list[list[slice]], list[int]]]
+
+
+def cached_blocks(stored: Stored) -> Written:
+    """The blocks a commit stored, as reads decode them, by cache key
+    (block_id, xmin): what the read cache takes once the commit is done."""
+    out: Written = []
+    for xid, blocks, cuts, ids in stored:
+        next_id = iter(ids)
+        for b, pieces in zip(blocks, cuts, strict=True):
+            times = b.times_us + PG_EPOCH_US
+            for c in pieces:
+                hidden = None if b.hidden is None else b.hidden[c]
+                block = CachedBlock.written(b.steps[c], times[c], b.values[c], hidden)
+                block.visible()  # derived here, on the commit's thread, not by the first read
+                out.append(((next(next_id), xid), block))
+    return out
 
 
 @dataclass
@@ -105,8 +144,12 @@ class PointStore:
         on_quota_exceeded: Callable[[str], None] | None = None,
         writers: Mapping[int, KindWriter] | None = None,
         checks: Mapping[int, KindCheck] | None = None,
+        publish: Callable[[Written], None] | None = None,
     ) -> None:
         self.max_series_per_run = max_series_per_run
+        # Write-through to the read cache (columns.publisher): told the
+        # blocks each commit stored, once it committed; None: not told.
+        self.publish = publish
         # Hard quotas per workspace (ingest/store/quotas.py): series and stored bytes.
         self.quota_defaults = quota_defaults or Limits()
         self.on_quota_exceeded = on_quota_exceeded
@@ -119,6 +162,7 @@ class PointStore:
         self, conn: asyncpg.Connection, batches: Sequence[DecodedBatch]
     ) -> tuple[list[CommitResult], GroupStats]:
         stats = GroupStats(batches=len(batches))
+        stored: Stored = []
         async with conn.transaction():
             results, live = await self._sequence(conn, batches)
             # The (workspace, run_id) of every chunk with points to store.
@@ -154,7 +198,7 @@ class PointStore:
                         acc = order.apply(chunk, state, batch.outcome)
                         if acc is not None and acc.index.size:
                             accepted.append(acc)
-                stats.rows = await self._write_points(conn, accepted)
+                stats.rows = await self._write_points(conn, accepted, stored)
                 if usage:
                     _charge_images(live, accepted, usage)
                     await add_usage(conn, list(usage.values()))
@@ -168,6 +212,13 @@ class PointStore:
                 )
             if live:
                 await self._record_progress(conn, live)
+        if stored and self.publish is not None:
+            # Committed: the blocks are the versions every later read sees
+            # until an UPDATE of one gives it another xmin.
+            try:
+                self.publish(cached_blocks(stored))
+            except Exception:  # the commit happened; only the cache misses them
+                log.exception("blocks not handed to the read cache")
         return results, stats
 
     async def _sequence(
@@ -461,7 +512,9 @@ class PointStore:
         if hit:
             self._quota_exceeded(STORED_BYTES)
 
-    async def _write_points(self, conn: asyncpg.Connection, accepted: list[Accepted]) -> int:
+    async def _write_points(
+        self, conn: asyncpg.Connection, accepted: list[Accepted], stored: Stored
+    ) -> int:
         numeric = [
             a for a in accepted if a.chunk.kind == KIND_SCALAR and a.chunk.values is not None
         ]
@@ -486,12 +539,26 @@ class PointStore:
             small = [b for b in blocks if b.values.shape[0] < MIN_BLOCK_POINTS]
             if len(small) < len(blocks):
                 big = [b for b in blocks if b.values.shape[0] >= MIN_BLOCK_POINTS]
-                await conn.copy_to_table(
-                    "scalar_blocks",
-                    source=blocks_copy_source(big),  # encoded while it is sent
-                    columns=BLOCK_COLUMNS,
-                    format="binary",
-                )
+                if self.publish is None:
+                    await conn.copy_to_table(
+                        "scalar_blocks",
+                        source=blocks_copy_source(big),  # encoded while it is sent
+                        columns=BLOCK_COLUMNS,
+                        format="binary",
+                    )
+                else:
+                    # The block ids allocated ahead, so the cache knows them.
+                    cuts = [split_span(b.times_us) for b in big]
+                    got = await conn.fetchrow(_XID_AND_IDS, sum(len(c) for c in cuts))
+                    assert got is not None
+                    ids = list(got["ids"])
+                    await conn.copy_to_table(
+                        "scalar_blocks",
+                        source=blocks_copy_source(big, cuts, ids),
+                        columns=BLOCK_COLUMNS_WITH_ID,
+                        format="binary",
+                    )
+                    stored.append((int(got["x"]), big, cuts, ids))
             if small:
                 await conn.copy_to_table(
                     "scalar_rows",
