@@ -414,6 +414,95 @@ def test_flush_waits_for_acks(fake: FakeTransport, writers: list[BatchWriter]) -
     assert w.flush(WAIT)
 
 
+# ------------------------------------------------------------------ linger
+
+
+def proven_stream(w: BatchWriter, fake: FakeTransport) -> None:
+    """One acknowledged batch on the stream (until then only one batch is in
+    flight: the first is a probe), of a series the tests do not read."""
+    w.log_scalar("r1", "warmup", (), 0.0, 0, 1.0)
+    assert w.flush(WAIT)
+    assert len(fake.sent) == 1
+
+
+def test_a_batch_due_by_time_lingers_while_one_is_in_flight_and_goes_on_its_ack(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    """Nagle-like: while the stream's batch is unacknowledged, points that
+    are due only by the flush interval wait for its ack (or max_linger), so
+    a service that is behind gets fewer, larger batches."""
+    w = make(writers, fake, flush_interval=0.01, max_linger=60.0)
+    proven_stream(w, fake)
+    fake.hold_acks = True
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 2)  # idle: sent at the flush interval
+    for i in range(1, 10):
+        w.log_scalar("r1", "loss", (), float(i), i, 1.0)
+    # 30 flush intervals: without the linger each would have cut a batch.
+    assert not fake.wait_for(lambda: len(fake.sent) > 2, timeout=0.3)
+    assert w.stats.points_buffered == 9
+    fake.release_acks()  # the ack wakes the sender: the rest goes at once, in one batch
+    assert fake.wait_for(lambda: len(fake.sent) == 3)
+    assert w.flush(WAIT)
+    assert stored(fake) == [float(i) for i in range(10)]
+    assert w.stats.batches_acked == 3
+
+
+def test_the_linger_ends_at_max_linger_without_an_ack(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake, flush_interval=0.01, max_linger=0.3)
+    proven_stream(w, fake)
+    fake.hold_acks = True
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    logged = monotonic()
+    assert fake.wait_for(lambda: len(fake.sent) == 3)
+    assert fake.sent_at[2] - logged >= 0.25  # waited for the ack, up to max_linger
+    fake.release_acks()
+    assert w.flush(WAIT)
+    assert stored(fake) == [0.0, 1.0]
+
+
+def test_flush_does_not_wait_for_the_linger(
+    fake: FakeTransport, writers: list[BatchWriter]
+) -> None:
+    w = make(writers, fake, flush_interval=0.01, max_linger=60.0)
+    proven_stream(w, fake)
+    fake.hold_acks = True
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert w.flush(0.2) is False  # acks held; but the lingering points were cut and sent
+    assert len(fake.sent) == 3
+    fake.release_acks()
+    assert w.flush(WAIT)
+    assert stored(fake) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_linger": 0.0},  # off
+        {"max_linger": 60.0, "on_full": "spool"},  # spooled every flush interval (kill -9)
+    ],
+)
+def test_no_linger_when_off_or_spooling(
+    fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path, kw: dict[str, Any]
+) -> None:
+    w = make(writers, fake, flush_interval=0.01, spool_dir=tmp_path, **kw)
+    proven_stream(w, fake)
+    fake.hold_acks = True
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 3, timeout=5.0)  # not 60 s
+    fake.release_acks()
+    assert w.flush(WAIT)
+    assert stored(fake) == [0.0, 1.0]
+
+
 def test_logging_does_not_block_while_the_service_is_down(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:

@@ -378,6 +378,7 @@ class Lane:
         wakes: list[float] = []
         with self._lock:
             oldest = self.buffers.oldest if self.buffers.buffered else None
+            due_after = self._due_after()
         interval = self._settings.flush_interval
         if self._settings.offline:
             if oldest is not None:
@@ -391,10 +392,42 @@ class Lane:
                 wakes.append(max(oldest + interval, self._spool.retry_at))
         else:
             if oldest is not None and (self._spill or self._window_room(1)):
-                wakes.append(oldest + interval)
+                wakes.append(oldest + due_after)
             if self._outbox and self._outbox[0].request is None:
                 wakes.append(self._spool.retry_at)
         return min(wakes) if wakes else None
+
+    def _due_after(self) -> float:
+        """(lock held) How old the oldest buffered point must be before a
+        batch that is not full is cut: the flush interval, or the linger
+        bound while the stream lingers (`_lingers`)."""
+        s = self._settings
+        if self._lingers():
+            return max(s.flush_interval, s.max_linger)
+        return s.flush_interval
+
+    def _lingers(self) -> bool:
+        """(lock held) Nagle-like linger: while an earlier batch of this
+        stream is unacknowledged, a batch due only by time waits for that
+        ack (the ack wakes the sender, and the batch is cut at once if its
+        oldest point is past the flush interval), at most until its oldest
+        point is `max_linger` old. When the service is behind, each stream
+        thus sends fewer, larger batches (the service's cost is mostly per
+        batch, bench/README.md W2); an idle stream (nothing in flight) sends
+        every flush interval as before. Never while spooling (on_full="spool"
+        cuts due points every flush interval so they are on disk: the kill -9
+        promise), offline (no acks), after a log call waited for room, or
+        once the buffered data fills a batch's bytes or memory reaches half
+        the bound. flush() and close() cut everything regardless."""
+        if not self.ledger.unacked or self._settings.max_linger <= 0:
+            return False
+        if self._spill or self._spill_pending or self._overflow or self._settings.offline:
+            return False
+        b = self.buffers
+        return (
+            b.buffered_bytes < self._batch_bytes
+            and b.buffered_bytes + self._seq_mem < self._settings.max_buffered_bytes // 2
+        )
 
     def tick(self) -> None:
         """One round of the sender for this lane (sets `finished` at the end)."""
@@ -406,9 +439,7 @@ class Lane:
             cut = self._cut_requested > self._cut_done
             cut_request = self._cut_requested
             due = b.buffered >= self._batch_points or (
-                b.oldest is not None
-                and b.buffered > 0
-                and now >= b.oldest + self._settings.flush_interval
+                b.oldest is not None and b.buffered > 0 and now >= b.oldest + self._due_after()
             )
         if stop:
             self._shutdown()

@@ -26,6 +26,13 @@ class WriterSettings:
     """How the background writer buffers, batches and retries.
 
     `flush_interval`: seconds a point may wait before its batch is sent.
+    `max_linger`: while an earlier batch of the stream is unacknowledged
+    (the service is behind), seconds a batch that is due only by time (not
+    full) may wait for that acknowledgement: it is cut when the ack arrives,
+    or when its oldest point is `max(flush_interval, max_linger)` old, so a
+    busy service gets fewer, larger batches; an idle stream (nothing in
+    flight) still sends every flush_interval, and flush/close never wait
+    for it. 0 turns it off (steplog._writer.lane, `Lane._lingers`).
     `spool_dir` (default_spool_dir() when None): the spool of on_full="spool"
     and offline, and where refused batches and what close() could not
     deliver go.
@@ -42,6 +49,7 @@ class WriterSettings:
     # Above the service's default image limit (16 MiB), below its message limit (64 MiB).
     max_batch_bytes: int = 20 * 1024 * 1024
     flush_interval: float = 0.2
+    max_linger: float = 2.0
     # The longest a log call waits for room (on_full wait or spool) before the
     # buffered data is spilled to the spool and the call returns.
     max_block_s: float = 0.5
@@ -61,6 +69,7 @@ class WriterSettings:
             raise ValueError(f"on_full must be one of {get_args(OnFull)}, not {self.on_full!r}")
         for name in (
             "flush_interval",
+            "max_linger",
             "max_block_s",
             "backoff_initial",
             "backoff_max",

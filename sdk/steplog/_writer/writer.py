@@ -25,7 +25,13 @@ max_batch_points and max_batch_bytes) and gives
 each the writer id and the next sequence number when the batch is formed. It
 forms batches only when it can send them (a stream is up and the in-flight
 window, half the memory bound, has room) or is told to (flush, spill): points
-that are not yet in a batch are the only ones the drop policy may drop. A
+that are not yet in a batch are the only ones the drop policy may drop.
+Linger (`max_linger`, Nagle-like): while a batch of a stream is
+unacknowledged, a batch due only by the flush interval waits for that ack
+(cut the moment it arrives) up to `max_linger`, so a service that is behind
+gets fewer, larger batches from many quiet streams; a stream with nothing
+in flight sends every flush interval, and flush/close cut at once
+(Lane._lingers says when it applies). A
 sequenced batch is never dropped silently: the service requires contiguous
 sequence numbers per writer.
 
