@@ -5,7 +5,8 @@ Each worker runs on a thread and event loop of its own: the Python work of
 a large commit (100,000 series take seconds of CPU) then holds neither the
 service's gRPC loop nor the other workers. The bounds (`slots`, `budget`)
 and the callers' futures live on the service's loop; results, health and
-freed room cross back with call_soon_threadsafe.
+freed room cross back, each way through a Crossing (crossing.py: one
+wake-up of the other loop per burst of calls, not per batch).
 
 A writer's batches always go to the same worker (hash of its id), so they
 commit in order. `submit` waits when that worker's queue is full (in batches
@@ -61,6 +62,7 @@ from ingest.core.batch import CommitResult, DecodedBatch
 from ingest.core.errors import StoreUnavailable
 from ingest.observe.metrics import Metrics
 from ingest.write.backpressure import ByteBudget, Overloaded
+from ingest.write.crossing import Crossing
 from ingest.write.groupcommit import AfterCommit, Item
 from ingest.write.ports import Admission, CommitStore
 from ingest.write.retry import COMMIT_TRIES, public
@@ -109,6 +111,7 @@ class Pipeline:
         # Each worker on a thread of its own (False: on the caller's loop, for tests).
         self.threads = threads
         self._main: asyncio.AbstractEventLoop | None = None
+        self._to_main: Crossing | None = None  # answers and freed room (crossing.py)
         self._closing = False
         # Told when the pipeline turns healthy or unhealthy (and why), on the
         # service's loop.
@@ -175,9 +178,9 @@ class Pipeline:
 
     def _on_main(self, fn: Callable[..., None], *args: Any) -> None:
         """Call fn on the service's loop (from a worker's)."""
-        if self.threads and self._main is not None:
+        if self.threads and self._to_main is not None:
             with contextlib.suppress(RuntimeError):  # the service's loop is gone: exiting
-                self._main.call_soon_threadsafe(fn, *args)
+                self._to_main.call(fn, *args)
         else:
             fn(*args)
 
@@ -187,10 +190,12 @@ class Pipeline:
         """Start the workers and wait (up to `wait` seconds) until each has
         tried its first connection, so `healthy` means something."""
         self._main = asyncio.get_running_loop()
+        self._to_main = Crossing(self._main)
         for w in self._workers:
             name = f"steplog-pipeline-{w.index}"
             if self.threads:
                 w.loop = asyncio.new_event_loop()
+                w.inbox = Crossing(w.loop)
                 w.thread = threading.Thread(target=w.loop.run_forever, name=name, daemon=True)
                 w.thread.start()
             else:
@@ -239,8 +244,8 @@ class Pipeline:
         self.metrics.queue_bytes.inc(cost)
         self.metrics.queue_batches.inc()
         if self.threads:
-            assert worker.loop is not None
-            worker.loop.call_soon_threadsafe(worker.queue.put_nowait, item)
+            assert worker.inbox is not None
+            worker.inbox.call(worker.queue.put_nowait, item)
         else:
             worker.queue.put_nowait(item)
         return fut

@@ -21,6 +21,7 @@ from ingest.core.batch import CommitResult
 from ingest.core.errors import StoreUnavailable
 from ingest.observe.metrics import Metrics
 from ingest.write.backpressure import ByteBudget
+from ingest.write.crossing import Crossing
 from ingest.write.groupcommit import GroupCommit, Item
 from ingest.write.ports import CommitSession, CommitStore
 from ingest.write.retry import (
@@ -65,6 +66,7 @@ class Worker:
         self.on_health = on_health
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.inbox: Crossing | None = None  # calls onto self.loop (pipeline.py sets it)
         self.thread: threading.Thread | None = None
         self.conn: CommitSession | None = None
         self.task: asyncio.Task[None] | None = None
