@@ -67,6 +67,22 @@ def service_env(stack_info: StackInfo, database_url: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def own_database(stack: LocalStack, service_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """service_env on a database of the test's own, for a test that runs the
+    service's compaction sweep: it compacts every series of its database in
+    series_id order, and the session's database holds every earlier test's
+    rows (the session's services do not compact), more than a sweep gets
+    through in a test's minute."""
+    name = f"steplog_own_{uuid.uuid4().hex[:10]}"
+    url = stack.create_database(name)
+    try:
+        yield service_env | {"STEPLOG_DATABASE_URL": url}
+    finally:
+        with contextlib.suppress(Exception):
+            stack.drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def service(
     service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory

@@ -200,11 +200,13 @@ def test_small_blocks_merge_within_a_time_cell_and_full_ones_stay(
 
 
 def test_compaction_beside_live_writers_keeps_every_point(
-    service_env: dict[str, str], experiment_name: str, database_url: str, tmp_path: Any
+    own_database: dict[str, str], experiment_name: str, tmp_path: Any
 ) -> None:
     """A service compacting every 50 ms while a client logs small commits,
     and rewinds: what a reader sees at the end is what was logged, and the
     compaction counters moved."""
+    service_env = own_database
+    database_url = service_env["STEPLOG_DATABASE_URL"]
     env = dict(service_env, STEPLOG_COMPACT_INTERVAL_S="0.05")
     proc = ServiceProcess(env, metrics_port=free_port(), log_path=tmp_path / "service.log")
     proc.start()

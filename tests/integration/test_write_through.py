@@ -163,11 +163,13 @@ def _left_to_compact(database_url: str, run_id: str) -> int:
 
 
 def test_blocks_the_service_compacts_are_served_from_the_cache(
-    service_env: dict[str, str], experiment_name: str, database_url: str, tmp_path: Path
+    own_database: dict[str, str], experiment_name: str, tmp_path: Path
 ) -> None:
     """Small commits (rows) and small blocks, compacted by the service's own
     sweep into new blocks: the first read after it sends no block and equals
     a cold read."""
+    service_env = own_database
+    database_url = service_env["STEPLOG_DATABASE_URL"]
     names = [f"s{j}" for j in range(3)]
     with service(service_env, tmp_path / "a.log", STEPLOG_COMPACT_INTERVAL_S="0.1") as proc:
         run = Experiment(experiment_name, url=proc.address).start_logging()
