@@ -29,7 +29,10 @@ point; `batches`: batches acknowledged, all ranks; `writer_threads`: the
 client's writer threads (`steplog-writer*`) alive at the end, all processes.
 Ack latency: a monitor thread in each process reads every rank's
 acknowledged-points counter (`run.writer_stats().points_acked`) every
-POLL_S; a point's latency is from the moment the training thread logged the
+`--poll-ms` (default 20 ms; until 2026-12-02 afternoon 5 ms: 40,000
+`writer_stats()` snapshots a second over the four processes, each taking
+its stream's lock, CPU and GIL turns that W1, which has no monitor, does
+not pay); a point's latency is from the moment the training thread logged the
 step it belongs to until the first poll that finds its rank's acknowledged
 count at or past it (so it is rounded up to the poll interval), over every
 step of every rank. scalar_points is emptied between W1 and W2 (neither pays
@@ -54,11 +57,18 @@ import numpy as np
 from bench.common import bench_stack, service
 from bench.w1_firehose import firehose, fresh_table, settle_compaction, storage, stored_points
 
-POLL_S = 0.005
+POLL_MS = 20
 
 
 def _ranks(
-    url: str, run_id: str, ranks: list[int], series: int, steps: int, ready: Any, out: Any
+    url: str,
+    run_id: str,
+    ranks: list[int],
+    series: int,
+    steps: int,
+    poll_s: float,
+    ready: Any,
+    out: Any,
 ) -> None:
     from steplog import Run
 
@@ -73,7 +83,7 @@ def _ranks(
         while not done.is_set():
             acked = [r.writer_stats().points_acked for r in runs]
             polls.append((time.perf_counter(), acked))
-            time.sleep(POLL_S)
+            time.sleep(poll_s)
 
     logs = [r.log for r in runs]
     base = [r.writer_stats().points_acked for r in runs]  # starts each writer, as W1's do
@@ -93,7 +103,7 @@ def _ranks(
     ok = all(r.flush(600) for r in runs)
     acked = clock() - start
     cpu = time.process_time() - cpu0
-    time.sleep(2 * POLL_S)
+    time.sleep(2 * poll_s)
     done.set()
     th.join()
     # Latency of each (step, rank): first poll whose acked count covers it.
@@ -122,7 +132,13 @@ def _ranks(
 
 
 def many_writers(
-    address: str, run_id: str, ranks: int, series: int, steps: int, processes: int
+    address: str,
+    run_id: str,
+    ranks: int,
+    series: int,
+    steps: int,
+    processes: int,
+    poll_s: float = POLL_MS / 1e3,
 ) -> tuple[float, list[Any]]:
     """Seconds from the common start until every rank has flushed, and each
     process's result."""
@@ -131,7 +147,7 @@ def many_writers(
     out: Any = ctx.Queue()
     groups = [list(range(ranks))[i::processes] for i in range(processes)]
     procs = [
-        ctx.Process(target=_ranks, args=(address, run_id, g, series, steps, ready, out))
+        ctx.Process(target=_ranks, args=(address, run_id, g, series, steps, poll_s, ready, out))
         for g in groups
     ]
     for pr in procs:
@@ -165,6 +181,12 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--w1-writers", type=int, default=4)
     p.add_argument("--w1-names", type=int, default=50)
+    p.add_argument(
+        "--poll-ms",
+        type=float,
+        default=POLL_MS,
+        help="the ack monitor's interval (latency resolution)",
+    )
     ns = p.parse_args()
     total = ns.ranks * ns.series * ns.steps
     w1_steps = max(1, total // (ns.w1_writers * ns.w1_names))
@@ -177,7 +199,7 @@ def main() -> None:
         asyncio.run(fresh_table(db))
         run = Experiment("w2", url=svc.address).start_logging()
         elapsed, results = many_writers(
-            svc.address, run.id, ns.ranks, ns.series, ns.steps, ns.processes
+            svc.address, run.id, ns.ranks, ns.series, ns.steps, ns.processes, ns.poll_ms / 1e3
         )
         run.complete()
         stored = asyncio.run(stored_points(db, [run.id]))
@@ -200,7 +222,7 @@ def main() -> None:
         f" client_cpu_us_per_point={sum(r[6] for r in results) / total * 1e6:.2f}"
         f" batches={sum(r[7] for r in results)}"
         f" writer_threads={sum(r[8] for r in results)}"
-        f" poll_ms={POLL_S * 1e3:.0f} cpus={os.cpu_count()}",
+        f" poll_ms={ns.poll_ms:g} cpus={os.cpu_count()}",
         flush=True,
     )
     if stored != total:
