@@ -25,14 +25,9 @@ from steplog.errors import InvalidArgumentError, NotFoundError
 from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as qs
 from tests.support import ProtoClient, ServiceProcess, free_port
+from tests.support import scalar_series as series
 
 Triple = tuple[list[int], list[float], list[float]]
-
-
-def series(name: str, steps: list[int], values: list[float], **kw: Any) -> data_pb2.SeriesData:
-    return data_pb2.SeriesData(
-        name=name, scalars=data_pb2.ScalarColumns(steps=steps, values=values), **kw
-    )
 
 
 def wave(steps: range) -> list[float]:

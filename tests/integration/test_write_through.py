@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -27,15 +26,10 @@ from steplog.v1 import data_pb2
 from steplog.v1 import query_service_pb2 as qs
 from tests.sql import fetch
 from tests.support import ProtoClient, ServiceProcess, free_port
+from tests.support import scalar_series as series
 
 OOO = data_pb2.STEP_POLICY_OUT_OF_ORDER
 CACHE = "steplog_query_block_cache_bytes"
-
-
-def series(name: str, steps: list[int], values: list[float], **kw: Any) -> data_pb2.SeriesData:
-    return data_pb2.SeriesData(
-        name=name, scalars=data_pb2.ScalarColumns(steps=steps, values=values), **kw
-    )
 
 
 def wave(steps: range | list[int]) -> list[float]:

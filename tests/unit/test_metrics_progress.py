@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,18 +26,6 @@ from ingest.observe.progress import (
 )
 
 RUN = {"workspace": "default", "experiment": "mnist", "run": "mnist_1"}
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The service's event loop, running in its own thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
 
 
 class Clock:
