@@ -223,24 +223,25 @@ def scrape(metrics_port: int, name: str) -> float:
     return total
 
 
-async def compact_now(url: str) -> int:
-    """Compact every numeric series of the database now, as the service's
-    sweep would (ingest.store.compact), for a benchmark whose service runs
-    with STEPLOG_COMPACT_INTERVAL_S=0; returns the points moved."""
-    from ingest.store.compact import CompactionTotals, compact_round
-
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-    assert pool is not None
-    totals = CompactionTotals()
+async def settle_compaction(url: str, timeout_s: float = 300.0) -> bool:
+    """Wait (at most timeout_s) until the service's compaction (migration 011)
+    has nothing left to do, then VACUUM the point tables as autovacuum would
+    (the space of the rows and blocks it replaced becomes reusable, the files
+    keep their size). True when it settled in time."""
+    conn = await asyncpg.connect(url)
     try:
-        after = await compact_round(pool, totals)
-        while after:
-            after = await compact_round(pool, totals, after)
-        async with pool.acquire() as conn:
-            await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = await conn.fetchval("SELECT count(*) FROM scalar_compact_candidates(0, 1)")
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+        await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
+        return True
     finally:
-        await pool.close()
-    return totals.points
+        await conn.close()
 
 
 async def fetchval(url: str, query: str) -> object:

@@ -60,7 +60,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import bench_stack, median, service
+from bench.common import bench_stack, median, service, settle_compaction
 
 BUCKETS = 1000
 
@@ -204,18 +204,13 @@ def main() -> None:
         run.complete()
 
 
-async def compacted(url: str, timeout_s: float = 1800.0) -> int:
-    """Wait until the service's sweep left nothing to compact (no row, no
-    two small blocks of a series in one cell), then VACUUM (ANALYZE) as
-    bench.common.compact_now does; the number of blocks."""
+async def compacted(url: str) -> int:
+    """Wait until the service's sweep left nothing to compact
+    (settle_compaction, then VACUUM); the number of blocks."""
+    if not await settle_compaction(url, timeout_s=1800.0):
+        raise SystemExit("the service's compaction did not finish")
     conn = await asyncpg.connect(url)
     try:
-        until = time.monotonic() + timeout_s
-        while await conn.fetchval("SELECT count(*) FROM scalar_compact_candidates(0, 1)"):
-            if time.monotonic() > until:
-                raise SystemExit("the service's compaction did not finish")
-            await asyncio.sleep(0.5)
-        await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
         return int(await conn.fetchval("SELECT count(*) FROM scalar_blocks"))
     finally:
         await conn.close()

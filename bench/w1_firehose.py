@@ -33,7 +33,15 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import ServiceProcess, bench_stack, copy_ceiling, scrape, service, sql
+from bench.common import (
+    ServiceProcess,
+    bench_stack,
+    copy_ceiling,
+    scrape,
+    service,
+    settle_compaction,
+    sql,
+)
 from ingest.store.copy import SCALAR_COLUMNS, encode_scalar_copy
 
 # How often the rate over time is sampled (the service's accepted-points counter):
@@ -187,27 +195,6 @@ def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int)
         pr.join()
     stored = asyncio.run(stored_points(db, [r[0] for r in results]))
     return Firehose(total, elapsed, stored, results, samples)
-
-
-async def settle_compaction(url: str, timeout_s: float = 300.0) -> bool:
-    """Wait (at most timeout_s) until the service's compaction (migration 011)
-    has nothing left to do, then VACUUM the point tables as autovacuum would
-    (the space of the rows and blocks it replaced becomes reusable, the files
-    keep their size). True when it settled in time."""
-    conn = await asyncpg.connect(url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = await conn.fetchval("SELECT count(*) FROM scalar_compact_candidates(0, 1)")
-            if not left:
-                break
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.5)
-        await conn.execute("VACUUM (ANALYZE) scalar_blocks, scalar_rows")
-        return True
-    finally:
-        await conn.close()
 
 
 async def storage(

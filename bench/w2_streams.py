@@ -54,8 +54,8 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, service
-from bench.w1_firehose import firehose, fresh_table, settle_compaction, storage, stored_points
+from bench.common import bench_stack, service, settle_compaction
+from bench.w1_firehose import firehose, fresh_table, storage, stored_points
 
 POLL_MS = 20
 
