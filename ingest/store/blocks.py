@@ -169,10 +169,9 @@ def encode_block_row(block: Block) -> bytes:
 # A row's fixed start: the field count, then (length, value) of series_id,
 # min_time, max_time, min_step, max_step (int8), n, hidden_count, nan_count (int4).
 _ROW_HEAD = struct.Struct(">h" + "iq" * 5 + "ii" * 3)
-# With the block_id first (BLOCK_COLUMNS_WITH_ID): the field count and the
+# With the block_id first (BLOCK_COLUMNS_WITH_ID): the field count, the
 # block_id, then the same fields.
-_ID_HEAD = struct.Struct(">hiq")
-_ROW_FIELDS = struct.Struct(">" + "iq" * 5 + "ii" * 3)
+_ID_ROW_HEAD = struct.Struct(">hiq" + "iq" * 5 + "ii" * 3)
 _FLOAT_FIELD = struct.Struct(">id")
 # An array column's start: its length, then ndim, flags, element oid, n, lower bound.
 _ARRAY_HEAD = struct.Struct(">iiiiii")
@@ -261,15 +260,11 @@ def _series_rows(
         strict=True,
     ):
         b = a + k
+        fields = (8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc)
         if ids is None:
-            parts.append(
-                _ROW_HEAD.pack(
-                    len(BLOCK_COLUMNS), 8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc
-                )
-            )
+            parts.append(_ROW_HEAD.pack(len(BLOCK_COLUMNS), *fields))
         else:
-            parts.append(_ID_HEAD.pack(len(BLOCK_COLUMNS_WITH_ID), 8, next(ids)))
-            parts.append(_ROW_FIELDS.pack(8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc))
+            parts.append(_ID_ROW_HEAD.pack(len(BLOCK_COLUMNS_WITH_ID), 8, next(ids), *fields))
         if nc < k:
             parts += (_FLOAT_FIELD.pack(8, lo), _FLOAT_FIELD.pack(8, hi))
         else:

@@ -539,26 +539,21 @@ class PointStore:
             small = [b for b in blocks if b.values.shape[0] < MIN_BLOCK_POINTS]
             if len(small) < len(blocks):
                 big = [b for b in blocks if b.values.shape[0] >= MIN_BLOCK_POINTS]
-                if self.publish is None:
-                    await conn.copy_to_table(
-                        "scalar_blocks",
-                        source=blocks_copy_source(big),  # encoded while it is sent
-                        columns=BLOCK_COLUMNS,
-                        format="binary",
-                    )
-                else:
+                cuts: list[list[slice]] | None = None
+                ids: list[int] | None = None
+                if self.publish is not None:
                     # The block ids allocated ahead, so the cache knows them.
                     cuts = [split_span(b.times_us) for b in big]
                     got = await conn.fetchrow(_XID_AND_IDS, sum(len(c) for c in cuts))
                     assert got is not None
                     ids = list(got["ids"])
-                    await conn.copy_to_table(
-                        "scalar_blocks",
-                        source=blocks_copy_source(big, cuts, ids),
-                        columns=BLOCK_COLUMNS_WITH_ID,
-                        format="binary",
-                    )
-                    stored.append((int(got["x"]), big, cuts, ids))
+                    stored.append((int(got["x"]), big, cuts, ids))  # published once committed
+                await conn.copy_to_table(
+                    "scalar_blocks",
+                    source=blocks_copy_source(big, cuts, ids),  # encoded while it is sent
+                    columns=BLOCK_COLUMNS if ids is None else BLOCK_COLUMNS_WITH_ID,
+                    format="binary",
+                )
             if small:
                 await conn.copy_to_table(
                     "scalar_rows",
