@@ -425,17 +425,27 @@ def proven_stream(w: BatchWriter, fake: FakeTransport) -> None:
     assert len(fake.sent) == 1
 
 
+def one_batch_in_flight(
+    writers: list[BatchWriter], fake: FakeTransport, **settings: Any
+) -> BatchWriter:
+    """A writer (flush interval 10 ms) on a proven stream whose acks are held,
+    with one batch, loss at step 0 = 0.0, sent at the flush interval (the
+    stream was idle) and not acknowledged."""
+    w = make(writers, fake, flush_interval=0.01, **settings)
+    proven_stream(w, fake)
+    fake.hold_acks = True
+    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
+    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    return w
+
+
 def test_a_batch_due_by_time_lingers_while_one_is_in_flight_and_goes_on_its_ack(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
     """Nagle-like: while the stream's batch is unacknowledged, points that
     are due only by the flush interval wait for its ack (or max_linger), so
     a service that is behind gets fewer, larger batches."""
-    w = make(writers, fake, flush_interval=0.01, max_linger=60.0)
-    proven_stream(w, fake)
-    fake.hold_acks = True
-    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
-    assert fake.wait_for(lambda: len(fake.sent) == 2)  # idle: sent at the flush interval
+    w = one_batch_in_flight(writers, fake, max_linger=60.0)
     for i in range(1, 10):
         w.log_scalar("r1", "loss", (), float(i), i, 1.0)
     # 30 flush intervals: without the linger each would have cut a batch.
@@ -451,11 +461,7 @@ def test_a_batch_due_by_time_lingers_while_one_is_in_flight_and_goes_on_its_ack(
 def test_the_linger_ends_at_max_linger_without_an_ack(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
-    w = make(writers, fake, flush_interval=0.01, max_linger=0.3)
-    proven_stream(w, fake)
-    fake.hold_acks = True
-    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
-    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w = one_batch_in_flight(writers, fake, max_linger=0.3)
     w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
     logged = monotonic()
     assert fake.wait_for(lambda: len(fake.sent) == 3)
@@ -468,11 +474,7 @@ def test_the_linger_ends_at_max_linger_without_an_ack(
 def test_flush_does_not_wait_for_the_linger(
     fake: FakeTransport, writers: list[BatchWriter]
 ) -> None:
-    w = make(writers, fake, flush_interval=0.01, max_linger=60.0)
-    proven_stream(w, fake)
-    fake.hold_acks = True
-    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
-    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w = one_batch_in_flight(writers, fake, max_linger=60.0)
     w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
     assert w.flush(0.2) is False  # acks held; but the lingering points were cut and sent
     assert len(fake.sent) == 3
@@ -491,11 +493,7 @@ def test_flush_does_not_wait_for_the_linger(
 def test_no_linger_when_off_or_spooling(
     fake: FakeTransport, writers: list[BatchWriter], tmp_path: Path, kw: dict[str, Any]
 ) -> None:
-    w = make(writers, fake, flush_interval=0.01, spool_dir=tmp_path, **kw)
-    proven_stream(w, fake)
-    fake.hold_acks = True
-    w.log_scalar("r1", "loss", (), 0.0, 0, 1.0)
-    assert fake.wait_for(lambda: len(fake.sent) == 2)
+    w = one_batch_in_flight(writers, fake, spool_dir=tmp_path, **kw)
     w.log_scalar("r1", "loss", (), 1.0, 1, 1.0)
     assert fake.wait_for(lambda: len(fake.sent) == 3, timeout=5.0)  # not 60 s
     fake.release_acks()
