@@ -166,6 +166,93 @@ def _encode_slice(
     return flat[keep].tobytes()
 
 
+def _head_dtype(key: tuple[tuple[int, int], ...]) -> np.dtype[Any]:
+    """The fixed-width head of a row whose fixed-type cells are all present:
+    everything up to the first string cell's bytes (its array header and the
+    first element's length included). key: (type, slots) of the row's cells."""
+    dtype = _HEAD_DTYPES.get(key)
+    if dtype is None:
+        slots = dict(key)
+        fields: list[tuple[Any, ...]] = [*POINT_HEAD]
+        for ctype, _, fixed in _FIXED:
+            fields.append((f"l_{ctype}", ">i4"))
+            if ctype in slots:
+                fields.append((f"h_{ctype}", ">i4", (5,)))
+                fields.append((f"e_{ctype}", [("len", ">i4"), ("val", fixed)], (slots[ctype],)))
+        fields += [("l_hidden", ">i4"), ("hidden", "u1"), (f"l_{STRING}", ">i4")]
+        if STRING in slots:
+            fields += [(f"h_{STRING}", ">i4", (5,)), ("sl_0", ">i4")]
+        dtype = _HEAD_DTYPES[key] = np.dtype(fields)
+    return dtype
+
+
+_HEAD_DTYPES: dict[tuple[tuple[int, int], ...], np.dtype[Any]] = {}
+
+
+def _utf8(column: Sequence[str], present: npt.NDArray[np.bool_]) -> list[bytes]:
+    """The UTF-8 bytes of a string slot's cells, b"" where a cell is missing."""
+    if present.all():
+        return list(map(str.encode, column))
+    return [s.encode() if p else b"" for s, p in zip(column, present.tolist(), strict=True)]
+
+
+def _encode_joined(
+    times: npt.NDArray[np.float64],
+    series_id: int,
+    steps: npt.NDArray[np.int64],
+    cells: Mapping[int, Cells],
+) -> bytes:
+    """encode_table_rows when every fixed-type cell is present (the common
+    case): the rows' heads are one structured array of equal-width rows, and
+    each row's strings follow its head, joined by bytes.join (each row's head
+    one bytes object, each cell one), so no string is padded and no mask
+    drops bytes. Missing string cells are handled (length -1, no bytes)."""
+    m = times.shape[0]
+    dtype = _head_dtype(tuple((t, c.slots) for t, c in sorted(cells.items())))
+    rows = np.empty(m, dtype=dtype)
+    fill_point_head(rows, len(TABLE_ROW_COLUMNS), times, series_id, steps)
+    for ctype, oid, fixed in _FIXED:
+        c = cells.get(ctype)
+        if c is None:
+            rows[f"l_{ctype}"] = -1
+            continue
+        k = c.slots
+        width = np.dtype(fixed).itemsize
+        rows[f"l_{ctype}"] = 20 + (4 + width) * k
+        rows[f"h_{ctype}"] = np.array([1, 0, oid, k, 1], dtype=np.int32)
+        el = rows[f"e_{ctype}"]
+        el["len"] = width
+        el["val"] = c.values
+    rows["l_hidden"] = 1
+    rows["hidden"] = 0
+    sc = cells.get(STRING)
+    if sc is None:
+        rows[f"l_{STRING}"] = -1
+        return rows.tobytes()
+    k = sc.slots
+    present = sc.present
+    encoded = [_utf8(column, present[:, j]) for j, column in enumerate(sc.values)]
+    lengths = [np.fromiter(map(len, enc), dtype=np.int64, count=m) for enc in encoded]
+    rows[f"l_{STRING}"] = 20 + 4 * k + np.sum(lengths, axis=0)
+    header = rows[f"h_{STRING}"]
+    header[:] = np.array([1, 0, _TEXT_OID, k, 1], dtype=np.int32)
+    everywhere = bool(present.all())
+    if not everywhere:
+        header[:, 1] = (~present).any(axis=1)
+    marked = lengths if everywhere else np.where(present.T, lengths, -1)
+    rows["sl_0"] = marked[0]
+    # A row's pieces: its head (ending with the first cell's length), the
+    # first cell's bytes, then (length, bytes) of each further cell.
+    pieces: list[bytes] = [b""] * (2 * k * m)
+    pieces[:: 2 * k] = rows.view(np.dtype((np.void, dtype.itemsize))).tolist()
+    pieces[1 :: 2 * k] = encoded[0]
+    for j in range(1, k):
+        length = np.asarray(marked[j], dtype=">i4")
+        pieces[2 * j :: 2 * k] = length.view(np.dtype((np.void, 4))).tolist()
+        pieces[2 * j + 1 :: 2 * k] = encoded[j]
+    return b"".join(pieces)
+
+
 def encode_table_rows(
     times: npt.NDArray[np.float64],
     series_id: int,
@@ -174,9 +261,13 @@ def encode_table_rows(
 ) -> bytes:
     """The binary COPY rows (no header or trailer) of one request's rows.
 
-    Vectorized: one structured array per slice of rows. Strings are padded to
-    the slice's longest, so slices are cut to keep that padding bounded."""
+    Vectorized. When every fixed-type cell is present, `_encode_joined`.
+    Otherwise one structured array per slice of rows, missing cells' bytes
+    dropped with a mask; strings are padded to the slice's longest, so
+    slices are cut to keep that padding bounded."""
     m = times.shape[0]
+    if all(c.slots and (t == STRING or c.present.all()) for t, c in cells.items()):
+        return _encode_joined(times, series_id, steps, cells)
     if STRING not in cells or m == 0:
         return _encode_slice(times, series_id, steps, cells)
     sc = cells[STRING]
