@@ -25,6 +25,7 @@ import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -306,6 +307,27 @@ def cpu_seconds(root_pid: int) -> float:
         total += cpu.get(pid, 0.0)
         todo.extend(children.get(pid, []))
     return total
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """CPU seconds so far of the service's and PostgreSQL's process trees
+    (cpu_seconds): two marks bracket a workload's window, and their
+    difference per point is where its cost went on the server side."""
+
+    service: float
+    postgres: float
+
+    @classmethod
+    def now(cls, service_pid: int, postgres_pid: int) -> CpuMark:
+        return cls(cpu_seconds(service_pid), cpu_seconds(postgres_pid))
+
+    def per_point(self, later: CpuMark, points: int) -> str:
+        """`service_cpu_us_per_point=... postgres_cpu_us_per_point=...`."""
+        return (
+            f"service_cpu_us_per_point={(later.service - self.service) / points * 1e6:.2f}"
+            f" postgres_cpu_us_per_point={(later.postgres - self.postgres) / points * 1e6:.2f}"
+        )
 
 
 def postmaster_pid(stack: LocalStack) -> int:

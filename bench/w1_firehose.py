@@ -34,9 +34,11 @@ import asyncpg
 import numpy as np
 
 from bench.common import (
+    CpuMark,
     ServiceProcess,
     bench_stack,
     copy_ceiling,
+    postmaster_pid,
     scrape,
     service,
     settle_compaction,
@@ -56,6 +58,7 @@ def _writer(url: str, experiment: str, names: int, steps: int, ready: Any, out: 
     keys = [f"metric_{i:02d}" for i in range(names)]
     ready.wait()
     start = time.perf_counter()
+    cpu0 = time.process_time()
     log = run.log
     for step in range(steps):
         v = 1.0 / (step + 1)
@@ -64,7 +67,7 @@ def _writer(url: str, experiment: str, names: int, steps: int, ready: Any, out: 
     logged = time.perf_counter() - start
     ok = run.flush(600)
     acked = time.perf_counter() - start
-    out.put((run.id, logged, acked, ok))
+    out.put((run.id, logged, acked, ok, time.process_time() - cpu0))
     run.complete()
 
 
@@ -135,8 +138,18 @@ class Firehose:
     points: int
     elapsed: float  # from the writers' start until every point is acknowledged
     stored: int  # rows of these runs in scalar_points, by SQL
-    results: list[tuple[str, float, float, bool]]  # (run id, loop s, acked s, flushed)
+    # (run id, loop s, acked s, flushed, the writer process's CPU s until flushed)
+    results: list[tuple[str, float, float, bool, float]]
     samples: list[tuple[float, float]]  # (perf_counter, accepted-points counter)
+    server_cpu: str  # CpuMark.per_point over the window, "" without PostgreSQL's pid
+
+    @property
+    def cpu(self) -> str:
+        """Where the window's CPU went, per point: the writer processes (the
+        training loop and the client's background writer, from their start
+        until their flush returned), the service, PostgreSQL."""
+        client = sum(r[4] for r in self.results) / self.points * 1e6
+        return f"client_cpu_us_per_point={client:.2f} {self.server_cpu}".rstrip()
 
     @property
     def rate(self) -> float:
@@ -158,11 +171,20 @@ async def stored_points(url: str, run_ids: list[str]) -> int:
         await conn.close()
 
 
-def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int) -> Firehose:
+def firehose(
+    svc: ServiceProcess,
+    db: str,
+    writers: int,
+    names: int,
+    steps: int,
+    postgres_pid: int | None = None,
+) -> Firehose:
     """W1 through the running service `svc` (database `db`): `writers`
     spawned processes, each its own run logging `names` x `steps` points in a
     plain `run.log` loop, timed from their common start until each has
-    flushed; the stored count checked by SQL."""
+    flushed; the stored count checked by SQL. With `postgres_pid` (the
+    stack's postmaster), the service's and PostgreSQL's CPU over that window
+    too (Firehose.cpu)."""
     total = writers * names * steps
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(writers + 1)
@@ -184,17 +206,22 @@ def firehose(svc: ServiceProcess, db: str, writers: int, names: int, steps: int)
                 continue
             samples.append((time.perf_counter(), v))
 
+    assert svc.proc is not None
+    mark = CpuMark.now(svc.proc.pid, postgres_pid) if postgres_pid else None
     ready.wait()
     t0 = time.perf_counter()
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
     results = [out.get(timeout=1200) for _ in procs]
     elapsed = time.perf_counter() - t0
+    server_cpu = ""
+    if mark is not None and postgres_pid:
+        server_cpu = mark.per_point(CpuMark.now(svc.proc.pid, postgres_pid), total)
     stop.set()
     for pr in procs:
         pr.join()
     stored = asyncio.run(stored_points(db, [r[0] for r in results]))
-    return Firehose(total, elapsed, stored, results, samples)
+    return Firehose(total, elapsed, stored, results, samples, server_cpu)
 
 
 async def storage(
@@ -240,8 +267,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25_000)
     ns = p.parse_args()
     total = ns.writers * ns.names * ns.steps
-    with bench_stack() as (_stack, info, db), service(info, db) as svc:
-        w1 = firehose(svc, db, ns.writers, ns.names, ns.steps)
+    with bench_stack() as (stack, info, db), service(info, db) as svc:
+        w1 = firehose(svc, db, ns.writers, ns.names, ns.steps, postmaster_pid(stack))
         if w1.stored != total:
             raise SystemExit(f"stored {w1.stored} != logged {total}")
         # W1's data is all there is in scalar_blocks (and scalar_rows): its
@@ -274,7 +301,7 @@ def main() -> None:
         f" all_acked={all(r[3] for r in results)}"
         f" log_loops_points_per_s={log_rate:.0f}"
         f" each_loop_points_per_s={','.join(f'{x:.0f}' for x in loops)}{trend}"
-        f" cpus={os.cpu_count()}"
+        f" {w1.cpu} cpus={os.cpu_count()}"
     )
 
 

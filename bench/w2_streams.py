@@ -27,16 +27,19 @@ by SQL; `client_cpu_us_per_point`: the CPU the rank processes spent from the
 start until their flush returned (training loop, writers, the monitor), per
 point; `batches`: batches acknowledged, all ranks; `writer_threads`: the
 client's writer threads (`steplog-writer*`) alive at the end, all processes.
-Ack latency: a monitor thread in each process reads every rank's
-acknowledged-points counter (`run.writer_stats().points_acked`) every
-`--poll-ms` (default 20 ms; until 2026-12-02 afternoon 5 ms: 40,000
-`writer_stats()` snapshots a second over the four processes, each taking
-its stream's lock, CPU and GIL turns that W1, which has no monitor, does
-not pay); a point's latency is from the moment the training thread logged the
-step it belongs to until the first poll that finds its rank's acknowledged
-count at or past it (so it is rounded up to the poll interval), over every
-step of every rank. scalar_points is emptied between W1 and W2 (neither pays
-for the other's rows). STORAGE_W2 is W2's size on disk once the service's
+Ack latency: a monitor thread in each process reads the acknowledged-points
+counter (`run.writer_stats().points_acked`) of every `--latency-every`-th
+rank of the process (default 10: 5 of its 50, 20 of the 200 ranks; the
+ranks are alike, all logging in lock step) every `--poll-ms` (default 20
+ms). Each `writer_stats()` is a snapshot taken under its stream's lock:
+polling all 200 ranks every 20 ms (10,000 snapshots a second) cost the
+rank processes about a tenth of their CPU in an ad hoc profile, work W1,
+which has no monitor, does not do. A point's latency is from the moment
+the training thread logged the step it belongs to until the first poll
+that finds its rank's acknowledged count at or past it (so it is rounded up
+to the poll interval), over every step of every sampled rank.
+scalar_points is emptied between W1 and W2 (neither pays for the other's
+rows). STORAGE_W2 is W2's size on disk once the service's
 compaction has nothing left to do (`settle_compaction`, then VACUUM, as
 bench.w1_firehose measures W1's), measured after the W2 line's clock stopped.
 """
@@ -54,10 +57,11 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import bench_stack, service, settle_compaction
+from bench.common import CpuMark, bench_stack, postmaster_pid, service, settle_compaction
 from bench.w1_firehose import firehose, fresh_table, storage, stored_points
 
 POLL_MS = 20
+LATENCY_EVERY = 10
 
 
 def _ranks(
@@ -67,6 +71,7 @@ def _ranks(
     series: int,
     steps: int,
     poll_s: float,
+    every: int,
     ready: Any,
     out: Any,
 ) -> None:
@@ -79,14 +84,17 @@ def _ranks(
     polls: list[tuple[float, list[int]]] = []
     done = threading.Event()
 
+    sampled = runs[::every]
+
     def monitor() -> None:
         while not done.is_set():
-            acked = [r.writer_stats().points_acked for r in runs]
+            acked = [r.writer_stats().points_acked for r in sampled]
             polls.append((time.perf_counter(), acked))
             time.sleep(poll_s)
 
     logs = [r.log for r in runs]
     base = [r.writer_stats().points_acked for r in runs]  # starts each writer, as W1's do
+    base = base[::every]
     th = threading.Thread(target=monitor, daemon=True)
     th.start()
     ready.wait()
@@ -111,10 +119,10 @@ def _ranks(
     counts = np.array([a for _, a in polls]) - np.array(base)
     lat: list[np.ndarray] = []
     need = (np.arange(steps) + 1) * series
-    for j in range(len(runs)):
+    for j in range(len(sampled)):
         idx = np.searchsorted(counts[:, j], need, side="left")  # counts never decrease
         idx = np.minimum(idx, len(times) - 1)
-        lat.append(times[idx] - logged_at[:, j])
+        lat.append(times[idx] - logged_at[:, j * every])
     stats = [r.writer_stats() for r in runs]
     out.put(
         (
@@ -139,26 +147,34 @@ def many_writers(
     steps: int,
     processes: int,
     poll_s: float = POLL_MS / 1e3,
-) -> tuple[float, list[Any]]:
-    """Seconds from the common start until every rank has flushed, and each
-    process's result."""
+    pids: tuple[int, int] | None = None,
+    every: int = LATENCY_EVERY,
+) -> tuple[float, list[Any], str]:
+    """Seconds from the common start until every rank has flushed, each
+    process's result, and with `pids` (the service's, the postmaster's) the
+    service's and PostgreSQL's CPU over that window (CpuMark.per_point)."""
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(processes + 1)
     out: Any = ctx.Queue()
     groups = [list(range(ranks))[i::processes] for i in range(processes)]
     procs = [
-        ctx.Process(target=_ranks, args=(address, run_id, g, series, steps, poll_s, ready, out))
+        ctx.Process(
+            target=_ranks,
+            args=(address, run_id, g, series, steps, poll_s, every, ready, out),
+        )
         for g in groups
     ]
     for pr in procs:
         pr.start()
+    mark = CpuMark.now(*pids) if pids else None
     ready.wait(600)
     t0 = time.perf_counter()
     results = [out.get(timeout=1800) for _ in procs]
     elapsed = time.perf_counter() - t0
+    server_cpu = mark.per_point(CpuMark.now(*pids), ranks * series * steps) if pids and mark else ""
     for pr in procs:
         pr.join()
-    return elapsed, results
+    return elapsed, results, server_cpu
 
 
 async def _count_writers(url: str, run_id: str) -> int:
@@ -187,19 +203,35 @@ def main() -> None:
         default=POLL_MS,
         help="the ack monitor's interval (latency resolution)",
     )
+    p.add_argument(
+        "--latency-every",
+        type=int,
+        default=LATENCY_EVERY,
+        help="the monitor reads every n-th rank of a process (1: all of them)",
+    )
     ns = p.parse_args()
     total = ns.ranks * ns.series * ns.steps
     w1_steps = max(1, total // (ns.w1_writers * ns.w1_names))
-    with bench_stack() as (_stack, info, db), service(info, db) as svc:
+    with bench_stack() as (stack, info, db), service(info, db) as svc:
         from steplog import Experiment
 
-        w1 = firehose(svc, db, ns.w1_writers, ns.w1_names, w1_steps)
+        assert svc.proc is not None
+        pids = (svc.proc.pid, postmaster_pid(stack))
+        w1 = firehose(svc, db, ns.w1_writers, ns.w1_names, w1_steps, pids[1])
         if w1.stored != w1.points:
             raise SystemExit(f"W1 stored {w1.stored} != logged {w1.points}")
         asyncio.run(fresh_table(db))
         run = Experiment("w2", url=svc.address).start_logging()
-        elapsed, results = many_writers(
-            svc.address, run.id, ns.ranks, ns.series, ns.steps, ns.processes, ns.poll_ms / 1e3
+        elapsed, results, server_cpu = many_writers(
+            svc.address,
+            run.id,
+            ns.ranks,
+            ns.series,
+            ns.steps,
+            ns.processes,
+            ns.poll_ms / 1e3,
+            pids,
+            max(1, ns.latency_every),
         )
         run.complete()
         stored = asyncio.run(stored_points(db, [run.id]))
@@ -220,9 +252,10 @@ def main() -> None:
         f" all_acked={all(r[2] for r in results)} not_stored={sum(r[4] for r in results)}"
         f" processes={ns.processes} loops_points_per_s={total / max(r[0] for r in results):.0f}"
         f" client_cpu_us_per_point={sum(r[6] for r in results) / total * 1e6:.2f}"
-        f" batches={sum(r[7] for r in results)}"
+        f" {server_cpu} batches={sum(r[7] for r in results)}"
         f" writer_threads={sum(r[8] for r in results)}"
-        f" poll_ms={ns.poll_ms:g} cpus={os.cpu_count()}",
+        f" poll_ms={ns.poll_ms:g} latency_every={max(1, ns.latency_every)}"
+        f" w1_{w1.cpu.replace(' ', ' w1_')} cpus={os.cpu_count()}",
         flush=True,
     )
     if stored != total:

@@ -15,7 +15,13 @@ from tests.support import ROOT
 CASES = [
     (
         ["bench.w1_firehose", "--writers", "1", "--names", "2", "--steps", "200"],
-        ["STORAGE bytes_per_point=", "layout=blocks", "layout=row_per_point", "W1 points_per_s="],
+        [
+            "STORAGE bytes_per_point=",
+            "layout=blocks",
+            "layout=row_per_point",
+            "W1 points_per_s=",
+            "postgres_cpu_us_per_point=",
+        ],
     ),
     (
         ["bench.bulk_log", "--series", "3", "--steps", "2000", "--chunk", "500"],
@@ -27,7 +33,14 @@ CASES = [
             "--ranks", "6", "--series", "2", "--steps", "50", "--processes", "2",
             "--w1-writers", "1", "--w1-names", "2",
         ],
-        ["W2 points_per_s=", "ranks_stored=6 ", "stored=600 ", "STORAGE_W2 bytes_per_point="],
+        [
+            "W2 points_per_s=",
+            "ranks_stored=6 ",
+            "stored=600 ",
+            "service_cpu_us_per_point=",
+            "w1_client_cpu_us_per_point=",
+            "STORAGE_W2 bytes_per_point=",
+        ],
     ),
     (
         [
