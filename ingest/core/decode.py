@@ -39,11 +39,26 @@ _WRITER_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 
 
+# Label sets already put in canonical form, by their sorted items: a
+# service sees the same few label sets in batch after batch (a rank's
+# labels, a node's), and json.dumps costs more than the rest of a small
+# series' decode. Bounded: emptied when it reaches _KEYS_MOST entries.
+_KEYS: dict[tuple[tuple[str, str], ...], str] = {}
+_KEYS_MOST = 4096
+
+
 def labels_key(labels: dict[str, str]) -> str:
     """The canonical form of a label set, part of the series identity."""
     if not labels:
         return ""
-    return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    items = tuple(sorted(labels.items()))
+    key = _KEYS.get(items)
+    if key is None:
+        key = json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if len(_KEYS) >= _KEYS_MOST:
+            _KEYS.clear()
+        _KEYS[items] = key
+    return key
 
 
 def _i64(values: Any) -> np.ndarray[Any, np.dtype[np.int64]]:
@@ -230,6 +245,7 @@ def _decode_series(
         "stepped": stepped,
         "steps": steps,
         "times": times,
+        "alive": np.ones(n, dtype=np.bool_),  # not Chunk's default, then a second
     }
     if which == "scalars":
         text = len(msg.text_values) > 0

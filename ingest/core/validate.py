@@ -127,12 +127,14 @@ def validate_chunk(
         if found is not None:
             outcome.reject(chunk, None, found[0], found[1], steps=False)
             return
-    if chunk.stepped:
-        negative = chunk.steps < 0
-        if negative.any():
-            outcome.reject(chunk, negative, INVALID_STEP, "step must be >= 0")
-    bad_time = ~((chunk.times >= MIN_TIME) & (chunk.times <= MAX_TIME))
-    if bad_time.any():
+    # The common case (every step and time fine) decided by a reduction or
+    # two; the masks only for a chunk that holds a bad one (a NaN time fails
+    # the first test, as it fails the mask's).
+    steps, times = chunk.steps, chunk.times
+    if chunk.stepped and steps.shape[0] and steps.min() < 0:
+        outcome.reject(chunk, steps < 0, INVALID_STEP, "step must be >= 0")
+    if times.shape[0] and not (times.min() >= MIN_TIME and times.max() <= MAX_TIME):
+        bad_time = ~((times >= MIN_TIME) & (times <= MAX_TIME))
         outcome.reject(chunk, bad_time, INVALID_VALUE, "time must be seconds since 1970 (< 2200)")
     if chunk.kind == KIND_TABLE:
         validate_table(

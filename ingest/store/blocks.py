@@ -187,126 +187,217 @@ def _elements(oid: int, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return el
 
 
-def _series_rows(
-    block: Block,
-    parts: list[bytes | memoryview],
-    cuts: list[slice] | None = None,
-    ids: Iterator[int] | None = None,
-) -> int:
-    """Append the scalar_blocks rows of one series' points (cut by split_span,
-    or `cuts` when given: its result) to `parts`, each summary computed for
-    all its pieces at once (reduceat) and each array a slice of one
-    whole-column buffer; the row count. The bytes are those of
-    encode_block_row for each piece; with `ids`, each row starts with its
-    block_id, the next of `ids` (the columns BLOCK_COLUMNS_WITH_ID)."""
-    t = block.times_us
-    steps = np.asarray(block.steps, dtype=np.int64)
-    values = np.ascontiguousarray(block.values, dtype=np.float64)
-    n = int(values.shape[0])
-    if cuts is None:
-        cuts = split_span(t)
-    starts = np.fromiter((c.start for c in cuts), dtype=np.intp, count=len(cuts))
-    counts = np.diff(np.append(starts, n))
-    t_min = np.minimum.reduceat(t, starts)
-    t_max = np.maximum.reduceat(t, starts)
-    s_min = np.minimum.reduceat(steps, starts)
-    s_max = np.maximum.reduceat(steps, starts)
-    nan = np.isnan(values)
-    if nan.any():
-        nan_counts = np.add.reduceat(nan, starts, dtype=np.int64)
-        v_min = np.minimum.reduceat(np.where(nan, np.inf, values), starts)
-        v_max = np.maximum.reduceat(np.where(nan, -np.inf, values), starts)
-    else:
-        nan_counts = np.zeros(len(cuts), dtype=np.int64)
-        v_min = np.minimum.reduceat(values, starts)
-        v_max = np.maximum.reduceat(values, starts)
-    # Steps implied when each step of a piece is the one before it plus one:
-    # a piece is not when a break (usually none) falls inside it.
-    contiguous = np.ones(len(cuts), dtype=np.bool_)
-    breaks = np.flatnonzero(steps[1:] - steps[:-1] != 1) + 1
-    if breaks.size:
-        piece = np.searchsorted(starts, breaks, side="right") - 1
-        contiguous[piece[breaks != starts[piece]]] = False
-    hidden = block.hidden
-    hidden_counts = (
-        np.zeros(len(cuts), dtype=np.int64)
-        if hidden is None
-        else np.add.reduceat(hidden, starts, dtype=np.int64)
-    )
-    offsets = np.empty(n, dtype=np.int64)
-    for a, k, t0 in zip(starts.tolist(), counts.tolist(), t_min.tolist(), strict=True):
-        np.subtract(t[a : a + k], t0, out=offsets[a : a + k])
-    el_values = _elements(_OID_FLOAT8, values)
-    el_offsets = _elements(_OID_INT4, offsets)
-    el_steps = None if contiguous.all() else _elements(_OID_INT8, steps)
-    el_hidden = (
-        None
-        if hidden is None or not hidden_counts.any()
-        else _elements(_OID_BOOL, hidden.astype(np.uint8))
-    )
-    sid = block.series_id
-    for a, k, t0, t1, s0, s1, nc, hc, lo, hi, cont in zip(
-        starts.tolist(),
-        counts.tolist(),
-        t_min.tolist(),
-        t_max.tolist(),
-        s_min.tolist(),
-        s_max.tolist(),
-        nan_counts.tolist(),
-        hidden_counts.tolist(),
-        v_min.tolist(),
-        v_max.tolist(),
-        contiguous.tolist(),
-        strict=True,
-    ):
-        b = a + k
-        fields = (8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc)
-        if ids is None:
-            parts.append(_ROW_HEAD.pack(len(BLOCK_COLUMNS), *fields))
-        else:
-            parts.append(_ID_ROW_HEAD.pack(len(BLOCK_COLUMNS_WITH_ID), 8, next(ids), *fields))
-        if nc < k:
-            parts += (_FLOAT_FIELD.pack(8, lo), _FLOAT_FIELD.pack(8, hi))
-        else:
-            parts += (_NULL, _NULL)
-        parts.append(_FLOAT_FIELD.pack(8, float(values[b - 1])))
-        if cont:
-            parts.append(_NULL)
-        else:
-            assert el_steps is not None
-            parts += (
-                _ARRAY_HEAD.pack(20 + 12 * k, 1, 0, _OID_INT8, k, 1),
-                el_steps[a:b].data,
+class _Pieces:
+    """The scalar_blocks rows of several blocks (each cut by split_span, or
+    by the cuts given), every summary computed for all their pieces at once
+    (one reduceat per column over the blocks' joined arrays) and each array
+    a slice of one whole-column buffer: the numpy work of a commit is a
+    fixed number of whole-array operations whatever its number of series
+    (a commit of many small series, 200 writers of 10 series each, paid
+    some twenty array operations a series before). `rows(i)` appends the
+    rows of block i; their bytes are those of encode_block_row for each
+    piece."""
+
+    def __init__(self, blocks: Sequence[Block], cuts: Sequence[list[slice]] | None = None) -> None:
+        sizes = [int(b.values.shape[0]) for b in blocks]
+        self.sizes = sizes
+        kept = [i for i, n in enumerate(sizes) if n]
+        starts_of: list[np.ndarray[Any, Any]] = []
+        at = 0
+        first_piece = [0] * (len(blocks) + 1)
+        for i, b in enumerate(blocks):
+            first_piece[i] = sum(len(x) for x in starts_of)
+            n = sizes[i]
+            if not n:
+                continue
+            pieces = split_span(b.times_us) if cuts is None else cuts[i]
+            starts_of.append(
+                np.fromiter((c.start for c in pieces), dtype=np.int64, count=len(pieces)) + at
             )
-        parts += (_ARRAY_HEAD.pack(20 + 8 * k, 1, 0, _OID_INT4, k, 1), el_offsets[a:b].data)
-        parts += (
-            _ARRAY_HEAD.pack(20 + 12 * k, 1, 0, _OID_FLOAT8, k, 1),
-            el_values[a:b].data,
+            at += n
+        first_piece[len(blocks)] = sum(len(x) for x in starts_of)
+        self.first_piece = first_piece
+        total = at
+        if not kept:
+            self.count = 0
+            return
+
+        def joined(column: str, dtype: type) -> np.ndarray[Any, Any]:
+            parts: list[np.ndarray[Any, Any]] = [
+                np.asarray(getattr(blocks[i], column), dtype=dtype) for i in kept
+            ]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        t = joined("times_us", np.int64)
+        steps = joined("steps", np.int64)
+        values = np.ascontiguousarray(joined("values", np.float64))
+        starts = np.concatenate(starts_of)
+        self.count = len(starts)
+        counts = np.diff(np.append(starts, total))
+        t_min = np.minimum.reduceat(t, starts)
+        nan = np.isnan(values)
+        if nan.any():
+            nan_counts = np.add.reduceat(nan, starts, dtype=np.int64)
+            v_min = np.minimum.reduceat(np.where(nan, np.inf, values), starts)
+            v_max = np.maximum.reduceat(np.where(nan, -np.inf, values), starts)
+        else:
+            nan_counts = np.zeros(len(starts), dtype=np.int64)
+            v_min = np.minimum.reduceat(values, starts)
+            v_max = np.maximum.reduceat(values, starts)
+        # Steps implied when each step of a piece is the one before it plus
+        # one: a piece is not when a break falls inside it (a break at a
+        # piece's first point, a block's first among them, does not count).
+        contiguous = np.ones(len(starts), dtype=np.bool_)
+        breaks = np.flatnonzero(steps[1:] - steps[:-1] != 1) + 1
+        if breaks.size:
+            piece = np.searchsorted(starts, breaks, side="right") - 1
+            contiguous[piece[breaks != starts[piece]]] = False
+        hidden: np.ndarray[Any, Any] | None = None
+        if any(blocks[i].hidden is not None for i in kept):
+            hidden = np.concatenate(
+                [
+                    np.zeros(sizes[i], dtype=np.bool_)
+                    if blocks[i].hidden is None
+                    else np.asarray(blocks[i].hidden, dtype=np.bool_)
+                    for i in kept
+                ]
+            )
+        hidden_counts = (
+            np.zeros(len(starts), dtype=np.int64)
+            if hidden is None
+            else np.add.reduceat(hidden, starts, dtype=np.int64)
         )
-        if hc:
-            assert el_hidden is not None
-            parts += (
-                _ARRAY_HEAD.pack(20 + 5 * k, 1, 0, _OID_BOOL, k, 1),
-                el_hidden[a:b].data,
-            )
+        self.el_values = _elements(_OID_FLOAT8, values)
+        # Each point's time less its piece's first: the pieces' t_min laid out
+        # by a cumulative sum of their differences (np.repeat with counts is
+        # several times slower).
+        if len(starts) == 1:
+            offsets = t - t_min[0]
         else:
-            parts.append(_NULL)
-    return len(cuts)
+            base = np.zeros(total, dtype=np.int64)
+            base[starts] = np.diff(t_min, prepend=np.int64(0))
+            offsets = t - np.cumsum(base)
+        self.el_offsets = _elements(_OID_INT4, offsets)
+        self.el_steps = None if contiguous.all() else _elements(_OID_INT8, steps)
+        self.el_hidden = (
+            None
+            if hidden is None or not hidden_counts.any()
+            else _elements(_OID_BOOL, hidden.astype(np.uint8))
+        )
+        self.sids = [int(b.series_id) for b in blocks]
+        self.table = list(
+            zip(
+                starts.tolist(),
+                counts.tolist(),
+                t_min.tolist(),
+                np.maximum.reduceat(t, starts).tolist(),
+                np.minimum.reduceat(steps, starts).tolist(),
+                np.maximum.reduceat(steps, starts).tolist(),
+                nan_counts.tolist(),
+                hidden_counts.tolist(),
+                v_min.tolist(),
+                v_max.tolist(),
+                values[starts + counts - 1].tolist(),
+                contiguous.tolist(),
+                strict=True,
+            )
+        )
+
+    def rows(
+        self, i: int, parts: list[bytes | memoryview], ids: Iterator[int] | None = None
+    ) -> int:
+        """Append the rows of block i to `parts`; with `ids`, each row starts
+        with its block_id, the next of `ids` (BLOCK_COLUMNS_WITH_ID). The row
+        count (0 for an empty block)."""
+        lo, hi = self.first_piece[i], self.first_piece[i + 1]
+        if lo == hi:
+            return 0
+        sid = self.sids[i]
+        el_values, el_offsets, el_steps, el_hidden = (
+            self.el_values,
+            self.el_offsets,
+            self.el_steps,
+            self.el_hidden,
+        )
+        for a, k, t0, t1, s0, s1, nc, hc, v_lo, v_hi, last, cont in self.table[lo:hi]:
+            b = a + k
+            fields = (8, sid, 8, t0, 8, t1, 8, s0, 8, s1, 4, k, 4, hc, 4, nc)
+            if ids is None:
+                parts.append(_ROW_HEAD.pack(len(BLOCK_COLUMNS), *fields))
+            else:
+                parts.append(_ID_ROW_HEAD.pack(len(BLOCK_COLUMNS_WITH_ID), 8, next(ids), *fields))
+            if nc < k:
+                parts += (_FLOAT_FIELD.pack(8, v_lo), _FLOAT_FIELD.pack(8, v_hi))
+            else:
+                parts += (_NULL, _NULL)
+            parts.append(_FLOAT_FIELD.pack(8, last))
+            if cont:
+                parts.append(_NULL)
+            else:
+                assert el_steps is not None
+                parts += (
+                    _ARRAY_HEAD.pack(20 + 12 * k, 1, 0, _OID_INT8, k, 1),
+                    el_steps[a:b].data,
+                )
+            parts += (
+                _ARRAY_HEAD.pack(20 + 8 * k, 1, 0, _OID_INT4, k, 1),
+                el_offsets[a:b].data,
+            )
+            parts += (
+                _ARRAY_HEAD.pack(20 + 12 * k, 1, 0, _OID_FLOAT8, k, 1),
+                el_values[a:b].data,
+            )
+            if hc:
+                assert el_hidden is not None
+                parts += (
+                    _ARRAY_HEAD.pack(20 + 5 * k, 1, 0, _OID_BOOL, k, 1),
+                    el_hidden[a:b].data,
+                )
+            else:
+                parts.append(_NULL)
+        return hi - lo
 
 
 def encode_blocks_copy(blocks: Sequence[Block]) -> tuple[bytes, int]:
     """A binary COPY payload of scalar_blocks rows for `blocks` (each split
     into runs of at most MAX_BLOCK_POINTS points spanning at most int4
     microseconds), and the row count: the rows of encode_block_row, built a
-    series at a time and joined once (no Python work per point, one copy of
+    group of series at a time (_Pieces) and joined once (no Python work per point, one copy of
     the columns into the payload)."""
     parts: list[bytes | memoryview] = [COPY_HEADER]
     rows = 0
-    for b in blocks:
-        if b.values.shape[0]:
-            rows += _series_rows(b, parts)
+    for lo, hi in _groups(blocks):
+        pieces = _Pieces(blocks[lo:hi])
+        rows += sum(pieces.rows(i, parts) for i in range(hi - lo))
     parts.append(COPY_TRAILER)
     return b"".join(parts), rows
+
+
+# Small blocks (fewer than GROUP_BLOCK points) are encoded together, in
+# groups of at most GROUP_POINTS points: enough to share the array
+# operations among many small series, few enough that the joined arrays stay
+# small allocations (a larger one is fresh pages from the kernel, whose
+# faults cost more than the work on them). A larger block is encoded alone,
+# from its own arrays (no copy).
+GROUP_BLOCK = 1024
+GROUP_POINTS = 8192
+
+
+def _groups(blocks: Sequence[Block]) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges [lo, hi) of `blocks`: runs of small blocks of at
+    most GROUP_POINTS points together, each larger block alone."""
+    lo, n = 0, 0
+    for i, b in enumerate(blocks):
+        k = int(b.values.shape[0])
+        if n and (n + k > GROUP_POINTS or k >= GROUP_BLOCK):
+            yield lo, i
+            lo, n = i, 0
+        n += k
+        if k >= GROUP_BLOCK:
+            yield lo, i + 1
+            lo, n = i + 1, 0
+    if lo < len(blocks):
+        yield lo, len(blocks)
 
 
 # A COPY of blocks is sent in pieces of about this many bytes (whole rows):
@@ -326,14 +417,15 @@ def encode_blocks_chunks(
     parts: list[bytes | memoryview] = [COPY_HEADER]
     size = 0
     next_id = None if ids is None else iter(ids)
-    for i, b in enumerate(blocks):
-        n = int(b.values.shape[0])
-        if n:
-            rows = _series_rows(b, parts, None if cuts is None else cuts[i], next_id)
-            size += 20 * n + 160 * rows  # values, offsets and a row's fixed fields
-            if size >= COPY_CHUNK_BYTES:
-                yield b"".join(parts)
-                parts, size = [], 0
+    for lo, hi in _groups(blocks):
+        pieces = _Pieces(blocks[lo:hi], None if cuts is None else cuts[lo:hi])
+        for i, n in enumerate(pieces.sizes):
+            if n:
+                rows = pieces.rows(i, parts, next_id)
+                size += 20 * n + 160 * rows  # values, offsets and a row's fixed fields
+                if size >= COPY_CHUNK_BYTES:
+                    yield b"".join(parts)
+                    parts, size = [], 0
     parts.append(COPY_TRAILER)
     yield b"".join(parts)
 

@@ -11,6 +11,8 @@ import numpy as np
 
 from ingest.store.blocks import (
     BLOCK_COLUMNS,
+    GROUP_BLOCK,
+    GROUP_POINTS,
     MAX_BLOCK_POINTS,
     MAX_SPAN_US,
     Block,
@@ -223,3 +225,45 @@ def test_the_payload_in_chunks_is_the_payload() -> None:
     assert len(chunks) == 3  # cut after the first and the fourth series
     assert b"".join(chunks) == encode_blocks_copy(blocks)[0]
     assert list(encode_blocks_chunks([])) == [COPY_HEADER + COPY_TRAILER]
+
+
+def test_many_small_blocks_encode_in_groups_as_one_by_one() -> None:
+    """Small blocks are encoded together (groups of up to GROUP_POINTS
+    points, a block of GROUP_BLOCK points or more alone): the bytes are
+    still encode_block_row's, piece by piece, in the blocks' order, with
+    block ids given in that order."""
+    rng = np.random.default_rng(5)
+    sizes = [300] * 40 + [GROUP_BLOCK, 7, 0, GROUP_BLOCK - 1, 5000] + [1] * 30 + [GROUP_POINTS]
+    blocks = []
+    for sid, n in enumerate(sizes):
+        steps = np.arange(n) + int(rng.integers(0, 2**40))
+        if n > 3 and rng.random() < 0.3:
+            steps[int(rng.integers(1, n))] += 2
+        values = rng.standard_normal(n)
+        if n and rng.random() < 0.3:
+            values[: max(1, n // 3)] = np.nan
+        hidden = rng.random(n) < 0.1 if n and rng.random() < 0.3 else None
+        t = np.sort(rng.integers(0, 10**6, n)).astype(np.int64)
+        blocks.append(Block(sid + 1, t, steps, values, hidden))
+    cuts = [split_span(b.times_us) for b in blocks]
+    pieces = sum(len(c) for b, c in zip(blocks, cuts, strict=True) if b.values.shape[0])
+    ids = list(range(100, 100 + pieces))
+    rows = [
+        encode_block_row(
+            Block(
+                b.series_id,
+                b.times_us[s],
+                b.steps[s],
+                b.values[s],
+                None if b.hidden is None else b.hidden[s],
+            )
+        )
+        for b in blocks
+        if b.values.shape[0]
+        for s in split_span(b.times_us)
+    ]
+    assert encode_blocks_copy(blocks) == (COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows))
+    with_ids = b"".join(encode_blocks_chunks(blocks, cuts, ids))
+    plain = b"".join(encode_blocks_chunks(blocks))
+    assert plain == encode_blocks_copy(blocks)[0]
+    assert len(with_ids) == len(plain) + 12 * len(ids)  # a block_id field (4 + 8) a row

@@ -118,6 +118,21 @@ def test_labels_key_is_canonical() -> None:
     assert labels_key({}) == ""
 
 
+def test_labels_key_is_the_same_from_its_cache_and_the_cache_is_bounded() -> None:
+    """labels_key keeps the keys it made (by sorted items): a key from the
+    cache is the JSON a fresh one would be, and the cache never passes its
+    bound however many label sets a service sees."""
+    from ingest.core import decode
+
+    first = labels_key({"rank": "7", "node": 'é"x'})
+    assert first == '{"node":"é\\"x","rank":"7"}'
+    assert labels_key({"node": 'é"x', "rank": "7"}) == first
+    for i in range(decode._KEYS_MOST + 10):
+        labels_key({"rank": str(i)})
+    assert len(decode._KEYS) <= decode._KEYS_MOST
+    assert labels_key({"rank": "7", "node": 'é"x'}) == first  # made again after a clear
+
+
 def test_snapshot_and_reset_restore_the_validated_state() -> None:
     d = decode(scalars(values=[1.0, 2.0]))
     d.chunks[0].steps[:] = 99
