@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
@@ -28,7 +27,7 @@ from typing import Any
 import grpc
 
 from steplog._retry import STREAM_WIDE_CODES
-from steplog._writer.intake import Buffers
+from steplog._writer.intake import Buffers, Wake
 from steplog._writer.ledger import Entry, Ledger
 from steplog._writer.outcomes import (
     DeliveryWarning,
@@ -71,7 +70,7 @@ class Lane:
         workspace: str,
         settings: WriterSettings,
         writer_id: str,
-        wake: threading.Event,
+        wake: Wake,
         start: Callable[[], None],
     ) -> None:
         self._transport = transport
@@ -142,6 +141,11 @@ class Lane:
     @property
     def writer_id(self) -> str:
         return self.ledger.writer_id
+
+    @property
+    def wake(self) -> Wake:
+        """How this lane's parts wake the sender (given at construction or fork)."""
+        return self._wake
 
     def stats(self) -> WriterStats:
         o = self.out
@@ -909,7 +913,7 @@ class Lane:
 
     # ----------------------------------------------------------------- fork
 
-    def after_fork_in_child(self, wake: threading.Event, start: Callable[[], None]) -> None:
+    def after_fork_in_child(self, wake: Wake, start: Callable[[], None]) -> None:
         """The parent's buffers, batches, stream and spool stay the parent's."""
         FORK_GRAVEYARD.extend(o for o in (self._stream, self._spool.spool) if o is not None)
         if self._spool.spool is not None:

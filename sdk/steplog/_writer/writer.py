@@ -187,7 +187,7 @@ class BatchWriter:
             self._workspace,
             self._settings,
             writer_id,
-            self._sender.wake,
+            self._sender.poker(),
             self._sender.start,
         )
         self._sender.add(self._main)
@@ -208,7 +208,7 @@ class BatchWriter:
                         self._workspace,
                         replace(s, max_buffered_bytes=half),
                         f"{self._main.ledger.base_id[:120]}.img",
-                        self._sender.wake,
+                        self._sender.poker(),
                         self._sender.start,
                     )
                     if self._main.closed:
@@ -484,5 +484,5 @@ class BatchWriter:
         self._sender.after_fork_in_child()
         for lane in self._lanes():
             lane.buffers.forget_hot()  # a Run holding the parent's table falls back
-            lane.after_fork_in_child(self._sender.wake, self._sender.start)
+            lane.after_fork_in_child(self._sender.poker(), self._sender.start)
             self._sender.add(lane)
