@@ -1,8 +1,8 @@
-"""log_row's hot path keeps the last cell-type signature of its table
-(Buffers.row_appender): rows whose types repeat skip the cache lookup, and
-the checks, byte costs and typed encoding stay what they were when the
-types change back and forth, when a bad cell follows good ones, and when
-two threads log rows of different types to the same table."""
+"""log_row's hot path (Buffers.row_appender) and its cell-type signatures:
+the checks, byte costs and typed encoding hold when the types change back
+and forth, when a bad cell follows good ones, when a new column set has a
+known signature, and when two threads log rows of different types to the
+same table."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from time import time as wall_time
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,13 +56,6 @@ ScalarBuffer = NumericBuffer | TextBuffer
 MessageKey = tuple[str, str, Labels, str | None]
 
 
-class Wake(Protocol):
-    """How a stream's parts wake the sender thread for that stream's lane
-    (steplog._writer.sender.Sender.poker; a threading.Event does too)."""
-
-    def set(self) -> None: ...
-
-
 class Buffers:
     """The buffered points of one stream, per series, oldest first.
 
@@ -73,7 +66,7 @@ class Buffers:
     def __init__(
         self,
         outcomes: Outcomes,
-        wake: Wake,
+        wake: threading.Event,
         started: Callable[[], None],
         news: Callable[[], None],
         max_batch_bytes: int,
@@ -254,42 +247,27 @@ class Buffers:
         release = self.lock.release
         signatures = _SIGNATURES.get
         new_segment = self._new_row_segment
-        # The last signature this table's rows had: (cell types, positions of
-        # the strings, the byte cost without them), one tuple read at once
-        # (another thread may replace it). A row whose types are the same
-        # (a tuple compare, cells by identity) skips the cache lookup.
-        last: list[tuple[Any, tuple[int, ...], int]] = [(None, (), 0)]
 
         def append(row: Mapping[str, Any], time: float, description: str) -> int | None:
-            known = last[0]
-            types = tuple(map(type, row.values()))
-            if types != known[0]:
-                found = signatures(types)  # row_signature's cache
-                if found is None:
-                    # a bad cell raises here
-                    found = row_signature(mbuf.name, row, tuple(row.values()))
-                known = last[0] = (found[0], found[1], ROW_BYTES + CELL_BYTES * len(types))
-            sig, strings, cost = known
+            values = tuple(row.values())
+            known = signatures(tuple(map(type, values)))  # row_signature's cache
+            if known is None:
+                known = row_signature(mbuf.name, row, values)  # a bad cell raises here
+            sig, strings = known
+            cost = ROW_BYTES + CELL_BYTES * len(values)
+            for i in strings:
+                v = values[i]
+                cost += len(v) if v.isascii() else 4 * len(v)
             names = tuple(row)
             acquire()
             try:
                 rows: RowsItem | None = mbuf.open
                 if rows is None or names != rows.names:
-                    values = tuple(row.values())
-                    for i in strings:
-                        v = values[i]
-                        cost += len(v) if v.isascii() else 4 * len(v)
                     new_segment(mbuf, rows, names, values, sig, time, cost, description)
                 else:
                     if not mbuf.points:
                         buffers.first_point(mbuf)
-                    flat = rows.flat
-                    flat.extend(row.values())
-                    if strings:  # the row's strings, now at the end of flat
-                        end = len(flat) - len(names)
-                        for i in strings:
-                            v = flat[end + i]
-                            cost += len(v) if v.isascii() else 4 * len(v)
+                    rows.flat.extend(values)
                     rows.times.append(time)
                     if sig is not rows.sig and rows.sig is not None:
                         rows.sig = rows.sigs[-1] = None
