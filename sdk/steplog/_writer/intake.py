@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from time import time as wall_time
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -51,6 +51,14 @@ from steplog._writer.transport import Labels, Rejection
 from steplog._writer.wire import SERIES_OVERHEAD, series_points
 from steplog.v1 import data_pb2
 
+
+class Wake(Protocol):
+    """What wakes the sender thread: its Event, or a lane's Poke
+    (steplog._writer.sender), which also names the lane."""
+
+    def set(self) -> None: ...
+
+
 ScalarKey = tuple[str, str, Labels, bool, bool]
 ScalarBuffer = NumericBuffer | TextBuffer
 MessageKey = tuple[str, str, Labels, str | None]
@@ -66,7 +74,7 @@ class Buffers:
     def __init__(
         self,
         outcomes: Outcomes,
-        wake: threading.Event,
+        wake: Wake,
         started: Callable[[], None],
         news: Callable[[], None],
         max_batch_bytes: int,
