@@ -136,6 +136,26 @@ def test_a_payload_holds_one_row_per_piece() -> None:
     assert payload.startswith(COPY_HEADER) and payload.endswith(COPY_TRAILER)
 
 
+def reference_copy(blocks: list[Block]) -> tuple[bytes, int]:
+    """encode_blocks_copy's answer built the reference way: encode_block_row
+    for each piece (split_span) of each block, in order."""
+    rows = [
+        encode_block_row(
+            Block(
+                b.series_id,
+                b.times_us[s],
+                b.steps[s],
+                b.values[s],
+                None if b.hidden is None else b.hidden[s],
+            )
+        )
+        for b in blocks
+        if b.values.shape[0]
+        for s in split_span(b.times_us)
+    ]
+    return COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows)
+
+
 def test_the_payload_is_the_rows_of_encode_block_row_byte_for_byte() -> None:
     """encode_blocks_copy computes every piece's summaries at once; its bytes
     are those of encode_block_row piece by piece (the reference), whatever
@@ -161,24 +181,7 @@ def test_the_payload_is_the_rows_of_encode_block_row_byte_for_byte() -> None:
                 values[rng.integers(0, n, size=3)] = [np.inf, -np.inf, -0.0]
             hidden = rng.random(n) < 0.2 if n and rng.random() < 0.3 else None
             blocks.append(Block(sid, t.astype(np.int64), steps, values, hidden))
-        rows = [
-            encode_block_row(
-                Block(
-                    b.series_id,
-                    b.times_us[s],
-                    b.steps[s],
-                    b.values[s],
-                    None if b.hidden is None else b.hidden[s],
-                )
-            )
-            for b in blocks
-            if b.values.shape[0]
-            for s in split_span(b.times_us)
-        ]
-        assert encode_blocks_copy(blocks) == (
-            COPY_HEADER + b"".join(rows) + COPY_TRAILER,
-            len(rows),
-        )
+        assert encode_blocks_copy(blocks) == reference_copy(blocks)
 
 
 def test_parts_taken_at_their_positions_merge_as_if_gathered_first() -> None:
@@ -248,21 +251,7 @@ def test_many_small_blocks_encode_in_groups_as_one_by_one() -> None:
     cuts = [split_span(b.times_us) for b in blocks]
     pieces = sum(len(c) for b, c in zip(blocks, cuts, strict=True) if b.values.shape[0])
     ids = list(range(100, 100 + pieces))
-    rows = [
-        encode_block_row(
-            Block(
-                b.series_id,
-                b.times_us[s],
-                b.steps[s],
-                b.values[s],
-                None if b.hidden is None else b.hidden[s],
-            )
-        )
-        for b in blocks
-        if b.values.shape[0]
-        for s in split_span(b.times_us)
-    ]
-    assert encode_blocks_copy(blocks) == (COPY_HEADER + b"".join(rows) + COPY_TRAILER, len(rows))
+    assert encode_blocks_copy(blocks) == reference_copy(blocks)
     with_ids = b"".join(encode_blocks_chunks(blocks, cuts, ids))
     plain = b"".join(encode_blocks_chunks(blocks))
     assert plain == encode_blocks_copy(blocks)[0]
