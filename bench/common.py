@@ -312,18 +312,22 @@ def cpu_seconds(root_pid: int) -> float:
 @dataclass(frozen=True)
 class CpuMark:
     """CPU seconds so far of the service's and PostgreSQL's process trees
-    (cpu_seconds): two marks bracket a workload's window, and their
-    difference per point is where its cost went on the server side."""
+    (cpu_seconds), and their pids: a mark taken before a workload and
+    `per_point` after it give where its cost went on the server side."""
 
+    service_pid: int
+    postgres_pid: int
     service: float
     postgres: float
 
     @classmethod
     def now(cls, service_pid: int, postgres_pid: int) -> CpuMark:
-        return cls(cpu_seconds(service_pid), cpu_seconds(postgres_pid))
+        return cls(service_pid, postgres_pid, cpu_seconds(service_pid), cpu_seconds(postgres_pid))
 
-    def per_point(self, later: CpuMark, points: int) -> str:
-        """`service_cpu_us_per_point=... postgres_cpu_us_per_point=...`."""
+    def per_point(self, points: int) -> str:
+        """`service_cpu_us_per_point=... postgres_cpu_us_per_point=...` from
+        this mark until now."""
+        later = CpuMark.now(self.service_pid, self.postgres_pid)
         return (
             f"service_cpu_us_per_point={(later.service - self.service) / points * 1e6:.2f}"
             f" postgres_cpu_us_per_point={(later.postgres - self.postgres) / points * 1e6:.2f}"

@@ -214,9 +214,7 @@ def firehose(
     th.start()
     results = [out.get(timeout=1200) for _ in procs]
     elapsed = time.perf_counter() - t0
-    server_cpu = ""
-    if mark is not None and postgres_pid:
-        server_cpu = mark.per_point(CpuMark.now(svc.proc.pid, postgres_pid), total)
+    server_cpu = "" if mark is None else mark.per_point(total)
     stop.set()
     for pr in procs:
         pr.join()

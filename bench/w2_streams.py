@@ -32,8 +32,8 @@ counter (`run.writer_stats().points_acked`) of every `--latency-every`-th
 rank of the process (default 10: 5 of its 50, 20 of the 200 ranks; the
 ranks are alike, all logging in lock step) every `--poll-ms` (default 20
 ms). Each `writer_stats()` is a snapshot taken under its stream's lock:
-polling all 200 ranks every 20 ms (10,000 snapshots a second) cost the
-rank processes about a tenth of their CPU in an ad hoc profile, work W1,
+polling all 200 ranks every 20 ms (10,000 snapshots a second) was a
+visible share of the rank processes' CPU in an ad hoc profile, work W1,
 which has no monitor, does not do. A point's latency is from the moment
 the training thread logged the step it belongs to until the first poll
 that finds its rank's acknowledged count at or past it (so it is rounded up
@@ -93,8 +93,9 @@ def _ranks(
             time.sleep(poll_s)
 
     logs = [r.log for r in runs]
-    base = [r.writer_stats().points_acked for r in runs]  # starts each writer, as W1's do
-    base = base[::every]
+    # writer_stats() starts each writer, as W1's do; the monitor's base is
+    # its sampled ranks' counts.
+    base = [r.writer_stats().points_acked for r in runs][::every]
     th = threading.Thread(target=monitor, daemon=True)
     th.start()
     ready.wait()
@@ -171,7 +172,7 @@ def many_writers(
     t0 = time.perf_counter()
     results = [out.get(timeout=1800) for _ in procs]
     elapsed = time.perf_counter() - t0
-    server_cpu = mark.per_point(CpuMark.now(*pids), ranks * series * steps) if pids and mark else ""
+    server_cpu = "" if mark is None else mark.per_point(ranks * series * steps)
     for pr in procs:
         pr.join()
     return elapsed, results, server_cpu
