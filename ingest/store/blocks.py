@@ -204,22 +204,20 @@ class _Pieces:
         kept = [i for i, n in enumerate(sizes) if n]
         starts_of: list[np.ndarray[Any, Any]] = []
         at = 0
-        first_piece = [0] * (len(blocks) + 1)
+        # Block i's rows are pieces first_piece[i] .. first_piece[i + 1] - 1.
+        first_piece = [0]
         for i, b in enumerate(blocks):
-            first_piece[i] = sum(len(x) for x in starts_of)
             n = sizes[i]
-            if not n:
-                continue
-            pieces = split_span(b.times_us) if cuts is None else cuts[i]
-            starts_of.append(
-                np.fromiter((c.start for c in pieces), dtype=np.int64, count=len(pieces)) + at
-            )
-            at += n
-        first_piece[len(blocks)] = sum(len(x) for x in starts_of)
+            if n:
+                pieces = split_span(b.times_us) if cuts is None else cuts[i]
+                starts_of.append(
+                    np.fromiter((c.start for c in pieces), dtype=np.int64, count=len(pieces)) + at
+                )
+                at += n
+            first_piece.append(first_piece[-1] + (len(starts_of[-1]) if n else 0))
         self.first_piece = first_piece
         total = at
         if not kept:
-            self.count = 0
             return
 
         def joined(column: str, dtype: type) -> np.ndarray[Any, Any]:
@@ -232,7 +230,6 @@ class _Pieces:
         steps = joined("steps", np.int64)
         values = np.ascontiguousarray(joined("values", np.float64))
         starts = np.concatenate(starts_of)
-        self.count = len(starts)
         counts = np.diff(np.append(starts, total))
         t_min = np.minimum.reduceat(t, starts)
         nan = np.isnan(values)
