@@ -12,36 +12,17 @@ from typing import Any
 import pytest
 
 from steplog import _tables
-from steplog._decoders import table_columns
 from steplog._writer.intake import Buffers
-from steplog._writer.outcomes import Outcomes
 from steplog.errors import InvalidArgumentError
 from steplog.v1 import data_pb2
+from tests.unit.test_rows_hot_path import buffers, decoded, items
 
 NOW = 1_700_000_000.0
-
-
-def buffers() -> Buffers:
-    b = Buffers(Outcomes(False), threading.Event(), lambda: None, lambda: None, 1 << 24, 1 << 24)
-    b.check_at = b.mem_check_at = 1 << 62
-    return b
 
 
 def appender(b: Buffers, first: dict[str, Any]) -> Any:
     b.log_row("r", "t", (), first, NOW)
     return b.hot_rows("r", ())["t"]
-
-
-def taken(b: Buffers) -> list[_tables.RowsItem]:
-    return b._messages[("r", "t", (), "table")].take_raw()  # type: ignore[return-value]
-
-
-def decoded(item: _tables.RowsItem) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for s in item.encode("t", (), 1 << 24):
-        for k, v in table_columns(s.table).items():
-            out.setdefault(k, []).extend(v)
-    return out
 
 
 def test_types_changing_back_and_forth_keep_values_costs_and_kinds() -> None:
@@ -58,7 +39,7 @@ def test_types_changing_back_and_forth_keep_values_costs_and_kinds() -> None:
     for row in more:
         append(row, NOW, "")
     rows += more
-    (item,) = taken(b)
+    (item,) = items(b)
     assert item.sigs == [None] and item.kinds() is None  # mixed: the general encoding
     got = decoded(item)
     assert got["s"] == [r["s"] for r in rows]
@@ -74,7 +55,7 @@ def test_one_signature_throughout_stays_typed() -> None:
     append = appender(b, {"i": 0, "f": 0.5, "s": "a", "ok": True})
     for k in range(1, 50):
         append({"i": k, "f": k / 2, "s": "ab" * k, "ok": k % 2 == 0}, NOW, "")
-    (item,) = taken(b)
+    (item,) = items(b)
     assert item.kinds() == {
         "i": data_pb2.COLUMN_TYPE_INT64,
         "f": data_pb2.COLUMN_TYPE_DOUBLE,
@@ -99,7 +80,7 @@ def test_a_bad_cell_after_good_rows_raises_and_records_nothing() -> None:
         append({"a": [1.0], "s": "z"}, NOW, "")
     assert (b.buffered, b.buffered_bytes) == before
     append({"a": 4.0, "s": "w"}, NOW, "")  # the cached signature still holds
-    (item,) = taken(b)
+    (item,) = items(b)
     assert decoded(item) == {"a": [1.0, 2.0, 4.0], "s": ["x", "y", "w"]}
     assert item.kinds() is not None
 
@@ -111,7 +92,7 @@ def test_a_new_column_set_with_a_known_signature_starts_a_segment() -> None:
     append({"c": 3, "d": "zz"}, NOW, "")
     with pytest.raises(InvalidArgumentError, match="column name"):
         append({"": 4, "d": "q"}, NOW, "")
-    (item,) = taken(b)
+    (item,) = items(b)
     assert len(item.segments) == 2
     assert decoded(item) == {
         "a": [1, None, None],
@@ -141,13 +122,13 @@ def test_two_threads_with_different_signatures_on_one_table() -> None:
         t.start()
     for t in threads:
         t.join()
-    items = taken(b)
+    taken = items(b)
     got: dict[str, list[Any]] = {"v": [], "s": []}
-    for item in items:
+    for item in taken:
         for k, v in decoded(item).items():
             got[k] += v
     pairs = list(zip(got["v"], got["s"], strict=True))
     assert pairs.count((1.0, "ab")) == n and pairs.count((2.5, "élan")) == n
     base = _tables.ROW_BYTES + 2 * _tables.CELL_BYTES
     expected = (2 * n + 1) * base + 1 + n * 2 + n * 4 * 4
-    assert b.buffered_bytes == sum(i.cost for i in items) == expected
+    assert b.buffered_bytes == sum(i.cost for i in taken) == expected
