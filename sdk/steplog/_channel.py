@@ -235,21 +235,46 @@ class ChannelSettings:
                 field="token",
             )
 
-    def open(self, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-        """A new channel to the target with these settings."""
+    def _options(self, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         opts = list(options)
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
-        if self.tls:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        return opts
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+        if self.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.metadata_call_credentials(_BearerToken(self.token))
             )
-            if self.token:
-                credentials = grpc.composite_channel_credentials(
-                    credentials, grpc.metadata_call_credentials(_BearerToken(self.token))
-                )
-            return grpc.secure_channel(self.target, credentials, options=opts)
+        return credentials
+
+    def open(self, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """A new channel to the target with these settings."""
+        opts = self._options(options)
+        if self.tls:
+            return grpc.secure_channel(self.target, self._credentials(), options=opts)
         channel = grpc.insecure_channel(self.target, options=opts)
         if self.token:
             return grpc.intercept_channel(channel, _MetadataInterceptor(self.token))
         return channel
+
+    def open_aio(self, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A new grpc.aio channel with these settings (made on the thread of
+        the event loop that will use it). Over plaintext the token is not
+        added by the channel: send `plaintext_metadata()` on each call."""
+        import grpc.aio
+
+        opts = self._options(options)
+        if self.tls:
+            return grpc.aio.secure_channel(self.target, self._credentials(), options=opts)
+        return grpc.aio.insecure_channel(self.target, options=opts)
+
+    def plaintext_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata an aio call over plaintext carries (the token; under
+        TLS the channel's call credentials send it)."""
+        if self.token and not self.tls:
+            return (("authorization", f"Bearer {self.token}"),)
+        return ()

@@ -179,6 +179,19 @@ class Client:
         """A new channel with this client's settings (a forked child's writer)."""
         return self.settings.open(_CHANNEL_OPTIONS)
 
+    def _stream_io(self, stream_io: str) -> dict[str, Any]:
+        """GrpcTransport's arguments for streams on the process's asyncio
+        loop (steplog._writer.aio_streams): one aio channel per sync channel
+        shared, so writers that share a connection share it there too."""
+        if stream_io != "loop":
+            return {}
+        settings = self.settings
+        key = (settings, id(self.channel))
+        return {
+            "stream_channel": (key, lambda: settings.open_aio(_CHANNEL_OPTIONS)),
+            "stream_metadata": settings.plaintext_metadata(),
+        }
+
     def _open_channel(self) -> None:
         self._use_channel(self.new_channel())
 
@@ -272,7 +285,11 @@ class Client:
                     settings = WriterSettings.from_env(**self._writer_overrides)
                     transport = None
                     if not settings.offline:
-                        transport = GrpcTransport(self.channel, channel_factory=self.new_channel)
+                        transport = GrpcTransport(
+                            self.channel,
+                            channel_factory=self.new_channel,
+                            **self._stream_io(settings.stream_io),
+                        )
                     writer = self._writer = BatchWriter(
                         transport, self.workspace, settings, sender=self._sender
                     )

@@ -363,12 +363,17 @@ run.complete()
 """
 
 
-def test_one_background_thread_sends_every_kind(url: str, experiment_name: str) -> None:
+@pytest.mark.parametrize("stream_io", ["threads", "loop"])
+def test_one_background_thread_sends_every_kind(
+    url: str, experiment_name: str, stream_io: str
+) -> None:
     """log, log_row, log_table and log_image (the image stream included) are
     all sent by ONE steplog-writer thread; beside it only the heartbeat and
-    the gRPC stream readers (one per open stream, receiving acknowledgements:
-    the sync gRPC API has no non-blocking receive) exist, no row timer, no
-    second writer."""
+    the streams' I/O exist, no row timer, no second writer. With
+    STEPLOG_STREAM_IO=threads that I/O is one gRPC reader per open stream
+    (receiving acknowledgements: the sync gRPC API has no non-blocking
+    receive); with "loop" it is the one steplog-io thread, whatever the
+    number of streams, and every point is acknowledged through it."""
     root = str(Path(__file__).resolve().parents[2])
     script = THREADS_SCRIPT.format(root=root, experiment=experiment_name, url=url)
     done = subprocess.run(
@@ -376,11 +381,14 @@ def test_one_background_thread_sends_every_kind(url: str, experiment_name: str) 
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "STEPLOG_HEARTBEAT_INTERVAL": "3600"},
+        env={**os.environ, "STEPLOG_HEARTBEAT_INTERVAL": "3600", "STEPLOG_STREAM_IO": stream_io},
     )
     assert done.returncode == 0, done.stderr
     names: dict[str, int] = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert names.pop("steplog-writer") == 1
     assert names.pop("steplog-heartbeat") == 1
-    assert 1 <= names.pop("steplog-ingest-reader", 0) <= 2  # the main and the image stream
+    if stream_io == "threads":
+        assert 1 <= names.pop("steplog-ingest-reader", 0) <= 2  # the main and the image stream
+    else:
+        assert names.pop("steplog-io") == 1
     assert names == {}

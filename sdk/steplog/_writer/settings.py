@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 from steplog import _settings
 
 OnFull = Literal["wait", "spool", "drop_oldest"]
+StreamIO = Literal["loop", "threads"]
 
 
 def default_spool_dir() -> Path:
@@ -36,7 +37,11 @@ class WriterSettings:
     `spool_dir` (default_spool_dir() when None): the spool of on_full="spool"
     and offline, and where refused batches and what close() could not
     deliver go.
-    `exit_timeout`: the close() timeout used at interpreter exit."""
+    `exit_timeout`: the close() timeout used at interpreter exit.
+    `stream_io`: how the process's `Ingest` streams are carried: "loop" (one
+    asyncio thread, `steplog-io`, for every stream of the process,
+    steplog._writer.aio_streams) or "threads" (the sync gRPC API: two threads
+    a stream). A forked child always uses "threads"."""
 
     # The memory bound: bytes of buffered and unacknowledged data in memory
     # (a numeric point 16-24 bytes, a text value its length + 56, a table,
@@ -57,6 +62,7 @@ class WriterSettings:
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
     exit_timeout: float = 30.0
+    stream_io: StreamIO = "threads"
 
     def __post_init__(self) -> None:
         if self.max_batch_points < 1:
@@ -65,6 +71,10 @@ class WriterSettings:
             raise ValueError("max_buffered_bytes must be at least 1024")
         if self.max_batch_bytes < 4 * 1024:
             raise ValueError("max_batch_bytes must be at least 4096")
+        if self.stream_io not in get_args(StreamIO):
+            raise ValueError(
+                f"stream_io must be one of {get_args(StreamIO)}, not {self.stream_io!r}"
+            )
         if self.on_full not in get_args(OnFull):
             raise ValueError(f"on_full must be one of {get_args(OnFull)}, not {self.on_full!r}")
         for name in (
@@ -115,6 +125,12 @@ def _parse_setting(name: str, var: str, raw: str) -> Any:
     if name == "on_full":
         if raw.strip() not in get_args(OnFull):
             raise _settings.SettingError(var, raw, f"expected one of {', '.join(get_args(OnFull))}")
+        return raw.strip()
+    if name == "stream_io":
+        if raw.strip() not in get_args(StreamIO):
+            raise _settings.SettingError(
+                var, raw, f"expected one of {', '.join(get_args(StreamIO))}"
+            )
         return raw.strip()
     if isinstance(default, bool):
         return _settings.parse_flag(var, raw)

@@ -5,9 +5,11 @@ module is the only part of it that knows gRPC. It holds:
 
 - `Transport` / `IngestStream`: the small protocol the writer talks to, so tests
   can plug in an in-memory fake and the writer core stays free of I/O;
-- `GrpcTransport`: the real one, on the sync gRPC API (a bidirectional
-  `IngestService.Ingest` stream fed from a queue, with a reader thread that hands
-  each acknowledgement to a callback; the unary `Write` for `steplog sync`);
+- `GrpcTransport`: the real one. Its `Ingest` streams run on the process's one
+  asyncio loop when it is given an aio channel factory (steplog._writer.aio_streams),
+  else on the sync gRPC API (a bidirectional stream fed from a queue, with a
+  reader thread that hands each acknowledgement to a callback); the unary
+  `Write` for `steplog sync` is always sync;
 - `TransportError`: a failed call, reduced to its status code, message and the
   server's RetryInfo hint;
 - `Backoff`: jittered exponential backoff that honours that hint;
@@ -22,9 +24,9 @@ import queue
 import random
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -33,6 +35,9 @@ from steplog._retry import retry_code, should_retry
 from steplog.errors import SteplogError
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc
+
+if TYPE_CHECKING:
+    import grpc.aio
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -77,6 +82,33 @@ class TransportError(SteplogError):
         code = err.code() if callable(getattr(err, "code", None)) else None
         details = err.details() if callable(getattr(err, "details", None)) else None
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", _retry_after(err))
+
+
+def retry_after_trailers(trailers: Sequence[tuple[str, object]] | None) -> float | None:
+    """The delay of a google.rpc.RetryInfo detail in a call's trailing
+    metadata (`grpc-status-details-bin`), if any."""
+    for key, value in trailers or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            from google.rpc import error_details_pb2, status_pb2
+
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # not a Status: no hint
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+                return max(0.0, float(delay))
+    return None
+
+
+def _stream_error(
+    code: grpc.StatusCode, message: str, trailers: Sequence[tuple[str, object]] | None
+) -> TransportError:
+    return TransportError(code, message, retry_after_trailers(trailers))
 
 
 def _retry_after(err: grpc.RpcError) -> float | None:
@@ -186,7 +218,13 @@ class GrpcTransport:
     `metadata` goes on every call (for example the bearer token). A channel must
     not be used across fork(): pass `channel_factory` so a forked child can open
     its own; without one the child keeps using `channel` (which works only with
-    gRPC's own fork support enabled)."""
+    gRPC's own fork support enabled).
+
+    `stream_channel` = (key, factory of a grpc.aio channel): streams run on the
+    process's asyncio loop, on the aio channel made once per key (transports
+    with the same key share one connection). `stream_metadata` goes on those
+    streams (a token the aio channel does not add itself). A forked child's
+    streams use the sync channel."""
 
     def __init__(
         self,
@@ -194,13 +232,26 @@ class GrpcTransport:
         *,
         metadata: Sequence[tuple[str, str]] = (),
         channel_factory: Callable[[], grpc.Channel] | None = None,
+        stream_channel: tuple[Hashable, Callable[[], grpc.aio.Channel]] | None = None,
+        stream_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._channel = channel
         self._metadata = tuple(metadata)
         self._factory = channel_factory
         self._stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+        self._stream_channel = stream_channel
+        self._stream_metadata = (*self._metadata, *stream_metadata)
 
     def open_stream(self, on_response: ResponseCallback, on_done: DoneCallback) -> IngestStream:
+        if self._stream_channel is not None:
+            from steplog._writer import aio_streams
+
+            io = aio_streams.io_loop()
+            if io.usable:
+                key, factory = self._stream_channel
+                return aio_streams.AioStream(
+                    io, key, factory, self._stream_metadata, on_response, on_done, _stream_error
+                )
         try:
             return _GrpcStream(self._stub, self._metadata, on_response, on_done)
         except grpc.RpcError as err:
