@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -84,24 +84,31 @@ class TransportError(SteplogError):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", _retry_after(err))
 
 
-def retry_after_trailers(trailers: Sequence[tuple[str, object]] | None) -> float | None:
-    """The delay of a google.rpc.RetryInfo detail in a call's trailing
-    metadata (`grpc-status-details-bin`), if any."""
-    for key, value in trailers or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        try:
-            from google.rpc import error_details_pb2, status_pb2
+def _retry_delay(status: Any) -> float | None:
+    """The delay of the first google.rpc.RetryInfo detail of a
+    google.rpc.Status, if any."""
+    from google.rpc import error_details_pb2
 
-            status = status_pb2.Status.FromString(value)
-        except Exception:  # not a Status: no hint
-            return None
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-                return max(0.0, float(delay))
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return max(0.0, float(delay))
+    return None
+
+
+def retry_after_trailers(trailers: Sequence[tuple[str, object]] | None) -> float | None:
+    """The RetryInfo delay in a call's trailing metadata
+    (`grpc-status-details-bin`), if any."""
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            from google.rpc import status_pb2
+
+            try:
+                return _retry_delay(status_pb2.Status.FromString(value))
+            except Exception:  # not a Status: no hint
+                return None
     return None
 
 
@@ -112,23 +119,14 @@ def _stream_error(
 
 
 def _retry_after(err: grpc.RpcError) -> float | None:
-    """The delay of a google.rpc.RetryInfo detail in the trailers, if any."""
+    """The RetryInfo delay in a failed sync call's trailers, if any."""
     try:
-        from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
         status = rpc_status.from_call(err)
     except Exception:  # no trailers, a mismatched status, grpc_status missing
         return None
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-            return max(0.0, float(delay))
-    return None
+    return None if status is None else _retry_delay(status)
 
 
 ResponseCallback = Callable[[pb.IngestResponse], None]
