@@ -79,11 +79,16 @@ def is_loopback_target(target: str) -> bool:
         return False
 
 
+def _authorization(token: str) -> tuple[str, str]:
+    """The metadata pair that carries the token."""
+    return ("authorization", f"Bearer {token}")
+
+
 class _BearerToken(grpc.AuthMetadataPlugin):
     """`authorization: Bearer <token>` on every call, under TLS."""
 
     def __init__(self, token: str) -> None:
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._metadata = (_authorization(token),)
 
     def __call__(
         self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
@@ -113,7 +118,7 @@ class _MetadataInterceptor(
     credentials only over a secure one)."""
 
     def __init__(self, token: str) -> None:
-        self._pair = ("authorization", f"Bearer {token}")
+        self._pair = _authorization(token)
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = tuple(details.metadata or ())
@@ -276,5 +281,5 @@ class ChannelSettings:
         """The metadata an aio call over plaintext carries (the token; under
         TLS the channel's call credentials send it)."""
         if self.token and not self.tls:
-            return (("authorization", f"Bearer {self.token}"),)
+            return (_authorization(self.token),)
         return ()

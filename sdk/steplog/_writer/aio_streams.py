@@ -35,7 +35,7 @@ from steplog import _lifecycle
 from steplog.v1 import ingest_service_pb2 as pb
 from steplog.v1 import ingest_service_pb2_grpc
 
-# How long `IoLoop.start` waits for the loop's thread to run (seconds).
+# How long `IoLoop.loop` waits for the loop's thread to run (seconds).
 START_TIMEOUT_S = 10.0
 
 AioChannelFactory = Callable[[], grpc.aio.Channel]
