@@ -214,19 +214,10 @@ class Lane:
     def _apply_bound(self, added: int) -> None:
         s = self._settings
         b = self.buffers
-        over = b.buffered_bytes + self._seq_mem - s.max_buffered_bytes
-        if over <= 0:
+        if b.buffered_bytes + self._seq_mem <= s.max_buffered_bytes:
             return
         if s.on_full == "drop_oldest" or self.failed is not None:
-            # In chunks of 1% of the bound, so the next calls stay on the fast path.
-            dropped = b.drop_bytes(max(over, s.max_buffered_bytes // 100))
-            if dropped:
-                self.out.note_once(
-                    ("drop_oldest",),
-                    DroppedPointsWarning,
-                    f"steplog: {s.max_buffered_bytes} bytes are buffered; dropping the "
-                    f"oldest points (on_full='drop_oldest'); see stats.dropped",
-                )
+            self._drop_over_bound()
             return
         # wait / spool: the sender frees room (acks, spill) and notifies; after
         # max_block_s it spills what is buffered to disk, and the call returns.
@@ -261,6 +252,27 @@ class Lane:
                 )
                 return
             self._cond.wait(remaining)
+
+    def _drop_over_bound(self) -> None:
+        """(lock held) on_full="drop_oldest" (or a failed writer): drop the
+        oldest buffered points until memory is within the bound again, in
+        chunks of 1% of it, so the next calls stay on the fast path. The
+        sender calls it too before it sequences a batch: a point the
+        log call added past the bound must go before the sender takes the
+        buffers into batches that are never dropped."""
+        s = self._settings
+        b = self.buffers
+        over = b.buffered_bytes + self._seq_mem - s.max_buffered_bytes
+        if over <= 0:
+            return
+        dropped = b.drop_bytes(max(over, s.max_buffered_bytes // 100))
+        if dropped:
+            self.out.note_once(
+                ("drop_oldest",),
+                DroppedPointsWarning,
+                f"steplog: {s.max_buffered_bytes} bytes are buffered; dropping the "
+                f"oldest points (on_full='drop_oldest'); see stats.dropped",
+            )
 
     def _rearm(self) -> None:
         """Where the hot path must next leave the fast path (lock held)."""
@@ -609,6 +621,8 @@ class Lane:
         if self.buffers.raw:
             self.buffers.encode_pending()
         with self._lock:
+            if self._settings.on_full == "drop_oldest" or self.failed is not None:
+                self._drop_over_bound()
             pieces, points, cost = self.buffers.take(self._batch_points, self._batch_bytes)
             if not pieces:
                 self._rearm()
