@@ -53,6 +53,8 @@ _CHANNEL_OPTIONS = [
 
 # Backoff between attempts of a unary call (seconds; Client.call).
 CALL_BACKOFF_INITIAL = 0.1
+# How long creating a run waits for the streams' connection (connect_streams).
+STREAM_CONNECT_TIMEOUT_S = 2.0
 CALL_BACKOFF_MAX = 2.0
 
 
@@ -191,6 +193,28 @@ class Client:
             "stream_channel": (key, lambda: settings.open_aio(_CHANNEL_OPTIONS)),
             "stream_metadata": settings.plaintext_metadata(),
         }
+
+    def connect_streams(self, timeout: float = STREAM_CONNECT_TIMEOUT_S) -> bool:
+        """With STEPLOG_STREAM_IO=loop, open the streams' connection (the
+        process's aio channel for this client) now, waiting at most
+        `timeout` seconds: called where the caller already waits on the
+        network (a run is created), so the first batch does not wait for a
+        handshake. True when it is connected, or there is nothing to open
+        (threads, offline, a forked child); a False is no error (the first
+        stream connects as usual)."""
+        from steplog._writer.settings import WriterSettings
+
+        settings = WriterSettings.from_env(**self._writer_overrides)
+        stream = self._stream_io(settings.stream_io).get("stream_channel")
+        if settings.offline or stream is None:
+            return True
+        from steplog._writer import aio_streams
+
+        io = aio_streams.io_loop()
+        if not io.usable:
+            return True
+        key, factory = stream
+        return bool(io.connect(key, factory, timeout))
 
     def _open_channel(self) -> None:
         self._use_channel(self.new_channel())

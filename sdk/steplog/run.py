@@ -219,6 +219,7 @@ class Run(RunFiles, AzureOnly):
         run = cls(outputs=outputs, _proto=reply.run, _client=client, labels=labels)
         if run.status == "Running":
             client.heartbeat.add(run.id)
+            client.connect_streams()
         return run
 
     # -- identity --------------------------------------------------------------

@@ -33,7 +33,8 @@ def test_no_hint_without_retry_info() -> None:
 
 
 def test_stream_io_setting() -> None:
-    assert WriterSettings.from_env({}).stream_io == "threads"
+    assert WriterSettings.from_env({}).stream_io == "loop"
+    assert WriterSettings.from_env({"STEPLOG_STREAM_IO": "threads"}).stream_io == "threads"
     assert WriterSettings.from_env({"STEPLOG_STREAM_IO": " loop "}).stream_io == "loop"
     with pytest.raises(SettingError, match="STEPLOG_STREAM_IO"):
         WriterSettings.from_env({"STEPLOG_STREAM_IO": "fibers"})

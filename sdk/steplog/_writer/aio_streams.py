@@ -85,6 +85,24 @@ class IoLoop:
             channel = self._channels[key] = factory()
         return channel
 
+    def connect(self, key: Hashable, factory: AioChannelFactory, timeout: float) -> bool:
+        """Open the channel for `key` now and wait, at most `timeout` seconds,
+        until it is connected (any thread but the loop's). True when it is;
+        on False the channel goes on connecting in the background and the
+        first stream waits for it as usual."""
+        loop = self.loop()
+
+        async def ready() -> None:
+            await self.channel(key, factory).channel_ready()
+
+        future = asyncio.run_coroutine_threadsafe(ready(), loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            return False
+        return True
+
     def forget(self, key: Hashable) -> None:
         """Drop the channel for `key` (a failed one is made again next time);
         only on the loop's thread."""

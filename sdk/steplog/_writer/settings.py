@@ -62,7 +62,7 @@ class WriterSettings:
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
     exit_timeout: float = 30.0
-    stream_io: StreamIO = "threads"
+    stream_io: StreamIO = "loop"
 
     def __post_init__(self) -> None:
         if self.max_batch_points < 1:
