@@ -40,3 +40,33 @@ def test_stream_io_setting() -> None:
         WriterSettings.from_env({"STEPLOG_STREAM_IO": "fibers"})
     with pytest.raises(ValueError, match="stream_io"):
         WriterSettings(stream_io="fibers")  # type: ignore[arg-type]
+
+
+def test_connect_opens_the_channel_and_is_bounded() -> None:
+    """IoLoop.connect (a run's creation calls it through
+    Client.connect_streams): True once a real server answers the handshake;
+    against a port nobody listens on, False when the timeout is spent."""
+    import socket
+    from concurrent import futures
+    from time import monotonic
+
+    import grpc
+    import grpc.aio
+
+    from steplog._writer.aio_streams import IoLoop
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    io = IoLoop()
+    try:
+        assert io.connect("up", lambda: grpc.aio.insecure_channel(f"127.0.0.1:{port}"), 10.0)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]  # bound, not listening: connections are refused
+            began = monotonic()
+            target = f"127.0.0.1:{closed}"
+            assert not io.connect("down", lambda: grpc.aio.insecure_channel(target), 0.3)
+            assert monotonic() - began < 5.0
+    finally:
+        server.stop(None)
