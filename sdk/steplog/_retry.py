@@ -11,7 +11,8 @@ need it).
   under a call went away before any status arrived from the service; gRPC
   reports it as INTERNAL (or UNKNOWN, CANCELLED) with details such as
   "Stream removed", "Received RST_STREAM with error code 0", "Socket
-  closed". A load balancer resets the stream that way when the replica
+  closed", or grpc.aio's "Internal error from Core" for a write that
+  failed. A load balancer resets the stream that way when the replica
   behind it dies. Nothing was refused: it is retried exactly as UNAVAILABLE.
 - RESOURCE_EXHAUSTED: the same, but only with a google.rpc.RetryInfo detail,
   and never sooner than its delay; without one (a message over a size limit)
@@ -89,6 +90,13 @@ TRANSPORT_LOSS_DETAILS: tuple[str, ...] = (
     "broken pipe",
     "goaway",
     "transport closed",
+    # grpc.aio's own status for a write the core could not do: the stream or
+    # connection died while a batch was being written (bench.chaos kill9_lb:
+    # nginx, the replica behind it killed; with the 3 tries of a service's
+    # INTERNAL, whole batches were refused there). Had the service answered
+    # the stream (a refusal) just before, that answer is hidden this once:
+    # the batch is sent again on a new stream and answered again.
+    "internal error from core",
 )
 
 # A Python gRPC server's own text for an exception in a handler: the

@@ -31,6 +31,7 @@ LOST = [
     (Code.INTERNAL, "Received unexpected EOS on DATA frame from server"),
     (Code.UNKNOWN, "Stream removed"),
     (Code.CANCELLED, "Received RST_STREAM with error code 8"),
+    (Code.INTERNAL, "Internal error from Core"),  # grpc.aio: a write on a dead connection
 ]
 # Statuses a service sent (or our own cancel): not transport loss.
 ANSWERED = [
