@@ -27,8 +27,12 @@ def write(
     steps: list[int],
     values: list[float],
     workspace: str = "default",
+    wait_for_ready: bool = False,
     **series_kw: object,
 ) -> pb.WriteResponse:
+    """One unary Write. `wait_for_ready`: a connection not yet up is waited
+    for (within the call's 30 s), as the client library's calls do, instead
+    of failing at once with UNAVAILABLE."""
     return client.ingest.Write(
         pb.WriteRequest(
             workspace=workspace,
@@ -48,6 +52,7 @@ def write(
             ),
         ),
         timeout=30,
+        wait_for_ready=wait_for_ready,
     )
 
 
@@ -349,8 +354,19 @@ def test_two_service_processes_keep_step_order(
             writer = f"{key}-{uuid.uuid4().hex}"
             for i in range(100):
                 steps = [i * 5 + k for k in range(5)]
+                # A fresh channel's first call waits for its connection (a CI
+                # run saw one refused just after the health check passed).
                 results[key].append(
-                    write(client, run.id, writer, i + 1, "loss", steps, [value] * 5)
+                    write(
+                        client,
+                        run.id,
+                        writer,
+                        i + 1,
+                        "loss",
+                        steps,
+                        [value] * 5,
+                        wait_for_ready=True,
+                    )
                 )
 
         threads = [
