@@ -54,7 +54,7 @@ class WriterSettings:
     # Above the service's default image limit (16 MiB), below its message limit (64 MiB).
     max_batch_bytes: int = 20 * 1024 * 1024
     flush_interval: float = 0.2
-    max_linger: float = 2.0
+    max_linger: float = 6.0
     # The longest a log call waits for room (on_full wait or spool) before the
     # buffered data is spilled to the spool and the call returns.
     max_block_s: float = 0.5
