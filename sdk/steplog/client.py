@@ -53,9 +53,9 @@ _CHANNEL_OPTIONS = [
 
 # Backoff between attempts of a unary call (seconds; Client.call).
 CALL_BACKOFF_INITIAL = 0.1
+CALL_BACKOFF_MAX = 2.0
 # How long creating a run waits for the streams' connection (connect_streams).
 STREAM_CONNECT_TIMEOUT_S = 2.0
-CALL_BACKOFF_MAX = 2.0
 
 
 def resend_safe(request: Any) -> bool:
@@ -214,7 +214,7 @@ class Client:
         if not io.usable:
             return True
         key, factory = stream
-        return bool(io.connect(key, factory, timeout))
+        return io.connect(key, factory, timeout)
 
     def _open_channel(self) -> None:
         self._use_channel(self.new_channel())

@@ -216,7 +216,7 @@ class Lane:
         b = self.buffers
         if b.buffered_bytes + self._seq_mem <= s.max_buffered_bytes:
             return
-        if s.on_full == "drop_oldest" or self.failed is not None:
+        if self._drops_oldest:
             self._drop_over_bound()
             return
         # wait / spool: the sender frees room (acks, spill) and notifies; after
@@ -252,6 +252,12 @@ class Lane:
                 )
                 return
             self._cond.wait(remaining)
+
+    @property
+    def _drops_oldest(self) -> bool:
+        """(lock held) Memory over the bound is freed by dropping the oldest
+        buffered points: on_full="drop_oldest", or a writer that has failed."""
+        return self._settings.on_full == "drop_oldest" or self.failed is not None
 
     def _drop_over_bound(self) -> None:
         """(lock held) on_full="drop_oldest" (or a failed writer): drop the
@@ -621,7 +627,7 @@ class Lane:
         if self.buffers.raw:
             self.buffers.encode_pending()
         with self._lock:
-            if self._settings.on_full == "drop_oldest" or self.failed is not None:
+            if self._drops_oldest:
                 self._drop_over_bound()
             pieces, points, cost = self.buffers.take(self._batch_points, self._batch_bytes)
             if not pieces:
