@@ -45,7 +45,8 @@ def test_stream_io_setting() -> None:
 def test_connect_opens_the_channel_and_is_bounded() -> None:
     """IoLoop.connect (a run's creation calls it through
     Client.connect_streams): True once a real server answers the handshake;
-    against a port nobody listens on, False when the timeout is spent."""
+    against a port nobody listens on, False when the timeout is spent; False
+    (not an exception) when the channel cannot be made."""
     import socket
     from concurrent import futures
     from time import monotonic
@@ -68,5 +69,11 @@ def test_connect_opens_the_channel_and_is_bounded() -> None:
             target = f"127.0.0.1:{closed}"
             assert not io.connect("down", lambda: grpc.aio.insecure_channel(target), 0.3)
             assert monotonic() - began < 5.0
+
+        def broken() -> grpc.aio.Channel:
+            raise ValueError("bad channel options")
+
+        # A channel that cannot be made is no error for the run being created.
+        assert not io.connect("broken", broken, 5.0)
     finally:
         server.stop(None)

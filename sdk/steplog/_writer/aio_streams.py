@@ -92,16 +92,20 @@ class IoLoop:
         first stream waits for it as usual."""
         loop = self.loop()
 
-        async def ready() -> None:
-            await self.channel(key, factory).channel_ready()
+        async def ready() -> bool:
+            try:
+                await self.channel(key, factory).channel_ready()
+            except Exception:  # a channel that cannot be made: the first stream reports it
+                self.forget(key)
+                return False
+            return True
 
         future = asyncio.run_coroutine_threadsafe(ready(), loop)
         try:
-            future.result(timeout)
+            return future.result(timeout)
         except TimeoutError:
             future.cancel()
             return False
-        return True
 
     def forget(self, key: Hashable) -> None:
         """Drop the channel for `key` (a failed one is made again next time);
