@@ -25,6 +25,13 @@ this run's database, which other work on the stack does not touch) and
 connections sampled every 20 ms: their CPU per row into the same table).
 `ceiling_connections` is the count that gave the best ceiling, and
 `ceilings_1`, `ceilings_2`, `ceilings_4` the medians of each count.
+
+Then, in each repetition, the same rows through `run.log_table` (Azure's
+columns-as-lists shape), --table-chunk rows a call (1,000; 0: not run),
+timed until acknowledged and counted by SQL, against the same ceiling:
+`ROWS_TABLE rows_per_s=... ratio=... loop_us=...`, what a loop that
+collects its rows and logs them as a table reaches, and the wall time a
+row of its log_table calls alone.
 """
 
 from __future__ import annotations
@@ -212,6 +219,27 @@ def through_log_row(
     return n / elapsed, loop, run.id, train, writer
 
 
+def through_log_table(
+    address: str, cols: dict[str, list[Any]], chunk: int
+) -> tuple[float, float, str]:
+    """rows/s through log_table, `chunk` rows a call (the columns as lists,
+    Azure's shape), until every row is acknowledged; seconds of the loop
+    alone; the run id."""
+    from steplog import Experiment
+
+    run = Experiment(f"bench-table-{uuid.uuid4().hex[:8]}", url=address).start_logging()
+    n = len(next(iter(cols.values())))
+    start = time.perf_counter()
+    for s in range(0, n, chunk):
+        run.log_table("perf", {k: v[s : s + chunk] for k, v in cols.items()})
+    loop = time.perf_counter() - start
+    if not run.flush(600):
+        raise SystemExit("rows were not acknowledged within 600 s")
+    elapsed = time.perf_counter() - start
+    run.complete()
+    return n / elapsed, loop, run.id
+
+
 async def fresh_table(database_url: str) -> None:
     """Each phase starts alike: an empty table_rows and a fresh checkpoint, so
     neither pays for the other's rows or for a checkpoint it did not cause."""
@@ -293,11 +321,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--numeric", action="store_true", help="10 numeric columns, no string")
+    parser.add_argument(
+        "--table-chunk", type=int, default=1000, help="rows per log_table call (ROWS_TABLE)"
+    )
     args = parser.parse_args()
 
     cols = columns_of(args.rows, args.numeric)
     rates: list[float] = []
     ceils: list[float] = []
+    tables: list[float] = []
+    table_loops: list[float] = []
     per_count: dict[int, list[float]] = {k: [] for k in CEILING_CONNECTIONS}
     bests: list[int] = []
     names = ("client", "service", "postgres", "loop", "train", "writer", "pg_own", "ceiling_pg")
@@ -363,6 +396,22 @@ def main() -> None:
                 ),
                 flush=True,
             )
+            if args.table_chunk > 0:
+                asyncio.run(fresh_table(database_url))
+                table_rate, table_loop, table_run = through_log_table(
+                    svc.address, cols, args.table_chunk
+                )
+                stored = asyncio.run(stored_rows(database_url, table_run))
+                if stored != args.rows:
+                    raise SystemExit(f"log_table stored {stored} rows of {args.rows}")
+                tables.append(table_rate)
+                table_loops.append(table_loop * 1e6 / args.rows)
+                print(
+                    f"  rep {i + 1}: log_table ({args.table_chunk} rows a call)"
+                    f" {table_rate:,.0f} rows/s, ratio {table_rate / ceil:.2f} to the same"
+                    f" ceiling ({stored} rows stored); loop_us={table_loops[-1]:.2f} a row",
+                    flush=True,
+                )
     rate, ceil = statistics.median(rates), statistics.median(ceils)
     ratio = statistics.median([a / b for a, b in zip(rates, ceils, strict=True)])
     most = max(CEILING_CONNECTIONS, key=bests.count)
@@ -378,6 +427,15 @@ def main() -> None:
         f" pg_own_cpu_us={med['pg_own']:.2f} ceiling_pg_cpu_us={med['ceiling_pg']:.2f}"
         f" rows={args.rows} repeats={args.repeat} cpus={os.cpu_count()}"
     )
+    if tables:
+        print(
+            f"ROWS_TABLE rows_per_s={statistics.median(tables):.0f}"
+            f" ceiling_rows_per_s={ceil:.0f}"
+            f" ratio={statistics.median([a / b for a, b in zip(tables, ceils, strict=True)]):.2f}"
+            f" ratios={','.join(f'{a / b:.2f}' for a, b in zip(tables, ceils, strict=True))}"
+            f" loop_us={statistics.median(table_loops):.2f}"
+            f" chunk={args.table_chunk} rows={args.rows} repeats={args.repeat}"
+        )
 
 
 if __name__ == "__main__":

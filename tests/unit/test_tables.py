@@ -517,6 +517,30 @@ def test_row_cost_counts_string_bytes_and_checks_cells() -> None:
         _tables.check_row_names("t", ("",))
 
 
+def test_a_table_items_cost_counts_its_strings_bytes_and_a_bad_cell_names_its_column() -> None:
+    def cost(value: dict[str, list[Any]]) -> int:
+        return _tables.table_item("t", value, "", None, NOW).cost
+
+    base = cost({"n": [1.0, 2, None]})
+    assert base == 3 * (_tables.ROW_BYTES + _tables.CELL_BYTES)
+    assert cost({"n": [1.0, 2, None], "s": ["ab", "cde", "f"]}) == base + 3 * _tables.CELL_BYTES + 6
+    # a non-ASCII string counts 4 bytes a character, an ASCII one 1, as log_row counts them
+    assert cost({"s": ["ab", "é"]}) == 2 * (_tables.ROW_BYTES + _tables.CELL_BYTES) + 2 + 4
+    # strings among other cells count alone; a str subclass passes unmeasured, as in log_row
+    mixed = cost({"s": ["xyz", 1, None, True]})
+    assert mixed == 4 * (_tables.ROW_BYTES + _tables.CELL_BYTES) + 3
+
+    class Name(str):
+        pass
+
+    assert cost({"s": [Name("abcdef")]}) == _tables.ROW_BYTES + _tables.CELL_BYTES
+    cells: list[Any] = [float(i) for i in range(10_000)]
+    cells[7777] = {"not": "a cell"}
+    with pytest.raises(InvalidArgumentError, match="column 'loss' value must be") as err:
+        cost({"step": list(range(10_000)), "loss": cells})
+    assert err.value.field == "loss"
+
+
 def test_table_and_evaluation_items_copy_and_check_on_the_callers_thread() -> None:
     value = {"a": [1, 2], "s": ["x", "y"]}
     item = _tables.table_item("t", value, "d", [5, 6], NOW)
