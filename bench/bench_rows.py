@@ -55,6 +55,7 @@ from bench.common import (
     database_cpu,
     postmaster_pid,
     service,
+    sql,
 )
 from ingest.core.tables import BOOL, DOUBLE, INT64, STRING
 from ingest.store.copy import copy_payload
@@ -298,22 +299,16 @@ def ceilings(
             copy_ceiling(database_url, "table_rows", TABLE_ROW_COLUMNS, payloads, k)
         )
         cpu = sampler.stop()
-        stored = asyncio.run(stored_ceiling_rows(database_url))
+        stored = int(  # type: ignore[call-overload]
+            sql(
+                database_url,
+                f"SELECT count(*) FROM table_rows WHERE series_id = {CEILING_SERIES_ID}",
+            )
+        )
         if stored != n:
             raise SystemExit(f"the ceiling ({k} connections) stored {stored} rows of {n}")
         out[k] = (n / elapsed, cpu)
     return out
-
-
-async def stored_ceiling_rows(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        n = await conn.fetchval(
-            "SELECT count(*) FROM table_rows WHERE series_id = $1", CEILING_SERIES_ID
-        )
-        return int(n)
-    finally:
-        await conn.close()
 
 
 def main() -> None:

@@ -488,7 +488,7 @@ def table_item(
     n = lengths.pop() if lengths else 0
     cost = ROW_BYTES * n
     for key, cells in columns.items():
-        cost += CELL_BYTES * len(cells) + _strings_cost(name, key, cells)
+        cost += _column_cost(name, key, cells)
     int_steps = None
     if steps is not None:
         int_steps = [int(s) for s in steps]
@@ -499,23 +499,24 @@ def table_item(
     return TableItem(columns, [now] * n, int_steps, description, cost)
 
 
-def _strings_cost(table: str, column: str, cells: list[Any]) -> int:
-    """The bytes a log_table column's strings hold while buffered (a cell
-    of another type than the plain ones checked: the error names its
-    column), with a pass in C over the cells' types rather than one in
-    Python over the cells (log_table's rows cost log_row's otherwise)."""
+def _column_cost(table: str, column: str, cells: list[Any]) -> int:
+    """Check a log_table column's cells (the error names the column) and
+    return the bytes they hold while buffered, as row_cost counts a row's:
+    one pass in C over the cells' types, a cell looked at alone only when
+    it is not of a plain cell type, the strings measured joined."""
+    cost = CELL_BYTES * len(cells)
     types = set(map(type, cells))
     if not _CELL_TYPES.issuperset(types):
         for cell in cells:
             if type(cell) not in _CELL_TYPES:
                 _check_cells(table, {column: cell})
     if str not in types:
-        return 0
+        return cost
     strings = cells if len(types) == 1 else [c for c in cells if type(c) is str]
     joined = "".join(strings)
     if joined.isascii():
-        return len(joined)
-    return sum(len(v) if v.isascii() else 4 * len(v) for v in strings)
+        return cost + len(joined)
+    return cost + sum(len(v) if v.isascii() else 4 * len(v) for v in strings)
 
 
 # -- evaluation documents -------------------------------------------------------------------
